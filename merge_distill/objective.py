@@ -1,0 +1,99 @@
+"""The math of G-OPD / ExOPD and GRPO as small pure functions on tensors.
+
+Shapes: per-token tensors are `[batch, response_len]`; `mask` is 1 on real response tokens (EOS
+included) and 0 on padding. Log-probs are of the sampled token only.
+
+G-OPD (arXiv 2602.12125) maximises  E_pi[lam * log(T/R)] - KL(pi || R),  whose optimum per token is
+pi* ∝ T^lam * R^(1-lam). Its per-token advantage (discount 0, detached) is
+
+    A_t = lam * (log T(y_t) - log R(y_t)) - (log pi_old(y_t) - log R(y_t))
+
+lam = 1 is on-policy distillation (reverse KL to T; R cancels), lam > 1 extrapolates (ExOPD).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def gopd_advantages(student_logprobs: Tensor, teacher_logprobs: Tensor,
+                    reference_logprobs: Tensor | None, reward_scale: float | Tensor) -> Tensor:
+    """Per-token G-OPD advantages `lam*(T - R) - (S - R)`, same shape as the inputs, detached.
+
+    `reward_scale` (lam) is a float or a per-sequence tensor `[batch]`. `reference_logprobs` may be None
+    only where every lam is 1, where R cancels out exactly.
+    """
+    lam = _per_sequence(reward_scale, student_logprobs)
+    s, t = student_logprobs.detach(), teacher_logprobs.detach()
+    if reference_logprobs is None:
+        if not bool(torch.all(lam == 1.0)):
+            raise ValueError("reference_logprobs are needed where reward_scale != 1")
+        return t - s
+    r = reference_logprobs.detach()
+    return lam * (t - r) - (s - r)
+
+
+def _per_sequence(value: float | Tensor, like: Tensor) -> Tensor:
+    v = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return v.reshape(-1, *([1] * (like.dim() - 1))) if v.dim() == 1 else v
+
+
+def grpo_advantages(rewards: Tensor, group_size: int, *, normalize_std: bool = True,
+                    eps: float = 1e-6) -> Tensor:
+    """Group-normalised outcome advantages `[batch]`: (r - mean_group) / (std_group + eps).
+
+    Rewards are ordered so that each consecutive block of `group_size` shares a prompt.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.reshape(-1, group_size).float()
+    centred = r - r.mean(dim=1, keepdim=True)
+    if normalize_std and group_size > 1:
+        centred = centred / (r.std(dim=1, keepdim=True, unbiased=True) + eps)
+    return centred.reshape(-1)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Token-mean over all real tokens of the batch (the paper's aggregation)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def policy_gradient_loss(logprobs: Tensor, sampler_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                         truncation: float | None = 5.0) -> Tensor:
+    """Token-mean policy-gradient loss `-mean(ratio * A)` with ratio = pi_theta / pi_sampler.
+
+    `logprobs` carry the gradient; `sampler_logprobs` are those of the policy that sampled (the
+    "old" policy the advantages were computed with). Where sampler and trainer compute slightly different
+    probabilities (another engine, other kernels), the ratio is a token-level importance weight, truncated
+    at `truncation` in value (its gradient is that of min(ratio, truncation) * A * log pi); `None` turns
+    truncation off. With one update per batch the ratio is ~1 and this is REINFORCE on the advantages.
+    """
+    ratio = torch.exp(logprobs - sampler_logprobs.detach())
+    if truncation is not None:
+        r = ratio.detach()
+        ratio = ratio * (r.clamp(max=truncation) / r)
+    return -masked_mean(ratio * advantages.detach(), mask)
+
+
+def gopd_optimum_logprobs(teacher_logprobs: Tensor, reference_logprobs: Tensor,
+                          reward_scale: float) -> Tensor:
+    """log of the normalised closed-form optimum pi* ∝ T^lam R^(1-lam), over the last (vocab) axis."""
+    return torch.log_softmax(reward_scale * teacher_logprobs + (1 - reward_scale) * reference_logprobs, -1)
+
+
+# KL estimators on samples from the first distribution (Schulman's k1/k2/k3), per token.
+def kl_k1(logp: Tensor, logq: Tensor) -> Tensor:
+    """k1 = log p - log q: unbiased for KL(p||q) when the token was sampled from p."""
+    return logp - logq
+
+
+def kl_k2(logp: Tensor, logq: Tensor) -> Tensor:
+    return 0.5 * (logp - logq) ** 2
+
+
+def kl_k3(logp: Tensor, logq: Tensor) -> Tensor:
+    """k3 = (q/p - 1) - log(q/p): unbiased, non-negative, lower variance."""
+    log_ratio = logq - logp
+    return torch.expm1(log_ratio) - log_ratio

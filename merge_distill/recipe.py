@@ -1,0 +1,210 @@
+"""Recipes: validated YAML describing a distillation run. One meaning per key; unknown keys are errors.
+
+Relative paths are relative to the current working directory. A path written `zoo:NAME` points into the
+CPU expert zoo named by the recipe's `zoo:` section (built on first use), e.g. `zoo:math_expert` or
+`zoo:data/math_train.jsonl`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merge_distill.errors import UserError
+
+STUDENT = "student"  # `reference: student` = the student's initial weights
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetSpec(Strict):
+    """Prompts from the `datasets` library (a hub name when a hub is reachable, or a local folder)."""
+
+    dataset: str
+    split: str = "train"
+    config: str | None = None
+
+
+class Expert(Strict):
+    name: str = Field(description="the domain, e.g. math; prompts of this domain are scored by this teacher only")
+    teacher: str | None = Field(None, description="the domain's expert; required for method gopd, unused by grpo")
+    reference: str = Field(STUDENT, description="'student' (initial weights) or a model path, e.g. the teacher's pre-RL base (reward correction)")
+    reward_scale: Annotated[float, Field(ge=0)] | None = Field(None, description="lam for this domain; defaults to the recipe's reward_scale")
+    prompts: str | DatasetSpec
+    weight: Annotated[float, Field(gt=0)] = Field(1.0, description="share of each batch (normalised over experts)")
+    grader: str | None = Field(None, description="grader used to evaluate (and for GRPO, reward) this domain; defaults to the name")
+    prompt_template: str = Field("{prompt}", description="Python format string over the record's fields; the user message")
+    system_prompt: str | None = None
+    eval_suite: str | None = Field(None, description="held-out suite for this domain (default: zoo-<name> when the recipe uses a zoo)")
+
+    @property
+    def grader_name(self) -> str:
+        return self.grader or self.name
+
+
+class Train(Strict):
+    method: Literal["gopd", "grpo"] = "gopd"
+    steps: Annotated[int, Field(ge=0)] = 50
+    prompts_per_step: Annotated[int, Field(ge=1)] = 64
+    rollouts_per_prompt: Annotated[int, Field(ge=1)] = 1
+    max_new_tokens: Annotated[int, Field(ge=1)] = 256
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    lr: Annotated[float, Field(gt=0)] = 1e-5
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
+    importance_truncation: Annotated[float, Field(gt=0)] | None = Field(5.0, description="truncate ratio pi_theta/pi_sampler at this value; null = off")
+    micro_batch_size: Annotated[int, Field(ge=1)] | None = Field(None, description="sequences per forward/backward (gradient accumulation); default all")
+    seed: int = 0
+    checkpoint_every: Annotated[int, Field(ge=0)] = Field(0, description="steps between checkpoints; 0 = only the final one")
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    eval_every: Annotated[int, Field(ge=0)] = 0
+    threads: Annotated[int, Field(ge=1)] | None = None
+
+
+class Eval(Strict):
+    suites: list[str] | None = Field(None, description="default: each expert's eval_suite")
+    samples: Annotated[int, Field(ge=1)] = 1
+    temperature: Annotated[float, Field(ge=0)] = 1.0
+    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_problems: Annotated[int, Field(ge=1)] | None = None
+    baselines: bool = Field(True, description="also evaluate the student's initial weights ('base') and each teacher")
+    teacher_temperatures: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=list, description="extra decoding temperatures for the teachers (e.g. 0.8 = 1/lam, 0 = greedy)")
+    seed: int = 1234
+
+
+class Zoo(Strict):
+    preset: str = "default"
+    seed: int = 0
+    dir: str | None = Field(None, description="default: $MERGE_DISTILL_CACHE/zoo/<preset>-seed<seed>")
+
+
+class Recipe(Strict):
+    student: str
+    reward_scale: Annotated[float, Field(ge=0)] = 1.25
+    experts: list[Expert] = Field(min_length=1)
+    train: Train = Field(default_factory=Train)
+    eval: Eval | None = None
+    output_dir: str
+    zoo: Zoo | None = None
+    allow_chat_template_mismatch: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+    @field_validator("experts")
+    @classmethod
+    def _unique_names(cls, experts: list[Expert]) -> list[Expert]:
+        seen = set()
+        for e in experts:
+            if e.name in seen:
+                raise ValueError(f"two experts are named '{e.name}'; each domain needs one expert")
+            seen.add(e.name)
+        return experts
+
+    @model_validator(mode="after")
+    def _teachers_for_gopd(self) -> "Recipe":
+        if self.train.method == "gopd":
+            for i, e in enumerate(self.experts):
+                if not e.teacher:
+                    raise ValueError(f"experts.{i} ({e.name}): teacher is required for method gopd")
+        return self
+
+    @model_validator(mode="after")
+    def _zoo_paths_need_zoo(self) -> "Recipe":
+        if self.zoo is None and any(p.startswith("zoo:") for p in self.model_paths()):
+            raise ValueError("paths start with 'zoo:' but the recipe has no zoo: section")
+        return self
+
+    def scale_of(self, expert: Expert) -> float:
+        return self.reward_scale if expert.reward_scale is None else expert.reward_scale
+
+    def model_paths(self) -> list[str]:
+        paths = [self.student]
+        for e in self.experts:
+            if e.teacher:
+                paths.append(e.teacher)
+            if e.reference != STUDENT:
+                paths.append(e.reference)
+        return paths
+
+    def manifest(self) -> dict[str, Any]:
+        """What must not change when a run resumes."""
+        return {
+            "student": self.student,
+            "method": self.train.method,
+            "experts": [{"name": e.name, "teacher": e.teacher, "reference": e.reference,
+                         "reward_scale": self.scale_of(e)} for e in self.experts],
+        }
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors()[:3]:
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unknown key")
+        elif e["type"] == "missing":
+            parts.append(f"{loc}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg} (got {e.get('input')!r})" if loc else msg)
+    more = f" (+{len(err.errors()) - 3} more)" if len(err.errors()) > 3 else ""
+    return f"{source}: " + "; ".join(parts) + more
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"--set '{text}': expected KEY=VALUE, e.g. train.steps=10")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_override(data: dict, path: list[str], value: Any, text: str) -> None:
+    """Set a dotted key in raw recipe data. `experts.math.reward_scale` picks the expert by name."""
+    node: Any = data
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            idx = next((j for j, x in enumerate(node) if isinstance(x, dict) and x.get("name") == part), None)
+            if idx is None and part.isdigit() and int(part) < len(node):
+                idx = int(part)
+            if idx is None:
+                raise UserError(f"--set '{text}': no list item named '{part}'")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise UserError(f"--set '{text}': '{part}' is not inside a section")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping (student:, experts:, ...)")
+    for text in overrides or []:
+        apply_override(data, *parse_override(text), text)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_error(e, str(path))) from None

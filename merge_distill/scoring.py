@@ -1,0 +1,81 @@
+"""Exact-token log-probs of sampled responses under a model, and a cache of frozen scorers.
+
+Only response positions are projected to the vocabulary, in row chunks, with log-sum-exp: a frozen model
+never holds `[batch, length, vocab]` float32 log-probs, and prompt positions are never scored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from merge_distill.sampling import Rollouts, positions
+
+Tensor = torch.Tensor
+
+
+def response_logprobs(model: torch.nn.Module, rollouts: Rollouts, *, temperature: float = 1.0,
+                      chunk_tokens: int = 4096) -> Tensor:
+    """log p(y_t | x, y_<t) of every sampled response token, `[B, L]`, 0 on padding.
+
+    Gradients flow when called outside `torch.no_grad()` (the student's update uses this too).
+    """
+    input_ids = torch.cat([rollouts.prompt_ids, rollouts.response_ids], dim=1)
+    mask = torch.cat([rollouts.prompt_mask, rollouts.response_mask.long()], dim=1)
+    P, L = rollouts.prompt_ids.shape[1], rollouts.response_ids.shape[1]
+    backbone, head = _split(model)
+    if backbone is None:  # an architecture we cannot split: fall back to the model's own logits
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask),
+                       logits_to_keep=L + 1).logits[:, :-1]
+        return _gather_logprobs(logits.float() / temperature, rollouts.response_ids) * rollouts.response_mask
+    hidden = backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+    hidden = hidden[:, P - 1:P + L - 1]  # the position before each response token predicts it
+    targets = rollouts.response_ids
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    rows = max(1, chunk_tokens)
+    out = [_gather_logprobs(head(flat_h[i:i + rows]).float() / temperature, flat_t[i:i + rows])
+           for i in range(0, flat_h.shape[0], rows)]
+    return torch.cat(out).reshape(targets.shape) * rollouts.response_mask
+
+
+def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _split(model: torch.nn.Module):
+    """(backbone returning hidden states, output projection) of an HF causal LM, or (None, None)."""
+    backbone = getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        return None, None
+    return backbone, head
+
+
+class ModelCache:
+    """Frozen models by resolved path: a checkpoint several experts share is loaded once."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.dtype, self.device = dtype, torch.device(device)
+        self._models: dict[str, torch.nn.Module] = {}
+
+    @staticmethod
+    def key(path: str | os.PathLike) -> str:
+        return str(Path(path).resolve())
+
+    def get(self, path: str | os.PathLike, *, what: str = "model") -> torch.nn.Module:
+        from merge_distill.models import load_model
+
+        k = self.key(path)
+        if k not in self._models:
+            self._models[k] = load_model(path, what=what, dtype=self.dtype).to(self.device)
+        return self._models[k]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    @torch.no_grad()
+    def score(self, path: str | os.PathLike, rollouts: Rollouts) -> Tensor:
+        return response_logprobs(self.get(path), rollouts)

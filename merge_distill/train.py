@@ -1,0 +1,321 @@
+"""The on-policy loop: sample -> score with each domain's teacher and reference -> advantages -> update.
+
+One loop serves G-OPD (teacher log-ratio rewards, per token) and GRPO (grader 0/1 rewards, group-
+normalised); the difference is one function, `_advantages`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from merge_distill import objective
+from merge_distill.data import DomainMixer, Prompt, load_records, render_prompt, user_message
+from merge_distill.errors import UserError
+from merge_distill.io import atomic_dir, atomic_write_json
+from merge_distill.models import check_compatible, load_model, load_tokenizer, model_info
+from merge_distill.recipe import STUDENT, Recipe
+from merge_distill.sampling import Rollouts, sample
+from merge_distill.scoring import ModelCache, response_logprobs
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, loaded and checked once."""
+
+    recipe: Recipe
+    tokenizer: object
+    student: torch.nn.Module
+    frozen: ModelCache
+    mixer: DomainMixer
+    graders: dict[int, object] = field(default_factory=dict)
+
+
+def check_models(recipe: Recipe) -> None:
+    """Every model exists, loads a tokenizer, and agrees with the student token for token."""
+    infos = {"student": model_info(recipe.student, what="student")}
+    for i, e in enumerate(recipe.experts):
+        if recipe.train.method == "gopd":
+            infos[f"teacher of expert '{e.name}'"] = model_info(e.teacher, what=f"experts.{i}.teacher ({e.name})")
+            if e.reference != STUDENT and recipe.scale_of(e) != 1.0:
+                infos[f"reference of expert '{e.name}'"] = model_info(e.reference, what=f"experts.{i}.reference ({e.name})")
+    check_compatible(infos, allow_chat_template_mismatch=recipe.allow_chat_template_mismatch)
+
+
+def load_prompts(recipe: Recipe, tokenizer) -> list[list[Prompt]]:
+    pools = []
+    for i, e in enumerate(recipe.experts):
+        what = f"experts.{i}.prompts ({e.name})"
+        records = load_records(e.prompts, what=what)
+        template = None if e.prompt_template == "{prompt}" else e.prompt_template
+        pools.append([Prompt(i, r, tuple(render_prompt(tokenizer, user_message(r, template, what=what), e.system_prompt)))
+                      for r in records])
+    return pools
+
+
+def setup(recipe: Recipe) -> Setup:
+    check_models(recipe)
+    tokenizer = load_tokenizer(recipe.student, what="student")
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise UserError(f"student '{recipe.student}': its tokenizer needs an eos_token and a pad_token")
+    dtype = getattr(torch, recipe.dtype)
+    student = load_model(recipe.student, what="student", dtype=dtype, trainable=True).to(recipe.device)
+    mixer = DomainMixer(load_prompts(recipe, tokenizer), [e.weight for e in recipe.experts], recipe.train.seed)
+    s = Setup(recipe, tokenizer, student, ModelCache(dtype=dtype, device=recipe.device), mixer)
+    if recipe.train.method == "grpo":
+        from merge_distill.graders import get_grader
+
+        s.graders = {i: get_grader(e.grader_name) for i, e in enumerate(recipe.experts)}
+    return s
+
+
+def reference_path(recipe: Recipe, expert) -> str:
+    return recipe.student if expert.reference == STUDENT else expert.reference
+
+
+# ----------------------------------------------------------------------------------------------- step
+
+
+def _advantages(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict) -> torch.Tensor:
+    """Per-token advantages [B, L] for the rows of `batch` (already expanded to rollouts)."""
+    recipe, mask = s.recipe, rollouts.response_mask
+    adv = torch.zeros_like(rollouts.sampler_logprobs)
+    by_expert = defaultdict(list)
+    for row, p in enumerate(batch):
+        by_expert[p.expert].append(row)
+    if recipe.train.method == "grpo":
+        rewards = torch.zeros(len(batch))
+        texts = s.tokenizer.batch_decode(rollouts.response_token_lists(), skip_special_tokens=True)
+        t0 = time.perf_counter()
+        for i, rows in by_expert.items():
+            verdicts = s.graders[i].grade_many([batch[r].record for r in rows], [texts[r] for r in rows])
+            rewards[rows] = torch.tensor([v.score for v in verdicts])
+            metrics[f"{recipe.experts[i].name}/accuracy"] = float(rewards[rows].mean())
+        metrics["time/grade_s"] = time.perf_counter() - t0
+        seq_adv = objective.grpo_advantages(rewards, recipe.train.rollouts_per_prompt)
+        return seq_adv[:, None] * mask
+    for i, rows in by_expert.items():
+        expert = recipe.experts[i]
+        sub = rollouts.select(rows)
+        lam = recipe.scale_of(expert)
+        student_lp = sub.sampler_logprobs
+        teacher_lp = s.frozen.score(expert.teacher, sub)
+        reference_lp = None if lam == 1.0 else s.frozen.score(reference_path(recipe, expert), sub)
+        a = objective.gopd_advantages(student_lp, teacher_lp, reference_lp, lam) * sub.response_mask
+        adv[rows] = a
+        m, name = sub.response_mask, expert.name
+        metrics[f"{name}/reward"] = float(objective.masked_mean(a, m))
+        metrics[f"{name}/reverse_kl_teacher"] = float(objective.masked_mean(objective.kl_k1(student_lp, teacher_lp), m))
+        if reference_lp is not None:
+            metrics[f"{name}/kl_reference"] = float(objective.masked_mean(objective.kl_k1(student_lp, reference_lp), m))
+    return adv
+
+
+def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
+    recipe, cfg = s.recipe, s.recipe.train
+    metrics: dict = {"step": step + 1}
+    t0 = time.perf_counter()
+    prompts = s.mixer.next_batch(cfg.prompts_per_step)
+    batch = [p for p in prompts for _ in range(cfg.rollouts_per_prompt)]
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    rollouts = sample(s.student, [list(p.token_ids) for p in batch], max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, eos_token_id=s.tokenizer.eos_token_id,
+                      pad_token_id=s.tokenizer.pad_token_id, generator=generator)
+    t1 = time.perf_counter()
+    adv = _advantages(s, batch, rollouts, metrics)
+    t2 = time.perf_counter()
+
+    s.student.train()
+    optimizer.zero_grad(set_to_none=True)
+    total_tokens = rollouts.response_mask.sum().clamp(min=1)
+    micro = cfg.micro_batch_size or len(batch)
+    loss_sum, ratios = 0.0, []
+    for lo in range(0, len(batch), micro):
+        rows = list(range(lo, min(lo + micro, len(batch))))
+        sub = rollouts.select(rows)
+        logprobs = response_logprobs(s.student, sub, temperature=cfg.temperature)
+        share = sub.response_mask.sum() / total_tokens
+        loss = objective.policy_gradient_loss(logprobs, sub.sampler_logprobs, adv[rows], sub.response_mask,
+                                              truncation=cfg.importance_truncation) * share
+        loss.backward()
+        loss_sum += float(loss.detach())
+        ratios.append(torch.exp(logprobs.detach() - sub.sampler_logprobs)[sub.response_mask.bool()])
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.student.parameters(), cfg.grad_clip or float("inf"))
+    optimizer.step()
+    scheduler.step()
+    t3 = time.perf_counter()
+
+    ratio = torch.cat(ratios) if ratios else torch.ones(1)
+    lengths = rollouts.lengths
+    for i, e in enumerate(recipe.experts):
+        rows = [r for r, p in enumerate(batch) if p.expert == i]
+        if rows:
+            metrics[f"{e.name}/response_length"] = float(lengths[rows].mean())
+            metrics[f"{e.name}/truncation_rate"] = float(rollouts.truncated[rows].float().mean())
+            metrics[f"{e.name}/n_sequences"] = len(rows)
+    metrics.update({
+        "loss": loss_sum, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+        "response_length": float(lengths.mean()), "truncation_rate": float(rollouts.truncated.float().mean()),
+        "importance_ratio/mean": float(ratio.mean()), "importance_ratio/min": float(ratio.min()),
+        "importance_ratio/max": float(ratio.max()),
+        "time/sample_s": t1 - t0, "time/score_s": t2 - t1 - metrics.get("time/grade_s", 0.0),
+        "time/update_s": t3 - t2, "time/step_s": t3 - t0,
+    })
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ optimisation
+
+
+def make_optimizer(s: Setup):
+    cfg = s.recipe.train
+    optimizer = torch.optim.AdamW(s.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.999), eps=1e-8)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant" or cfg.steps <= cfg.warmup_steps:
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 1.0 - progress if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    root = output_dir / "checkpoints"
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith("step-") and (p / TRAINER_STATE).is_file():
+                found.append((int(p.name.removeprefix("step-")), p))
+    return sorted(found)
+
+
+def save_checkpoint(s: Setup, optimizer, scheduler, step: int) -> Path:
+    out = Path(s.recipe.output_dir) / "checkpoints" / f"step-{step}"
+    with atomic_dir(out) as tmp:
+        s.student.save_pretrained(tmp, safe_serialization=True)
+        s.tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "mixer": s.mixer.state_dict()}, tmp / TRAINER_STATE)
+    for _, old in checkpoint_dirs(Path(s.recipe.output_dir))[: -s.recipe.train.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def resume_from(s: Setup, optimizer, scheduler) -> int:
+    found = checkpoint_dirs(Path(s.recipe.output_dir))
+    if not found:
+        return 0
+    step, path = found[-1]
+    state_dict = load_model(path, what="checkpoint").state_dict()
+    s.student.load_state_dict(state_dict)
+    state = torch.load(path / TRAINER_STATE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    s.mixer.load_state_dict(state["mixer"])
+    return step
+
+
+def check_manifest(recipe: Recipe, resume: bool) -> None:
+    """A run's teachers, references and reward scales are fixed: resuming with others is an error."""
+    path = Path(recipe.output_dir) / "manifest.json"
+    manifest = recipe.manifest()
+    if path.exists() and resume:
+        old = json.loads(path.read_text())
+        if old != manifest:
+            changed = [k for k in manifest if old.get(k) != manifest[k]]
+            raise UserError(f"{path}: the recipe's {', '.join(changed)} differ from the run being resumed; "
+                            "use a new output_dir, or restore the original recipe")
+    elif path.exists() and checkpoint_dirs(Path(recipe.output_dir)):
+        raise UserError(f"output_dir '{recipe.output_dir}' already holds a run; pass --resume to continue it, "
+                        "or choose another output_dir")
+    atomic_write_json(path, manifest)
+
+
+# ------------------------------------------------------------------------------------------ loop
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard when installed); on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, output_dir: Path, start_step: int):
+        self.path = output_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= start_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+        self.file = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, metrics: dict) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, metrics["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) -> Path:
+    """Run (or resume) the recipe's training; returns the path of the final checkpoint."""
+    output_dir = Path(recipe.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    check_manifest(recipe, resume)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    s = setup(recipe)
+    optimizer, scheduler = make_optimizer(s)
+    start = resume_from(s, optimizer, scheduler) if resume else 0
+    log = MetricsLog(output_dir, start)
+    cfg = recipe.train
+    task = progress.add_task(f"train ({cfg.method})", total=cfg.steps, completed=start) if progress else None
+    try:
+        for step in range(start, cfg.steps):
+            metrics = train_step(s, optimizer, scheduler, step)
+            done = step + 1
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and on_eval:
+                metrics.update(on_eval(s.student, done))
+            log.write(metrics)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                save_checkpoint(s, optimizer, scheduler, done)
+            if progress:
+                progress.update(task, completed=done, description=_describe(recipe, metrics))
+        save_checkpoint(s, optimizer, scheduler, cfg.steps)
+        with atomic_dir(output_dir / "final") as tmp:
+            s.student.save_pretrained(tmp, safe_serialization=True)
+            s.tokenizer.save_pretrained(tmp)
+    finally:
+        log.close()
+        for g in s.graders.values():
+            getattr(g, "close", lambda: None)()
+    return output_dir / "final"
+
+
+def _describe(recipe: Recipe, m: dict) -> str:
+    key = "accuracy" if recipe.train.method == "grpo" else "reverse_kl_teacher"
+    parts = [f"{e.name} {key.split('_')[0]} {m[f'{e.name}/{key}']:.3f}" for e in recipe.experts if f"{e.name}/{key}" in m]
+    return f"train ({recipe.train.method}) " + " ".join(parts)
