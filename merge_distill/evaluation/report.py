@@ -1,0 +1,291 @@
+"""Reporting of evaluation results: a rich table, results.json/.md/.png, paired differences.
+
+Layout everywhere: one row per suite (and per subset of a suite), one column per model,
+cells ``score ± stderr`` in percent, the best score of each row in bold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from merge_distill.evaluation.metrics import (
+    Metric,
+    ResultRow,
+    paired_difference,
+    per_problem_estimates,
+)
+
+RowLike = ResultRow | Mapping[str, Any]
+RowKey = tuple[str, str | None, str, int]  # suite, subset, metric, k
+MISSING = "—"
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _as_rows(rows: Sequence[RowLike]) -> list[ResultRow]:
+    return [r if isinstance(r, ResultRow) else ResultRow.from_dict(r) for r in rows]
+
+
+def _layout(rows: list[ResultRow]) -> tuple[list[str], list[RowKey], dict[tuple[RowKey, str], ResultRow]]:
+    """Models (columns) and row keys in first-appearance order, subsets after their suite."""
+    models: list[str] = []
+    suites: list[str] = []
+    keys: list[RowKey] = []
+    cells: dict[tuple[RowKey, str], ResultRow] = {}
+    for row in rows:
+        key = (row.suite, row.subset, row.metric, row.k)
+        if row.model not in models:
+            models.append(row.model)
+        if row.suite not in suites:
+            suites.append(row.suite)
+        if key not in keys:
+            keys.append(key)
+        cells[(key, row.model)] = row
+    seen = {key: i for i, key in enumerate(keys)}
+    keys.sort(key=lambda k: (suites.index(k[0]), k[1] is not None, seen[k]))
+    return models, keys, cells
+
+
+def row_label(key: RowKey) -> str:
+    suite, subset, _, _ = key
+    return suite if subset is None else f"{suite} / {subset}"
+
+
+def format_cell(row: ResultRow) -> str:
+    """``score ± stderr`` in percent, e.g. ``80.4 ± 1.2``."""
+    return f"{100 * row.score:.1f} ± {100 * row.stderr:.1f}"
+
+
+def _best_models(key: RowKey, models: list[str], cells: Mapping[tuple[RowKey, str], ResultRow]) -> set[str]:
+    """Models with the best score in a row, compared at the displayed precision (ties all win)."""
+    shown = {m: round(100 * cells[(key, m)].score, 1) for m in models if (key, m) in cells}
+    if len(shown) < 2:
+        return set()
+    best = max(shown.values())
+    return {m for m, v in shown.items() if v == best}
+
+
+def _sizes(key: RowKey, models: list[str], cells: Mapping[tuple[RowKey, str], ResultRow]) -> str:
+    sizes = sorted({(cells[(key, m)].n_problems, cells[(key, m)].n_samples) for m in models if (key, m) in cells})
+    return " / ".join(f"{p}×{s}" for p, s in sizes)
+
+
+def caption(rows: Sequence[RowLike]) -> str:
+    """Which numbers the table shows, and each suite's problems × samples per problem."""
+    models, keys, cells = _layout(_as_rows(rows))
+    sizes = [f"{row_label(k)} {_sizes(k, models, cells)}" for k in keys if k[1] is None]
+    return "score ± stderr (%, over problems); problems × samples: " + ", ".join(sizes)
+
+
+def rich_table(rows: Sequence[RowLike], title: str | None = "Evaluation results") -> Table:
+    """Models as columns, suites (and subsets) as rows; the best of each row in bold."""
+    models, keys, cells = _layout(_as_rows(rows))
+    table = Table(title=title, caption=caption(rows) if keys else None)
+    table.add_column("suite")
+    table.add_column("metric")
+    for model in models:
+        table.add_column(model, justify="right")
+    for key in keys:
+        best = _best_models(key, models, cells)
+        row_cells: list[Text | str] = [row_label(key) if key[1] is None else f"  {key[1]}", f"{key[2]}@{key[3]}"]
+        for model in models:
+            row = cells.get((key, model))
+            row_cells.append(MISSING if row is None else Text(format_cell(row), style="bold" if model in best else ""))
+        table.add_row(*row_cells)
+    return table
+
+
+def markdown_table(rows: Sequence[RowLike]) -> str:
+    """The same layout as :func:`rich_table` as a markdown table (best in ``**bold**``)."""
+    models, keys, cells = _layout(_as_rows(rows))
+    lines = [
+        "| " + " | ".join(["suite", "metric", *models]) + " |",
+        "|" + "---|---|" + "---:|" * len(models),
+    ]
+    for key in keys:
+        best = _best_models(key, models, cells)
+        out = [row_label(key), f"{key[2]}@{key[3]}"]
+        for model in models:
+            row = cells.get((key, model))
+            text = MISSING if row is None else format_cell(row)
+            out.append(f"**{text}**" if model in best else text)
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- paired differences
+
+
+@dataclass
+class PairedDifference:
+    """Mean per-problem difference ``a - b`` on one suite, with its standard error (fractions)."""
+
+    suite: str
+    a: str
+    b: str
+    metric: str
+    k: int | None
+    diff: float
+    stderr: float
+    n_problems: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def format(self) -> str:
+        """E.g. ``champ avg@4: student - base = +2.3 ± 1.1 points (paired over 270 problems)``."""
+        label = self.metric if self.k is None else f"{self.metric}@{self.k}"
+        return (
+            f"{self.suite} {label}: {self.a} - {self.b} = {100 * self.diff:+.1f} ± {100 * self.stderr:.1f} points "
+            f"(paired over {self.n_problems} problems)"
+        )
+
+
+def paired_rows(
+    per_problem: Mapping[str, Mapping[str, Mapping[str, Sequence[float] | float]]],
+    pairs: Sequence[tuple[str, str]],
+    metrics: Mapping[str, tuple[Metric, int | None]] | None = None,
+) -> list[PairedDifference]:
+    """Paired differences for each (a, b) model pair on every suite both were scored on.
+
+    ``per_problem[model][suite][task_id]`` is that problem's per-sample correctness list
+    (reduced with the suite's metric from ``metrics[suite] = (metric, k)``, default avg
+    over all samples) or an already-computed per-problem estimate (a float).
+    """
+    metrics = metrics or {}
+    out = []
+    for a, b in pairs:
+        for model in (a, b):
+            if model not in per_problem:
+                raise ValueError(f"no per-problem results for model '{model}'")
+        for suite in [s for s in per_problem[a] if s in per_problem[b]]:
+            metric, k = metrics.get(suite, ("avg", None))
+            try:
+                diff, stderr, n = paired_difference(
+                    _estimates(per_problem[a][suite], metric, k), _estimates(per_problem[b][suite], metric, k)
+                )
+            except ValueError as e:
+                raise ValueError(f"suite '{suite}', {a} vs {b}: {e}") from None
+            out.append(PairedDifference(suite, a, b, metric, k, diff, stderr, n))
+    return out
+
+
+def _estimates(values: Mapping[str, Sequence[float] | float], metric: Metric, k: int | None) -> dict[str, float]:
+    ids = list(values)
+    lists = [values[i] for i in ids]
+    if all(isinstance(v, (int, float)) for v in lists):
+        return {i: float(v) for i, v in zip(ids, lists)}
+    return dict(zip(ids, per_problem_estimates(lists, metric, k)))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    raise TypeError(f"cannot write {type(obj).__name__} to results.json")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def results_markdown(rows: Sequence[RowLike], extra: Mapping[str, Any] | None = None) -> str:
+    """results.md: the table, its caption, paired differences and any other scalar extras."""
+    extra = dict(extra or {})
+    parts = ["# Evaluation results", "", markdown_table(rows), "", f"_{caption(rows)}_"]
+    paired = extra.pop("paired_differences", None)
+    if paired:
+        parts += ["", "## Paired differences", ""]
+        for d in paired:
+            d = d if isinstance(d, PairedDifference) else PairedDifference(**d)
+            parts.append(f"- {d.format()}")
+    scalars = {k: v for k, v in extra.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    if scalars:
+        parts += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in scalars.items()]
+    return "\n".join(parts) + "\n"
+
+
+def bar_chart_png(rows: Sequence[RowLike]) -> bytes:
+    """Grouped bars per suite row, one bar per model, error bars = stderr; PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    models, keys, cells = _layout(_as_rows(rows))
+    width = 0.8 / max(len(models), 1)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(keys) * max(1, len(models)) ** 0.5 + 2), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for j, model in enumerate(models):
+        xs, ys, errs = [], [], []
+        for i, key in enumerate(keys):
+            row = cells.get((key, model))
+            if row is not None:
+                xs.append(i + (j - (len(models) - 1) / 2) * width)
+                ys.append(100 * row.score)
+                errs.append(100 * row.stderr)
+        ax.bar(xs, ys, width, yerr=errs, capsize=3, label=model)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{row_label(k)}\n{k[2]}@{k[3]}" for k in keys], rotation=30 if len(keys) > 4 else 0, ha="center")
+    ax.set_ylabel("score (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(models), 4), frameon=False, fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
+
+
+def write_results(
+    rows: Sequence[RowLike], out_dir: str | Path, extra: Mapping[str, Any] | None = None
+) -> dict[str, Path]:
+    """Write ``results.json`` (``{"rows": [...], **extra}``), ``results.md`` and ``results.png``.
+
+    ``extra`` holds run-level information such as ``paired_differences`` (a list of
+    :class:`PairedDifference` or their dicts) or an isolation level. Each file is written
+    atomically. Returns the paths by kind (``json``, ``md``, ``png``).
+    """
+    result_rows = _as_rows(rows)
+    if not result_rows:
+        raise ValueError("no result rows to write")
+    extra = dict(extra or {})
+    if "rows" in extra:
+        raise ValueError("'rows' is reserved in results.json; rename that extra key")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    payload = {"rows": [r.to_dict() for r in result_rows], **extra}
+    atomic_write(paths["json"], (json.dumps(payload, indent=2, default=_jsonable) + "\n").encode())
+    atomic_write(paths["md"], results_markdown(result_rows, extra).encode())
+    atomic_write(paths["png"], bar_chart_png(result_rows))
+    return paths

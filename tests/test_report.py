@@ -1,0 +1,120 @@
+import json
+import math
+
+import pytest
+from rich.console import Console
+
+from merge_distill.evaluation.metrics import ResultRow
+from merge_distill.evaluation.report import (
+    PairedDifference,
+    format_cell,
+    markdown_table,
+    paired_rows,
+    rich_table,
+    write_results,
+)
+
+BOLD = "\x1b[1m"
+
+
+def make_rows():
+    return [
+        ResultRow("base", "champ", "math", "avg", 4, 0.5, 0.02, 270, 4),
+        ResultRow("student", "champ", "math", "avg", 4, 0.804, 0.012, 270, 4),
+        ResultRow("base", "humaneval", "code", "pass", 1, 0.7, 0.03, 164, 1),
+        ResultRow("student", "humaneval", "code", "pass", 1, 0.6, 0.03, 164, 1),
+        # a subset row listed first still goes below its suite's overall row
+        ResultRow("base", "champ", "math", "avg", 4, 0.25, 0.05, 40, 4, subset="Combinatorics").to_dict(),
+    ]
+
+
+def render(table) -> str:
+    console = Console(record=True, width=140, force_terminal=True, color_system="standard")
+    console.print(table)
+    return console.export_text(styles=True)
+
+
+def test_format_cell():
+    assert format_cell(ResultRow("m", "s", "d", "avg", 1, 0.804, 0.012, 10, 1)) == "80.4 ± 1.2"
+
+
+def test_rich_table_layout_and_bold_best():
+    rows = make_rows()
+    text = render(rich_table(rows))
+    plain = Console(record=True, width=140)
+    plain.print(rich_table(rows))
+    plain_text = plain.export_text()
+    header = next(line for line in plain_text.splitlines() if "suite" in line)
+    assert header.index("base") < header.index("student")  # models are columns
+    lines = plain_text.splitlines()
+    champ = next(i for i, line in enumerate(lines) if "│ champ " in line)
+    assert "Combinatorics" in lines[champ + 1] and "—" in lines[champ + 1]  # subset row, student missing
+    assert "humaneval" in lines[champ + 2]
+    assert f"{BOLD}80.4 ± 1.2" in text  # student best on champ
+    assert f"{BOLD}70.0 ± 3.0" in text  # base best on humaneval
+    assert f"{BOLD}50.0 ± 2.0" not in text and f"{BOLD}60.0 ± 3.0" not in text
+    assert "champ 270×4" in plain_text and "humaneval 164×1" in plain_text  # caption
+
+
+def test_markdown_table():
+    md = markdown_table(make_rows())
+    lines = md.splitlines()
+    assert lines[0] == "| suite | metric | base | student |"
+    assert lines[2] == "| champ | avg@4 | 50.0 ± 2.0 | **80.4 ± 1.2** |"
+    assert lines[3] == "| champ / Combinatorics | avg@4 | 25.0 ± 5.0 | — |"
+    assert lines[4] == "| humaneval | pass@1 | **70.0 ± 3.0** | 60.0 ± 3.0 |"
+
+
+def test_paired_rows():
+    per_problem = {
+        "student": {"champ": {"p1": [1, 1], "p2": [1, 0], "p3": [0, 0]}, "humaneval": {"h": 1.0}},
+        "base": {"champ": {"p1": [1, 0], "p2": [1, 0], "p3": [0, 0]}},
+    }
+    (d,) = paired_rows(per_problem, [("student", "base")], metrics={"champ": ("avg", 2)})
+    assert (d.suite, d.a, d.b, d.n_problems) == ("champ", "student", "base", 3)
+    assert d.diff == pytest.approx(0.5 / 3)  # diffs 0.5, 0, 0
+    assert d.stderr == pytest.approx(math.sqrt(1 / 12) / math.sqrt(3))
+    assert d.format() == "champ avg@2: student - base = +16.7 ± 16.7 points (paired over 3 problems)"
+
+    (p,) = paired_rows(per_problem, [("student", "base")], metrics={"champ": ("pass", 2)})
+    assert p.diff == pytest.approx(0.0)  # pass@2 is 1, 1, 0 for both
+
+    with pytest.raises(ValueError, match="model 'teacher'"):
+        paired_rows(per_problem, [("student", "teacher")])
+    per_problem["base"]["champ"] = {"p1": [1]}
+    with pytest.raises(ValueError, match="suite 'champ'.*same problems"):
+        paired_rows(per_problem, [("student", "base")])
+
+
+def test_write_results(tmp_path):
+    rows = make_rows()
+    paired = [PairedDifference("champ", "student", "base", "avg", 4, 0.304, 0.02, 270)]
+    paths = write_results(rows, tmp_path / "out", extra={"paired_differences": paired, "isolation": "process"})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "results.md", "results.png"]
+
+    data = json.loads(paths["json"].read_text())
+    assert data["rows"] == [r if isinstance(r, dict) else r.to_dict() for r in rows]
+    assert [ResultRow.from_dict(r) for r in data["rows"]][0] == rows[0]
+    assert data["isolation"] == "process"
+    assert data["paired_differences"][0]["diff"] == pytest.approx(0.304)
+
+    md = paths["md"].read_text()
+    assert "| champ | avg@4 | 50.0 ± 2.0 | **80.4 ± 1.2** |" in md
+    assert "champ avg@4: student - base = +30.4 ± 2.0 points (paired over 270 problems)" in md
+    assert "isolation: process" in md
+
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_write_results_overwrites_atomically(tmp_path):
+    write_results(make_rows(), tmp_path)
+    write_results(make_rows()[:2], tmp_path)
+    assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md", "results.png"]  # no tmp left
+
+
+def test_write_results_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="no result rows"):
+        write_results([], tmp_path)
+    with pytest.raises(ValueError, match="reserved"):
+        write_results(make_rows(), tmp_path, extra={"rows": []})
