@@ -264,25 +264,33 @@ def test_pretraining_corpus():
     assert any(re.match(r"\d{3}[+-]\d{3}=", p) for p, _ in hard)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("merge_distill.graders.math") is None, reason="graders not built yet")
+def _graders_ready() -> bool:
+    try:
+        import merge_distill.graders as graders
+
+        return hasattr(graders, "get_grader") and importlib.util.find_spec("merge_distill.graders.math") is not None
+    except Exception:  # pragma: no cover
+        return False
+
+
+@pytest.mark.skipif(not _graders_ready(), reason="merge_distill.graders.get_grader not built yet")
 def test_through_real_graders(splits):  # pragma: no cover - depends on the graders module
+    """Correct responses pass and misconceived / randomly wrong ones fail the real graders."""
     from merge_distill.graders import get_grader
 
     rng = random.Random(0)
     for domain in DOMAINS:
-        grader = get_grader(domain)
         family = make_family(domain)
-        records = splits[domain][1][:30]
-        for r in records:
-            wrong = [family.random_error(r, rng)]
+        records, completions, expect = [], [], []
+        for r in splits[domain][1][:40]:
+            records.append(r), completions.append(family.solution(r)), expect.append(True)
+            records.append(r), completions.append(family.random_error(r, rng)), expect.append(False)
             if r["subset"] == "misconception":
-                wrong.append(family.misconception(r))
-            assert _grade(grader, family.solution(r), r) == 1.0
-            for w in wrong:
-                assert _grade(grader, w, r) == 0.0
-
-
-def _grade(grader, response, record):  # pragma: no cover - depends on the graders module
-    result = grader.grade(response, record) if hasattr(grader, "grade") else grader(response, record)
-    score = getattr(result, "score", getattr(result, "reward", result))
-    return float(score)
+                records.append(r), completions.append(family.misconception(r)), expect.append(False)
+        grader = get_grader(domain)
+        try:
+            verdicts = grader.grade_many(records, completions)
+        finally:
+            grader.close()
+        for r, c, want, v in zip(records, completions, expect, verdicts):
+            assert v.passed == want, (domain, r["prompt"], c, v)
