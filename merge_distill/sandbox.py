@@ -620,6 +620,16 @@ class FramedWorker:
         self.kill()
 
 
+_LIVE_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_pools() -> None:
+    """No worker outlives the interpreter, whoever forgot to close what."""
+    for pool in list(_LIVE_POOLS):
+        pool.close()
+
+
 class WorkerPool:
     """Dispatch requests over a set of FramedWorkers with a hard per-request deadline.
 
@@ -635,6 +645,8 @@ class WorkerPool:
         self._spawner: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._last_start_error = ""
+        _LIVE_POOLS.add(self)
 
     # -- lifecycle
     def _spawn(self) -> FramedWorker:
@@ -676,41 +688,64 @@ class WorkerPool:
         self._ensure()
         results: list[dict | None] = [None] * len(requests)
         pending = deque(range(len(requests)))
-        idle = deque(self._workers)
+        idle: deque[FramedWorker] = deque()
+        starting: dict[int, FramedWorker] = {}  # rfd -> worker still importing; never blocks others
         busy: dict[int, tuple[FramedWorker, int, float]] = {}  # rfd -> (worker, index, deadline)
+        start_failures = 0
+
+        def track(worker: FramedWorker) -> None:
+            if worker.ready_info is not None:
+                idle.append(worker)
+            else:
+                starting[worker.rfd] = worker
 
         def replace(worker: FramedWorker) -> None:
             worker.kill()
             self._workers.remove(worker)
+            if start_failures > 2 * self.size:
+                return  # starting keeps failing: stop trying for this call
             try:
                 fresh = self._spawn()
             except Exception:
                 return
             self._workers.append(fresh)
-            idle.append(fresh)
+            track(fresh)
 
+        for worker in self._workers:
+            track(worker)
         while pending or busy:
             while pending and idle:
                 worker = idle.popleft()
                 i = pending.popleft()
                 try:
-                    if worker.ready_info is None:
-                        worker.wait_ready()
                     worker.send(requests[i])
-                except (OSError, RuntimeError) as exc:
-                    results[i] = lost(requests[i], "start", str(exc) or worker.stderr_tail())
+                except OSError:  # died while idle: not this request's fault, try again
+                    pending.appendleft(i)
                     replace(worker)
                     continue
                 busy[worker.rfd] = (worker, i, time.monotonic() + deadline_s(requests[i]))
-            if not busy:
-                if pending and not self._workers:
+            if not busy and not starting:
+                if pending:
+                    why = self._last_start_error or "no worker could be started"
                     for i in pending:
-                        results[i] = lost(requests[i], "start", "no sandbox worker could be started")
+                        results[i] = lost(requests[i], "start", why)
                     pending.clear()
                 continue
-            timeout = max(0.0, min(d for _, _, d in busy.values()) - time.monotonic())
-            ready, _, _ = select.select(list(busy), [], [], timeout)
+            deadlines = [d for _, _, d in busy.values()] + [w.started_at + w.ready_timeout for w in starting.values()]
+            timeout = max(0.0, min(deadlines) - time.monotonic())
+            ready, _, _ = select.select(list(busy) + list(starting), [], [], timeout)
             for rfd in ready:
+                if rfd in starting:
+                    worker = starting.pop(rfd)
+                    msg = worker.recv()
+                    if msg and msg.get("ready"):
+                        worker.ready_info = msg
+                        idle.append(worker)
+                    else:
+                        start_failures += 1
+                        self._last_start_error = worker.stderr_tail() or "worker exited during start-up"
+                        replace(worker)
+                    continue
                 worker, i, _ = busy.pop(rfd)
                 reply = worker.recv()
                 if reply is None:
@@ -724,6 +759,12 @@ class WorkerPool:
                 if now >= deadline:
                     del busy[rfd]
                     results[i] = lost(requests[i], "deadline", "")
+                    replace(worker)
+            for rfd, worker in list(starting.items()):
+                if now >= worker.started_at + worker.ready_timeout:
+                    del starting[rfd]
+                    start_failures += 1
+                    self._last_start_error = f"worker not ready after {worker.ready_timeout:.0f} s"
                     replace(worker)
         return results  # type: ignore[return-value]
 
@@ -780,14 +821,7 @@ def _worker_source() -> str:
         return f.read()
 
 
-_LIVE: "weakref.WeakSet[Sandbox]" = weakref.WeakSet()
 _LEVEL_CACHE: dict[str, str] = {}
-
-
-@atexit.register
-def _close_all() -> None:
-    for sandbox in list(_LIVE):
-        sandbox.close()
 
 
 class Sandbox:
@@ -845,6 +879,7 @@ class Sandbox:
             if self._host_tmp is None:
                 self._host_tmp = tempfile.mkdtemp(prefix="merge-distill-sandbox-")
                 os.chmod(self._host_tmp, 0o711)  # uid 65534 may enter its own run dir, not list
+                self._tmp_finalizer = weakref.finalize(self, shutil.rmtree, self._host_tmp, True)
             base = self._host_tmp
         return {
             "pid_namespace": level == "bubblewrap",
@@ -863,7 +898,6 @@ class Sandbox:
         if self._pool is None:
             self.isolation  # resolve (and probe) before the first spawn
             self._pool = WorkerPool(self._spawn_worker, self.workers)
-            _LIVE.add(self)
         return self._pool
 
     def run(self, programs: list[str], timeout_s: float = 3.0, memory_mb: int = 1024) -> list[RunResult]:
@@ -895,9 +929,8 @@ class Sandbox:
                 self._pool.close()
                 self._pool = None
             if self._host_tmp is not None:
-                shutil.rmtree(self._host_tmp, ignore_errors=True)
+                self._tmp_finalizer()  # removes the directory, once
                 self._host_tmp = None
-        _LIVE.discard(self)
 
     def __enter__(self) -> "Sandbox":
         return self

@@ -1,0 +1,75 @@
+"""Graders: turn (task record, completion) pairs into verdicts.
+
+Built-ins are "math" and "code". Others come from the ``merge_distill.graders`` entry-point group
+(``name = "package.module:Factory"``) or from :func:`register_grader`. A grader is any object with a
+``name`` and ``grade_many(records, completions) -> list[Verdict]`` (see :mod:`.base`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+from typing import Any, Callable
+
+from merge_distill.errors import UserError
+from merge_distill.graders.base import VERDICTS, Grader, Verdict
+
+ENTRY_POINT_GROUP = "merge_distill.graders"
+
+_BUILTINS = {
+    "math": "merge_distill.graders.math:MathGrader",
+    "code": "merge_distill.graders.code:CodeGrader",
+}
+_REGISTERED: dict[str, Callable[..., Grader]] = {}
+
+
+def register_grader(name: str, factory: Callable[..., Grader]) -> None:
+    """Make `factory(**options)` available as get_grader(name, **options); replaces any earlier one."""
+    if not name or not isinstance(name, str):
+        raise ValueError("grader name must be a non-empty string")
+    if not callable(factory):
+        raise TypeError(f"grader factory for {name!r} is not callable")
+    _REGISTERED[name] = factory
+
+
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    try:
+        return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    except Exception:  # a broken distribution must not break grading
+        return {}
+
+
+def available_graders() -> list[str]:
+    """Every name get_grader accepts."""
+    return sorted(set(_BUILTINS) | set(_entry_points()) | set(_REGISTERED))
+
+
+def _load(target: str) -> Callable[..., Grader]:
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def get_grader(name: str, **options: Any) -> Grader:
+    """A new grader instance. Lookup order: registered, built-in, entry point."""
+    if name in _REGISTERED:
+        factory = _REGISTERED[name]
+    elif name in _BUILTINS:
+        factory = _load(_BUILTINS[name])
+    else:
+        eps = _entry_points()
+        if name not in eps:
+            raise UserError(f"unknown grader {name!r}; known graders: {', '.join(available_graders())}")
+        try:
+            factory = eps[name].load()
+        except Exception as exc:
+            raise UserError(f"grader {name!r} ({eps[name].value}) failed to load: {exc}") from exc
+    try:
+        return factory(**options)
+    except TypeError as exc:
+        raise UserError(f"grader {name!r}: bad options {sorted(options)}: {exc}") from exc
+
+
+__all__ = ["VERDICTS", "Grader", "Verdict", "available_graders", "get_grader", "register_grader"]

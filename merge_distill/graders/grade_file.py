@@ -1,0 +1,195 @@
+"""Grade a JSONL file of completions; resumable.
+
+Input: one JSON object per line, a task record plus ``completion`` and optionally ``domain``
+("math" or "code"; inferred when absent: ``answer`` -> math, ``test``/``test_list`` -> code).
+
+Output: one line per graded input line, in input order:
+``{"line", "task_id", "domain", "verdict", "score", "detail"}``. ``line`` is the 1-based input
+line number; together with ``task_id`` it identifies a graded sample (a task id repeats when
+several samples of one task are graded). On a rerun, lines already in the output are kept and
+skipped, and a torn last line (a kill mid-write) is dropped. Lines are graded in chunks and each
+verdict is appended and flushed as soon as its chunk is graded, so an interruption loses at most
+the chunk in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from merge_distill.errors import UserError
+from merge_distill.graders import get_grader
+from merge_distill.graders.base import VERDICTS, GraderBase, short
+
+DOMAINS = ("math", "code")
+
+
+def infer_domain(record: dict) -> str | None:
+    domain = record.get("domain")
+    if domain is not None:
+        return domain
+    if "answer" in record:
+        return "math"
+    if "test" in record or "test_list" in record:
+        return "code"
+    return None
+
+
+def _read_done(out_path: Path) -> dict[tuple[int, str], dict]:
+    """Verdict lines already written, keyed by (line, task_id); trims a torn final line."""
+    done: dict[tuple[int, str], dict] = {}
+    if not out_path.exists():
+        return done
+    data = out_path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # the last write was cut short: drop it, it will be graded again
+        with open(out_path, "r+b") as f:
+            f.truncate(end)
+        data = data[:end]
+    for n, raw in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            done[(int(row["line"]), str(row.get("task_id")))] = row
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{out_path}:{n}: not a verdict line from grade_file ({exc}); "
+                            f"move the file away or pick another --out") from exc
+    return done
+
+
+def _read_input(in_path: Path) -> list[tuple[int, dict, str]]:
+    """(line number, record, domain) per non-blank line; UserError at the first bad line."""
+    items = []
+    try:
+        text = in_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{in_path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{in_path}: not UTF-8 text ({exc})") from None
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        where = f"{in_path}:{n}"
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if not isinstance(record.get("completion"), str):
+            raise UserError(f"{where}: missing 'completion' (a string)")
+        domain = infer_domain(record)
+        if domain not in DOMAINS:
+            raise UserError(f"{where}: " + (f"unknown domain {domain!r} (expected math or code)" if domain
+                            else "cannot tell the domain: add 'domain', or 'answer' (math) / 'test' or 'test_list' (code)"))
+        items.append((n, record, domain))
+    return items
+
+
+def grade_file(in_path, out_path, *, timeout_s: float | None = None, workers: int | None = None,
+               chunk_size: int = 64) -> dict:
+    """Grade every line of `in_path` into `out_path` (see module docstring); return a summary.
+
+    The summary: ``{"in_path", "out_path", "total", "graded", "resumed",
+    "domains": {domain: {"n", "pass", "pass_rate", "verdicts": {verdict: count}}}}`` over all lines
+    of the output, resumed ones included.
+    """
+    in_path, out_path = Path(in_path), Path(out_path)
+    items = _read_input(in_path)
+    done = _read_done(out_path)
+    todo = [(n, rec, dom) for n, rec, dom in items if (n, str(rec.get("task_id"))) not in done]
+
+    graders: dict[str, GraderBase] = {}
+    options = {k: v for k, v in (("timeout_s", timeout_s), ("workers", workers)) if v is not None}
+    try:
+        for n, record, domain in todo:  # validate everything before spending time on grading
+            if domain not in graders:
+                graders[domain] = get_grader(domain, **options)
+            try:
+                graders[domain].check_record(record)
+            except UserError as exc:
+                raise UserError(f"{in_path}:{n}: {exc}") from None
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_path, "a", encoding="utf-8") as out:
+            for start in range(0, len(todo), max(1, chunk_size)):
+                chunk = todo[start: start + chunk_size]
+                rows = _grade_chunk(chunk, graders)
+                for row in rows:
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    done[(row["line"], str(row["task_id"]))] = row
+                out.flush()
+                os.fsync(out.fileno())
+    finally:
+        for grader in graders.values():
+            grader.close()
+
+    wanted = {(n, str(rec.get("task_id"))) for n, rec, _ in items}
+    rows = [row for key, row in done.items() if key in wanted]
+    summary = summarize(rows)
+    summary.update(in_path=str(in_path), out_path=str(out_path), graded=len(todo),
+                   resumed=len(rows) - len(todo))
+    return summary
+
+
+def _grade_chunk(chunk, graders) -> list[dict]:
+    by_domain: dict[str, list[int]] = defaultdict(list)
+    for i, (_, _, domain) in enumerate(chunk):
+        by_domain[domain].append(i)
+    verdicts = [None] * len(chunk)
+    for domain, idx in by_domain.items():
+        got = graders[domain].grade_many([chunk[i][1] for i in idx], [chunk[i][1]["completion"] for i in idx])
+        for i, v in zip(idx, got):
+            verdicts[i] = v
+    return [
+        {"line": n, "task_id": record.get("task_id"), "domain": domain, "verdict": v.verdict,
+         "score": v.score, "detail": short(v.detail)}
+        for (n, record, domain), v in zip(chunk, verdicts)
+    ]
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per-domain counts of verdict rows."""
+    per: dict[str, Counter] = defaultdict(Counter)
+    for row in rows:
+        per[row.get("domain", "?")][row["verdict"]] += 1
+    domains = {}
+    for domain in sorted(per):
+        counts = per[domain]
+        n = sum(counts.values())
+        domains[domain] = {
+            "n": n,
+            "pass": counts["pass"],
+            "pass_rate": counts["pass"] / n if n else 0.0,
+            "verdicts": {v: counts[v] for v in VERDICTS if counts[v]},
+        }
+    return {"total": len(rows), "domains": domains}
+
+
+def summary_table(summary: dict):
+    """A rich Table of a grade_file summary: one row per domain, one column per verdict seen."""
+    from rich.table import Table
+
+    seen = [v for v in VERDICTS if any(v in d["verdicts"] for d in summary["domains"].values())]
+    title = f"Verdicts: {summary.get('out_path', '')}".rstrip(": ")
+    table = Table(title=title)
+    table.add_column("domain")
+    table.add_column("n", justify="right")
+    table.add_column("pass rate", justify="right")
+    for v in seen:
+        table.add_column(v, justify="right")
+    for domain, d in summary["domains"].items():
+        table.add_row(domain, str(d["n"]), f"{100 * d['pass_rate']:.1f}%",
+                      *[str(d["verdicts"].get(v, 0)) for v in seen])
+    if len(summary["domains"]) > 1:
+        total = Counter()
+        for d in summary["domains"].values():
+            total.update(d["verdicts"])
+        n = summary["total"]
+        table.add_row("all", str(n), f"{100 * total['pass'] / n:.1f}%" if n else "-",
+                      *[str(total.get(v, 0)) for v in seen], style="bold")
+    if summary.get("resumed"):
+        table.caption = f"{summary['resumed']} line(s) kept from an earlier run, {summary.get('graded', 0)} graded now"
+    return table
