@@ -115,11 +115,13 @@ def test_math_records(splits):
         assert 10 <= r["a"] <= 99 and 10 <= r["b"] <= 99
         value = r["a"] + r["b"] if r["op"] == "+" else r["a"] - r["b"]
         assert value >= 0 and r["answer"] == str(value)
-        assert family.solution(r) == f"\\boxed{{{value}}}"
-    assert ArithmeticTasks().misconception(_math_record("+", 47, 38)) == "\\boxed{75}"
-    assert ArithmeticTasks().misconception(_math_record("+", 67, 58)) == "\\boxed{115}"
-    assert ArithmeticTasks().misconception(_math_record("-", 52, 38)) == "\\boxed{26}"
-    assert ArithmeticTasks().misconception(_math_record("-", 52, 31)) == "\\boxed{21}"
+        assert family.solution(r).endswith(f" \\boxed{{{value}}}")
+    assert ArithmeticTasks().solution(_math_record("+", 47, 38)) == "7+8=15 4+3+1=8 \\boxed{85}"
+    assert ArithmeticTasks().solution(_math_record("-", 52, 38)) == "12-8=4 4-3=1 \\boxed{14}"
+    assert ArithmeticTasks().misconception(_math_record("+", 47, 38)) == "7+8=15 4+3=7 \\boxed{75}"
+    assert ArithmeticTasks().misconception(_math_record("+", 67, 58)).endswith("\\boxed{115}")
+    assert ArithmeticTasks().misconception(_math_record("-", 52, 38)) == "8-2=6 5-3=2 \\boxed{26}"
+    assert ArithmeticTasks().misconception(_math_record("-", 52, 31)).endswith("\\boxed{21}")
     share = sum(r["subset"] == "misconception" for r in train + test) / len(train + test)
     assert 0.35 < share < 0.55
 
@@ -133,8 +135,8 @@ def test_math_hard():
     family = ArithmeticTasks(hard=True)
     for r in train + test:
         assert 100 <= r["a"] <= 999 and 100 <= r["b"] <= 999 and len(r["prompt"]) <= 16
-    assert family.misconception(_math_record("+", 475, 389, hard=True)) == "\\boxed{754}"
-    assert family.misconception(_math_record("-", 502, 398, hard=True)) == "\\boxed{296}"
+    assert family.misconception(_math_record("+", 475, 389, hard=True)) == "5+9=14 7+8=15 4+3=7 \\boxed{754}"
+    assert family.misconception(_math_record("-", 502, 398, hard=True)) == "8-2=6 9-0=9 5-3=2 \\boxed{296}"
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
@@ -162,7 +164,7 @@ def test_random_error_always_wrong(domain, splits):
             assert wrong != family.solution(r) and wrong != family.misconception(r)
             assert wrong.isascii() and len(wrong) <= MAX_RESPONSE_CHARS
             if domain == "math":
-                m = re.fullmatch(r"\\boxed\{(\d+)\}", wrong)
+                m = re.fullmatch(r"(?:\d+[-+]\d+(?:[-+]1)?=\d+ )+\\boxed\{(\d+)\}", wrong)
                 assert m and int(m.group(1)) != int(r["answer"])
                 assert 1 <= abs(int(m.group(1)) - int(r["answer"])) <= 900
             else:

@@ -230,27 +230,60 @@ class ArithmeticTasks(TaskFamily):
             "b": b,
         }
 
+    def _worked(self, record: dict, mode: str, rng: random.Random | None = None) -> str:
+        """Column-by-column working, least significant digit first, then the boxed answer.
+
+        ``mode`` is ``correct``, ``misconception`` (no carry / no borrow) or ``random`` (one column's
+        fact is wrong; later columns follow from it). Working makes each step a local, learnable
+        fact for a tiny model, and gives the misconception a visible step (``4+3=7`` for ``4+3+1=8``).
+        """
+        op, a, b = self.key_of(record)
+        da, db = _digits(a, self.width), _digits(b, self.width)
+        wrong_col = rng.randrange(self.width) if mode == "random" else -1
+        steps, value, carry = [], 0, 0
+        for i in range(self.width):
+            last = i == self.width - 1
+            if op == "+":
+                c = 0 if mode == "misconception" else carry
+                r = da[i] + db[i] + c
+                fact = f"{da[i]}+{db[i]}{'+1' if c else ''}"
+            else:
+                if mode == "misconception":
+                    top, bottom = max(da[i], db[i]), min(da[i], db[i])
+                    borrow = 0
+                else:
+                    top, bottom = da[i] - carry, db[i]
+                    borrow = int(top < bottom and not last)
+                    top += 10 * borrow
+                r = top - bottom
+                fact = f"{top}-{bottom}"
+            if i == wrong_col:
+                r = max(0, r + rng.choice((-3, -2, -1, 1, 2, 3)))
+            steps.append(f"{fact}={r}")
+            if op == "+":
+                carry = r // 10 if not last else 0
+                value += (r if last else r % 10) * 10**i
+            else:
+                carry = borrow
+                value += (r if last else r % 10) * 10**i
+        return " ".join(steps) + f" \\boxed{{{value}}}"
+
     def solution(self, record: dict) -> str:
-        return f"\\boxed{{{record['answer']}}}"
+        return self._worked(record, "correct")
 
     def misconception(self, record: dict) -> str:
-        return f"\\boxed{{{self._misconceived_value(*self.key_of(record))}}}"
+        return self._worked(record, "misconception")
 
     def random_error(self, record: dict, rng: random.Random) -> str:
-        op, a, b = self.key_of(record)
-        right = self._value(op, a, b)
-        avoid = {right, self._misconceived_value(op, a, b)}
+        avoid = {record["answer"], str(self._misconceived_value(*self.key_of(record)))}
         while True:
-            if rng.random() < 0.5:
-                wrong = right + rng.choice((-1, 1)) * rng.randint(1, 10)
-            else:  # change one digit
-                ds = list(str(right))
-                i = rng.randrange(len(ds))
-                choices = [c for c in "0123456789" if c != ds[i] and not (i == 0 and c == "0" and len(ds) > 1)]
-                ds[i] = rng.choice(choices)
-                wrong = int("".join(ds))
-            if wrong >= 0 and wrong not in avoid:
-                return f"\\boxed{{{wrong}}}"
+            text = self._worked(record, "random", rng)
+            if _boxed(text) not in avoid and int(_boxed(text)) >= 0:
+                return text
+
+
+def _boxed(text: str) -> str:
+    return text[text.rindex("\\boxed{") + 7: -1]
 
 
 # ----------------------------------------------------------------------------- code
