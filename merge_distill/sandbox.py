@@ -809,6 +809,15 @@ def _bwrap_argv(bwrap: str, disk_mb: int) -> list[str]:
         if os.path.exists(path):
             argv += ["--ro-bind", path, path]
     if not (prefix == "/usr" or prefix.startswith("/usr/")):
+        # Bind the install at its own path (its RUNPATH may be absolute). Its parents are made
+        # here, empty and traversable, so uid 65534 can import from it and sees nothing else.
+        parents = []
+        parent = os.path.dirname(prefix)
+        while parent not in ("/", ""):
+            parents.append(parent)
+            parent = os.path.dirname(parent)
+        for parent in reversed(parents):
+            argv += ["--perms", "0755", "--dir", parent]
         argv += ["--ro-bind", prefix, prefix]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(disk_mb * 1024 * 1024),
              "--tmpfs", "/tmp", "--dir", "/tmp/runs", "--chdir", "/tmp", "--clearenv",
@@ -960,8 +969,8 @@ def _spawn_sandbox_worker(level: str, cfg: dict, disk_mb: int) -> FramedWorker:
 def isolation_level() -> str:
     """The strongest isolation that works here: "bubblewrap" or "rlimits" (probed once, cached).
 
-    Bubblewrap must pass a self-test: a worker starts, and a program runs, comes back "ok" and
-    cannot see this file (the project).
+    Bubblewrap must pass a self-test: a worker starts, and a program runs, comes back "ok", can
+    import from the standard library and cannot see this file (the project).
     """
     if "level" in _LEVEL_CACHE:
         return _LEVEL_CACHE["level"]
@@ -971,7 +980,8 @@ def isolation_level() -> str:
         probe._level = "bubblewrap"
         try:
             here = os.path.abspath(__file__)
-            check = f"import os\nassert not os.path.exists({here!r})\nprint('sandbox-ok')"
+            check = (f"import os, threading, xml.dom.minidom\nassert not os.path.exists({here!r})\n"
+                     "print('sandbox-ok')")
             result = probe.run([check], timeout_s=10)[0]
             if result.status == "ok" and "sandbox-ok" in result.stdout:
                 level, why = "bubblewrap", ""

@@ -267,9 +267,11 @@ def bar_chart_png(rows: Sequence[RowLike]) -> bytes:
 
 
 def write_results(
-    rows: Sequence[RowLike], out_dir: str | Path, extra: Mapping[str, Any] | None = None
+    rows: Sequence[RowLike], out_dir: str | Path, extra: Mapping[str, Any] | None = None, stem: str = "results"
 ) -> dict[str, Path]:
     """Write ``results.json`` (``{"rows": [...], **extra}``), ``results.md`` and ``results.png``.
+
+    ``stem`` renames the three files (``run`` writes ``report.json``, ``report.md``, ``report.png``).
 
     ``extra`` holds run-level information such as ``paired_differences`` (a list of
     :class:`PairedDifference` or their dicts) or an isolation level. Each file is written
@@ -283,7 +285,7 @@ def write_results(
         raise ValueError("'rows' is reserved in results.json; rename that extra key")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    paths = {kind: out / f"{stem}.{kind}" for kind in ("json", "md", "png")}
     payload = {"rows": [r.to_dict() for r in result_rows], **extra}
     atomic_write(paths["json"], (json.dumps(payload, indent=2, default=_jsonable) + "\n").encode())
     atomic_write(paths["md"], results_markdown(result_rows, extra).encode())

@@ -1,0 +1,197 @@
+"""The `merge-distill` command line: run, validate, eval, grade, zoo."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from merge_distill.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Merge domain-expert LMs into one student by G-OPD / ExOPD on-policy distillation.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The CPU expert zoo (tiny models this project trains itself).")
+app.add_typer(zoo_app, name="zoo")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _guard(fn):
+    """Run a command body; a UserError becomes one red line on stderr and exit code 1."""
+    try:
+        _quiet_libraries()
+        return fn()
+    except UserError as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]: finished checkpoints and results are kept; rerun with --resume")
+        raise typer.Exit(130) from None
+
+
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key, e.g. --set train.steps=10")]
+
+
+@app.command()
+def run(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides: Sets = None,
+        resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in output_dir")] = False,
+        evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate after training")] = True):
+    """Distill the recipe's experts into its student, then evaluate and write a report."""
+
+    def body():
+        import time
+
+        from merge_distill import run as pipeline
+        from merge_distill.evaluation.report import rich_table
+        from merge_distill.recipe import load_recipe
+        from merge_distill.toyworld.zoo import resolve
+        from merge_distill.train import train
+
+        r = load_recipe(recipe, overrides)
+        t0 = time.perf_counter()
+        with progress_bar() as progress:
+            r = resolve(r, progress=progress, log=console.print)
+            t_zoo = time.perf_counter()
+            out = Path(r.output_dir)
+            on_eval = pipeline.periodic_eval(r, out) if r.eval and r.train.eval_every else None
+            final = train(r, resume=resume, progress=progress, on_eval=on_eval)
+            t_train = time.perf_counter()
+            if evaluate and r.eval:
+                result, paired = pipeline.evaluate_recipe(r, final, out / "eval", progress=progress)
+        pipeline.training_curves_png(out / "metrics.jsonl", out / "training_curves.png", r)
+        console.print(f"zoo {t_zoo - t0:.0f} s, training {t_train - t_zoo:.0f} s; final student: {final}")
+        if evaluate and r.eval:
+            paths = pipeline.write_report(r, result, paired, out)
+            console.print(rich_table(result.rows, title=f"{recipe.name}: student vs teachers"))
+            for p in paired:
+                console.print("  " + p.format())
+            console.print(f"report: {paths['md']}  {paths['json']}  curves: {out / 'training_curves.png'}"
+                          f"  ({time.perf_counter() - t0:.0f} s in all)")
+
+    _guard(body)
+
+
+@app.command()
+def validate(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides: Sets = None):
+    """Check a recipe, every path in it, and model compatibility, without training."""
+
+    def body():
+        from merge_distill.recipe import load_recipe
+        from merge_distill.validate import validate_recipe
+
+        for line in validate_recipe(load_recipe(recipe, overrides)):
+            console.print(line)
+        console.print(f"[green]ok[/green]: {recipe}")
+
+    _guard(body)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[list[str], typer.Option("--model", help="NAME=PATH (a model folder); repeat for several")],
+    suite: Annotated[list[str], typer.Option("--suite", help="built-in (zoo-math, zoo-code, humaneval, champ) or a suite YAML/JSONL")],
+    samples: Annotated[int, typer.Option(help="samples per problem (k)")] = 1,
+    temperature: float = 1.0,
+    max_new_tokens: int = 256,
+    max_problems: Annotated[Optional[int], typer.Option(help="evaluate only the first N problems of each suite")] = None,
+    seed: int = 1234,
+    zoo: Annotated[Optional[str], typer.Option(help="zoo preset for zoo-* suites, e.g. default or smoke")] = None,
+    zoo_seed: int = 0,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("eval_results"),
+):
+    """Score models side by side: a table, results.json/.md/.png and per-sample generations (resumable)."""
+
+    def body():
+        from dataclasses import replace
+
+        from merge_distill.evaluation.report import paired_rows, rich_table, write_results
+        from merge_distill.evaluation.runner import ModelSpec, evaluate
+        from merge_distill.evaluation.suites import load_suite
+        from merge_distill.models import check_model_dir
+        from merge_distill.sandbox import isolation_level
+        from merge_distill.toyworld.zoo import Zoo
+
+        specs = []
+        for m in model:
+            if "=" not in m:
+                raise UserError(f"--model '{m}': expected NAME=PATH")
+            name, path = m.split("=", 1)
+            check_model_dir(path, what=f"--model {name}")
+            specs.append(ModelSpec(name, path))
+        zoo_dir = Zoo(zoo, zoo_seed).dir if zoo else None
+        suites = [load_suite(s, zoo_dir=zoo_dir) for s in suite]
+        if max_problems:
+            suites = [replace(s, records=s.records[:max_problems]) for s in suites]
+        with progress_bar() as progress:
+            result = evaluate(specs, suites, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                              seed=seed, out_dir=out, progress=progress)
+        pairs = [(a.name, b.name) for i, a in enumerate(specs) for b in specs[i + 1:]]
+        per_problem = {}
+        for (m, s), est in result.per_problem.items():
+            per_problem.setdefault(m, {})[s] = est
+        metrics = {s.name: (next(r.metric for r in result.rows if r.suite == s.name), None) for s in suites}
+        paired = paired_rows(per_problem, pairs, metrics) if pairs else []
+        paths = write_results(result.rows, out, {"paired_differences": [p.to_dict() for p in paired],
+                                                 "sandbox_isolation": isolation_level(),
+                                                 "samples_per_second": round(result.samples_per_second, 1)})
+        console.print(rich_table(result.rows))
+        for p in paired:
+            console.print("  " + p.format())
+        console.print(f"{result.samples_per_second:.1f} samples/s; wrote {paths['md']}, {paths['json']}, {paths['png']}")
+
+    _guard(body)
+
+
+@app.command()
+def grade(file: Annotated[Path, typer.Argument(help="JSONL: task records with a completion")],
+          out: Annotated[Path, typer.Option(help="verdicts JSONL (resumed if it exists)")] = Path("verdicts.jsonl"),
+          timeout: Annotated[Optional[float], typer.Option(help="seconds per program / math item")] = None):
+    """Grade completions produced elsewhere (HumanEval-shape code, or math with an answer)."""
+
+    def body():
+        from merge_distill.graders.grade_file import grade_file, summary_table
+
+        summary = grade_file(file, out, timeout_s=timeout)
+        console.print(summary_table(summary))
+        console.print(f"verdicts: {out}")
+
+    _guard(body)
+
+
+@zoo_app.command("build")
+def zoo_build(preset: Annotated[str, typer.Option(help="default, hard or smoke")] = "default", seed: int = 0,
+              members: Annotated[Optional[list[str]], typer.Option("--member", help="only these (e.g. large_math_expert)")] = None,
+              directory: Annotated[Optional[str], typer.Option("--dir", help="where (default: the cache)")] = None):
+    """Build (or reuse) the CPU expert zoo: data, base, and RL experts."""
+
+    def body():
+        from merge_distill.toyworld.zoo import Zoo
+
+        with progress_bar() as progress:
+            z = Zoo(preset, seed, directory, progress=progress, log=console.print)
+            z.ensure(members)
+        console.print(f"zoo ready: {z.dir}")
+
+    _guard(body)
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])

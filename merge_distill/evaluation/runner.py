@@ -1,0 +1,166 @@
+"""Generate, grade and score: the one evaluation path that `eval` and `run` share.
+
+Per (model, suite) the samples and verdicts go to `generations/<model>__<suite>.jsonl`, appended chunk
+by chunk, so an interrupted evaluation resumes where it stopped and a finished one can be re-graded
+without generating again. All models draw their samples with the same seeds (common random numbers),
+which makes paired differences between models tighter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from merge_distill.data import render_prompt
+from merge_distill.errors import UserError
+from merge_distill.evaluation.metrics import ResultRow, paired_difference, per_problem_estimates, suite_score
+from merge_distill.evaluation.suites import Suite
+from merge_distill.sampling import sample
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate: a name for the tables, a model folder, and optionally its own temperature."""
+
+    name: str
+    path: str
+    temperature: float | None = None
+
+
+@dataclass
+class EvalResult:
+    rows: list[ResultRow]
+    # (model, suite) -> task_id -> per-problem estimate, for paired differences
+    per_problem: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    samples_per_second: float = 0.0
+
+    def paired(self, a: str, b: str, suite: str) -> tuple[float, float, int]:
+        return paired_difference(self.per_problem[(a, suite)], self.per_problem[(b, suite)])
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", name)
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:6], "little")
+
+
+def _load(spec: ModelSpec):
+    from merge_distill.models import load_model, load_tokenizer
+
+    return load_model(spec.path, what=f"model '{spec.name}'"), load_tokenizer(spec.path, what=f"model '{spec.name}'")
+
+
+def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperature: float, max_new_tokens: int,
+                       seed: int, out_dir: Path, batch_size: int = 256, model=None, tokenizer=None,
+                       grader=None, progress=None) -> list[dict]:
+    """All (task, sample) generations for one model on one suite, graded; resumes from its JSONL file."""
+    from merge_distill.graders import get_grader
+
+    path = out_dir / "generations" / f"{_safe(spec.name)}__{_safe(suite.name)}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill: generate it again
+                continue
+            done[(row["task_id"], row["sample"])] = row
+    todo = [(r, k) for r in suite.records for k in range(samples) if (r["task_id"], k) not in done]
+    if todo:
+        if model is None:
+            model, tokenizer = _load(spec)
+        grader = grader or get_grader(suite.grader)
+        task = progress.add_task(f"eval {spec.name} on {suite.name}", total=len(todo)) if progress else None
+        prompt_cache: dict[str, list[int]] = {}
+        with open(path, "a") as f:
+            for lo in range(0, len(todo), batch_size):
+                chunk = todo[lo: lo + batch_size]
+                ids = []
+                for r, _ in chunk:
+                    if r["task_id"] not in prompt_cache:
+                        prompt_cache[r["task_id"]] = render_prompt(tokenizer, suite.render_prompt(r), suite.system_prompt)
+                    ids.append(prompt_cache[r["task_id"]])
+                g = torch.Generator().manual_seed(_seed(seed, suite.name, chunk[0][0]["task_id"], chunk[0][1]))
+                ro = sample(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=g)
+                texts = tokenizer.batch_decode(ro.response_token_lists(), skip_special_tokens=True)
+                verdicts = grader.grade_many([r for r, _ in chunk], texts)
+                for (r, k), text, v, n, cut in zip(chunk, texts, verdicts, ro.lengths.tolist(), ro.truncated.tolist()):
+                    row = {"task_id": r["task_id"], "sample": k, "completion": text, "verdict": v.verdict,
+                           "score": v.score, "detail": v.detail, "n_tokens": int(n), "truncated": bool(cut)}
+                    done[(r["task_id"], k)] = row
+                    f.write(json.dumps(row) + "\n")
+                f.flush()
+                if progress:
+                    progress.update(task, advance=len(chunk))
+    return [done[(r["task_id"], k)] for r in suite.records for k in range(samples)]
+
+
+def score_rows(spec_name: str, suite: Suite, graded: list[dict], samples: int, temperature: float):
+    """Result rows (whole suite, then each subset) and the per-problem estimates."""
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for g in graded:
+        by_task[g["task_id"]].append(float(g["score"]))
+    ks = [samples] if suite.metric == "avg" else sorted({1, samples})
+    rows, per_problem = [], {}
+    for k in ks:
+        groups = [(None, suite.records)] + [(s, [r for r in suite.records if r.get("subset") == s]) for s in suite.subsets()]
+        for subset, records in groups:
+            correct = [by_task[r["task_id"]] for r in records]
+            sc = suite_score(correct, suite.metric, k)
+            rows.append(ResultRow(model=spec_name, suite=suite.name, domain=suite.domain, metric=suite.metric, k=k,
+                                  score=sc.score, stderr=sc.stderr, n_problems=sc.n_problems,
+                                  n_samples=sc.n_samples, subset=subset, temperature=temperature))
+            if subset is None and k == ks[0]:
+                est = per_problem_estimates(correct, suite.metric, k)
+                per_problem = {r["task_id"]: float(e) for r, e in zip(records, est)}
+    return rows, per_problem
+
+
+def evaluate(models: list[ModelSpec], suites: list[Suite], *, samples: int = 1, temperature: float = 1.0,
+             max_new_tokens: int = 256, seed: int = 1234, out_dir: str | Path, batch_size: int = 256,
+             progress=None) -> EvalResult:
+    """Every model on every suite. Greedy (temperature 0) takes one sample per problem."""
+    if samples < 1:
+        raise UserError("--samples must be at least 1")
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise UserError(f"model names must be unique (got {', '.join(names)})")
+    out_dir = Path(out_dir)
+    result = EvalResult(rows=[])
+    n_generated, t0 = 0, time.perf_counter()
+    from merge_distill.graders import get_grader
+
+    graders = {}
+    try:
+        for spec in models:
+            model = tokenizer = None
+            for suite in suites:
+                temp = temperature if spec.temperature is None else spec.temperature
+                k = 1 if temp == 0 else samples
+                if suite.grader not in graders:
+                    graders[suite.grader] = get_grader(suite.grader)
+                if model is None:
+                    model, tokenizer = _load(spec)
+                graded = generate_and_grade(spec, suite, samples=k, temperature=temp, max_new_tokens=max_new_tokens,
+                                            seed=seed, out_dir=out_dir, batch_size=batch_size, model=model,
+                                            tokenizer=tokenizer, grader=graders[suite.grader], progress=progress)
+                n_generated += len(graded)
+                rows, per_problem = score_rows(spec.name, suite, graded, k, temp)
+                result.rows += rows
+                result.per_problem[(spec.name, suite.name)] = per_problem
+    finally:
+        for g in graders.values():
+            getattr(g, "close", lambda: None)()
+    result.samples_per_second = n_generated / max(1e-9, time.perf_counter() - t0)
+    return result

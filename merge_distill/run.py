@@ -1,0 +1,132 @@
+"""`merge-distill run`: resolve the recipe (building the zoo if it names one), train, evaluate, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from merge_distill.errors import UserError
+from merge_distill.evaluation.report import PairedDifference, write_results
+from merge_distill.evaluation.runner import EvalResult, ModelSpec, evaluate, generate_and_grade, score_rows
+from merge_distill.recipe import Recipe
+
+
+def eval_suites(recipe: Recipe):
+    from merge_distill.evaluation.suites import load_suite
+    from merge_distill.toyworld.zoo import zoo_for
+
+    zoo = zoo_for(recipe)
+    names = recipe.eval.suites if recipe.eval and recipe.eval.suites else [e.eval_suite for e in recipe.experts]
+    if any(n is None for n in names):
+        missing = [e.name for e in recipe.experts if e.eval_suite is None]
+        raise UserError(f"eval: experts {', '.join(missing)} have no eval_suite and eval.suites is not set")
+    suites = [load_suite(n, zoo_dir=zoo.dir if zoo else None) for n in names]
+    if recipe.eval and recipe.eval.max_problems:
+        from dataclasses import replace
+
+        suites = [replace(s, records=s.records[: recipe.eval.max_problems]) for s in suites]
+    return suites
+
+
+def model_specs(recipe: Recipe, student_path: str | Path) -> list[ModelSpec]:
+    cfg = recipe.eval
+    specs = []
+    if cfg.baselines:
+        specs.append(ModelSpec("base", recipe.student))
+        seen = set()
+        for e in recipe.experts:
+            if e.teacher and e.teacher not in seen:
+                seen.add(e.teacher)
+                specs.append(ModelSpec(e.name, e.teacher))
+                for t in cfg.teacher_temperatures:
+                    specs.append(ModelSpec(f"{e.name}@{'greedy' if t == 0 else f'T{t:g}'}", e.teacher, temperature=t))
+    specs.append(ModelSpec("student", str(student_path)))
+    return specs
+
+
+def paired_differences(recipe: Recipe, result: EvalResult, suites) -> list[PairedDifference]:
+    """Student minus each expert on that expert's own suite, and student minus base everywhere."""
+    out = []
+    by_domain = {s.domain: s for s in suites}
+    names = {m for m, _ in result.per_problem}
+    metric_of = {(r.model, r.suite): r for r in result.rows if r.subset is None}
+    for e in recipe.experts:
+        suite = by_domain.get(e.name) or next((s for s in suites if s.name == e.eval_suite), None)
+        for other in [e.name] + [n for n in names if n.startswith(f"{e.name}@")]:
+            if suite and (other, suite.name) in result.per_problem and ("student", suite.name) in result.per_problem:
+                d, se, n = result.paired("student", other, suite.name)
+                row = metric_of[("student", suite.name)]
+                out.append(PairedDifference(suite.name, "student", other, row.metric, row.k, d, se, n))
+    if "base" in names:
+        for s in suites:
+            d, se, n = result.paired("student", "base", s.name)
+            row = metric_of[("student", s.name)]
+            out.append(PairedDifference(s.name, "student", "base", row.metric, row.k, d, se, n))
+    return out
+
+
+def evaluate_recipe(recipe: Recipe, student_path: str | Path, out_dir: Path, *, progress=None,
+                    specs: list[ModelSpec] | None = None, samples: int | None = None) -> tuple[EvalResult, list]:
+    cfg = recipe.eval
+    suites = eval_suites(recipe)
+    result = evaluate(specs or model_specs(recipe, student_path), suites, samples=samples or cfg.samples,
+                      temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens,
+                      seed=cfg.seed, out_dir=out_dir, progress=progress)
+    return result, paired_differences(recipe, result, suites)
+
+
+def training_curves_png(metrics_path: Path, out_path: Path, recipe: Recipe) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    if not rows:
+        return
+    keys = ["reward", "reverse_kl_teacher", "kl_reference", "response_length"] if recipe.train.method == "gopd" \
+        else ["accuracy", "response_length"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, key in zip(axes, keys):
+        for e in recipe.experts:
+            pts = [(r["step"], r[f"{e.name}/{key}"]) for r in rows if f"{e.name}/{key}" in r]
+            if pts:
+                ax.plot(*zip(*pts), label=e.name)
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_path)
+
+
+def write_report(recipe: Recipe, result: EvalResult, paired: list[PairedDifference], out_dir: Path) -> dict:
+    from merge_distill.sandbox import isolation_level
+
+    extra = {"paired_differences": [p.to_dict() for p in paired], "sandbox_isolation": isolation_level(),
+             "reward_scales": {e.name: recipe.scale_of(e) for e in recipe.experts},
+             "eval_samples_per_second": round(result.samples_per_second, 1)}
+    return write_results(result.rows, out_dir, extra, stem="report")
+
+
+
+def periodic_eval(recipe: Recipe, out_dir: Path):
+    """A callback for `train`: the live student on each suite, one sample per problem."""
+    from merge_distill.models import load_tokenizer
+
+    suites, tokenizer, cfg = eval_suites(recipe), load_tokenizer(recipe.student), recipe.eval
+
+    def on_eval(student, step: int) -> dict:
+        metrics = {}
+        for suite in suites:
+            graded = generate_and_grade(ModelSpec("student", recipe.student), suite, samples=1,
+                                        temperature=cfg.temperature,
+                                        max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens,
+                                        seed=cfg.seed, out_dir=out_dir / "evals" / f"step-{step}",
+                                        model=student, tokenizer=tokenizer)
+            metrics[f"eval/{suite.name}"] = score_rows("student", suite, graded, 1, cfg.temperature)[0][0].score
+        return metrics
+
+    return on_eval

@@ -1,0 +1,205 @@
+"""The CPU expert zoo: a base model pretrained on noisy solutions, and RL experts made from it.
+
+Stages, each cached as a folder written atomically (a folder that exists is complete):
+
+    data/            train/test task records per domain (disjoint by problem)
+    base/            tiny Qwen3 pretrained (SFT) on a corpus where a share of the answers is wrong
+    <domain>_expert/ GRPO from base with the domain grader's 0/1 reward
+    large_base/, large_math_expert/, small_base/   strong-to-weak members (built when a recipe asks)
+
+Deterministic given (preset, seed). `zoo:NAME` paths in recipes resolve into this folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from merge_distill.errors import UserError
+from merge_distill.io import atomic_dir, atomic_write_json, write_jsonl
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden: int = 128
+    layers: int = 3
+    heads: int = 4
+
+
+@dataclass(frozen=True)
+class ZooPreset:
+    domains: tuple[str, ...] = ("math", "code")
+    n_train: int = 20000
+    n_test: int = 1000
+    size: ModelSize = ModelSize()
+    misconception: float = 0.35
+    random_error: float = 0.25
+    pretrain_steps: int = 800
+    pretrain_batch: int = 64
+    pretrain_lr: float = 3e-3
+    grpo_steps: int = 100
+    grpo_prompts: int = 64
+    grpo_rollouts: int = 8
+    grpo_lr: float = 1e-5
+    max_new_tokens: dict = field(default_factory=lambda: {"math": 16, "code": 48})
+    # strong-to-weak members
+    large_size: ModelSize = ModelSize(hidden=192, layers=4, heads=6)
+    small_size: ModelSize = ModelSize(hidden=64, layers=2, heads=4)
+
+
+PRESETS: dict[str, ZooPreset] = {
+    "default": ZooPreset(),
+    # the default with a stronger misconception: the base's greedy answer is wrong on those prompts
+    "hard": ZooPreset(misconception=0.45, random_error=0.2),
+    # seconds, for tests and install checks
+    "smoke": ZooPreset(n_train=600, n_test=64, size=ModelSize(hidden=32, layers=1, heads=2), pretrain_steps=60,
+                       pretrain_batch=32, pretrain_lr=5e-3, grpo_steps=3, grpo_prompts=8, grpo_rollouts=4,
+                       grpo_lr=1e-4, large_size=ModelSize(hidden=48, layers=1, heads=2),
+                       small_size=ModelSize(hidden=16, layers=1, heads=2)),
+}
+BASE_STAGES = ("data", "base")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MERGE_DISTILL_CACHE", Path.home() / ".cache" / "merge-distill"))
+
+
+def zoo_dir(preset: str, seed: int, directory: str | None = None) -> Path:
+    return Path(directory) if directory else cache_root() / "zoo" / f"{preset}-seed{seed}"
+
+
+def get_preset(name: str) -> ZooPreset:
+    if name not in PRESETS:
+        raise UserError(f"zoo.preset '{name}' is unknown (known: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+class Zoo:
+    def __init__(self, preset: str = "default", seed: int = 0, directory: str | None = None, progress=None,
+                 log=print):
+        self.name, self.preset, self.seed = preset, get_preset(preset), seed
+        self.dir = zoo_dir(preset, seed, directory)
+        self.progress, self.log = progress, log
+
+    # -------------------------------------------------------------------------------- public API
+    def path(self, member: str) -> Path:
+        return self.dir / member
+
+    def ensure(self, members: list[str] | None = None) -> Path:
+        """Build whatever the named members need (default: data, base and every domain expert)."""
+        wanted = members or ["data", "base", *[f"{d}_expert" for d in self.preset.domains]]
+        for m in wanted:
+            self._build(m.split("/")[0])
+        return self.dir
+
+    # ---------------------------------------------------------------------------------- stages
+    def _build(self, member: str) -> None:
+        if self.path(member).exists() or member in ("zoo.json",):
+            return
+        builders = {"data": self._data, "base": lambda: self._base("base", self.preset.size),
+                    "large_base": lambda: self._base("large_base", self.preset.large_size),
+                    "small_base": lambda: self._base("small_base", self.preset.small_size)}
+        for d in self.preset.domains:
+            builders[f"{d}_expert"] = lambda d=d: self._expert(d, "base")
+            builders[f"large_{d}_expert"] = lambda d=d: self._expert(d, "large_base")
+        if member not in builders:
+            raise UserError(f"zoo '{self.name}' has no member '{member}' (members: {', '.join(builders)})")
+        t0 = time.perf_counter()
+        builders[member]()
+        self._record(member, time.perf_counter() - t0)
+
+    def _record(self, member: str, seconds: float) -> None:
+        info_path = self.dir / "zoo.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {
+            "preset": self.name, "seed": self.seed, "config": asdict(self.preset), "stages": {}}
+        info["stages"][member] = {"seconds": round(seconds, 1)}
+        atomic_write_json(info_path, info)
+        self.log(f"zoo: built {member} in {seconds:.1f} s")
+
+    def _data(self) -> None:
+        from merge_distill.toyworld.tasks import make_splits
+
+        with atomic_dir(self.path("data")) as tmp:
+            for d in self.preset.domains:
+                train, test = make_splits(d, self.preset.n_train, self.preset.n_test, self.seed)
+                write_jsonl(tmp / f"{d}_train.jsonl", train)
+                write_jsonl(tmp / f"{d}_test.jsonl", test)
+
+    def _base(self, name: str, size: ModelSize) -> None:
+        from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
+        from merge_distill.sft import supervised_train
+        from merge_distill.toyworld.tasks import NoiseMix, pretraining_corpus
+
+        self._build("data")
+        p = self.preset
+        tokenizer = byte_tokenizer()
+        model = tiny_qwen3(len(tokenizer), hidden=size.hidden, layers=size.layers, heads=size.heads,
+                           seed=self.seed, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+        mix = NoiseMix(misconception=p.misconception, random_error=p.random_error)
+        corpus = pretraining_corpus(list(p.domains), p.n_train, self.seed, mix)
+        task = self.progress.add_task(f"zoo: pretrain {name}", total=p.pretrain_steps) if self.progress else None
+
+        def on_step(step, loss):
+            if self.progress:
+                self.progress.update(task, completed=step, description=f"zoo: pretrain {name} loss {loss:.3f}")
+
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            supervised_train(model, tokenizer, corpus, steps=p.pretrain_steps, batch_size=p.pretrain_batch,
+                             lr=p.pretrain_lr, seed=self.seed, on_step=on_step)
+        save_model(model, tokenizer, self.path(name))
+
+    def _expert(self, domain: str, base: str) -> None:
+        from merge_distill.recipe import Expert, Recipe, Train
+        from merge_distill.train import train
+
+        self._build(base)
+        p = self.preset
+        name = f"{domain}_expert" if base == "base" else f"large_{domain}_expert"
+        run_dir = self.dir / "runs" / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        recipe = Recipe(
+            student=str(self.path(base)), output_dir=str(run_dir),
+            experts=[Expert(name=domain, prompts=str(self.path("data") / f"{domain}_train.jsonl"))],
+            train=Train(method="grpo", steps=p.grpo_steps, prompts_per_step=p.grpo_prompts,
+                        rollouts_per_prompt=p.grpo_rollouts, max_new_tokens=p.max_new_tokens[domain],
+                        lr=p.grpo_lr, seed=self.seed, grad_clip=1.0))
+        final = train(recipe, progress=self.progress)
+        with atomic_dir(self.path(name)) as tmp:
+            shutil.copytree(final, tmp, dirs_exist_ok=True)
+        shutil.copy(run_dir / "metrics.jsonl", self.path(name) / "grpo_metrics.jsonl")
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def zoo_for(recipe) -> Zoo | None:
+    if recipe.zoo is None:
+        return None
+    return Zoo(recipe.zoo.preset, recipe.zoo.seed, recipe.zoo.dir)
+
+
+def resolve(recipe, *, build: bool = True, progress=None, log=print):
+    """The recipe with every `zoo:` path made absolute; builds the members it names when `build`."""
+    zoo = zoo_for(recipe)
+    if zoo is None:
+        return recipe
+    zoo.progress, zoo.log = progress, log
+
+    def fix(value: str) -> str:
+        if isinstance(value, str) and value.startswith("zoo:"):
+            member = value.removeprefix("zoo:")
+            if build:
+                zoo.ensure([member])
+            return str(zoo.path(member))
+        return value
+
+    experts = [e.model_copy(update={"teacher": fix(e.teacher), "reference": fix(e.reference),
+                                    "prompts": fix(e.prompts),
+                                    "eval_suite": e.eval_suite or f"zoo-{e.name}"}) for e in recipe.experts]
+    return recipe.model_copy(update={"student": fix(recipe.student), "experts": experts})
