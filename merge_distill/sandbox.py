@@ -507,7 +507,8 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import weakref  # noqa: E402
 from collections import deque  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+import queue  # noqa: E402
+from concurrent.futures import Future  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -620,6 +621,35 @@ class FramedWorker:
         self.kill()
 
 
+class _Spawner:
+    """One long-lived daemon thread that starts worker processes.
+
+    bwrap's ``--die-with-parent`` (PR_SET_PDEATHSIG) fires when the *thread* that forked it ends, so
+    workers must not be spawned from a caller's short-lived thread. A daemon thread also outlives
+    the interpreter's thread shutdown, so the atexit hook below can still close workers gracefully.
+    """
+
+    def __init__(self):
+        self._jobs: "queue.Queue" = queue.Queue()
+        threading.Thread(target=self._loop, name="merge-distill-spawner", daemon=True).start()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, future = job
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)
+
+    def call(self, fn):
+        future: Future = Future()
+        self._jobs.put((fn, future))
+        return future.result()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
 _LIVE_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
 
 
@@ -642,7 +672,7 @@ class WorkerPool:
         self._spawn_fn = spawn
         self.size = max(1, int(size))
         self._workers: list[FramedWorker] = []
-        self._spawner: ThreadPoolExecutor | None = None
+        self._spawner: _Spawner | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._last_start_error = ""
@@ -651,8 +681,8 @@ class WorkerPool:
     # -- lifecycle
     def _spawn(self) -> FramedWorker:
         if self._spawner is None:
-            self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-distill-spawn")
-        return self._spawner.submit(self._spawn_fn).result()
+            self._spawner = _Spawner()
+        return self._spawner.call(self._spawn_fn)
 
     def _ensure(self) -> None:
         if os.getpid() != self._pid:  # we were forked: the workers belong to the parent
@@ -669,7 +699,7 @@ class WorkerPool:
                 for w in self._workers:
                     w.close(grace=0.5)
                 if self._spawner is not None:
-                    self._spawner.shutdown(wait=False)
+                    self._spawner.stop()
             self._workers, self._spawner = [], None
 
     # -- dispatch
