@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny world of models and prompts that the tests build in seconds."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _pairs(domain, records, family):
+    return [(r["prompt"], family.solution(r)) for r in records]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """base (briefly pretrained on both domains), a math teacher and a code teacher (each SFT'd further on
+    its own domain's correct answers), and JSONL prompt files. Sizes chosen for speed, not quality."""
+    import torch
+
+    from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
+    from merge_distill.sft import supervised_train
+    from merge_distill.toyworld.tasks import NoiseMix, make_family, make_splits, pretraining_corpus
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    base = tiny_qwen3(len(tok), hidden=32, layers=1, heads=2, seed=0, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    corpus = pretraining_corpus(["math", "code"], 300, 0, NoiseMix(), n_test=50)
+    supervised_train(base, tok, corpus, steps=40, batch_size=32, lr=1e-2)
+    save_model(base, tok, root / "base")
+    for domain in ("math", "code"):
+        train, test = make_splits(domain, 300, 50, 0)
+        (root / f"{domain}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+        (root / f"{domain}_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+        teacher = tiny_qwen3(len(tok), hidden=32, layers=1, heads=2, seed=0, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        teacher.load_state_dict(base.state_dict())
+        family = make_family(domain)
+        supervised_train(teacher, tok, _pairs(domain, train, family), steps=40, batch_size=32, lr=1e-2)
+        save_model(teacher, tok, root / f"{domain}_teacher")
+    return root
+
+
+def write_recipe(path: Path, world: Path, output_dir: Path, **train) -> Path:
+    import yaml
+
+    recipe = {
+        "student": str(world / "base"),
+        "reward_scale": 1.25,
+        "experts": [
+            {"name": "math", "teacher": str(world / "math_teacher"), "prompts": str(world / "math.jsonl")},
+            {"name": "code", "teacher": str(world / "code_teacher"), "prompts": str(world / "code.jsonl")},
+        ],
+        "train": {"steps": 4, "prompts_per_step": 16, "max_new_tokens": 40, "lr": 3e-3, **train},
+        "output_dir": str(output_dir),
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path

@@ -1,0 +1,110 @@
+"""Bad input, tried as a new user would: one clear line naming the culprit, a non-zero exit, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import write_recipe
+from merge_distill.cli import app
+
+runner = CliRunner()
+
+
+def one_line_error(args) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    err = result.stderr.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in result.output
+    return err
+
+
+@pytest.fixture
+def recipe(tiny_world, tmp_path):
+    return write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
+
+
+def edit(path, fn):
+    data = yaml.safe_load(path.read_text())
+    fn(data)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_validate_accepts_a_good_recipe(recipe):
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "expert math: 300 prompts" in result.output and "ok" in result.output
+
+
+def test_missing_recipe(tmp_path):
+    assert "recipe 'nope.yaml' does not exist" in one_line_error(["validate", "nope.yaml"])
+
+
+def test_misspelt_key(recipe):
+    edit(recipe, lambda d: d.__setitem__("trian", d.pop("train")))
+    assert "trian: unknown key" in one_line_error(["validate", str(recipe)])
+
+
+def test_misspelt_nested_key(recipe):
+    edit(recipe, lambda d: d["train"].__setitem__("stesp", 3))
+    assert "train.stesp: unknown key" in one_line_error(["validate", str(recipe)])
+
+
+def test_wrong_type(recipe):
+    edit(recipe, lambda d: d["train"].__setitem__("steps", "ten"))
+    err = one_line_error(["validate", str(recipe)])
+    assert "train.steps" in err and "'ten'" in err
+
+
+def test_bad_override(recipe):
+    assert "train.steps" in one_line_error(["validate", str(recipe), "--set", "train.steps=-3"])
+
+
+def test_missing_teacher(recipe, tmp_path):
+    edit(recipe, lambda d: d["experts"][0].__setitem__("teacher", str(tmp_path / "nowhere")))
+    assert "experts.0.teacher (math)" in one_line_error(["validate", str(recipe)])
+
+
+def test_teacher_with_another_vocabulary(recipe, tmp_path):
+    from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    save_model(tiny_qwen3(len(tok), hidden=16, layers=1, heads=2), tok, tmp_path / "alien")
+    edit(recipe, lambda d: d["experts"][1].__setitem__("teacher", str(tmp_path / "alien")))
+    err = one_line_error(["validate", str(recipe)])
+    assert "teacher of expert 'code'" in err and "different vocabulary" in err and "alien" in err
+
+
+def test_empty_prompt_file(recipe, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    edit(recipe, lambda d: d["experts"][0].__setitem__("prompts", str(tmp_path / "empty.jsonl")))
+    err = one_line_error(["validate", str(recipe)])
+    assert "experts.0.prompts (math)" in err and "is empty" in err
+
+
+def test_duplicate_expert_and_zero_weight(recipe):
+    edit(recipe, lambda d: d["experts"][1].__setitem__("name", "math"))
+    assert "two experts are named 'math'" in one_line_error(["validate", str(recipe)])
+    edit(recipe, lambda d: (d["experts"][1].__setitem__("name", "code"), d["experts"][1].__setitem__("weight", 0)))
+    assert "experts.1.weight" in one_line_error(["validate", str(recipe)])
+    edit(recipe, lambda d: (d["experts"][1].__setitem__("weight", 1), d["experts"][1].__setitem__("reward_scale", -1)))
+    assert "experts.1.reward_scale" in one_line_error(["validate", str(recipe)])
+
+
+def test_expert_without_a_grader(recipe):
+    edit(recipe, lambda d: d["experts"][1].__setitem__("name", "chemistry"))
+    err = one_line_error(["validate", str(recipe)])
+    assert "experts.1 (chemistry): no grader named 'chemistry'" in err
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "merge_distill", "run", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"error: recipe '{tmp_path / 'missing.yaml'}' does not exist"]
