@@ -44,6 +44,7 @@ reward-hacking behaviours to look for in samples; no in-process harness prevents
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -101,11 +102,11 @@ _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NO_NEW_PRIVS = 38
 
 # Modules imported once in the worker so that programs using them start instantly after fork().
+# Every preloaded page makes each fork() and exit dearer, so only small, commonly used modules
+# (hashlib alone would add ~4 MB of OpenSSL).
 _PRELOAD = (
     "math", "cmath", "re", "string", "collections", "itertools", "functools", "operator", "heapq",
-    "bisect", "copy", "random", "statistics", "fractions", "decimal", "datetime", "typing",
-    "hashlib", "json", "textwrap", "traceback", "linecache", "builtins", "io", "array",
-    "ctypes", "resource", "tempfile", "shutil",
+    "bisect", "copy", "typing", "traceback", "linecache", "array", "ctypes", "resource",
 )
 
 
@@ -219,9 +220,6 @@ def _child(req: dict, cfg: dict, workdir: str, out_w: int, err_w: int, status_w:
         os.environ.clear()
         os.environ.update({"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
                            "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"})
-        import tempfile
-
-        tempfile.tempdir = workdir
         sys.argv = ["program.py"]
     except BaseException as exc:
         try:
@@ -288,17 +286,26 @@ def _reap() -> None:
 
 
 def _rmtree(path: str) -> None:
-    import shutil
-
-    def fix_and_retry(func, p, _exc):
+    """Remove a run directory whatever the program did to it (modes, symlinks, depth)."""
+    try:
+        entries = list(os.scandir(path))
+    except PermissionError:
+        os.chmod(path, 0o700)
+        entries = list(os.scandir(path))
+    except OSError:
+        entries = []
+    for entry in entries:
         try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-            func(p)
-        except OSError:
+            if entry.is_dir(follow_symlinks=False):
+                _rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except (OSError, RecursionError):  # pathological nesting: the caller retires the worker
             pass
-
-    shutil.rmtree(path, onerror=fix_and_retry)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 class _Capture:
@@ -320,16 +327,24 @@ class _Capture:
 
 
 def _run_one(req: dict, cfg: dict) -> dict:
-    import tempfile
-
     start = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix="run-", dir=cfg["workdir_base"])
+    while True:
+        _RUN_COUNTER[0] += 1
+        workdir = os.path.join(cfg["workdir_base"], f"run-{os.getpid()}-{_RUN_COUNTER[0]}")
+        try:
+            os.mkdir(workdir, 0o700)
+            break
+        except FileExistsError:
+            continue
     if cfg["drop_uid"]:
         os.chown(workdir, NOBODY, NOBODY)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     st_r, st_w = os.pipe()
     nonce = os.urandom(16).hex()
+    # Park the worker's objects in the permanent generation: a collection in the child would
+    # otherwise touch (copy-on-write) every one of them. O(1), so done before each fork.
+    gc.freeze()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         try:
@@ -410,6 +425,8 @@ def _run_one(req: dict, cfg: dict) -> dict:
     for fd in captures:
         os.close(fd)
     _rmtree(workdir)
+    if os.path.lexists(workdir):
+        _RETIRE[0] = True  # could not clean up: finish this reply, then make way for a fresh worker
     if host_gone:
         raise SystemExit(0)
 
@@ -456,6 +473,8 @@ def _run_one(req: dict, cfg: dict) -> dict:
 
 
 _REQUEST_FD = [0]
+_RUN_COUNTER = [0]
+_RETIRE = [False]
 
 
 def _worker_main(cfg: dict) -> None:
@@ -488,7 +507,11 @@ def _worker_main(cfg: dict) -> None:
             res = {"status": "sandbox_error", "returncode": None, "stdout": "", "exception": "",
                    "phase": "", "stderr": f"sandbox worker error: {type(exc).__name__}: {exc}",
                    "duration": 0.0}
+        if _RETIRE[0]:
+            res["_retire"] = True  # tells the pool to replace us; we exit after this reply
         _write_frame(wfd, res)
+        if _RETIRE[0]:
+            return
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--sandbox-worker"]:
@@ -708,6 +731,7 @@ class WorkerPool:
         """Send each request to a worker; return the replies in order.
 
         ``deadline_s(req)`` bounds each request's round trip (from its dispatch to its reply);
+        a reply carrying ``"_retire": true`` announces that its worker exits after it;
         ``lost(req, why, stderr)`` builds the reply for a request whose worker died (why="died"),
         missed the deadline (why="deadline") or could not start (why="start").
         """
@@ -780,6 +804,9 @@ class WorkerPool:
                 reply = worker.recv()
                 if reply is None:
                     results[i] = lost(requests[i], "died", worker.stderr_tail())
+                    replace(worker)
+                elif reply.pop("_retire", False):  # the worker exits after this reply
+                    results[i] = reply
                     replace(worker)
                 else:
                     results[i] = reply

@@ -214,6 +214,20 @@ def test_filling_the_disk_with_many_files(sandbox):
     assert run_one(sandbox, "open('again', 'wb').write(b'y' * 2 ** 20)").status == "ok"
 
 
+def test_deeply_nested_directories_are_cleaned_up(sandbox):
+    r = run_one(sandbox, """
+        import os
+        for i in range(3000):
+            os.mkdir("d")
+            os.chdir("d")
+        os.chmod(".", 0)
+    """, timeout_s=5)
+    assert r.status == "ok"
+    # The worker that could not delete the tree made way for a fresh one; nothing is lost.
+    assert [x.status for x in sandbox.run(["pass"] * 4, timeout_s=DEADLINE)] == ["ok"] * 4
+    assert run_one(sandbox, "import os\nassert os.listdir('.') == []").status == "ok"
+
+
 def test_huge_stdout_is_capped(sandbox):
     r = run_one(sandbox, "import sys\nfor _ in range(1500):\n    sys.stdout.write('x' * 65536)", timeout_s=5)
     assert r.status == "ok"
