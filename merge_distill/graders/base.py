@@ -44,13 +44,14 @@ def verdict_counts(verdicts: Iterable[Verdict]) -> dict[str, int]:
 
 @runtime_checkable
 class Grader(Protocol):
+    """What callers may rely on. Graders holding processes also offer ``close()`` and ``with``
+    (GraderBase provides both); callers should use ``getattr(g, "close", None)``."""
+
     name: str
 
     def grade_many(self, records: list[dict], completions: list[str]) -> list[Verdict]: ...
 
     def grade(self, record: dict, completion: str) -> Verdict: ...
-
-    def close(self) -> None: ...
 
 
 class GraderBase:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from merge_distill.errors import UserError
 from merge_distill.graders import get_grader
-from merge_distill.graders.base import VERDICTS, GraderBase, short
+from merge_distill.graders.base import VERDICTS, Grader, short
 
 DOMAINS = ("math", "code")
 
@@ -102,14 +102,16 @@ def grade_file(in_path, out_path, *, timeout_s: float | None = None, workers: in
     done = _read_done(out_path)
     todo = [(n, rec, dom) for n, rec, dom in items if (n, str(rec.get("task_id"))) not in done]
 
-    graders: dict[str, GraderBase] = {}
+    graders: dict[str, Grader] = {}
     options = {k: v for k, v in (("timeout_s", timeout_s), ("workers", workers)) if v is not None}
     try:
         for n, record, domain in todo:  # validate everything before spending time on grading
             if domain not in graders:
                 graders[domain] = get_grader(domain, **options)
             try:
-                graders[domain].check_record(record)
+                check = getattr(graders[domain], "check_record", None)
+                if check is not None:
+                    check(record)
             except UserError as exc:
                 raise UserError(f"{in_path}:{n}: {exc}") from None
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +126,9 @@ def grade_file(in_path, out_path, *, timeout_s: float | None = None, workers: in
                 os.fsync(out.fileno())
     finally:
         for grader in graders.values():
-            grader.close()
+            close = getattr(grader, "close", None)
+            if close is not None:
+                close()
 
     wanted = {(n, str(rec.get("task_id"))) for n, rec, _ in items}
     rows = [row for key, row in done.items() if key in wanted]
