@@ -459,14 +459,17 @@ def test_no_worker_outlives_the_interpreter():
         import os, sys
         sys.path.insert(0, {root!r})
         from merge_distill.sandbox import Sandbox
+        from merge_distill.graders.math import MathGrader
         sb = Sandbox(2)  # never closed on purpose
         assert [r.status for r in sb.run(["pass", "import time; time.sleep(0.1)"])] == ["ok", "ok"]
-        print(" ".join(str(w.proc.pid) for w in sb._pool._workers))
+        mg = MathGrader(workers=1)  # nor this one, whose verifier workers are plain processes
+        assert mg.grade({{"answer": "x+1"}}, r"\\boxed{{1+x}}").verdict == "pass"
+        print(" ".join(str(w.proc.pid) for w in sb._pool._workers + mg._pool._workers))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     pids = [int(p) for p in out.stdout.split()]
-    assert len(pids) == 2
+    assert len(pids) == 3
     deadline = time.monotonic() + 5
     while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
