@@ -30,6 +30,12 @@ the same worker and child protocol as plain processes (setsid, rlimits, uid 6553
 subreaper cleanup) but no namespaces: the network and the file system stay visible to the
 extent the uid allows. :func:`isolation_level` says which is in force.
 
+Programs see only the standard library (no site-packages: nothing of a virtualenv or the
+project is mounted). Other known limits: ``RLIMIT_NPROC`` counts every process of uid 65534 on
+the host, so one fork bomb can starve threads in programs running beside it; as root the sandbox
+has no user namespace, so a program may still create one of its own (it gains nothing outside);
+in the fallback without root, programs run as the caller's uid.
+
 What counts as success
 ----------------------
 A run is ``"ok"`` only when the program ran to its end: after ``exec()`` returns, the harness
