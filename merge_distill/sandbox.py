@@ -378,9 +378,10 @@ def _run_one(req: dict, cfg: dict) -> dict:
     timed_out = host_gone = False
     open_pipes = set(captures)
     while True:
-        if exit_fd is None:
-            done, status = os.waitpid(pid, os.WNOHANG)
+        if exit_fd is None:  # no pidfd (old kernel): poll for the exit every 2 ms
+            done, wait_status = os.waitpid(pid, os.WNOHANG)
             if done:
+                status = wait_status
                 break
         remaining = deadline - time.monotonic()
         if remaining <= 0:
