@@ -106,7 +106,7 @@ def validate(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overri
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[list[str], typer.Option("--model", help="NAME=PATH (a model folder); repeat for several")],
+    model: Annotated[list[str], typer.Option("--model", help="NAME=PATH (a model folder, or closed-form:lam=1.25,teacher=PATH,reference=PATH); repeat")],
     suite: Annotated[list[str], typer.Option("--suite", help="built-in (zoo-math, zoo-code, humaneval, champ) or a suite YAML/JSONL")],
     samples: Annotated[int, typer.Option(help="samples per problem (k)")] = 1,
     temperature: float = 1.0,
@@ -115,6 +115,7 @@ def eval_cmd(
     seed: int = 1234,
     zoo: Annotated[Optional[str], typer.Option(help="zoo preset for zoo-* suites, e.g. default or smoke")] = None,
     zoo_seed: int = 0,
+    zoo_dir: Annotated[Optional[Path], typer.Option(help="zoo folder for zoo-* suites (overrides --zoo)")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("eval_results"),
 ):
     """Score models side by side: a table, results.json/.md/.png and per-sample generations (resumable)."""
@@ -122,6 +123,7 @@ def eval_cmd(
     def body():
         from dataclasses import replace
 
+        from merge_distill import closed_form
         from merge_distill.evaluation.report import paired_rows, rich_table, write_results
         from merge_distill.evaluation.runner import ModelSpec, evaluate
         from merge_distill.evaluation.suites import load_suite
@@ -134,10 +136,11 @@ def eval_cmd(
             if "=" not in m:
                 raise UserError(f"--model '{m}': expected NAME=PATH")
             name, path = m.split("=", 1)
-            check_model_dir(path, what=f"--model {name}")
+            if not closed_form.is_spec(path):
+                check_model_dir(path, what=f"--model {name}")
             specs.append(ModelSpec(name, path))
-        zoo_dir = Zoo(zoo, zoo_seed).dir if zoo else None
-        suites = [load_suite(s, zoo_dir=zoo_dir) for s in suite]
+        where = zoo_dir or (Zoo(zoo, zoo_seed).dir if zoo else None)
+        suites = [load_suite(s, zoo_dir=where) for s in suite]
         if max_problems:
             suites = [replace(s, records=s.records[:max_problems]) for s in suites]
         with progress_bar() as progress:

@@ -54,8 +54,11 @@ def _seed(*parts) -> int:
 
 
 def _load(spec: ModelSpec):
+    from merge_distill import closed_form
     from merge_distill.models import load_model, load_tokenizer
 
+    if closed_form.is_spec(spec.path):
+        return closed_form.load(spec.path)
     return load_model(spec.path, what=f"model '{spec.name}'"), load_tokenizer(spec.path, what=f"model '{spec.name}'")
 
 

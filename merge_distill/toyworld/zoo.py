@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,14 +40,14 @@ class ZooPreset:
     size: ModelSize = ModelSize()
     misconception: float = 0.35
     random_error: float = 0.25
-    pretrain_steps: int = 800
+    pretrain_steps: int = 600
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
-    grpo_steps: int = 100
+    grpo_steps: int = 60
     grpo_prompts: int = 64
     grpo_rollouts: int = 8
-    grpo_lr: float = 1e-5
-    max_new_tokens: dict = field(default_factory=lambda: {"math": 16, "code": 48})
+    grpo_lr: float = 2e-5
+    max_new_tokens: dict = field(default_factory=lambda: {"math": 40, "code": 48})
     # strong-to-weak members
     large_size: ModelSize = ModelSize(hidden=192, layers=4, heads=6)
     small_size: ModelSize = ModelSize(hidden=64, layers=2, heads=4)
@@ -143,7 +143,7 @@ class Zoo:
                            seed=self.seed, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id)
         mix = NoiseMix(misconception=p.misconception, random_error=p.random_error)
-        corpus = pretraining_corpus(list(p.domains), p.n_train, self.seed, mix)
+        corpus = pretraining_corpus(list(p.domains), p.n_train, self.seed, mix, n_test=p.n_test)
         task = self.progress.add_task(f"zoo: pretrain {name}", total=p.pretrain_steps) if self.progress else None
 
         def on_step(step, loss):
