@@ -17,8 +17,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Merge domain-expert LMs into one student by G-OPD / ExOPD on-policy distillation.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The CPU expert zoo (tiny models this project trains itself).")
 app.add_typer(zoo_app, name="zoo")
-console = Console()
-err_console = Console(stderr=True)
+# Tables are wide (one column per model): when output goes to a file or CI log, don't wrap at 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=160)
+err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=400)
 
 
 def _quiet_libraries() -> None:
@@ -80,7 +81,7 @@ def run(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides: 
         console.print(f"zoo {t_zoo - t0:.0f} s, training {t_train - t_zoo:.0f} s; final student: {final}")
         if evaluate and r.eval:
             paths = pipeline.write_report(r, result, paired, out)
-            console.print(rich_table(result.rows, title=f"{recipe.name}: student vs teachers"))
+            console.print(rich_table(pipeline.headline_rows(result.rows), title=f"{recipe.name}: student vs teachers"))
             for p in paired:
                 console.print("  " + p.format())
             console.print(f"report: {paths['md']}  {paths['json']}  curves: {out / 'training_curves.png'}"

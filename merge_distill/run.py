@@ -49,7 +49,11 @@ def paired_differences(recipe: Recipe, result: EvalResult, suites) -> list[Paire
     out = []
     by_domain = {s.domain: s for s in suites}
     names = {m for m, _ in result.per_problem}
-    metric_of = {(r.model, r.suite): r for r in result.rows if r.subset is None}
+    # the headline row of each (model, suite): avg@k, or pass@1 for pass suites
+    metric_of = {}
+    for r in result.rows:
+        if r.subset is None and (r.model, r.suite) not in metric_of:
+            metric_of[(r.model, r.suite)] = r
     for e in recipe.experts:
         suite = by_domain.get(e.name) or next((s for s in suites if s.name == e.eval_suite), None)
         for other in [e.name] + [n for n in names if n.startswith(f"{e.name}@")]:
@@ -130,3 +134,13 @@ def periodic_eval(recipe: Recipe, out_dir: Path):
         return metrics
 
     return on_eval
+
+
+def headline_rows(rows):
+    """The rows a terminal shows: whole suites, at each suite's first (headline) k; subsets stay in the files."""
+    seen, out = set(), []
+    for r in rows:
+        if r.subset is None and (r.model, r.suite) not in seen:
+            seen.add((r.model, r.suite))
+            out.append(r)
+    return out

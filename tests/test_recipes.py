@@ -1,0 +1,67 @@
+"""The shipped recipes: the smoke recipe end to end (zoo, distillation, evaluation, report), and every
+recipe in recipes/ validates."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "merge_distill", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
+
+
+def test_smoke_recipe_end_to_end(tmp_path):
+    env = {"MERGE_DISTILL_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    proc = run_cli("run", str(ROOT / "recipes" / "smoke.yaml"), "--set", f"output_dir={out}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    rows = report["rows"]
+    fields = {"model", "suite", "domain", "metric", "k", "score", "stderr", "n_problems", "n_samples"}
+    assert all(fields <= set(r) for r in rows)
+    headline = {(r["model"], r["suite"]) for r in rows if r["subset"] is None}
+    for model in ("base", "math", "code", "student", "math@greedy", "code@greedy"):
+        assert (model, "zoo-math") in headline and (model, "zoo-code") in headline
+    assert all(0 <= r["score"] <= 1 and r["n_problems"] == 64 for r in rows)
+    assert {r["subset"] for r in rows} >= {None, "misconception", "plain"}
+    assert report["sandbox_isolation"] in ("bubblewrap", "rlimits")
+    for name in ("report.md", "report.png", "training_curves.png", "metrics.jsonl", "manifest.json"):
+        assert (out / name).is_file(), name
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert load_file(out / "final" / "model.safetensors")
+    # the zoo is cached: a second run reuses it (and a finished run is not silently overwritten)
+    again = run_cli("run", str(ROOT / "recipes" / "smoke.yaml"), "--no-eval", "--set", f"output_dir={tmp_path / 'run2'}",
+                    env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "zoo: built" not in again.stdout
+    clash = run_cli("run", str(ROOT / "recipes" / "smoke.yaml"), "--no-eval", "--set", f"output_dir={out}", env=env)
+    assert clash.returncode == 1 and "already holds a run" in clash.stderr
+
+
+def test_zoo_is_deterministic(tmp_path):
+    from merge_distill.toyworld.zoo import Zoo
+
+    a = Zoo("smoke", 3, str(tmp_path / "a"), log=lambda *_: None).ensure(["base"])
+    b = Zoo("smoke", 3, str(tmp_path / "b"), log=lambda *_: None).ensure(["base"])
+    assert (a / "data" / "math_test.jsonl").read_text() == (b / "data" / "math_test.jsonl").read_text()
+    wa, wb = load_file(a / "base" / "model.safetensors"), load_file(b / "base" / "model.safetensors")
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    # disjoint held-out problems
+    train = {json.loads(l)["prompt"] for l in (a / "data" / "code_train.jsonl").read_text().splitlines()}
+    test = {json.loads(l)["prompt"] for l in (a / "data" / "code_test.jsonl").read_text().splitlines()}
+    assert not train & test
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_shipped_recipes_validate(recipe, tmp_path):
+    proc = run_cli("validate", str(ROOT / "recipes" / recipe), env={"MERGE_DISTILL_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout
