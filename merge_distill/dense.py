@@ -1,0 +1,85 @@
+"""Dense G-OPD over the whole vocabulary, and a clipped log-ratio reward for studying reward hacking.
+
+Per position, the G-OPD objective  E_pi[lam * (log T - log R)] - KL(pi || R)  equals
+log Z - KL(pi || pi*) with pi* = T^lam R^(1-lam) / Z. Where the vocabulary is small enough to hold every
+log-prob, the exact objective needs no sampling: minimise  KL(pi || pi*) = sum_v pi(v) (log pi(v) - log pi*(v)).
+Its gradient in the student's logits z is  dKL/dz_v = pi(v) (log pi(v) - log pi*(v) - KL),  zero exactly at
+pi = pi*, the closed-form optimum the sampled objective only reaches in expectation.
+
+Shapes: `[batch, length, vocab]` for logits and full log-probs, `[batch, length]` for per-token values and
+the mask (1 on real tokens). `reward_scale` (lam) is a float or a per-sequence tensor `[batch]`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from merge_distill.objective import masked_mean
+
+Tensor = torch.Tensor
+
+
+def _lam(reward_scale: float | Tensor, like: Tensor) -> Tensor:
+    """lam as a tensor that broadcasts against `like` (a `[batch]` tensor becomes `[batch, 1, ...]`)."""
+    lam = torch.as_tensor(reward_scale, dtype=like.dtype, device=like.device)
+    return lam.reshape(-1, *([1] * (like.dim() - 1))) if lam.dim() == 1 else lam
+
+
+def target_logprobs(teacher_logprobs: Tensor, reference_logprobs: Tensor | None,
+                    reward_scale: float | Tensor) -> Tensor:
+    """log pi* = log_softmax(lam * T + (1 - lam) * R) over the last (vocab) axis, detached.
+
+    `reference_logprobs` may be None only where every lam is 1 (then pi* = T, renormalised).
+    """
+    t = teacher_logprobs.detach()
+    lam = _lam(reward_scale, t)
+    if reference_logprobs is None:
+        if not bool(torch.all(lam == 1.0)):
+            raise ValueError("reference_logprobs are needed where reward_scale != 1")
+        return torch.log_softmax(t, dim=-1)
+    return torch.log_softmax(lam * t + (1 - lam) * reference_logprobs.detach(), dim=-1)
+
+
+def dense_kl(student_logits: Tensor, target_log_probs: Tensor) -> Tensor:
+    """Per-position reverse KL(pi || q) = sum_v pi(v) (log pi(v) - log q(v)), pi = softmax(logits): `[B, L]`."""
+    logp = torch.log_softmax(student_logits, dim=-1)
+    return (logp.exp() * (logp - target_log_probs)).sum(dim=-1)
+
+
+def dense_gopd_loss(student_logits: Tensor, teacher_logprobs: Tensor, reference_logprobs: Tensor | None,
+                    reward_scale: float | Tensor, mask: Tensor) -> Tensor:
+    """Exact dense G-OPD loss: token-mean over `mask` of KL(pi || pi*), pi* ∝ T^lam R^(1-lam).
+
+        loss = sum_{b,t} mask_bt * sum_v pi_bt(v) (log pi_bt(v) - log pi*_bt(v)) / sum_{b,t} mask_bt
+
+    `student_logits` `[B, L, V]` carry the gradient; teacher and reference full log-probs are treated as
+    constants (finite values expected). Minimising this maximises the G-OPD objective at every position,
+    up to the constant log Z; it is 0 exactly where pi = pi*.
+    """
+    target = target_logprobs(teacher_logprobs, reference_logprobs, reward_scale)
+    return masked_mean(dense_kl(student_logits, target), mask)
+
+
+def clip_log_ratio(teacher_logprobs: Tensor, reference_logprobs: Tensor, max_abs: float) -> Tensor:
+    """The per-token log-ratio log T - log R clamped to [-c, c] (c = max_abs >= 0; inf clips nothing), detached.
+
+    A cap on the implicit reward: with lam > 1 the student is paid lam * (T - R), so a few tokens with huge
+    log-ratios can dominate (the reward hacking seen at lam = 1.5); clipping bounds each token's pay.
+    """
+    if not isinstance(max_abs, (int, float)) or math.isnan(max_abs) or max_abs < 0:
+        raise ValueError(f"max_abs must be a number >= 0, got {max_abs!r}")
+    return (teacher_logprobs.detach() - reference_logprobs.detach()).clamp(-max_abs, max_abs)
+
+
+def gopd_advantages_clipped(student_logprobs: Tensor, teacher_logprobs: Tensor, reference_logprobs: Tensor,
+                            reward_scale: float | Tensor, clip: float | None) -> Tensor:
+    """G-OPD advantages with a clipped reward: lam * clip(T - R, -c, c) - (S - R), detached.
+
+    `clip=None` is the unclipped `objective.gopd_advantages`. Unlike there, R never cancels (not even at
+    lam = 1, as clipping acts on T - R), so `reference_logprobs` are required.
+    """
+    s, r = student_logprobs.detach(), reference_logprobs.detach()
+    ratio = teacher_logprobs.detach() - r if clip is None else clip_log_ratio(teacher_logprobs, r, clip)
+    return _lam(reward_scale, s) * ratio - (s - r)
