@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -176,6 +177,31 @@ def grade(file: Annotated[Path, typer.Argument(help="JSONL: task records with a 
         summary = grade_file(file, out, timeout_s=timeout)
         console.print(summary_table(summary))
         console.print(f"verdicts: {out}")
+
+    _guard(body)
+
+
+@app.command()
+def sweep(recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
+          overrides: Annotated[list[str], typer.Option("--set", help="KEY=v1,v2,... is swept; KEY=v is fixed")]):
+    """Run a recipe over a grid (e.g. --set reward_scale=0,0.5,1,1.25,1.5) and plot score and length."""
+
+    def body():
+        from merge_distill.sweep import sweep as run_sweep
+
+        with progress_bar() as progress:
+            root = run_sweep(recipe, overrides, progress=progress, log=console.print)
+        points = json.loads((root / "sweep.json").read_text())["points"]
+        from rich.table import Table
+
+        table = Table(title="sweep")
+        for col in ("variant", "suite", "score", "response length"):
+            table.add_column(col)
+        for p in points:
+            table.add_row(p["variant"], f"{p['suite']} {p['metric']}@{p['k']}",
+                          f"{100 * p['score']:.1f} ± {100 * p['stderr']:.1f}", f"{p['response_length']:.1f}")
+        console.print(table)
+        console.print(f"wrote {root / 'sweep.json'} and {root / 'sweep.png'}")
 
     _guard(body)
 

@@ -1,0 +1,122 @@
+"""`merge-distill sweep`: run a recipe over a grid of overrides (e.g. lam values) and plot score and
+response length against the swept key, per domain (the paper's Figure 2). One zoo, one evaluation setup:
+the teachers are evaluated once, each variant's student with the same suites, samples and seeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+from merge_distill.errors import UserError
+from merge_distill.io import atomic_write_json
+
+
+def parse_grid(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Split `--set` values: `KEY=a,b,c` is swept, anything else is fixed for every variant."""
+    fixed, grid = [], {}
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if "," in value and not value.strip().startswith(("[", "{")):
+            grid[key.strip()] = [v.strip() for v in value.split(",")]
+        else:
+            fixed.append(text)
+    if not grid:
+        raise UserError("sweep: give at least one --set KEY=v1,v2,... to sweep over")
+    return fixed, grid
+
+
+def variants(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def variant_name(v: dict[str, str]) -> str:
+    return ",".join(f"{k.split('.')[-1]}={x}" for k, x in v.items())
+
+
+def sweep(recipe_path: Path, overrides: list[str], *, progress=None, log=print) -> Path:
+    from merge_distill.evaluation.runner import ModelSpec, evaluate
+    from merge_distill.recipe import load_recipe
+    from merge_distill.run import eval_suites
+    from merge_distill.toyworld.zoo import resolve
+    from merge_distill.train import train
+
+    fixed, grid = parse_grid(overrides)
+    base = resolve(load_recipe(recipe_path, fixed), progress=progress, log=log)
+    if base.eval is None:
+        raise UserError(f"{recipe_path}: a sweep needs an eval: section")
+    root = Path(base.output_dir) / "sweep"
+    suites = eval_suites(base)
+    cfg = base.eval
+    common = dict(samples=cfg.samples, temperature=cfg.temperature, seed=cfg.seed,
+                  max_new_tokens=cfg.max_new_tokens or base.train.max_new_tokens, progress=progress)
+    teachers = [ModelSpec(e.name, e.teacher) for e in base.experts if e.teacher]
+    reference = evaluate([ModelSpec("base", base.student), *teachers], suites, out_dir=root / "baselines", **common)
+    points = []
+    for v in variants(grid):
+        name = variant_name(v)
+        recipe = resolve(load_recipe(recipe_path, fixed + [f"{k}={x}" for k, x in v.items()] +
+                                     [f"output_dir={root / name}"]), progress=progress, log=log)
+        final = Path(recipe.output_dir) / "final"
+        if not final.exists():
+            final = train(recipe, resume=True, progress=progress)
+        result = evaluate([ModelSpec(name, str(final))], suites, out_dir=root / name / "eval", **common)
+        for row in result.rows:
+            if row.subset is None:
+                lengths = _mean_length(root / name / "eval", name, row.suite)
+                points.append({**{k: _number(x) for k, x in v.items()}, "variant": name, "suite": row.suite,
+                               "domain": row.domain, "metric": row.metric, "k": row.k, "score": row.score,
+                               "stderr": row.stderr, "response_length": lengths, "n_problems": row.n_problems,
+                               "n_samples": row.n_samples})
+    baselines = [r.to_dict() for r in reference.rows if r.subset is None]
+    atomic_write_json(root / "sweep.json", {"swept": list(grid), "points": points, "baselines": baselines})
+    plot(points, baselines, list(grid)[0], root / "sweep.png")
+    return root
+
+
+def _number(x: str):
+    try:
+        return float(x)
+    except ValueError:
+        return x
+
+
+def _mean_length(eval_dir: Path, model: str, suite: str) -> float:
+    from merge_distill.evaluation.runner import _safe
+
+    path = eval_dir / "generations" / f"{_safe(model)}__{_safe(suite)}.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return sum(r["n_tokens"] for r in rows) / max(1, len(rows))
+
+
+def plot(points: list[dict], baselines: list[dict], key: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = sorted({p["suite"] for p in points})
+    fig, axes = plt.subplots(2, len(suites), figsize=(4.5 * len(suites), 6), squeeze=False)
+    for j, suite in enumerate(suites):
+        pts = sorted((p for p in points if p["suite"] == suite and p["k"] == min(
+            q["k"] for q in points if q["suite"] == suite)), key=lambda p: p[key])
+        xs = [p[key] for p in pts]
+        axes[0][j].errorbar(xs, [100 * p["score"] for p in pts], yerr=[100 * p["stderr"] for p in pts],
+                            marker="o", capsize=3, label="student")
+        for b in baselines:
+            if b["suite"] == suite and b["k"] == pts[0]["k"]:
+                axes[0][j].axhline(100 * b["score"], linestyle="--", linewidth=1, color="gray" if b["model"] == "base" else None,
+                                   label=b["model"])
+        axes[0][j].set_title(f"{suite} ({pts[0]['metric']}@{pts[0]['k']})")
+        axes[0][j].set_ylabel("score (%)")
+        axes[0][j].legend(fontsize=7)
+        axes[1][j].plot(xs, [p["response_length"] for p in pts], marker="o")
+        axes[1][j].set_ylabel("response length (tokens)")
+        axes[1][j].set_xlabel(key)
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
