@@ -1,0 +1,105 @@
+"""The example grader plugin (examples/merge-distill-units), installed for real and found by entry point."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import write_recipe
+from merge_distill.cli import app
+from merge_distill.toyworld.tasks import make_splits
+
+PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "merge-distill-units"
+DIST = "merge-distill-units"
+
+
+def _pip(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", *args, "-q", "--disable-pip-version-check"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def units_plugin(tmp_path_factory):
+    """Install the plugin into this environment (offline: no index, no build isolation) from a copy, so
+    the build leaves nothing in the source tree; uninstall it afterwards unless it was there before."""
+    try:
+        metadata.distribution(DIST)
+        preinstalled = True
+    except metadata.PackageNotFoundError:
+        preinstalled = False
+    src = tmp_path_factory.mktemp("plugin") / "merge-distill-units"
+    shutil.copytree(PLUGIN, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    _pip("install", "--no-deps", "--no-build-isolation", "--no-index", str(src))
+    yield DIST
+    if not preinstalled:
+        _pip("uninstall", "-y", DIST)
+
+
+def _python(code: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_entry_point_resolves_and_grades(units_plugin):
+    result = _python("""
+        import json
+        from importlib import metadata
+        from merge_distill.graders import available_graders, get_grader
+        eps = {ep.name: ep.value for ep in metadata.entry_points(group="merge_distill.graders")}
+        record = {"task_id": "units/test/0", "answer": "2.5", "unit": "m"}
+        grader = get_grader("units")
+        completions = ["250/100=2.5 \\\\answer{2.5 m}", "\\\\answer{2.5 meters}", "250*100=25000 \\\\answer{25000 m}",
+                       "\\\\answer{2.5 cm}", "no answer"]
+        verdicts = grader.grade_many([record] * len(completions), completions)
+        print(json.dumps({"available": available_graders(), "ep": eps.get("units"), "name": grader.name,
+                          "class": type(grader).__module__ + "." + type(grader).__name__,
+                          "verdicts": [v.verdict for v in verdicts]}))
+    """)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "units" in out["available"] and {"math", "code"} <= set(out["available"])
+    assert out["ep"] == "md_units.grader:UnitsGrader"
+    assert out["name"] == "units" and out["class"] == "md_units.grader.UnitsGrader"
+    assert out["verdicts"] == ["pass", "pass", "fail", "fail", "fail"]
+
+
+@pytest.fixture
+def units_recipe(tiny_world, tmp_path):
+    """A recipe with one expert, units, whose teacher and student are tiny_world's base."""
+    train, _ = make_splits("units", 40, 10, 0)
+    prompts = tmp_path / "units.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in train))
+    path = write_recipe(tmp_path / "units.yaml", tiny_world, tmp_path / "run")
+    recipe = yaml.safe_load(path.read_text())
+    recipe["experts"] = [{"name": "units", "teacher": str(tiny_world / "base"), "prompts": str(prompts),
+                          "grader": "units"}]
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_validate_accepts_a_units_expert(units_plugin, units_recipe):
+    result = subprocess.run([sys.executable, "-m", "merge_distill", "validate", str(units_recipe)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "expert units: 40 prompts" in result.stdout and "grader units" in result.stdout
+
+
+def test_validate_rejects_a_missing_grader_in_one_line(units_recipe):
+    recipe = yaml.safe_load(units_recipe.read_text())
+    recipe["experts"][0]["grader"] = "units_missing"
+    units_recipe.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["validate", str(units_recipe)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in result.output, err
+    assert err.startswith("error: experts.0 (units): no grader named 'units_missing'"), err
