@@ -59,34 +59,22 @@ def run(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides: 
     """Distill the recipe's experts into its student, then evaluate and write a report."""
 
     def body():
-        import time
-
         from merge_distill import run as pipeline
         from merge_distill.evaluation.report import rich_table
-        from merge_distill.recipe import load_recipe
-        from merge_distill.toyworld.zoo import resolve
-        from merge_distill.train import train
 
-        r = load_recipe(recipe, overrides)
-        t0 = time.perf_counter()
         with progress_bar() as progress:
-            r = resolve(r, progress=progress, log=console.print)
-            t_zoo = time.perf_counter()
-            out = Path(r.output_dir)
-            on_eval = pipeline.periodic_eval(r, out) if r.eval and r.train.eval_every else None
-            final = train(r, resume=resume, progress=progress, on_eval=on_eval)
-            t_train = time.perf_counter()
-            if evaluate and r.eval:
-                result, paired = pipeline.evaluate_recipe(r, final, out / "eval", progress=progress)
-        pipeline.training_curves_png(out / "metrics.jsonl", out / "training_curves.png", r)
-        console.print(f"zoo {t_zoo - t0:.0f} s, training {t_train - t_zoo:.0f} s; final student: {final}")
-        if evaluate and r.eval:
-            paths = pipeline.write_report(r, result, paired, out)
-            console.print(rich_table(pipeline.headline_rows(result.rows), title=f"{recipe.name}: student vs teachers"))
+            recipe_, students, evaluated, t = pipeline.run_recipe(recipe, overrides or [], resume=resume,
+                                                                   evaluate_after=evaluate, progress=progress,
+                                                                   log=console.print)
+        console.print(f"zoo {t['zoo_s']:.0f} s, training {t['train_s']:.0f} s; "
+                      + ", ".join(f"{k}: {v}" for k, v in students.items()))
+        if evaluated:
+            result, paired, paths = evaluated
+            console.print(rich_table(pipeline.headline_rows(result.rows), title=f"{recipe.name}: students vs teachers"))
             for p in paired:
                 console.print("  " + p.format())
-            console.print(f"report: {paths['md']}  {paths['json']}  curves: {out / 'training_curves.png'}"
-                          f"  ({time.perf_counter() - t0:.0f} s in all)")
+            console.print(f"report: {paths['md']}  {paths['json']}  ({sum(t.values()):.0f} s in all: "
+                          f"evaluation {t['eval_s']:.0f} s)")
 
     _guard(body)
 

@@ -77,6 +77,11 @@ def policy_gradient_loss(logprobs: Tensor, sampler_logprobs: Tensor, advantages:
     return -masked_mean(ratio * advantages.detach(), mask)
 
 
+def sft_loss(logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Token-mean negative log-likelihood of given (e.g. teacher-sampled) tokens: the off-policy baseline."""
+    return -masked_mean(logprobs, mask)
+
+
 def gopd_optimum_logprobs(teacher_logprobs: Tensor, reference_logprobs: Tensor,
                           reward_scale: float) -> Tensor:
     """log of the normalised closed-form optimum pi* ∝ T^lam R^(1-lam), over the last (vocab) axis."""

@@ -32,7 +32,7 @@ class DatasetSpec(Strict):
 
 class Expert(Strict):
     name: str = Field(description="the domain, e.g. math; prompts of this domain are scored by this teacher only")
-    teacher: str | None = Field(None, description="the domain's expert; required for method gopd, unused by grpo")
+    teacher: str | None = Field(None, description="the domain's expert; required by every method but grpo")
     reference: str = Field(STUDENT, description="'student' (initial weights) or a model path, e.g. the teacher's pre-RL base (reward correction)")
     reward_scale: Annotated[float, Field(ge=0)] | None = Field(None, description="lam for this domain; defaults to the recipe's reward_scale")
     prompts: str | DatasetSpec
@@ -48,7 +48,6 @@ class Expert(Strict):
 
 
 class Train(Strict):
-    method: Literal["gopd", "grpo"] = "gopd"
     steps: Annotated[int, Field(ge=0)] = 50
     prompts_per_step: Annotated[int, Field(ge=1)] = 64
     rollouts_per_prompt: Annotated[int, Field(ge=1)] = 1
@@ -78,6 +77,25 @@ class Eval(Strict):
     teacher_temperatures: list[Annotated[float, Field(ge=0)]] = Field(
         default_factory=list, description="extra decoding temperatures for the teachers (e.g. 0.8 = 1/lam, 0 = greedy)")
     seed: int = 1234
+    closed_form: bool = Field(False, description="also evaluate each domain's training-free closed-form sampler "
+                                                 "(decode from lam*log T + (1-lam)*log R) as model 'closed_form'")
+
+
+class Variant(Strict):
+    """One arm of a comparison: a name for the tables and recipe overrides (dotted keys)."""
+
+    name: str
+    set: dict[str, Any] = Field(default_factory=dict)
+
+
+class Merge(Strict):
+    """Weight-space baselines (method expo or merge): no training, the experts' weights are combined."""
+
+    technique: Literal["linear", "task_arithmetic", "ties", "dare"] = "task_arithmetic"
+    scale: float = 1.0
+    density: Annotated[float, Field(gt=0, le=1)] | None = Field(None, description="ties/dare: share of each task vector kept")
+    alpha: float = Field(0.3, description="expo: theta = avg + alpha * (avg - student)")
+    seed: int = 0
 
 
 class Zoo(Strict):
@@ -86,12 +104,21 @@ class Zoo(Strict):
     dir: str | None = Field(None, description="default: $MERGE_DISTILL_CACHE/zoo/<preset>-seed<seed>")
 
 
+METHODS = ("gopd", "grpo", "sft", "expo", "merge")
+
+
 class Recipe(Strict):
+    method: Literal["gopd", "grpo", "sft", "expo", "merge"] = Field(
+        "gopd", description="gopd: G-OPD/ExOPD; grpo: outcome-reward RL; sft: fine-tune on teacher samples; "
+                            "expo: weight extrapolation; merge: weight-space merging")
     student: str
     reward_scale: Annotated[float, Field(ge=0)] = 1.25
     experts: list[Expert] = Field(min_length=1)
     train: Train = Field(default_factory=Train)
     eval: Eval | None = None
+    merge: Merge = Field(default_factory=Merge)
+    compare: list[Variant] | None = Field(None, description="run these variants of the recipe and evaluate them "
+                                                             "side by side (e.g. sft, expo, ties, opd, exopd)")
     output_dir: str
     zoo: Zoo | None = None
     allow_chat_template_mismatch: bool = False
@@ -110,10 +137,10 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _teachers_for_gopd(self) -> "Recipe":
-        if self.train.method == "gopd":
+        if self.method != "grpo":
             for i, e in enumerate(self.experts):
                 if not e.teacher:
-                    raise ValueError(f"experts.{i} ({e.name}): teacher is required for method gopd")
+                    raise ValueError(f"experts.{i} ({e.name}): teacher is required for method {self.method}")
         return self
 
     @model_validator(mode="after")
@@ -138,7 +165,7 @@ class Recipe(Strict):
         """What must not change when a run resumes."""
         return {
             "student": self.student,
-            "method": self.train.method,
+            "method": self.method,
             "experts": [{"name": e.name, "teacher": e.teacher, "reference": e.reference,
                          "reward_scale": self.scale_of(e)} for e in self.experts],
         }

@@ -28,7 +28,22 @@ def eval_suites(recipe: Recipe):
     return suites
 
 
-def model_specs(recipe: Recipe, student_path: str | Path) -> list[ModelSpec]:
+def closed_form_spec(recipe: Recipe, suites) -> ModelSpec:
+    """Each domain's suite decoded from lam*log T + (1-lam)*log R of that domain's teacher and reference."""
+    from merge_distill.closed_form import PREFIX
+    from merge_distill.train import reference_path
+
+    paths = {}
+    for e in recipe.experts:
+        for s in suites:
+            if s.domain == e.name or s.name == e.eval_suite:
+                paths[s.name] = f"{PREFIX}lam={recipe.scale_of(e)},teacher={e.teacher},reference={reference_path(recipe, e)}"
+    first = next(iter(paths.values()))
+    return ModelSpec("closed_form", first, suite_paths=paths)
+
+
+def model_specs(recipe: Recipe, students: dict[str, str]) -> list[ModelSpec]:
+    """Baselines (base, each teacher, teachers at extra temperatures), the closed form, then the student(s)."""
     cfg = recipe.eval
     specs = []
     if cfg.baselines:
@@ -40,12 +55,19 @@ def model_specs(recipe: Recipe, student_path: str | Path) -> list[ModelSpec]:
                 specs.append(ModelSpec(e.name, e.teacher))
                 for t in cfg.teacher_temperatures:
                     specs.append(ModelSpec(f"{e.name}@{'greedy' if t == 0 else f'T{t:g}'}", e.teacher, temperature=t))
-    specs.append(ModelSpec("student", str(student_path)))
+    if cfg.closed_form:
+        specs.append(closed_form_spec(recipe, eval_suites(recipe)))
+    for name, path in students.items():
+        specs.append(ModelSpec(name, str(path)))
     return specs
 
 
-def paired_differences(recipe: Recipe, result: EvalResult, suites) -> list[PairedDifference]:
-    """Student minus each expert on that expert's own suite, and student minus base everywhere."""
+def paired_differences(recipe: Recipe, result: EvalResult, suites, students=("student",)) -> list[PairedDifference]:
+    """Each student minus each expert on that expert's own suite, and minus base everywhere."""
+    return [d for st in students for d in _paired(recipe, result, suites, st)]
+
+
+def _paired(recipe: Recipe, result: EvalResult, suites, student: str) -> list[PairedDifference]:
     out = []
     by_domain = {s.domain: s for s in suites}
     names = {m for m, _ in result.per_problem}
@@ -57,26 +79,68 @@ def paired_differences(recipe: Recipe, result: EvalResult, suites) -> list[Paire
     for e in recipe.experts:
         suite = by_domain.get(e.name) or next((s for s in suites if s.name == e.eval_suite), None)
         for other in [e.name] + [n for n in names if n.startswith(f"{e.name}@")]:
-            if suite and (other, suite.name) in result.per_problem and ("student", suite.name) in result.per_problem:
-                d, se, n = result.paired("student", other, suite.name)
-                row = metric_of[("student", suite.name)]
-                out.append(PairedDifference(suite.name, "student", other, row.metric, row.k, d, se, n))
+            if suite and (other, suite.name) in result.per_problem and (student, suite.name) in result.per_problem:
+                d, se, n = result.paired(student, other, suite.name)
+                row = metric_of[(student, suite.name)]
+                out.append(PairedDifference(suite.name, student, other, row.metric, row.k, d, se, n))
     if "base" in names:
         for s in suites:
-            d, se, n = result.paired("student", "base", s.name)
-            row = metric_of[("student", s.name)]
-            out.append(PairedDifference(s.name, "student", "base", row.metric, row.k, d, se, n))
+            d, se, n = result.paired(student, "base", s.name)
+            row = metric_of[(student, s.name)]
+            out.append(PairedDifference(s.name, student, "base", row.metric, row.k, d, se, n))
     return out
 
 
-def evaluate_recipe(recipe: Recipe, student_path: str | Path, out_dir: Path, *, progress=None,
-                    specs: list[ModelSpec] | None = None, samples: int | None = None) -> tuple[EvalResult, list]:
+def evaluate_recipe(recipe: Recipe, students: dict[str, str], out_dir: Path, *, progress=None
+                    ) -> tuple[EvalResult, list]:
     cfg = recipe.eval
     suites = eval_suites(recipe)
-    result = evaluate(specs or model_specs(recipe, student_path), suites, samples=samples or cfg.samples,
-                      temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens,
-                      seed=cfg.seed, out_dir=out_dir, progress=progress)
-    return result, paired_differences(recipe, result, suites)
+    result = evaluate(model_specs(recipe, students), suites, samples=cfg.samples, temperature=cfg.temperature,
+                      max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens, seed=cfg.seed,
+                      out_dir=out_dir, progress=progress)
+    return result, paired_differences(recipe, result, suites, tuple(students))
+
+
+def variant_recipes(recipe_path: Path, overrides: list[str], recipe: Recipe) -> dict[str, Recipe]:
+    """The recipe itself as 'student', or each `compare:` variant under its own name and output folder."""
+    from merge_distill.recipe import load_recipe
+
+    if not recipe.compare:
+        return {"student": recipe}
+    out = {}
+    for v in recipe.compare:
+        sets = [f"{k}={json.dumps(x)}" for k, x in v.set.items()]
+        r = load_recipe(recipe_path, overrides + sets + [f"output_dir={Path(recipe.output_dir) / 'variants' / v.name}",
+                                                         "compare=null"])
+        out[v.name] = r
+    return out
+
+
+def run_recipe(recipe_path: Path, overrides: list[str], *, resume: bool, evaluate_after: bool, progress, log):
+    """Resolve (building the zoo), train every variant, evaluate side by side, write the report."""
+    import time
+
+    from merge_distill.recipe import load_recipe
+    from merge_distill.toyworld.zoo import resolve
+    from merge_distill.train import train
+
+    t0 = time.perf_counter()
+    recipe = resolve(load_recipe(recipe_path, overrides), progress=progress, log=log)
+    timings = {"zoo_s": time.perf_counter() - t0}
+    out = Path(recipe.output_dir)
+    students = {}
+    for name, r in variant_recipes(recipe_path, overrides, recipe).items():
+        r = resolve(r, build=False)
+        on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.train.eval_every else None
+        students[name] = str(train(r, resume=resume, progress=progress, on_eval=on_eval))
+        training_curves_png(Path(r.output_dir) / "metrics.jsonl", Path(r.output_dir) / "training_curves.png", r)
+    timings["train_s"] = time.perf_counter() - t0 - timings["zoo_s"]
+    if not (evaluate_after and recipe.eval):
+        return recipe, students, None, timings
+    result, paired = evaluate_recipe(recipe, students, out / "eval", progress=progress)
+    paths = write_report(recipe, result, paired, out)
+    timings["eval_s"] = time.perf_counter() - t0 - timings["zoo_s"] - timings["train_s"]
+    return recipe, students, (result, paired, paths), timings
 
 
 def training_curves_png(metrics_path: Path, out_path: Path, recipe: Recipe) -> None:
@@ -85,10 +149,12 @@ def training_curves_png(metrics_path: Path, out_path: Path, recipe: Recipe) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not metrics_path.exists():  # weight-space methods train nothing
+        return
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
     if not rows:
         return
-    keys = ["reward", "reverse_kl_teacher", "kl_reference", "response_length"] if recipe.train.method == "gopd" \
+    keys = ["reward", "reverse_kl_teacher", "kl_reference", "response_length"] if recipe.method == "gopd" \
         else ["accuracy", "response_length"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for ax, key in zip(axes, keys):

@@ -38,6 +38,26 @@ class Rollouts:
         return [ids[: int(n)].tolist() for ids, n in zip(self.response_ids, self.lengths)]
 
 
+def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
+    """Stack rollouts of different widths: prompts re-left-padded, responses re-right-padded."""
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    L = max(r.response_ids.shape[1] for r in parts)
+
+    def pad(t: Tensor, width: int, value, left: bool) -> Tensor:
+        extra = width - t.shape[1]
+        fill = torch.full((t.shape[0], extra), value, dtype=t.dtype)
+        return torch.cat([fill, t] if left else [t, fill], dim=1)
+
+    return Rollouts(
+        prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_token_id, True) for r in parts]),
+        prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, True) for r in parts]),
+        response_ids=torch.cat([pad(r.response_ids, L, pad_token_id, False) for r in parts]),
+        response_mask=torch.cat([pad(r.response_mask, L, 0.0, False) for r in parts]),
+        sampler_logprobs=torch.cat([pad(r.sampler_logprobs, L, 0.0, False) for r in parts]),
+        truncated=torch.cat([r.truncated for r in parts]),
+    )
+
+
 def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)

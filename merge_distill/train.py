@@ -22,7 +22,7 @@ from merge_distill.errors import UserError
 from merge_distill.io import atomic_dir, atomic_write_json
 from merge_distill.models import check_compatible, load_model, load_tokenizer, model_info
 from merge_distill.recipe import STUDENT, Recipe
-from merge_distill.sampling import Rollouts, sample
+from merge_distill.sampling import Rollouts, concat_rollouts, sample
 from merge_distill.scoring import ModelCache, response_logprobs
 
 TRAINER_STATE = "trainer_state.pt"
@@ -44,9 +44,9 @@ def check_models(recipe: Recipe) -> None:
     """Every model exists, loads a tokenizer, and agrees with the student token for token."""
     infos = {"student": model_info(recipe.student, what="student")}
     for i, e in enumerate(recipe.experts):
-        if recipe.train.method == "gopd":
+        if recipe.method != "grpo":
             infos[f"teacher of expert '{e.name}'"] = model_info(e.teacher, what=f"experts.{i}.teacher ({e.name})")
-            if e.reference != STUDENT and recipe.scale_of(e) != 1.0:
+            if recipe.method == "gopd" and e.reference != STUDENT and recipe.scale_of(e) != 1.0:
                 infos[f"reference of expert '{e.name}'"] = model_info(e.reference, what=f"experts.{i}.reference ({e.name})")
     check_compatible(infos, allow_chat_template_mismatch=recipe.allow_chat_template_mismatch)
 
@@ -71,7 +71,7 @@ def setup(recipe: Recipe) -> Setup:
     student = load_model(recipe.student, what="student", dtype=dtype, trainable=True).to(recipe.device)
     mixer = DomainMixer(load_prompts(recipe, tokenizer), [e.weight for e in recipe.experts], recipe.train.seed)
     s = Setup(recipe, tokenizer, student, ModelCache(dtype=dtype, device=recipe.device), mixer)
-    if recipe.train.method == "grpo":
+    if recipe.method == "grpo":
         from merge_distill.graders import get_grader
 
         s.graders = {i: get_grader(e.grader_name) for i, e in enumerate(recipe.experts)}
@@ -92,7 +92,7 @@ def _advantages(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict
     by_expert = defaultdict(list)
     for row, p in enumerate(batch):
         by_expert[p.expert].append(row)
-    if recipe.train.method == "grpo":
+    if recipe.method == "grpo":
         rewards = torch.zeros(len(batch))
         texts = s.tokenizer.batch_decode(rollouts.response_token_lists(), skip_special_tokens=True)
         t0 = time.perf_counter()
@@ -120,6 +120,23 @@ def _advantages(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict
     return adv
 
 
+def _sample(s: Setup, model, batch: list[Prompt], generator) -> Rollouts:
+    cfg = s.recipe.train
+    return sample(model, [list(p.token_ids) for p in batch], max_new_tokens=cfg.max_new_tokens,
+                  temperature=cfg.temperature, eos_token_id=s.tokenizer.eos_token_id,
+                  pad_token_id=s.tokenizer.pad_token_id, generator=generator)
+
+
+def _teacher_samples(s: Setup, batch: list[Prompt], generator) -> Rollouts:
+    """SFT baseline: each domain's teacher answers its own prompts (as many trajectories as G-OPD uses)."""
+    parts = []
+    for i, e in enumerate(s.recipe.experts):
+        rows = [p for p in batch if p.expert == i]
+        if rows:
+            parts.append(_sample(s, s.frozen.get(e.teacher, what=f"teacher of {e.name}"), rows, generator))
+    return concat_rollouts(parts, s.tokenizer.pad_token_id)
+
+
 def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     recipe, cfg = s.recipe, s.recipe.train
     metrics: dict = {"step": step + 1}
@@ -127,11 +144,13 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     prompts = s.mixer.next_batch(cfg.prompts_per_step)
     batch = [p for p in prompts for _ in range(cfg.rollouts_per_prompt)]
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    rollouts = sample(s.student, [list(p.token_ids) for p in batch], max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, eos_token_id=s.tokenizer.eos_token_id,
-                      pad_token_id=s.tokenizer.pad_token_id, generator=generator)
+    if recipe.method == "sft":
+        batch = sorted(batch, key=lambda p: p.expert)  # rows grouped by domain, as the teachers sample them
+        rollouts = _teacher_samples(s, batch, generator)
+    else:
+        rollouts = _sample(s, s.student, batch, generator)
     t1 = time.perf_counter()
-    adv = _advantages(s, batch, rollouts, metrics)
+    adv = None if recipe.method == "sft" else _advantages(s, batch, rollouts, metrics)
     t2 = time.perf_counter()
 
     s.student.train()
@@ -144,8 +163,11 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
         sub = rollouts.select(rows)
         logprobs = response_logprobs(s.student, sub, temperature=cfg.temperature)
         share = sub.response_mask.sum() / total_tokens
-        loss = objective.policy_gradient_loss(logprobs, sub.sampler_logprobs, adv[rows], sub.response_mask,
-                                              truncation=cfg.importance_truncation) * share
+        if adv is None:
+            loss = objective.sft_loss(logprobs, sub.response_mask) * share
+        else:
+            loss = objective.policy_gradient_loss(logprobs, sub.sampler_logprobs, adv[rows], sub.response_mask,
+                                                  truncation=cfg.importance_truncation) * share
         loss.backward()
         loss_sum += float(loss.detach())
         ratios.append(torch.exp(logprobs.detach() - sub.sampler_logprobs)[sub.response_mask.bool()])
@@ -280,11 +302,30 @@ class MetricsLog:
             self.tb.close()
 
 
+def merge_weights(recipe: Recipe) -> Path:
+    """Methods expo and merge: combine the experts' weights (relative to the student), no training."""
+    from merge_distill.merging import merge_models
+
+    m, out = recipe.merge, Path(recipe.output_dir) / "final"
+    teachers = [e.teacher for e in recipe.experts]
+    if recipe.method == "expo":
+        return merge_models("expo", recipe.student, teachers, out, alpha=m.alpha)
+    params = {"scale": m.scale} if m.technique != "linear" else {}
+    if m.technique in ("ties", "dare") and m.density is not None:
+        params["density"] = m.density
+    if m.technique == "dare":
+        params["seed"] = m.seed
+    return merge_models(m.technique, recipe.student, teachers, out, **params)
+
+
 def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) -> Path:
     """Run (or resume) the recipe's training; returns the path of the final checkpoint."""
     output_dir = Path(recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_manifest(recipe, resume)
+    if recipe.method in ("expo", "merge"):
+        check_models(recipe)
+        return merge_weights(recipe)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     s = setup(recipe)
@@ -292,7 +333,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
     start = resume_from(s, optimizer, scheduler) if resume else 0
     log = MetricsLog(output_dir, start)
     cfg = recipe.train
-    task = progress.add_task(f"train ({cfg.method})", total=cfg.steps, completed=start) if progress else None
+    task = progress.add_task(f"train ({recipe.method})", total=cfg.steps, completed=start) if progress else None
     try:
         for step in range(start, cfg.steps):
             metrics = train_step(s, optimizer, scheduler, step)
@@ -316,6 +357,6 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
 
 
 def _describe(recipe: Recipe, m: dict) -> str:
-    key = "accuracy" if recipe.train.method == "grpo" else "reverse_kl_teacher"
+    key = "accuracy" if recipe.method == "grpo" else "reverse_kl_teacher"
     parts = [f"{e.name} {key.split('_')[0]} {m[f'{e.name}/{key}']:.3f}" for e in recipe.experts if f"{e.name}/{key}" in m]
-    return f"train ({recipe.train.method}) " + " ".join(parts)
+    return f"train ({recipe.method}) " + " ".join(parts)

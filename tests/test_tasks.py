@@ -16,6 +16,7 @@ from merge_distill.toyworld.tasks import (
     ArithmeticTasks,
     NoiseMix,
     StringFunctionTasks,
+    UnitConversionTasks,
     make_family,
     make_splits,
     pretraining_corpus,
@@ -42,7 +43,7 @@ def _run_code(response: str, record: dict) -> bool:
 
 
 def test_registry():
-    assert FAMILIES == {"math": ArithmeticTasks, "code": StringFunctionTasks}
+    assert FAMILIES == {"math": ArithmeticTasks, "code": StringFunctionTasks, "units": UnitConversionTasks}
     assert ArithmeticTasks.domain == ArithmeticTasks.grader == "math"
     assert StringFunctionTasks.domain == StringFunctionTasks.grader == "code"
 

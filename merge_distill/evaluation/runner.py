@@ -32,6 +32,10 @@ class ModelSpec:
     name: str
     path: str
     temperature: float | None = None
+    suite_paths: dict[str, str] | None = None  # a different model per suite (e.g. each domain's closed form)
+
+    def path_for(self, suite: str) -> str:
+        return (self.suite_paths or {}).get(suite, self.path)
 
 
 @dataclass
@@ -53,13 +57,13 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:6], "little")
 
 
-def _load(spec: ModelSpec):
+def _load(name: str, path: str):
     from merge_distill import closed_form
     from merge_distill.models import load_model, load_tokenizer
 
-    if closed_form.is_spec(spec.path):
-        return closed_form.load(spec.path)
-    return load_model(spec.path, what=f"model '{spec.name}'"), load_tokenizer(spec.path, what=f"model '{spec.name}'")
+    if closed_form.is_spec(path):
+        return closed_form.load(path)
+    return load_model(path, what=f"model '{name}'"), load_tokenizer(path, what=f"model '{name}'")
 
 
 def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperature: float, max_new_tokens: int,
@@ -81,7 +85,7 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
     todo = [(r, k) for r in suite.records for k in range(samples) if (r["task_id"], k) not in done]
     if todo:
         if model is None:
-            model, tokenizer = _load(spec)
+            model, tokenizer = _load(spec.name, spec.path_for(suite.name))
         grader = grader or get_grader(suite.grader)
         task = progress.add_task(f"eval {spec.name} on {suite.name}", total=len(todo)) if progress else None
         prompt_cache: dict[str, list[int]] = {}
@@ -147,14 +151,15 @@ def evaluate(models: list[ModelSpec], suites: list[Suite], *, samples: int = 1, 
     graders = {}
     try:
         for spec in models:
-            model = tokenizer = None
+            model = tokenizer = loaded = None
             for suite in suites:
                 temp = temperature if spec.temperature is None else spec.temperature
                 k = 1 if temp == 0 else samples
                 if suite.grader not in graders:
                     graders[suite.grader] = get_grader(suite.grader)
-                if model is None:
-                    model, tokenizer = _load(spec)
+                if loaded != spec.path_for(suite.name):
+                    loaded = spec.path_for(suite.name)
+                    model, tokenizer = _load(spec.name, loaded)
                 graded = generate_and_grade(spec, suite, samples=k, temperature=temp, max_new_tokens=max_new_tokens,
                                             seed=seed, out_dir=out_dir, batch_size=batch_size, model=model,
                                             tokenizer=tokenizer, grader=graders[suite.grader], progress=progress)

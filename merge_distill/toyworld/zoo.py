@@ -166,9 +166,9 @@ class Zoo:
         run_dir = self.dir / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         recipe = Recipe(
-            student=str(self.path(base)), output_dir=str(run_dir),
+            method="grpo", student=str(self.path(base)), output_dir=str(run_dir),
             experts=[Expert(name=domain, prompts=str(self.path("data") / f"{domain}_train.jsonl"))],
-            train=Train(method="grpo", steps=p.grpo_steps, prompts_per_step=p.grpo_prompts,
+            train=Train(steps=p.grpo_steps, prompts_per_step=p.grpo_prompts,
                         rollouts_per_prompt=p.grpo_rollouts, max_new_tokens=p.max_new_tokens[domain],
                         lr=p.grpo_lr, seed=self.seed, grad_clip=1.0))
         final = train(recipe, progress=self.progress)
