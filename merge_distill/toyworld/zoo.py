@@ -43,11 +43,11 @@ class ZooPreset:
     pretrain_steps: int = 600
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
-    grpo_steps: int = 60
-    grpo_prompts: int = 64
+    grpo_steps: int = 80
+    grpo_prompts: int = 32
     grpo_rollouts: int = 8
     grpo_lr: float = 2e-5
-    max_new_tokens: dict = field(default_factory=lambda: {"math": 40, "code": 48})
+    max_new_tokens: dict = field(default_factory=lambda: {"math": 40, "code": 48, "units": 40})
     # strong-to-weak members
     large_size: ModelSize = ModelSize(hidden=192, layers=4, heads=6)
     small_size: ModelSize = ModelSize(hidden=64, layers=2, heads=4)
@@ -57,6 +57,8 @@ PRESETS: dict[str, ZooPreset] = {
     "default": ZooPreset(),
     # the default with a stronger misconception: the base's greedy answer is wrong on those prompts
     "hard": ZooPreset(misconception=0.45, random_error=0.2),
+    # a third domain (unit conversions, graded by the example plugin in examples/merge-distill-units)
+    "three": ZooPreset(domains=("math", "code", "units")),
     # seconds, for tests and install checks
     "smoke": ZooPreset(n_train=600, n_test=64, size=ModelSize(hidden=32, layers=1, heads=2), pretrain_steps=60,
                        pretrain_batch=32, pretrain_lr=5e-3, grpo_steps=3, grpo_prompts=8, grpo_rollouts=4,
