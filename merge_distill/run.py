@@ -39,10 +39,10 @@ def closed_form_spec(recipe: Recipe, suites) -> ModelSpec:
             if s.domain == e.name or s.name == e.eval_suite:
                 paths[s.name] = f"{PREFIX}lam={recipe.scale_of(e)},teacher={e.teacher},reference={reference_path(recipe, e)}"
     first = next(iter(paths.values()))
-    return ModelSpec("closed_form", first, suite_paths=paths)
+    return ModelSpec("closed_form", first, suite_paths=paths, only_suites=tuple(paths))
 
 
-def model_specs(recipe: Recipe, students: dict[str, str]) -> list[ModelSpec]:
+def model_specs(recipe: Recipe, students: dict[str, str], suites) -> list[ModelSpec]:
     """Baselines (base, each teacher, teachers at extra temperatures), the closed form, then the student(s)."""
     cfg = recipe.eval
     specs = []
@@ -53,10 +53,13 @@ def model_specs(recipe: Recipe, students: dict[str, str]) -> list[ModelSpec]:
             if e.teacher and e.teacher not in seen:
                 seen.add(e.teacher)
                 specs.append(ModelSpec(e.name, e.teacher))
+                # the sharpened teacher only on its own domain: how much of a gain is mere sharpening?
+                own = tuple(s.name for s in suites if s.domain == e.name or s.name == e.eval_suite)
                 for t in cfg.teacher_temperatures:
-                    specs.append(ModelSpec(f"{e.name}@{'greedy' if t == 0 else f'T{t:g}'}", e.teacher, temperature=t))
+                    specs.append(ModelSpec(f"{e.name}@{'greedy' if t == 0 else f'T{t:g}'}", e.teacher,
+                                           temperature=t, only_suites=own))
     if cfg.closed_form:
-        specs.append(closed_form_spec(recipe, eval_suites(recipe)))
+        specs.append(closed_form_spec(recipe, suites))
     for name, path in students.items():
         specs.append(ModelSpec(name, str(path)))
     return specs
@@ -95,7 +98,7 @@ def evaluate_recipe(recipe: Recipe, students: dict[str, str], out_dir: Path, *, 
                     ) -> tuple[EvalResult, list]:
     cfg = recipe.eval
     suites = eval_suites(recipe)
-    result = evaluate(model_specs(recipe, students), suites, samples=cfg.samples, temperature=cfg.temperature,
+    result = evaluate(model_specs(recipe, students, suites), suites, samples=cfg.samples, temperature=cfg.temperature,
                       max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens, seed=cfg.seed,
                       out_dir=out_dir, progress=progress)
     return result, paired_differences(recipe, result, suites, tuple(students))

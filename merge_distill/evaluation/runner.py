@@ -33,6 +33,7 @@ class ModelSpec:
     path: str
     temperature: float | None = None
     suite_paths: dict[str, str] | None = None  # a different model per suite (e.g. each domain's closed form)
+    only_suites: tuple[str, ...] | None = None  # evaluate on these suites only (default: all)
 
     def path_for(self, suite: str) -> str:
         return (self.suite_paths or {}).get(suite, self.path)
@@ -153,6 +154,8 @@ def evaluate(models: list[ModelSpec], suites: list[Suite], *, samples: int = 1, 
         for spec in models:
             model = tokenizer = loaded = None
             for suite in suites:
+                if spec.only_suites is not None and suite.name not in spec.only_suites:
+                    continue
                 temp = temperature if spec.temperature is None else spec.temperature
                 k = 1 if temp == 0 else samples
                 if suite.grader not in graders:

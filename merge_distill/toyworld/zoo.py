@@ -49,7 +49,7 @@ class ZooPreset:
     grpo_lr: float = 2e-5
     max_new_tokens: dict = field(default_factory=lambda: {"math": 40, "code": 48, "units": 40})
     # strong-to-weak members
-    large_size: ModelSize = ModelSize(hidden=192, layers=4, heads=6)
+    large_size: ModelSize = ModelSize(hidden=160, layers=4, heads=4)
     small_size: ModelSize = ModelSize(hidden=64, layers=2, heads=4)
 
 
