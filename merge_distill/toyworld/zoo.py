@@ -112,9 +112,19 @@ class Zoo:
             builders[f"large_{d}_expert"] = lambda d=d: self._expert(d, "large_base")
         if member not in builders:
             raise UserError(f"zoo '{self.name}' has no member '{member}' (members: {', '.join(builders)})")
+        for dependency in self._dependencies(member):  # built (and timed) first, on their own
+            self._build(dependency)
         t0 = time.perf_counter()
         builders[member]()
         self._record(member, time.perf_counter() - t0)
+
+    @staticmethod
+    def _dependencies(member: str) -> list[str]:
+        if member == "data":
+            return []
+        if member.endswith("_expert"):
+            return ["large_base" if member.startswith("large_") else "base"]
+        return ["data"]
 
     def _record(self, member: str, seconds: float) -> None:
         info_path = self.dir / "zoo.json"
