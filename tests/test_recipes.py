@@ -28,8 +28,11 @@ def test_smoke_recipe_end_to_end(tmp_path):
     fields = {"model", "suite", "domain", "metric", "k", "score", "stderr", "n_problems", "n_samples"}
     assert all(fields <= set(r) for r in rows)
     headline = {(r["model"], r["suite"]) for r in rows if r["subset"] is None}
-    for model in ("base", "math", "code", "student", "math@greedy", "code@greedy"):
+    for model in ("base", "math", "code", "student"):
         assert (model, "zoo-math") in headline and (model, "zoo-code") in headline
+    # sharpened teachers on their own domain only
+    assert ("math@greedy", "zoo-math") in headline and ("math@greedy", "zoo-code") not in headline
+    assert ("code@greedy", "zoo-code") in headline and ("code@greedy", "zoo-math") not in headline
     assert all(0 <= r["score"] <= 1 and r["n_problems"] == 64 for r in rows)
     assert {r["subset"] for r in rows} >= {None, "misconception", "plain"}
     assert report["sandbox_isolation"] in ("bubblewrap", "rlimits")
