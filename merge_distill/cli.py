@@ -10,7 +10,13 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from merge_distill.errors import UserError
 
@@ -114,7 +120,11 @@ def eval_cmd(
         from dataclasses import replace
 
         from merge_distill import closed_form
-        from merge_distill.evaluation.report import paired_rows, rich_table, write_results
+        from merge_distill.evaluation.report import (
+            paired_rows,
+            rich_table,
+            write_results,
+        )
         from merge_distill.evaluation.runner import ModelSpec, evaluate
         from merge_distill.evaluation.suites import load_suite
         from merge_distill.models import check_model_dir

@@ -49,7 +49,12 @@ def is_spec(path: str) -> bool:
 
 def load(spec: str):
     """(LogitsSource, tokenizer) for a closed-form spec; the two models must share a vocabulary."""
-    from merge_distill.models import check_compatible, load_model, load_tokenizer, model_info
+    from merge_distill.models import (
+        check_compatible,
+        load_model,
+        load_tokenizer,
+        model_info,
+    )
 
     f = parse_spec(spec)
     check_compatible({"teacher": model_info(f["teacher"], what="closed-form teacher"),

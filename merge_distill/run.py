@@ -7,7 +7,13 @@ from pathlib import Path
 
 from merge_distill.errors import UserError
 from merge_distill.evaluation.report import PairedDifference, write_results
-from merge_distill.evaluation.runner import EvalResult, ModelSpec, evaluate, generate_and_grade, score_rows
+from merge_distill.evaluation.runner import (
+    EvalResult,
+    ModelSpec,
+    evaluate,
+    generate_and_grade,
+    score_rows,
+)
 from merge_distill.recipe import Recipe
 
 

@@ -531,13 +531,13 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--sandbox-worker"]:
 # --------------------------------------------------------------------------------------------------
 
 import atexit  # noqa: E402
+import queue  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import weakref  # noqa: E402
 from collections import deque  # noqa: E402
-import queue  # noqa: E402
 from concurrent.futures import Future  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Callable  # noqa: E402

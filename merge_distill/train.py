@@ -17,10 +17,21 @@ from pathlib import Path
 import torch
 
 from merge_distill import objective
-from merge_distill.data import DomainMixer, Prompt, load_records, render_prompt, user_message
+from merge_distill.data import (
+    DomainMixer,
+    Prompt,
+    load_records,
+    render_prompt,
+    user_message,
+)
 from merge_distill.errors import UserError
 from merge_distill.io import atomic_dir, atomic_write_json
-from merge_distill.models import check_compatible, load_model, load_tokenizer, model_info
+from merge_distill.models import (
+    check_compatible,
+    load_model,
+    load_tokenizer,
+    model_info,
+)
 from merge_distill.recipe import STUDENT, Recipe
 from merge_distill.sampling import Rollouts, concat_rollouts, sample
 from merge_distill.scoring import ModelCache, response_logprobs

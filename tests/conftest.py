@@ -23,7 +23,12 @@ def tiny_world(tmp_path_factory) -> Path:
 
     from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
     from merge_distill.sft import supervised_train
-    from merge_distill.toyworld.tasks import NoiseMix, make_family, make_splits, pretraining_corpus
+    from merge_distill.toyworld.tasks import (
+        NoiseMix,
+        make_family,
+        make_splits,
+        pretraining_corpus,
+    )
 
     root = tmp_path_factory.mktemp("tiny_world")
     tok = byte_tokenizer()

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import yaml
+from conftest import write_recipe
 from typer.testing import CliRunner
 
-from conftest import write_recipe
 from merge_distill.cli import app
 
 runner = CliRunner()

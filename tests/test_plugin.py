@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_recipe
 from typer.testing import CliRunner
 
-from conftest import write_recipe
 from merge_distill.cli import app
 from merge_distill.toyworld.tasks import make_splits
 

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from merge_distill.sandbox import FramedWorker, RunResult, Sandbox, WorkerPool, isolation_level
+from merge_distill.sandbox import (
+    FramedWorker,
+    RunResult,
+    Sandbox,
+    WorkerPool,
+    isolation_level,
+)
 
 PROJECT_FILE = Path(__file__).resolve().parents[1] / "pyproject.toml"
 HOME = os.path.expanduser("~")
@@ -521,7 +527,7 @@ def test_fallback_reaps_escaped_daemons(fallback):
 
 @pytest.mark.skipif(not ROOT, reason="the uid drop applies when the host runs as root")
 def test_fallback_cannot_kill_its_worker_or_read_home(fallback):
-    r = run_one(fallback, f"import os\nos.kill(os.getppid(), 9)", timeout_s=1.0)
+    r = run_one(fallback, "import os\nos.kill(os.getppid(), 9)", timeout_s=1.0)
     assert r.status == "error" and r.exception == "PermissionError"
     r = run_one(fallback, f"import os\nos.listdir({HOME!r})", timeout_s=1.0)
     assert r.status == "error" and r.exception == "PermissionError"

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import write_recipe
 from safetensors.torch import load_file
 
-from conftest import write_recipe
 from merge_distill.data import render_prompt
 from merge_distill.models import load_model, load_tokenizer
 from merge_distill.recipe import load_recipe
@@ -68,7 +68,7 @@ def test_only_a_domains_teacher_scores_its_prompts(tiny_world, tmp_path, monkeyp
 
     monkeypatch.setattr(ModelCache, "score", spy)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1,
-                                      prompts_per_step=12), [f"experts.code.reward_scale=1.0"])
+                                      prompts_per_step=12), ["experts.code.reward_scale=1.0"])
     train(recipe)
     # math (lam 1.25) needs teacher and reference (the student's initial weights); code (lam 1) only its teacher
     assert sorted(seen) == sorted([("math_teacher", 6), ("base", 6), ("code_teacher", 6)])

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from merge_distill.evaluation.metrics import (
     paired_difference,
     per_problem_estimates,
 )
+from merge_distill.io import atomic_write_bytes
 
 RowLike = ResultRow | Mapping[str, Any]
 RowKey = tuple[str, str | None, str, int]  # suite, subset, metric, k
@@ -206,17 +205,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` beside ``path``, then rename it into place."""
+    atomic_write_bytes(path, data)
 
 
 def results_markdown(rows: Sequence[RowLike], extra: Mapping[str, Any] | None = None) -> str:

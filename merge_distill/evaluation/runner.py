@@ -20,7 +20,12 @@ import torch
 
 from merge_distill.data import render_prompt
 from merge_distill.errors import UserError
-from merge_distill.evaluation.metrics import ResultRow, paired_difference, per_problem_estimates, suite_score
+from merge_distill.evaluation.metrics import (
+    ResultRow,
+    paired_difference,
+    per_problem_estimates,
+    suite_score,
+)
 from merge_distill.evaluation.suites import Suite
 from merge_distill.sampling import sample
 

@@ -24,7 +24,6 @@ to the model); all original fields are kept for the grader.
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -37,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from merge_distill.errors import UserError
 from merge_distill.evaluation.metrics import Metric
+from merge_distill.io import read_jsonl
 
 Format = Literal["auto", "aime", "humaneval", "mbpp", "prompt"]
 BUILTIN_SUITES: tuple[str, ...] = ("humaneval", "champ", "zoo-<domain>")
@@ -174,20 +174,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    records = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line")
-            records.append(record)
-    return records
+    return read_jsonl(path)
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:

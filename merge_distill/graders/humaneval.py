@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from importlib import resources
 from pathlib import Path
 
 from merge_distill.errors import UserError
+from merge_distill.io import read_jsonl
 
 _FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
@@ -30,18 +29,10 @@ def load_humaneval(path: str | Path | None = None) -> list[dict]:
     the packaged file (same format, gzipped or plain JSONL).
     """
     path = Path(path) if path is not None else humaneval_path()
-    opener = gzip.open if path.suffix == ".gz" else open
     records = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
-            missing = [k for k in _FIELDS if k not in raw]
-            if missing:
-                raise UserError(f"{path}:{n}: HumanEval record lacks {', '.join(missing)}")
-            records.append({k: raw[k] for k in _FIELDS} | {"domain": "code"})
+    for n, raw in enumerate(read_jsonl(path), 1):
+        missing = [k for k in _FIELDS if k not in raw]
+        if missing:
+            raise UserError(f"{path}: record {n} ({raw.get('task_id', '?')}) lacks {', '.join(missing)}")
+        records.append({k: raw[k] for k in _FIELDS} | {"domain": "code"})
     return records
