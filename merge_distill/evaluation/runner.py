@@ -82,11 +82,12 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
     path.parent.mkdir(parents=True, exist_ok=True)
     done = {}
     if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: generate it again
-                continue
+        text = path.read_text()
+        if text and not text.endswith("\n"):  # a line cut by a kill: drop it, generate that sample again
+            text = text[: text.rfind("\n") + 1]
+            path.write_text(text)
+        for line in text.splitlines():
+            row = json.loads(line)
             done[(row["task_id"], row["sample"])] = row
     todo = [(r, k) for r in suite.records for k in range(samples) if (r["task_id"], k) not in done]
     if todo:
