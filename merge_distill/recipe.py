@@ -66,6 +66,8 @@ class Train(Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     importance_truncation: Annotated[float, Field(gt=0)] | None = Field(5.0, description="truncate ratio pi_theta/pi_sampler at this value; null = off")
+    log_ratio_clip: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="clip the per-token log T/R to [-c, c] (to study the reward hacking seen at lam 1.5); off by default")
     micro_batch_size: Annotated[int, Field(ge=1)] | None = Field(None, description="sequences per forward/backward (gradient accumulation); default all")
     seed: int = 0
     checkpoint_every: Annotated[int, Field(ge=0)] = Field(0, description="steps between checkpoints; 0 = only the final one")

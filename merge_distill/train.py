@@ -24,6 +24,7 @@ from merge_distill.data import (
     render_prompt,
     user_message,
 )
+from merge_distill.dense import gopd_advantages_clipped
 from merge_distill.errors import UserError
 from merge_distill.io import atomic_dir, atomic_write_json
 from merge_distill.models import (
@@ -57,7 +58,8 @@ def check_models(recipe: Recipe) -> None:
     for i, e in enumerate(recipe.experts):
         if recipe.method != "grpo":
             infos[f"teacher of expert '{e.name}'"] = model_info(e.teacher, what=f"experts.{i}.teacher ({e.name})")
-            if recipe.method == "gopd" and e.reference != STUDENT and recipe.scale_of(e) != 1.0:
+            scored = recipe.scale_of(e) != 1.0 or recipe.train.log_ratio_clip is not None
+            if recipe.method == "gopd" and e.reference != STUDENT and scored:
                 infos[f"reference of expert '{e.name}'"] = model_info(e.reference, what=f"experts.{i}.reference ({e.name})")
     check_compatible(infos, allow_chat_template_mismatch=recipe.allow_chat_template_mismatch)
 
@@ -120,8 +122,14 @@ def _advantages(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict
         lam = recipe.scale_of(expert)
         student_lp = sub.sampler_logprobs
         teacher_lp = s.frozen.score(expert.teacher, sub)
-        reference_lp = None if lam == 1.0 else s.frozen.score(reference_path(recipe, expert), sub)
-        a = objective.gopd_advantages(student_lp, teacher_lp, reference_lp, lam) * sub.response_mask
+        clip = recipe.train.log_ratio_clip
+        needs_reference = lam != 1.0 or clip is not None  # a clipped log T/R no longer cancels R at lam 1
+        reference_lp = s.frozen.score(reference_path(recipe, expert), sub) if needs_reference else None
+        if clip is None:
+            a = objective.gopd_advantages(student_lp, teacher_lp, reference_lp, lam)
+        else:
+            a = gopd_advantages_clipped(student_lp, teacher_lp, reference_lp, lam, clip)
+        a = a * sub.response_mask
         adv[rows] = a
         m, name = sub.response_mask, expert.name
         metrics[f"{name}/reward"] = float(objective.masked_mean(a, m))
