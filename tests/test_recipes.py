@@ -33,7 +33,9 @@ def test_smoke_recipe_end_to_end(tmp_path):
     # sharpened teachers on their own domain only
     assert ("math@greedy", "zoo-math") in headline and ("math@greedy", "zoo-code") not in headline
     assert ("code@greedy", "zoo-code") in headline and ("code@greedy", "zoo-math") not in headline
-    assert all(0 <= r["score"] <= 1 and r["n_problems"] == 64 for r in rows)
+    assert all(0 <= r["score"] <= 1 for r in rows)
+    assert all(r["n_problems"] == 64 for r in rows if r["subset"] is None)
+    assert all(0 < r["n_problems"] < 64 for r in rows if r["subset"] is not None)
     assert {r["subset"] for r in rows} >= {None, "misconception", "plain"}
     assert report["sandbox_isolation"] in ("bubblewrap", "rlimits")
     for name in ("report.md", "report.png", "training_curves.png", "metrics.jsonl", "manifest.json"):
