@@ -113,9 +113,6 @@ class Zoo(Strict):
     dir: str | None = Field(None, description="default: $MERGE_DISTILL_CACHE/zoo/<preset>-seed<seed>")
 
 
-METHODS = ("gopd", "grpo", "sft", "expo", "merge")
-
-
 class Recipe(Strict):
     method: Literal["gopd", "grpo", "sft", "expo", "merge"] = Field(
         "gopd", description="gopd: G-OPD/ExOPD; grpo: outcome-reward RL; sft: fine-tune on teacher samples; "

@@ -73,9 +73,6 @@ class ModelCache:
             self._models[k] = load_model(path, what=what, dtype=self.dtype).to(self.device)
         return self._models[k]
 
-    def __len__(self) -> int:
-        return len(self._models)
-
     @torch.no_grad()
     def score(self, path: str | os.PathLike, rollouts: Rollouts) -> Tensor:
         return response_logprobs(self.get(path), rollouts)

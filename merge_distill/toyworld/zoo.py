@@ -102,7 +102,7 @@ class Zoo:
 
     # ---------------------------------------------------------------------------------- stages
     def _build(self, member: str) -> None:
-        if self.path(member).exists() or member in ("zoo.json",):
+        if self.path(member).exists():
             return
         builders = {"data": self._data, "base": lambda: self._base("base", self.preset.size),
                     "large_base": lambda: self._base("large_base", self.preset.large_size),
