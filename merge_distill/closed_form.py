@@ -22,6 +22,7 @@ class ClosedFormLogits(LogitsSource):
     def __init__(self, teacher: torch.nn.Module, reference: torch.nn.Module, reward_scale: float):
         self.teacher, self.reference = ModelLogits(teacher), ModelLogits(reference)
         self.reward_scale = reward_scale
+        self.device = self.teacher.device
         self.training = False
 
     def start(self, batch_size: int):

@@ -128,8 +128,10 @@ class Recipe(Strict):
     output_dir: str
     zoo: Zoo | None = None
     allow_chat_template_mismatch: bool = False
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="teachers and references are stored in it and the student computes in it "
+                               "(autocast); the student's weights and optimizer stay float32")
+    device: str = Field("cpu", description="torch device of the student and frozen models, e.g. cpu, cuda, cuda:1")
 
     @field_validator("experts")
     @classmethod

@@ -2,8 +2,11 @@
 
 Layout of a batch: prompts are left-padded to a common length P, responses right-padded to L, so the
 sequence for row b is `prompt_ids[b] ++ response_ids[b]` and every response starts at column P.
-Randomness comes from an explicit `torch.Generator`, never the global RNG, so evaluation cannot disturb
-training's data order and a resumed run samples exactly what an uninterrupted one would.
+Randomness is per row: each row has its own integer seed, which fixes the uniform numbers its tokens are
+drawn with (inverse-CDF sampling). A row's response therefore depends only on its prompt, its seed and the
+model, never on which other rows share the batch: data-parallel ranks, micro-batches or length buckets
+sample exactly what one big batch would, evaluation cannot disturb training's data order, and a resumed
+run samples exactly what an uninterrupted one would. The global RNG is never used.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ class Rollouts:
         return self.response_mask.sum(-1)
 
     def select(self, rows: Tensor | list[int]) -> "Rollouts":
-        idx = torch.as_tensor(rows, dtype=torch.long)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.prompt_ids.device)
         return Rollouts(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+    def to(self, device: str | torch.device) -> "Rollouts":
+        return Rollouts(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
     def response_token_lists(self) -> list[list[int]]:
         return [ids[: int(n)].tolist() for ids, n in zip(self.response_ids, self.lengths)]
@@ -45,7 +51,7 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
 
     def pad(t: Tensor, width: int, value, left: bool) -> Tensor:
         extra = width - t.shape[1]
-        fill = torch.full((t.shape[0], extra), value, dtype=t.dtype)
+        fill = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
         return torch.cat([fill, t] if left else [t, fill], dim=1)
 
     return Rollouts(
@@ -58,7 +64,7 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
     )
 
 
-def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[Tensor, Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -66,7 +72,28 @@ def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[Tensor, Ten
         if s:
             ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s):] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
+
+
+def row_seeds(base: int, count: int, offset: int = 0) -> list[int]:
+    """Seeds of rows `offset .. offset+count-1` of a batch whose randomness is keyed by `base`
+    (training uses base = f(seed, step), so global row r of a step has the same seed on any rank)."""
+    return [(base * 1_000_003 + offset + r) % (2**63 - 1) for r in range(count)]
+
+
+def row_uniforms(seeds: list[int], count: int) -> Tensor:
+    """`[B, count]` float64 uniforms in (0, 1), row b drawn from its own generator seeded with seeds[b]."""
+    u = torch.empty(len(seeds), count, dtype=torch.float64)
+    for b, seed in enumerate(seeds):
+        u[b] = torch.rand(count, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return u.clamp_(min=1e-12)
+
+
+def draw(logprobs: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF draw of one token per row from `logprobs` `[B, V]` with uniforms `u` `[B]`."""
+    cdf = logprobs.exp().cumsum(-1)
+    x = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, x).squeeze(1).clamp_(max=logprobs.shape[-1] - 1)
 
 
 def positions(attention_mask: Tensor) -> Tensor:
@@ -78,6 +105,8 @@ class LogitsSource:
     """What `sample` draws from: anything that maps (new ids, masks, positions, state) to next-token
     log-probs. The default wraps one HF causal LM; `merge_distill.closed_form` mixes several."""
 
+    device = torch.device("cpu")
+
     def start(self, batch_size: int):  # -> opaque per-batch state (e.g. KV caches)
         raise NotImplementedError
 
@@ -88,6 +117,7 @@ class LogitsSource:
 class ModelLogits(LogitsSource):
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.device = next(model.parameters()).device
         # transformers renamed `past_key_values` to `cache`; accept both generations of the API.
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -103,27 +133,34 @@ class ModelLogits(LogitsSource):
 
 @torch.no_grad()
 def sample(model: torch.nn.Module | LogitsSource, prompts: list[list[int]], *, max_new_tokens: int,
-           temperature: float, eos_token_id: int, pad_token_id: int,
+           temperature: float, eos_token_id: int, pad_token_id: int, seeds: list[int] | None = None,
            generator: torch.Generator | None = None) -> Rollouts:
     """Sample one response per prompt (repeat prompts for several rollouts).
 
+    `seeds` (one per row) fix each row's randomness; without them, row seeds are drawn from `generator`.
     temperature 0 is greedy. The recorded log-probs are those of the distribution actually sampled
-    from (logits / temperature), i.e. the sampler's, for the importance ratio.
+    from (logits / temperature), i.e. the sampler's, for the importance ratio. Tensors of the result
+    live on the model's device.
     """
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
+    elif len(seeds) != len(prompts):
+        raise ValueError(f"sample: {len(seeds)} seeds for {len(prompts)} prompts")
     source = model if isinstance(model, LogitsSource) else ModelLogits(model)
     was_training = getattr(model, "training", False)
     if isinstance(model, torch.nn.Module):
         model.eval()
     try:
-        return _sample(source, prompts, max_new_tokens, temperature, eos_token_id, pad_token_id, generator)
+        return _sample(source, prompts, max_new_tokens, temperature, eos_token_id, pad_token_id, seeds)
     finally:
         if was_training:
             model.train()
 
 
-def _sample(source: LogitsSource, prompts, max_new_tokens, temperature, eos_token_id, pad_token_id, generator):
-    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id)
+def _sample(source: LogitsSource, prompts, max_new_tokens, temperature, eos_token_id, pad_token_id, seeds):
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, source.device)
     batch = prompt_ids.shape[0]
+    uniforms = row_uniforms(seeds, max_new_tokens).to(source.device) if temperature > 0 else None
     state = source.start(batch)
     mask = prompt_mask.clone()
     pos = positions(mask)
@@ -131,11 +168,11 @@ def _sample(source: LogitsSource, prompts, max_new_tokens, temperature, eos_toke
     next_pos = pos[:, -1] + 1
 
     tokens, token_logprobs, alive_cols = [], [], []
-    finished = torch.zeros(batch, dtype=torch.bool)
-    for _ in range(max_new_tokens):
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+    for t in range(max_new_tokens):
         if temperature > 0:
             scaled = logprobs if temperature == 1.0 else torch.log_softmax(logprobs / temperature, -1)
-            tok = torch.multinomial(scaled.exp(), 1, generator=generator).squeeze(1)
+            tok = draw(scaled, uniforms[:, t])
         else:
             scaled = logprobs
             tok = scaled.argmax(-1)

@@ -6,6 +6,7 @@ normalised); the difference is one function, `_advantages`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -34,7 +35,7 @@ from merge_distill.models import (
     model_info,
 )
 from merge_distill.recipe import STUDENT, Recipe
-from merge_distill.sampling import Rollouts, concat_rollouts, sample
+from merge_distill.sampling import Rollouts, concat_rollouts, row_seeds, sample
 from merge_distill.scoring import ModelCache, response_logprobs
 
 TRAINER_STATE = "trainer_state.pt"
@@ -50,6 +51,13 @@ class Setup:
     frozen: ModelCache
     mixer: DomainMixer
     graders: dict[int, object] = field(default_factory=dict)
+
+    def autocast(self):
+        """The student's forward passes in the recipe's dtype (mixed precision; its weights stay float32)."""
+        dtype = getattr(torch, self.recipe.dtype)
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.recipe.device).type, dtype=dtype)
 
 
 def check_models(recipe: Recipe) -> None:
@@ -80,8 +88,8 @@ def setup(recipe: Recipe) -> Setup:
     tokenizer = load_tokenizer(recipe.student, what="student")
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise UserError(f"student '{recipe.student}': its tokenizer needs an eos_token and a pad_token")
-    dtype = getattr(torch, recipe.dtype)
-    student = load_model(recipe.student, what="student", dtype=dtype, trainable=True).to(recipe.device)
+    dtype = getattr(torch, recipe.dtype)  # frozen models are stored in it; the student computes in it
+    student = load_model(recipe.student, what="student", dtype=torch.float32, trainable=True).to(recipe.device)
     mixer = DomainMixer(load_prompts(recipe, tokenizer), [e.weight for e in recipe.experts], recipe.train.seed)
     s = Setup(recipe, tokenizer, student, ModelCache(dtype=dtype, device=recipe.device), mixer)
     if recipe.method == "grpo":
@@ -106,7 +114,7 @@ def _advantages(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict
     for row, p in enumerate(batch):
         by_expert[p.expert].append(row)
     if recipe.method == "grpo":
-        rewards = torch.zeros(len(batch))
+        rewards = torch.zeros(len(batch), device=mask.device)
         texts = s.tokenizer.batch_decode(rollouts.response_token_lists(), skip_special_tokens=True)
         t0 = time.perf_counter()
         for i, rows in by_expert.items():
@@ -139,20 +147,21 @@ def _advantages(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict
     return adv
 
 
-def _sample(s: Setup, model, batch: list[Prompt], generator) -> Rollouts:
+def _sample(s: Setup, model, batch: list[Prompt], seeds: list[int]) -> Rollouts:
     cfg = s.recipe.train
     return sample(model, [list(p.token_ids) for p in batch], max_new_tokens=cfg.max_new_tokens,
                   temperature=cfg.temperature, eos_token_id=s.tokenizer.eos_token_id,
-                  pad_token_id=s.tokenizer.pad_token_id, generator=generator)
+                  pad_token_id=s.tokenizer.pad_token_id, seeds=seeds)
 
 
-def _teacher_samples(s: Setup, batch: list[Prompt], generator) -> Rollouts:
+def _teacher_samples(s: Setup, batch: list[Prompt], seeds: list[int]) -> Rollouts:
     """SFT baseline: each domain's teacher answers its own prompts (as many trajectories as G-OPD uses)."""
     parts = []
     for i, e in enumerate(s.recipe.experts):
-        rows = [p for p in batch if p.expert == i]
+        rows = [r for r, p in enumerate(batch) if p.expert == i]
         if rows:
-            parts.append(_sample(s, s.frozen.get(e.teacher, what=f"teacher of {e.name}"), rows, generator))
+            teacher = s.frozen.get(e.teacher, what=f"teacher of {e.name}")
+            parts.append(_sample(s, teacher, [batch[r] for r in rows], [seeds[r] for r in rows]))
     return concat_rollouts(parts, s.tokenizer.pad_token_id)
 
 
@@ -162,12 +171,14 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     t0 = time.perf_counter()
     prompts = s.mixer.next_batch(cfg.prompts_per_step)
     batch = [p for p in prompts for _ in range(cfg.rollouts_per_prompt)]
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    seeds = row_seeds(cfg.seed * 1_000_003 + step, len(batch))  # row r's randomness, wherever it is sampled
     if recipe.method == "sft":
-        batch = sorted(batch, key=lambda p: p.expert)  # rows grouped by domain, as the teachers sample them
-        rollouts = _teacher_samples(s, batch, generator)
+        order = sorted(range(len(batch)), key=lambda r: batch[r].expert)  # grouped by domain, as teachers sample
+        batch, seeds = [batch[r] for r in order], [seeds[r] for r in order]
+        rollouts = _teacher_samples(s, batch, seeds)
     else:
-        rollouts = _sample(s, s.student, batch, generator)
+        with s.autocast():
+            rollouts = _sample(s, s.student, batch, seeds)
     t1 = time.perf_counter()
     adv = None if recipe.method == "sft" else _advantages(s, batch, rollouts, metrics)
     t2 = time.perf_counter()
@@ -180,7 +191,8 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     for lo in range(0, len(batch), micro):
         rows = list(range(lo, min(lo + micro, len(batch))))
         sub = rollouts.select(rows)
-        logprobs = response_logprobs(s.student, sub, temperature=cfg.temperature)
+        with s.autocast():
+            logprobs = response_logprobs(s.student, sub, temperature=cfg.temperature)
         share = sub.response_mask.sum() / total_tokens
         if adv is None:
             loss = objective.sft_loss(logprobs, sub.response_mask) * share
