@@ -62,6 +62,19 @@ def dense_gopd_loss(student_logits: Tensor, teacher_logprobs: Tensor, reference_
     return masked_mean(dense_kl(student_logits, target), mask)
 
 
+def response_vocab_logprobs(model: torch.nn.Module, rollouts, *, temperature: float = 1.0) -> Tensor:
+    """Full-vocabulary log-probs `[B, L, V]` at every response position (the trainer's dense objective;
+    gradients flow outside `torch.no_grad()`). `[B, L, V]` floats: small vocabularies only."""
+    from merge_distill.sampling import positions
+
+    input_ids = torch.cat([rollouts.prompt_ids, rollouts.response_ids], dim=1)
+    mask = torch.cat([rollouts.prompt_mask, rollouts.response_mask.long()], dim=1)
+    L = rollouts.response_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask),
+                   logits_to_keep=L + 1).logits[:, :-1]
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
 def clip_log_ratio(teacher_logprobs: Tensor, reference_logprobs: Tensor, max_abs: float) -> Tensor:
     """The per-token log-ratio log T - log R clamped to [-c, c] (c = max_abs >= 0; inf clips nothing), detached.
 

@@ -66,6 +66,10 @@ class Train(Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     importance_truncation: Annotated[float, Field(gt=0)] | None = Field(5.0, description="truncate ratio pi_theta/pi_sampler at this value; null = off")
+    objective: Literal["sampled", "dense"] = Field(
+        "sampled", description="sampled: the paper's per-token estimator on the sampled tokens; dense: the exact "
+                               "reverse KL to normalised T^lam R^(1-lam) over the whole vocabulary at every "
+                               "response position (method gopd, small vocabularies)")
     log_ratio_clip: Annotated[float, Field(gt=0)] | None = Field(
         None, description="clip the per-token log T/R to [-c, c] (to study the reward hacking seen at lam 1.5); off by default")
     micro_batch_size: Annotated[int, Field(ge=1)] | None = Field(None, description="sequences per forward/backward (gradient accumulation); default all")
@@ -149,6 +153,16 @@ class Recipe(Strict):
             for i, e in enumerate(self.experts):
                 if not e.teacher:
                     raise ValueError(f"experts.{i} ({e.name}): teacher is required for method {self.method}")
+        return self
+
+    @model_validator(mode="after")
+    def _dense_is_gopd(self) -> "Recipe":
+        if self.train.objective == "dense":
+            if self.method != "gopd":
+                raise ValueError(f"train.objective dense is a G-OPD objective; method is {self.method}")
+            if self.train.log_ratio_clip is not None:
+                raise ValueError("train.log_ratio_clip clips the sampled estimator's reward; it does not apply "
+                                 "to train.objective dense")
         return self
 
     @model_validator(mode="after")

@@ -25,7 +25,12 @@ from merge_distill.data import (
     render_prompt,
     user_message,
 )
-from merge_distill.dense import gopd_advantages_clipped
+from merge_distill.dense import (
+    dense_kl,
+    gopd_advantages_clipped,
+    response_vocab_logprobs,
+    target_logprobs,
+)
 from merge_distill.errors import UserError
 from merge_distill.io import atomic_dir, atomic_write_json
 from merge_distill.models import (
@@ -147,6 +152,28 @@ def _advantages(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict
     return adv
 
 
+@torch.no_grad()
+def _dense_targets(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict) -> torch.Tensor:
+    """Dense G-OPD: log pi* = log_softmax(lam log T + (1 - lam) log R) `[B, L, V]` at every response position."""
+    recipe = s.recipe
+    target = None
+    for i, expert in enumerate(recipe.experts):
+        rows = [r for r, p in enumerate(batch) if p.expert == i]
+        if not rows:
+            continue
+        sub, lam = rollouts.select(rows), recipe.scale_of(expert)
+        teacher = response_vocab_logprobs(s.frozen.get(expert.teacher), sub)
+        reference = None if lam == 1.0 else response_vocab_logprobs(s.frozen.get(reference_path(recipe, expert)), sub)
+        t = target_logprobs(teacher, reference, lam)
+        if target is None:
+            target = t.new_zeros(*rollouts.response_ids.shape, t.shape[-1])
+        target[rows] = t
+        metrics[f"{expert.name}/reverse_kl_teacher"] = float(objective.masked_mean(
+            objective.kl_k1(sub.sampler_logprobs, teacher.gather(-1, sub.response_ids[..., None]).squeeze(-1)),
+            sub.response_mask))
+    return target
+
+
 def _sample(s: Setup, model, batch: list[Prompt], seeds: list[int]) -> Rollouts:
     cfg = s.recipe.train
     return sample(model, [list(p.token_ids) for p in batch], max_new_tokens=cfg.max_new_tokens,
@@ -180,7 +207,12 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
         with s.autocast():
             rollouts = _sample(s, s.student, batch, seeds)
     t1 = time.perf_counter()
-    adv = None if recipe.method == "sft" else _advantages(s, batch, rollouts, metrics)
+    dense = cfg.objective == "dense"
+    adv = target = None
+    if dense:
+        target = _dense_targets(s, batch, rollouts, metrics)
+    elif recipe.method != "sft":
+        adv = _advantages(s, batch, rollouts, metrics)
     t2 = time.perf_counter()
 
     s.student.train()
@@ -191,10 +223,16 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     for lo in range(0, len(batch), micro):
         rows = list(range(lo, min(lo + micro, len(batch))))
         sub = rollouts.select(rows)
-        with s.autocast():
-            logprobs = response_logprobs(s.student, sub, temperature=cfg.temperature)
         share = sub.response_mask.sum() / total_tokens
-        if adv is None:
+        with s.autocast():
+            if dense:  # exact reverse KL to pi* at every visited position; no sampled estimate, no ratio
+                vocab_logprobs = response_vocab_logprobs(s.student, sub, temperature=cfg.temperature)
+                logprobs = vocab_logprobs.gather(-1, sub.response_ids[..., None]).squeeze(-1)
+            else:
+                logprobs = response_logprobs(s.student, sub, temperature=cfg.temperature)
+        if dense:
+            loss = objective.masked_mean(dense_kl(vocab_logprobs, target[rows]), sub.response_mask) * share
+        elif adv is None:
             loss = objective.sft_loss(logprobs, sub.response_mask) * share
         else:
             loss = objective.policy_gradient_loss(logprobs, sub.sampler_logprobs, adv[rows], sub.response_mask,
