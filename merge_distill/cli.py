@@ -113,6 +113,7 @@ def eval_cmd(
     zoo_seed: int = 0,
     zoo_dir: Annotated[Optional[Path], typer.Option(help="zoo folder for zoo-* suites (overrides --zoo)")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("eval_results"),
+    device: Annotated[str, typer.Option(help="torch device for the models, e.g. cpu or cuda")] = "cpu",
 ):
     """Score models side by side: a table, results.json/.md/.png and per-sample generations (resumable)."""
 
@@ -145,7 +146,7 @@ def eval_cmd(
             suites = [replace(s, records=s.records[:max_problems]) for s in suites]
         with progress_bar() as progress:
             result = evaluate(specs, suites, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                              seed=seed, out_dir=out, progress=progress)
+                              seed=seed, out_dir=out, progress=progress, device=device)
         pairs = [(a.name, b.name) for i, a in enumerate(specs) for b in specs[i + 1:]]
         per_problem = {}
         for (m, s), est in result.per_problem.items():

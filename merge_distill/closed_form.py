@@ -48,7 +48,7 @@ def is_spec(path: str) -> bool:
     return str(path).startswith(PREFIX)
 
 
-def load(spec: str):
+def load(spec: str, device: str = "cpu"):
     """(LogitsSource, tokenizer) for a closed-form spec; the two models must share a vocabulary."""
     from merge_distill.models import (
         check_compatible,
@@ -60,6 +60,6 @@ def load(spec: str):
     f = parse_spec(spec)
     check_compatible({"teacher": model_info(f["teacher"], what="closed-form teacher"),
                       "reference": model_info(f["reference"], what="closed-form reference")})
-    teacher = load_model(f["teacher"], what="closed-form teacher")
-    reference = load_model(f["reference"], what="closed-form reference")
+    teacher = load_model(f["teacher"], what="closed-form teacher").to(device)
+    reference = load_model(f["reference"], what="closed-form reference").to(device)
     return ClosedFormLogits(teacher, reference, f["lam"]), load_tokenizer(f["teacher"])

@@ -192,6 +192,12 @@ def _teacher_samples(s: Setup, batch: list[Prompt], seeds: list[int]) -> Rollout
     return concat_rollouts(parts, s.tokenizer.pad_token_id)
 
 
+def _sync(s: Setup) -> None:
+    """Wait for queued GPU work, so the phase timings are honest."""
+    if s.student.device.type == "cuda":
+        torch.cuda.synchronize(s.student.device)
+
+
 def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     recipe, cfg = s.recipe, s.recipe.train
     metrics: dict = {"step": step + 1}
@@ -206,6 +212,7 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     else:
         with s.autocast():
             rollouts = _sample(s, s.student, batch, seeds)
+    _sync(s)
     t1 = time.perf_counter()
     dense = cfg.objective == "dense"
     adv = target = None
@@ -213,6 +220,7 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
         target = _dense_targets(s, batch, rollouts, metrics)
     elif recipe.method != "sft":
         adv = _advantages(s, batch, rollouts, metrics)
+    _sync(s)
     t2 = time.perf_counter()
 
     s.student.train()
@@ -243,6 +251,7 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     grad_norm = torch.nn.utils.clip_grad_norm_(s.student.parameters(), cfg.grad_clip or float("inf"))
     optimizer.step()
     scheduler.step()
+    _sync(s)
     t3 = time.perf_counter()
 
     ratio = torch.cat(ratios) if ratios else torch.ones(1)
@@ -261,6 +270,8 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
         "time/sample_s": t1 - t0, "time/score_s": t2 - t1 - metrics.get("time/grade_s", 0.0),
         "time/update_s": t3 - t2, "time/step_s": t3 - t0,
     })
+    if torch.cuda.is_available() and s.student.device.type == "cuda":
+        metrics["memory/gpu_peak_gib"] = torch.cuda.max_memory_allocated(s.student.device) / 2**30
     return metrics
 
 
@@ -315,7 +326,7 @@ def resume_from(s: Setup, optimizer, scheduler) -> int:
     step, path = found[-1]
     state_dict = load_model(path, what="checkpoint").state_dict()
     s.student.load_state_dict(state_dict)
-    state = torch.load(path / TRAINER_STATE, weights_only=False)
+    state = torch.load(path / TRAINER_STATE, weights_only=False, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     s.mixer.load_state_dict(state["mixer"])

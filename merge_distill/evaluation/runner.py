@@ -63,19 +63,21 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:6], "little")
 
 
-def _load(name: str, path: str):
+def _load(name: str, path: str, device: str = "cpu"):
     from merge_distill import closed_form
     from merge_distill.models import load_model, load_tokenizer
 
     if closed_form.is_spec(path):
-        return closed_form.load(path)
-    return load_model(path, what=f"model '{name}'"), load_tokenizer(path, what=f"model '{name}'")
+        return closed_form.load(path, device=device)
+    return load_model(path, what=f"model '{name}'").to(device), load_tokenizer(path, what=f"model '{name}'")
 
 
 def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperature: float, max_new_tokens: int,
                        seed: int, out_dir: Path, batch_size: int = 256, model=None, tokenizer=None,
-                       grader=None, progress=None) -> list[dict]:
-    """All (task, sample) generations for one model on one suite, graded; resumes from its JSONL file."""
+                       grader=None, progress=None, load=None) -> list[dict]:
+    """All (task, sample) generations for one model on one suite, graded; resumes from its JSONL file.
+
+    The model is loaded (by `load()`, else from `spec`) only if some generations are missing."""
     from merge_distill.graders import get_grader
 
     path = out_dir / "generations" / f"{_safe(spec.name)}__{_safe(suite.name)}.jsonl"
@@ -92,7 +94,7 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
     todo = [(r, k) for r in suite.records for k in range(samples) if (r["task_id"], k) not in done]
     if todo:
         if model is None:
-            model, tokenizer = _load(spec.name, spec.path_for(suite.name))
+            model, tokenizer = load() if load else _load(spec.name, spec.path_for(suite.name))
         grader = grader or get_grader(suite.grader)
         task = progress.add_task(f"eval {spec.name} on {suite.name}", total=len(todo)) if progress else None
         prompt_cache: dict[str, list[int]] = {}
@@ -143,8 +145,9 @@ def score_rows(spec_name: str, suite: Suite, graded: list[dict], samples: int, t
 
 def evaluate(models: list[ModelSpec], suites: list[Suite], *, samples: int = 1, temperature: float = 1.0,
              max_new_tokens: int = 256, seed: int = 1234, out_dir: str | Path, batch_size: int = 256,
-             progress=None) -> EvalResult:
-    """Every model on every suite. Greedy (temperature 0) takes one sample per problem."""
+             progress=None, device: str = "cpu") -> EvalResult:
+    """Every model on every suite. Greedy (temperature 0) takes one sample per problem.
+    A model is loaded (once, on `device`) only if it has generations left to make."""
     if samples < 1:
         raise UserError("--samples must be at least 1")
     names = [m.name for m in models]
@@ -158,7 +161,7 @@ def evaluate(models: list[ModelSpec], suites: list[Suite], *, samples: int = 1, 
     graders = {}
     try:
         for spec in models:
-            model = tokenizer = loaded = None
+            loaded: dict[str, tuple] = {}
             for suite in suites:
                 if spec.only_suites is not None and suite.name not in spec.only_suites:
                     continue
@@ -166,12 +169,17 @@ def evaluate(models: list[ModelSpec], suites: list[Suite], *, samples: int = 1, 
                 k = 1 if temp == 0 else samples
                 if suite.grader not in graders:
                     graders[suite.grader] = get_grader(suite.grader)
-                if loaded != spec.path_for(suite.name):
-                    loaded = spec.path_for(suite.name)
-                    model, tokenizer = _load(spec.name, loaded)
+                path = spec.path_for(suite.name)
+
+                def load(path=path, loaded=loaded, name=spec.name):
+                    if path not in loaded:
+                        loaded.clear()  # one model in memory at a time
+                        loaded[path] = _load(name, path, device)
+                    return loaded[path]
+
                 graded = generate_and_grade(spec, suite, samples=k, temperature=temp, max_new_tokens=max_new_tokens,
-                                            seed=seed, out_dir=out_dir, batch_size=batch_size, model=model,
-                                            tokenizer=tokenizer, grader=graders[suite.grader], progress=progress)
+                                            seed=seed, out_dir=out_dir, batch_size=batch_size,
+                                            grader=graders[suite.grader], progress=progress, load=load)
                 n_generated += len(graded)
                 rows, per_problem = score_rows(spec.name, suite, graded, k, temp)
                 result.rows += rows
