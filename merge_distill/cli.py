@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -48,7 +49,7 @@ def _guard(fn):
         _quiet_libraries()
         return fn()
     except UserError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]: finished checkpoints and results are kept; rerun with --resume")
@@ -91,10 +92,16 @@ def validate(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overri
 
     def body():
         from merge_distill.recipe import load_recipe
-        from merge_distill.validate import validate_recipe
+        from merge_distill.validate import MissingInputs, validate_recipe
 
-        for line in validate_recipe(load_recipe(recipe, overrides)):
-            console.print(line)
+        try:
+            lines = validate_recipe(load_recipe(recipe, overrides))
+        except MissingInputs as e:  # what could be checked, then (by _guard) every missing input, one a line
+            for line in e.checked:
+                console.print(escape(line), highlight=False)
+            raise
+        for line in lines:
+            console.print(escape(line), highlight=False)
         console.print(f"[green]ok[/green]: {recipe}")
 
     _guard(body)

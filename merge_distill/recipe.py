@@ -117,6 +117,17 @@ class Zoo(Strict):
     dir: str | None = Field(None, description="default: $MERGE_DISTILL_CACHE/zoo/<preset>-seed<seed>")
 
 
+class Backend(Strict):
+    """Inference engines for the student's rollouts and the frozen scorers. "vllm" is the optional extra
+    `pip install 'merge-distill[vllm]'` (CUDA only); the trainer gets its engines from
+    `merge_distill.backends.make_sampler(recipe)` / `make_scorer(recipe, path)` (None = transformers)."""
+
+    rollout: Literal["transformers", "vllm"] = "transformers"
+    scoring: Literal["transformers", "vllm"] = "transformers"
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.5, description="share of GPU memory each vLLM engine may take (the sampler and each vLLM scorer)")
+
+
 class Recipe(Strict):
     method: Literal["gopd", "grpo", "sft", "expo", "merge"] = Field(
         "gopd", description="gopd: G-OPD/ExOPD; grpo: outcome-reward RL; sft: fine-tune on teacher samples; "
@@ -136,6 +147,7 @@ class Recipe(Strict):
         "float32", description="teachers and references are stored in it and the student computes in it "
                                "(autocast); the student's weights and optimizer stay float32")
     device: str = Field("cpu", description="torch device of the student and frozen models, e.g. cpu, cuda, cuda:1")
+    backend: Backend = Field(default_factory=Backend)
 
     @field_validator("experts")
     @classmethod

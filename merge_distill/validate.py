@@ -1,15 +1,93 @@
-"""`merge-distill validate`: every check a run makes before it spends compute, and nothing more."""
+"""`merge-distill validate`: every check a run makes before it spends compute, and nothing more.
+
+When models or prompt files the recipe names are not there yet (a paper-scale recipe validated before the
+weights are fetched), it still checks everything that needs no weights (schema, graders, reward scales,
+prompt files that exist, eval suites) and then reports every missing path at once, one line each.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from merge_distill.errors import UserError
 from merge_distill.recipe import STUDENT, Recipe
 
 
+class MissingInputs(UserError):
+    """Paths the recipe names that are missing (or unusable), all of them; `checked` = what still passed."""
+
+    def __init__(self, problems: list[str], checked: list[str]):
+        self.problems, self.checked = problems, checked
+        if len(problems) == 1:  # one problem, one line (as every other UserError)
+            super().__init__(problems[0])
+            return
+        head = (f"{len(problems)} inputs of the recipe missing or unusable; fill them in (see the comments in "
+                "the recipe) and validate again:")
+        super().__init__("\n".join([head, *("  " + p for p in problems)]))
+
+
+def _input_fields(recipe: Recipe) -> list[tuple[str, str, bool]]:
+    """(field, path, is_model) of every model a run loads (as `train.check_models` decides) and every
+    prompt file, in recipe order."""
+    fields = [("student", recipe.student, True)]
+    for i, e in enumerate(recipe.experts):
+        if recipe.method != "grpo" and e.teacher:
+            fields.append((f"experts.{i}.teacher ({e.name})", e.teacher, True))
+            scored = recipe.scale_of(e) != 1.0 or recipe.train.log_ratio_clip is not None
+            if recipe.method == "gopd" and e.reference != STUDENT and scored:
+                fields.append((f"experts.{i}.reference ({e.name})", e.reference, True))
+        if isinstance(e.prompts, str):  # a `datasets` spec is checked when it loads
+            fields.append((f"experts.{i}.prompts ({e.name})", e.prompts, False))
+    return fields
+
+
+def missing_paths(recipe: Recipe) -> list[str]:
+    """One line per model folder or prompt file that does not exist (zoo paths already resolved)."""
+    from merge_distill.models import is_model_dir
+
+    problems = []
+    for field, path, is_model in _input_fields(recipe):
+        if not Path(path).exists():
+            problems.append(f"{field}: {path} not found")
+        elif is_model and not is_model_dir(path):
+            problems.append(f"{field}: {path} is not a model folder (no config.json) or a .gguf file")
+        elif not is_model and not Path(path).is_file():
+            problems.append(f"{field}: {path} is not a file (expected .jsonl or .parquet)")
+    return problems
+
+
+def _partial_checks(recipe: Recipe, resolved: Recipe, problems: list[str]) -> list[str]:
+    """What can be checked while some inputs are missing; further problems are appended to `problems`."""
+    from merge_distill.data import load_records
+    from merge_distill.graders import available_graders
+
+    lines = []
+    for i, e in enumerate(resolved.experts):
+        if isinstance(e.prompts, str) and Path(e.prompts).is_file():
+            try:
+                records = load_records(e.prompts, what=f"experts.{i}.prompts ({e.name})")
+                lines.append(f"expert {e.name}: {len(records)} prompts in {e.prompts}")
+            except UserError as err:
+                problems.append(str(err))
+    try:
+        lines += _static_checks(recipe, available_graders())
+    except UserError as err:
+        problems.append(str(err))
+    if recipe.eval:
+        from merge_distill.run import eval_suites
+
+        try:
+            suites = eval_suites(resolved)
+            lines.append("eval suites: " + ", ".join(f"{s.name} ({len(s)} problems)" for s in suites))
+        except UserError as err:
+            problems.append(str(err))
+    return lines
+
+
 def validate_recipe(recipe: Recipe) -> list[str]:
-    """Raise UserError at the first problem; return lines describing what was checked."""
+    """Return lines describing what was checked. Raise MissingInputs listing every missing model or prompt
+    path (after the checks that need none of them), or UserError at the first other problem."""
     from merge_distill.data import load_records, render_prompt, user_message
     from merge_distill.graders import available_graders
     from merge_distill.models import load_tokenizer
@@ -30,6 +108,10 @@ def validate_recipe(recipe: Recipe) -> list[str]:
         lines.append(f"zoo '{zoo.name}' (seed {zoo.seed}) at {zoo.dir}: not built yet "
                      f"({', '.join(sorted(set(pending)))}); `merge-distill run` or `merge-distill zoo build` builds it")
         return lines + _static_checks(recipe, available_graders())
+
+    problems = missing_paths(resolved)
+    if problems:
+        raise MissingInputs(problems, _partial_checks(recipe, resolved, problems))
 
     from merge_distill.train import check_models
 
@@ -60,6 +142,13 @@ def _static_checks(recipe: Recipe, graders: list[str]) -> list[str]:
             raise UserError(f"experts.{i} ({e.name}): no grader named '{e.grader_name}'; {hint}")
     scales = ", ".join(f"{e.name}={recipe.scale_of(e)}" for e in recipe.experts)
     lines = [f"reward scales: {scales}"]
+    engines = {"rollout": recipe.backend.rollout, "scoring": recipe.backend.scoring}
+    if "vllm" in engines.values():
+        on = ", ".join(k for k, v in engines.items() if v == "vllm")
+        found = importlib.util.find_spec("vllm") is not None
+        lines.append(f"backend: vllm for {on}, gpu_memory_utilization {recipe.backend.gpu_memory_utilization} per engine; "
+                     + ("vllm is installed" if found else
+                        "vllm is not installed here (pip install 'merge-distill[vllm]' where it runs)"))
     for e in recipe.experts:
         lam = recipe.scale_of(e)
         if lam > 1.4:

@@ -69,7 +69,11 @@ def test_zoo_is_deterministic(tmp_path):
 def test_shipped_recipes_validate(recipe, tmp_path):
     from merge_distill.graders import available_graders
 
-    proc = run_cli("validate", str(ROOT / "recipes" / recipe), env={"MERGE_DISTILL_CACHE": str(tmp_path)})
+    proc = run_cli("validate", str(ROOT / "recipes" / recipe), env={"MERGE_DISTILL_CACHE": str(tmp_path)}, cwd=tmp_path)
+    if recipe.startswith("qwen3_"):
+        # paper scale: the user supplies weights and prompts (tests/test_validate_missing.py checks the listing)
+        assert proc.returncode == 1 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+        return
     if recipe == "three_experts.yaml" and "units" not in available_graders():
         # its third grader comes from the example plugin (tests/test_plugin.py installs it and checks this recipe)
         assert proc.returncode == 1 and "no grader named 'units'" in proc.stderr
