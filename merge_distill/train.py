@@ -56,6 +56,19 @@ class Setup:
     frozen: ModelCache
     mixer: DomainMixer
     graders: dict[int, object] = field(default_factory=dict)
+    sampler: object | None = None  # the student's rollout engine when not transformers (backend.rollout: vllm)
+    scorers: dict[str, object] = field(default_factory=dict)  # frozen vLLM scorers by path (backend.scoring: vllm)
+
+    def score(self, path: str, rollouts: Rollouts) -> torch.Tensor:
+        """Log-probs of the sampled response tokens under the frozen model at `path`, `[B, L]`."""
+        if self.recipe.backend.scoring == "transformers":
+            return self.frozen.score(path, rollouts)
+        from merge_distill.backends import make_scorer
+
+        key = self.frozen.key(path)
+        if key not in self.scorers:
+            self.scorers[key] = make_scorer(self.recipe, path)
+        return self.scorers[key].score(rollouts).to(rollouts.response_ids.device)
 
     def autocast(self):
         """The student's forward passes in the recipe's dtype (mixed precision; its weights stay float32)."""
@@ -97,6 +110,10 @@ def setup(recipe: Recipe) -> Setup:
     student = load_model(recipe.student, what="student", dtype=torch.float32, trainable=True).to(recipe.device)
     mixer = DomainMixer(load_prompts(recipe, tokenizer), [e.weight for e in recipe.experts], recipe.train.seed)
     s = Setup(recipe, tokenizer, student, ModelCache(dtype=dtype, device=recipe.device), mixer)
+    if recipe.method != "sft":
+        from merge_distill.backends import make_sampler
+
+        s.sampler = make_sampler(recipe)  # loads the student's initial weights itself
     if recipe.method == "grpo":
         from merge_distill.graders import get_grader
 
@@ -134,10 +151,10 @@ def _advantages(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict
         sub = rollouts.select(rows)
         lam = recipe.scale_of(expert)
         student_lp = sub.sampler_logprobs
-        teacher_lp = s.frozen.score(expert.teacher, sub)
+        teacher_lp = s.score(expert.teacher, sub)
         clip = recipe.train.log_ratio_clip
         needs_reference = lam != 1.0 or clip is not None  # a clipped log T/R no longer cancels R at lam 1
-        reference_lp = s.frozen.score(reference_path(recipe, expert), sub) if needs_reference else None
+        reference_lp = s.score(reference_path(recipe, expert), sub) if needs_reference else None
         if clip is None:
             a = objective.gopd_advantages(student_lp, teacher_lp, reference_lp, lam)
         else:
@@ -176,6 +193,10 @@ def _dense_targets(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: d
 
 def _sample(s: Setup, model, batch: list[Prompt], seeds: list[int]) -> Rollouts:
     cfg = s.recipe.train
+    if model is s.student and s.sampler is not None:
+        return s.sampler.sample([list(p.token_ids) for p in batch], max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, eos_token_id=s.tokenizer.eos_token_id,
+                                pad_token_id=s.tokenizer.pad_token_id, seeds=seeds).to(s.student.device)
     return sample(model, [list(p.token_ids) for p in batch], max_new_tokens=cfg.max_new_tokens,
                   temperature=cfg.temperature, eos_token_id=s.tokenizer.eos_token_id,
                   pad_token_id=s.tokenizer.pad_token_id, seeds=seeds)
@@ -251,6 +272,8 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     grad_norm = torch.nn.utils.clip_grad_norm_(s.student.parameters(), cfg.grad_clip or float("inf"))
     optimizer.step()
     scheduler.step()
+    if s.sampler is not None:
+        s.sampler.sync_weights(s.student)  # the next rollouts come from the updated weights
     _sync(s)
     t3 = time.perf_counter()
 
@@ -330,6 +353,8 @@ def resume_from(s: Setup, optimizer, scheduler) -> int:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     s.mixer.load_state_dict(state["mixer"])
+    if s.sampler is not None:
+        s.sampler.sync_weights(s.student)
     return step
 
 

@@ -4,9 +4,11 @@ converted to the tensors the transformers backend returns. Nothing here runs a r
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -313,3 +315,33 @@ def test_left_pad_is_the_shared_layout():
     ids, mask = left_pad(PROMPTS, PAD)
     r = vb.rollouts_from_outputs(PROMPTS, generate_outputs(False), eos_token_id=EOS, pad_token_id=PAD)
     assert torch.equal(ids, r.prompt_ids) and torch.equal(mask, r.prompt_mask)
+
+
+def test_trainer_samples_and_scores_through_the_backend(monkeypatch, tiny_world, tmp_path):
+    """The trainer's side of the backend (no real vLLM here): rollouts come from the engine, frozen models
+    score through theirs, and the engine gets the student's weights after every update."""
+    from conftest import write_recipe
+
+    from merge_distill.models import load_model
+    from merge_distill.recipe import load_recipe
+    from merge_distill.train import train
+
+    engines = []
+
+    def engine(model, **kw):
+        engines.append((Path(model).name, FakeLLM(load_model(model).eval())))
+        return engines[-1][1]
+
+    monkeypatch.setattr(vb, "import_vllm", fake_vllm)
+    monkeypatch.setattr(vb, "_engine", engine)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
+                                      max_new_tokens=6),
+                         ["backend.rollout=vllm", "backend.scoring=vllm", "experts.code.reward_scale=1.0"])
+    train(recipe)
+    # the student's sampler first, then one scorer per distinct frozen model (base = math's reference, lam 1.25)
+    assert engines[0][0] == "base" and sorted(n for n, _ in engines[1:]) == ["base", "code_teacher", "math_teacher"]
+    syncs = [c for c in engines[0][1].calls if c[0] == "reload_weights"]
+    assert len(syncs) == 2  # one after each of the two updates
+    assert all(not llm.calls for _, llm in engines[1:])  # frozen engines are never reloaded
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["math/n_sequences"] > 0 for r in rows)
