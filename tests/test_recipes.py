@@ -50,6 +50,20 @@ def test_smoke_recipe_end_to_end(tmp_path):
     clash = run_cli("run", str(ROOT / "recipes" / "smoke.yaml"), "--no-eval", "--set", f"output_dir={out}", env=env)
     assert clash.returncode == 1 and "already holds a run" in clash.stderr
 
+    # a lam sweep on the same zoo: one student per value, sweep.json with a point per value and suite, the plot
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli("sweep", str(ROOT / "recipes" / "smoke.yaml"), "--set", "reward_scale=1.0,1.5",
+                   "--set", "train.steps=2", "--set", f"output_dir={sweep_dir}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((sweep_dir / "sweep" / "sweep.json").read_text())
+    assert data["swept"] == ["reward_scale"]
+    points = {(p["reward_scale"], p["suite"]) for p in data["points"]}
+    assert points == {(lam, s) for lam in (1.0, 1.5) for s in ("zoo-math", "zoo-code")}
+    assert all(p["n_problems"] == 64 and p["response_length"] > 0 and 0 <= p["score"] <= 1 for p in data["points"])
+    assert {b["model"] for b in data["baselines"]} == {"base", "math", "code"}
+    assert (sweep_dir / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert (sweep_dir / "sweep" / "reward_scale=1.5" / "final" / "model.safetensors").is_file()
+
 
 def test_zoo_is_deterministic(tmp_path):
     from merge_distill.toyworld.zoo import Zoo
