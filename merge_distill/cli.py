@@ -66,9 +66,12 @@ def run(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides: 
     """Distill the recipe's experts into its student, then evaluate and write a report."""
 
     def body():
+        from merge_distill import distributed
         from merge_distill import run as pipeline
         from merge_distill.evaluation.report import rich_table
 
+        if not distributed.launched().main:  # under torchrun, rank 0 alone shows progress and results
+            console.quiet = True
         with progress_bar() as progress:
             recipe_, students, evaluated, t = pipeline.run_recipe(recipe, overrides or [], resume=resume,
                                                                    evaluate_after=evaluate, progress=progress,

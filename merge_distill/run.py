@@ -129,21 +129,29 @@ def run_recipe(recipe_path: Path, overrides: list[str], *, resume: bool, evaluat
     """Resolve (building the zoo), train every variant, evaluate side by side, write the report."""
     import time
 
+    from merge_distill import distributed
     from merge_distill.recipe import load_recipe
     from merge_distill.toyworld.zoo import resolve
     from merge_distill.train import train
 
     t0 = time.perf_counter()
-    recipe = resolve(load_recipe(recipe_path, overrides), progress=progress, log=log)
+    recipe = load_recipe(recipe_path, overrides)
+    world = distributed.init(recipe.device)  # under torchrun: every rank trains, rank 0 alone evaluates
+    with distributed.main_first():  # rank 0 builds the zoo, the others then find it
+        recipe = resolve(recipe, progress=progress, log=log)
     timings = {"zoo_s": time.perf_counter() - t0}
     out = Path(recipe.output_dir)
     students = {}
     for name, r in variant_recipes(recipe_path, overrides, recipe).items():
         r = resolve(r, build=False)
-        on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.train.eval_every else None
+        on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.train.eval_every and world.main else None
         students[name] = str(train(r, resume=resume, progress=progress, on_eval=on_eval))
-        training_curves_png(Path(r.output_dir) / "metrics.jsonl", Path(r.output_dir) / "training_curves.png", r)
+        if world.main:
+            training_curves_png(Path(r.output_dir) / "metrics.jsonl", Path(r.output_dir) / "training_curves.png", r)
     timings["train_s"] = time.perf_counter() - t0 - timings["zoo_s"]
+    distributed.shutdown()
+    if not world.main:
+        return recipe, students, None, timings
     if not (evaluate_after and recipe.eval):
         return recipe, students, None, timings
     result, paired = evaluate_recipe(recipe, students, out / "eval", progress=progress)

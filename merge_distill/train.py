@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from merge_distill import objective
+from merge_distill import distributed, objective
 from merge_distill.data import (
     DomainMixer,
     Prompt,
@@ -223,9 +223,12 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     recipe, cfg = s.recipe, s.recipe.train
     metrics: dict = {"step": step + 1}
     t0 = time.perf_counter()
-    prompts = s.mixer.next_batch(cfg.prompts_per_step)
-    batch = [p for p in prompts for _ in range(cfg.rollouts_per_prompt)]
-    seeds = row_seeds(cfg.seed * 1_000_003 + step, len(batch))  # row r's randomness, wherever it is sampled
+    world = distributed.world()
+    prompts = s.mixer.next_batch(cfg.prompts_per_step)  # the global batch, the same on every rank
+    own = slice(*distributed.shard(len(prompts), world.rank, world.size))  # this rank's prompts, all their rollouts
+    batch = [p for p in prompts[own] for _ in range(cfg.rollouts_per_prompt)]
+    # global row r's randomness, wherever it is sampled
+    seeds = row_seeds(cfg.seed * 1_000_003 + step, len(batch), offset=own.start * cfg.rollouts_per_prompt)
     if recipe.method == "sft":
         order = sorted(range(len(batch)), key=lambda r: batch[r].expert)  # grouped by domain, as teachers sample
         batch, seeds = [batch[r] for r in order], [seeds[r] for r in order]
@@ -246,7 +249,8 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
 
     s.student.train()
     optimizer.zero_grad(set_to_none=True)
-    total_tokens = rollouts.response_mask.sum().clamp(min=1)
+    # the token mean over the global batch: every rank divides by the global count, gradients are summed
+    total_tokens = distributed.all_reduce_sum(rollouts.response_mask.sum()).clamp(min=1)
     micro = cfg.micro_batch_size or len(batch)
     loss_sum, ratios = 0.0, []
     for lo in range(0, len(batch), micro):
@@ -269,6 +273,7 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
         loss.backward()
         loss_sum += float(loss.detach())
         ratios.append(torch.exp(logprobs.detach() - sub.sampler_logprobs)[sub.response_mask.bool()])
+    distributed.all_reduce_grads(s.student.parameters())  # then every rank clips by the global norm
     grad_norm = torch.nn.utils.clip_grad_norm_(s.student.parameters(), cfg.grad_clip or float("inf"))
     optimizer.step()
     scheduler.step()
@@ -279,12 +284,14 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
 
     ratio = torch.cat(ratios) if ratios else torch.ones(1)
     lengths = rollouts.lengths
+    weights = {"tokens": float(lengths.sum()), "sequences": len(batch)}  # for the reduction over ranks
     for i, e in enumerate(recipe.experts):
         rows = [r for r, p in enumerate(batch) if p.expert == i]
         if rows:
             metrics[f"{e.name}/response_length"] = float(lengths[rows].mean())
             metrics[f"{e.name}/truncation_rate"] = float(rollouts.truncated[rows].float().mean())
             metrics[f"{e.name}/n_sequences"] = len(rows)
+            weights.update({f"{e.name}/tokens": float(lengths[rows].sum()), f"{e.name}/sequences": len(rows)})
     metrics.update({
         "loss": loss_sum, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
         "response_length": float(lengths.mean()), "truncation_rate": float(rollouts.truncated.float().mean()),
@@ -295,7 +302,7 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     })
     if torch.cuda.is_available() and s.student.device.type == "cuda":
         metrics["memory/gpu_peak_gib"] = torch.cuda.max_memory_allocated(s.student.device) / 2**30
-    return metrics
+    return distributed.reduce_metrics(distributed.gather((metrics, weights)))
 
 
 # ------------------------------------------------------------------------------------ optimisation
@@ -331,14 +338,17 @@ def checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(s: Setup, optimizer, scheduler, step: int) -> Path:
+    """Rank 0 writes the full state (every rank holds all of it), so a run resumes on any number of ranks."""
     out = Path(s.recipe.output_dir) / "checkpoints" / f"step-{step}"
-    with atomic_dir(out) as tmp:
-        s.student.save_pretrained(tmp, safe_serialization=True)
-        s.tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "mixer": s.mixer.state_dict()}, tmp / TRAINER_STATE)
-    for _, old in checkpoint_dirs(Path(s.recipe.output_dir))[: -s.recipe.train.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+    if distributed.is_main():
+        with atomic_dir(out) as tmp:
+            s.student.save_pretrained(tmp, safe_serialization=True)
+            s.tokenizer.save_pretrained(tmp)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "mixer": s.mixer.state_dict()}, tmp / TRAINER_STATE)
+        for _, old in checkpoint_dirs(Path(s.recipe.output_dir))[: -s.recipe.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return out
 
 
@@ -371,7 +381,8 @@ def check_manifest(recipe: Recipe, resume: bool) -> None:
     elif path.exists() and checkpoint_dirs(Path(recipe.output_dir)):
         raise UserError(f"output_dir '{recipe.output_dir}' already holds a run; pass --resume to continue it, "
                         "or choose another output_dir")
-    atomic_write_json(path, manifest)
+    if distributed.is_main():
+        atomic_write_json(path, manifest)
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -424,19 +435,34 @@ def merge_weights(recipe: Recipe) -> Path:
 
 
 def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) -> Path:
-    """Run (or resume) the recipe's training; returns the path of the final checkpoint."""
+    """Run (or resume) the recipe's training; returns the path of the final checkpoint.
+
+    Under `torchrun` every rank calls this: the ranks share each step's prompts (data parallel), and rank 0
+    alone logs, evaluates periodically (`on_eval`) and writes checkpoints (see `merge_distill.distributed`).
+    """
+    world = distributed.init(recipe.device)
+    if world.size > 1:
+        if recipe.method in ("gopd", "grpo", "sft") and recipe.train.prompts_per_step < world.size:
+            raise UserError(f"train.prompts_per_step ({recipe.train.prompts_per_step}) is smaller than the "
+                            f"number of ranks ({world.size}): every rank needs at least one prompt per step")
+        recipe = recipe.model_copy(update={"device": distributed.device_for(recipe.device)})
+        progress, on_eval = (progress, on_eval) if world.main else (None, None)
     output_dir = Path(recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_manifest(recipe, resume)
     if recipe.method in ("expo", "merge"):
-        check_models(recipe)
-        return merge_weights(recipe)
+        final = output_dir / "final"
+        if world.main:
+            check_models(recipe)
+            final = merge_weights(recipe)
+        distributed.barrier()
+        return final
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     s = setup(recipe)
     optimizer, scheduler = make_optimizer(s)
     start = resume_from(s, optimizer, scheduler) if resume else 0
-    log = MetricsLog(output_dir, start)
+    log = MetricsLog(output_dir, start) if world.main else None
     cfg = recipe.train
     task = progress.add_task(f"train ({recipe.method})", total=cfg.steps, completed=start) if progress else None
     try:
@@ -445,17 +471,21 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
             done = step + 1
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and on_eval:
                 metrics.update(on_eval(s.student, done))
-            log.write(metrics)
+            if log:
+                log.write(metrics)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 save_checkpoint(s, optimizer, scheduler, done)
             if progress:
                 progress.update(task, completed=done, description=_describe(recipe, metrics))
         save_checkpoint(s, optimizer, scheduler, cfg.steps)
-        with atomic_dir(output_dir / "final") as tmp:
-            s.student.save_pretrained(tmp, safe_serialization=True)
-            s.tokenizer.save_pretrained(tmp)
+        if world.main:
+            with atomic_dir(output_dir / "final") as tmp:
+                s.student.save_pretrained(tmp, safe_serialization=True)
+                s.tokenizer.save_pretrained(tmp)
+        distributed.barrier()
     finally:
-        log.close()
+        if log:
+            log.close()
         for g in s.graders.values():
             getattr(g, "close", lambda: None)()
     return output_dir / "final"

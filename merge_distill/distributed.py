@@ -1,0 +1,232 @@
+"""Data parallelism for `merge-distill run` under `torchrun` (or `accelerate launch`).
+
+Every rank holds the whole student, its optimizer state and the frozen teachers and references. Each
+step every rank draws the same global prompt batch from the (deterministic) mixer and keeps a contiguous
+slice of its *prompts* (so GRPO's rollouts of one prompt stay on one rank), sampled with the row seeds of
+their *global* rows: rank r samples exactly the responses one process would for those rows. The loss is
+the token mean over the global batch, so each rank weights its tokens by 1 / (global token count) and the
+gradients are summed across ranks (one all-reduce per step), after which every rank clips by the same
+global norm and takes the same optimizer step. Rank 0 alone writes checkpoints (full, unsharded: a run
+resumes on any number of ranks), metrics and the final model; the others wait at a barrier.
+
+Without the launcher's environment (WORLD_SIZE unset or 1) everything here is a no-op for one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# Rank 0 may build the CPU zoo or save a large checkpoint while the others wait in a collective.
+TIMEOUT = timedelta(seconds=float(os.environ.get("MERGE_DISTILL_DIST_TIMEOUT_S", 3 * 3600)))
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = World()
+_local_depth = 0  # > 0 inside `local()`: this process acts alone
+
+
+def launched() -> World:
+    """The world the launcher describes in the environment (torchrun, accelerate launch, ...)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return SINGLE
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def world() -> World:
+    """This process's rank and the number of ranks (one, outside a launcher or inside `local()`)."""
+    if _local_depth:
+        return SINGLE
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), launched().local_rank)
+    return launched()
+
+
+def is_main() -> bool:
+    return world().main
+
+
+def active() -> bool:
+    """True when collectives run: several ranks, the process group up, not inside `local()`."""
+    return not _local_depth and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def device_for(device: str) -> str:
+    """The device of this rank: `cuda` (or `cuda:N`) means this rank's GPU, `cuda:LOCAL_RANK`."""
+    w = world()
+    if w.size > 1 and torch.device(device).type == "cuda":
+        return f"cuda:{w.local_rank}"
+    return device
+
+
+def init(device: str = "cpu") -> World:
+    """Join the launcher's process group (gloo for CPU, nccl for CUDA); idempotent, a no-op alone."""
+    w = launched()
+    if _local_depth or w.size <= 1 or dist.is_initialized():
+        return world()
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(w.local_rank)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=TIMEOUT)
+    return world()
+
+
+def shutdown() -> None:
+    """Wait for every rank, then leave the process group (rank 0 may go on alone, e.g. to evaluate)."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def local():
+    """Inside: this process acts as a world of one (no collectives), e.g. rank 0 building the zoo."""
+    global _local_depth
+    _local_depth += 1
+    try:
+        yield
+    finally:
+        _local_depth -= 1
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block alone (as a world of one) first, then the other ranks run it: for work
+    that creates shared files (building the zoo), which the others then find in place."""
+    if not active():
+        yield
+        return
+    if is_main():
+        with local():
+            yield
+        dist.barrier()  # on failure rank 0 exits instead, and the launcher stops the waiting ranks
+    else:
+        dist.barrier()
+        yield
+
+
+def shard(n: int, rank: int, size: int) -> tuple[int, int]:
+    """The contiguous slice [lo, hi) of n items that `rank` of `size` owns (sizes differ by at most 1)."""
+    base, extra = divmod(n, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def _device_of(tensors) -> torch.device:
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (in place on a copy); the value itself alone."""
+    if not active():
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_grads(params) -> None:
+    """Sum every parameter's gradient over the ranks, in one flat all-reduce per dtype.
+
+    A parameter a rank gave no gradient counts as zero there (and gets a zero gradient), so every rank
+    ends with identical gradients and takes the same optimizer step.
+    """
+    if not active():
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def gather(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; `[obj]` alone."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+SUMMED = ("n_sequences", "loss")   # each rank holds its part of a global sum
+PER_SEQUENCE = ("accuracy", "response_length", "truncation_rate")
+
+
+def reduce_metrics(parts: list[tuple[dict, dict]]) -> dict:
+    """One step's metrics from every rank's `(metrics, weights)`, as one process would report them.
+
+    `weights` holds the rank's counts: `tokens` and `sequences` in all, and `<expert>/tokens`,
+    `<expert>/sequences` per domain. A per-domain key `<expert>/<metric>` is a mean over that domain's
+    tokens (sequences for accuracy, lengths and truncation), weighted by the rank's share of them; the
+    importance-ratio min and max are the extremes; times (and peak memory) are the slowest (largest) rank's (the step waits for it);
+    loss and sequence counts are sums; anything else (step, lr, grad_norm) is identical on every rank.
+    """
+    if len(parts) == 1:
+        return dict(parts[0][0])
+    keys = list(dict.fromkeys(k for m, _ in parts for k in m))
+    out = {}
+    for key in keys:
+        have = [(m[key], w) for m, w in parts if key in m]
+        domain, _, name = key.rpartition("/")
+        if not isinstance(have[0][0], (int, float)) or isinstance(have[0][0], bool):
+            out[key] = have[0][0]
+        elif key.startswith(("time/", "memory/")):
+            out[key] = max(v for v, _ in have)
+        elif key == "importance_ratio/min":
+            out[key] = min(v for v, _ in have)
+        elif key == "importance_ratio/max":
+            out[key] = max(v for v, _ in have)
+        elif name in SUMMED or key in SUMMED:
+            out[key] = sum(v for v, _ in have)
+        elif key == "importance_ratio/mean":
+            out[key] = _weighted(have, "tokens")
+        elif key in PER_SEQUENCE:
+            out[key] = _weighted(have, "sequences")
+        elif domain and f"{domain}/tokens" in have[0][1]:
+            out[key] = _weighted(have, f"{domain}/{'sequences' if name in PER_SEQUENCE else 'tokens'}")
+        else:
+            out[key] = have[0][0]
+    return out
+
+
+def _weighted(have: list, weight_key: str) -> float:
+    total = sum(w.get(weight_key, 0) for _, w in have)
+    if total == 0:
+        return have[0][0]
+    return sum(v * w.get(weight_key, 0) for v, w in have) / total
