@@ -94,6 +94,14 @@ class Eval(Strict):
                                                  "(decode from lam*log T + (1-lam)*log R) as model 'closed_form'")
 
 
+class Placement(Strict):
+    """Where the frozen models (teachers, references) live."""
+
+    frozen_device: str | None = Field(None, description="device of teachers and references; default: the recipe's device")
+    offload: bool = Field(False, description="keep frozen models on the CPU between uses, moving each to "
+                                             "frozen_device only while it scores")
+
+
 class Variant(Strict):
     """One arm of a comparison: a name for the tables and recipe overrides (dotted keys)."""
 
@@ -147,6 +155,7 @@ class Recipe(Strict):
         "float32", description="teachers and references are stored in it and the student computes in it "
                                "(autocast); the student's weights and optimizer stay float32")
     device: str = Field("cpu", description="torch device of the student and frozen models, e.g. cpu, cuda, cuda:1")
+    placement: Placement = Field(default_factory=Placement)
     backend: Backend = Field(default_factory=Backend)
 
     @field_validator("experts")

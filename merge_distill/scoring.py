@@ -6,6 +6,7 @@ never holds `[batch, length, vocab]` float32 log-probs, and prompt positions are
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -55,10 +56,13 @@ def _split(model: torch.nn.Module):
 
 
 class ModelCache:
-    """Frozen models by resolved path: a checkpoint several experts share is loaded once."""
+    """Frozen models by resolved path: a checkpoint several experts share is loaded once.
 
-    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        self.dtype, self.device = dtype, torch.device(device)
+    With `offload`, models rest on the CPU and visit `device` only while they score (less device memory,
+    one host-to-device copy per use)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", offload: bool = False):
+        self.dtype, self.device, self.offload = dtype, torch.device(device), offload
         self._models: dict[str, torch.nn.Module] = {}
 
     @staticmethod
@@ -70,9 +74,22 @@ class ModelCache:
 
         k = self.key(path)
         if k not in self._models:
-            self._models[k] = load_model(path, what=what, dtype=self.dtype).to(self.device)
+            self._models[k] = load_model(path, what=what, dtype=self.dtype).to("cpu" if self.offload else self.device)
         return self._models[k]
+
+    @contextlib.contextmanager
+    def using(self, path: str | os.PathLike, *, what: str = "model"):
+        """The model at `path`, on `device` for the duration of the block (back to the CPU after, with offload)."""
+        model = self.get(path, what=what)
+        if self.offload:
+            model.to(self.device)
+        try:
+            yield model
+        finally:
+            if self.offload:
+                model.to("cpu")
 
     @torch.no_grad()
     def score(self, path: str | os.PathLike, rollouts: Rollouts) -> Tensor:
-        return response_logprobs(self.get(path), rollouts)
+        with self.using(path) as model:
+            return response_logprobs(model, rollouts.to(self.device)).to(rollouts.response_ids.device)

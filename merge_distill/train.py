@@ -109,7 +109,8 @@ def setup(recipe: Recipe) -> Setup:
     dtype = getattr(torch, recipe.dtype)  # frozen models are stored in it; the student computes in it
     student = load_model(recipe.student, what="student", dtype=torch.float32, trainable=True).to(recipe.device)
     mixer = DomainMixer(load_prompts(recipe, tokenizer), [e.weight for e in recipe.experts], recipe.train.seed)
-    s = Setup(recipe, tokenizer, student, ModelCache(dtype=dtype, device=recipe.device), mixer)
+    s = Setup(recipe, tokenizer, student, ModelCache(dtype=dtype, device=recipe.placement.frozen_device or recipe.device,
+                                                  offload=recipe.placement.offload), mixer)
     if recipe.method != "sft":
         from merge_distill.backends import make_sampler
 
@@ -179,8 +180,12 @@ def _dense_targets(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: d
         if not rows:
             continue
         sub, lam = rollouts.select(rows), recipe.scale_of(expert)
-        teacher = response_vocab_logprobs(s.frozen.get(expert.teacher), sub)
-        reference = None if lam == 1.0 else response_vocab_logprobs(s.frozen.get(reference_path(recipe, expert)), sub)
+        with s.frozen.using(expert.teacher) as model:
+            teacher = response_vocab_logprobs(model, sub.to(s.frozen.device)).to(sub.response_ids.device)
+        reference = None
+        if lam != 1.0:
+            with s.frozen.using(reference_path(recipe, expert)) as model:
+                reference = response_vocab_logprobs(model, sub.to(s.frozen.device)).to(sub.response_ids.device)
         t = target_logprobs(teacher, reference, lam)
         if target is None:
             target = t.new_zeros(*rollouts.response_ids.shape, t.shape[-1])
@@ -208,8 +213,9 @@ def _teacher_samples(s: Setup, batch: list[Prompt], seeds: list[int]) -> Rollout
     for i, e in enumerate(s.recipe.experts):
         rows = [r for r, p in enumerate(batch) if p.expert == i]
         if rows:
-            teacher = s.frozen.get(e.teacher, what=f"teacher of {e.name}")
-            parts.append(_sample(s, teacher, [batch[r] for r in rows], [seeds[r] for r in rows]))
+            with s.frozen.using(e.teacher, what=f"teacher of {e.name}") as teacher:
+                part = _sample(s, teacher, [batch[r] for r in rows], [seeds[r] for r in rows])
+            parts.append(part.to(s.student.device))
     return concat_rollouts(parts, s.tokenizer.pad_token_id)
 
 
@@ -445,7 +451,9 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
         if recipe.method in ("gopd", "grpo", "sft") and recipe.train.prompts_per_step < world.size:
             raise UserError(f"train.prompts_per_step ({recipe.train.prompts_per_step}) is smaller than the "
                             f"number of ranks ({world.size}): every rank needs at least one prompt per step")
-        recipe = recipe.model_copy(update={"device": distributed.device_for(recipe.device)})
+        frozen = recipe.placement.frozen_device
+        placement = recipe.placement.model_copy(update={"frozen_device": frozen and distributed.device_for(frozen)})
+        recipe = recipe.model_copy(update={"device": distributed.device_for(recipe.device), "placement": placement})
         progress, on_eval = (progress, on_eval) if world.main else (None, None)
     output_dir = Path(recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -136,3 +136,28 @@ def test_resume_with_other_teachers_is_an_error(tiny_world, tmp_path):
     assert proc.returncode == 1
     assert "experts differ from the run being resumed" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_offloaded_frozen_models_give_the_same_run(tiny_world, tmp_path):
+    """placement.offload keeps teachers and references on the CPU between uses: same metrics, same weights."""
+    from merge_distill import train as train_module
+
+    runs = {}
+    for name, sets in (("plain", []), ("offload", ["placement.offload=true", "placement.frozen_device=cpu"])):
+        recipe = load_recipe(write_recipe(tmp_path / f"{name}.yaml", tiny_world, tmp_path / name, steps=2,
+                                          prompts_per_step=8, max_new_tokens=16), sets)
+        seen = []
+        original = train_module.ModelCache.score
+
+        def spy(self, path, rollouts, original=original, seen=seen):
+            out = original(self, path, rollouts)
+            seen.append({p.device.type for m in self._models.values() for p in m.parameters()})
+            return out
+
+        train_module.ModelCache.score = spy
+        try:
+            runs[name] = load_file(train(recipe) / "model.safetensors")
+        finally:
+            train_module.ModelCache.score = original
+        assert seen and all(s == {"cpu"} for s in seen)
+    assert all(torch.equal(runs["plain"][k], runs["offload"][k]) for k in runs["plain"])
