@@ -74,3 +74,20 @@ def test_bad_input(tiny_world, tmp_path):
         ["eval", "--model", base, "--suite", str(tiny_world / "math_test.jsonl"), "--samples", "0",
          "--out", str(tmp_path)])
     assert "expected NAME=PATH" in _error(["eval", "--model", str(tiny_world / "base"), "--suite", "humaneval"])
+
+
+def test_generations_do_not_depend_on_chunking(tiny_world, tmp_path):
+    """Each (problem, sample) has its own seed: any batch size, with grading overlapped, gives the same file."""
+    from merge_distill.evaluation.runner import ModelSpec, evaluate
+    from merge_distill.evaluation.suites import load_suite
+
+    suite = load_suite(str(tiny_world / "math_test.jsonl"))
+    texts = {}
+    for batch_size in (5, 256):
+        out = tmp_path / f"b{batch_size}"
+        evaluate([ModelSpec("base", str(tiny_world / "base"))], [suite], samples=2, max_new_tokens=24,
+                 out_dir=out, batch_size=batch_size)
+        rows = [json.loads(l) for l in (out / "generations" / "base__math_test.jsonl").read_text().splitlines()]
+        texts[batch_size] = {(r["task_id"], r["sample"]): (r["completion"], r["verdict"]) for r in rows}
+    assert len(texts[5]) == 2 * len(suite.records)
+    assert texts[5] == texts[256]

@@ -13,10 +13,9 @@ import json
 import re
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from merge_distill.data import render_prompt
 from merge_distill.errors import UserError
@@ -98,7 +97,20 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
         grader = grader or get_grader(suite.grader)
         task = progress.add_task(f"eval {spec.name} on {suite.name}", total=len(todo)) if progress else None
         prompt_cache: dict[str, list[int]] = {}
-        with open(path, "a") as f:
+
+        def write(chunk, texts, lengths, truncated, verdicts):
+            for (r, k), text, v, n, cut in zip(chunk, texts, verdicts.result(), lengths, truncated):
+                row = {"task_id": r["task_id"], "sample": k, "completion": text, "verdict": v.verdict,
+                       "score": v.score, "detail": v.detail, "n_tokens": int(n), "truncated": bool(cut)}
+                done[(r["task_id"], k)] = row
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            if progress:
+                progress.update(task, advance=len(chunk))
+
+        # grading of one chunk (sandboxed programs, math-verify processes) overlaps generation of the next
+        with open(path, "a") as f, ThreadPoolExecutor(max_workers=1) as grading:
+            pending = None
             for lo in range(0, len(todo), batch_size):
                 chunk = todo[lo: lo + batch_size]
                 ids = []
@@ -106,19 +118,18 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
                     if r["task_id"] not in prompt_cache:
                         prompt_cache[r["task_id"]] = render_prompt(tokenizer, suite.render_prompt(r), suite.system_prompt)
                     ids.append(prompt_cache[r["task_id"]])
-                g = torch.Generator().manual_seed(_seed(seed, suite.name, chunk[0][0]["task_id"], chunk[0][1]))
+                # one seed per (problem, sample): every model draws with the same seeds (paired comparisons),
+                # whatever the chunking or an interrupted run's resume point
+                seeds = [_seed(seed, suite.name, r["task_id"], k) for r, k in chunk]
                 ro = sample(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=g)
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seeds=seeds)
                 texts = tokenizer.batch_decode(ro.response_token_lists(), skip_special_tokens=True)
-                verdicts = grader.grade_many([r for r, _ in chunk], texts)
-                for (r, k), text, v, n, cut in zip(chunk, texts, verdicts, ro.lengths.tolist(), ro.truncated.tolist()):
-                    row = {"task_id": r["task_id"], "sample": k, "completion": text, "verdict": v.verdict,
-                           "score": v.score, "detail": v.detail, "n_tokens": int(n), "truncated": bool(cut)}
-                    done[(r["task_id"], k)] = row
-                    f.write(json.dumps(row) + "\n")
-                f.flush()
-                if progress:
-                    progress.update(task, advance=len(chunk))
+                verdicts = grading.submit(grader.grade_many, [r for r, _ in chunk], texts)
+                if pending:
+                    write(*pending)
+                pending = (chunk, texts, ro.lengths.tolist(), ro.truncated.tolist(), verdicts)
+            if pending:
+                write(*pending)
     return [done[(r["task_id"], k)] for r in suite.records for k in range(samples)]
 
 
