@@ -171,17 +171,20 @@ def training_curves_png(metrics_path: Path, out_path: Path, recipe: Recipe) -> N
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
     if not rows:
         return
-    keys = ["reward", "reverse_kl_teacher", "kl_reference", "response_length"] if recipe.method == "gopd" \
-        else ["accuracy", "response_length"]
+    keys = {"gopd": ["reward", "reverse_kl_teacher", "kl_reference", "response_length"],
+            "grpo": ["accuracy", "response_length"]}.get(recipe.method, ["loss", "response_length"])
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for ax, key in zip(axes, keys):
         for e in recipe.experts:
             pts = [(r["step"], r[f"{e.name}/{key}"]) for r in rows if f"{e.name}/{key}" in r]
             if pts:
                 ax.plot(*zip(*pts), label=e.name)
+        if not ax.lines and any(key in r for r in rows):  # a whole-batch metric (e.g. the SFT loss)
+            ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), label="all")
         ax.set_title(key.replace("_", " "))
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = out_path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
