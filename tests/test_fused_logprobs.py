@@ -8,6 +8,8 @@ from merge_distill.models import tiny_qwen3
 from merge_distill.sampling import Rollouts, positions, sample
 from merge_distill.scoring import response_logprobs
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def plain_token_logprobs(h, w, b, targets, temperature=1.0):
     logits = torch.nn.functional.linear(h, w, b).float() / temperature
@@ -17,14 +19,15 @@ def plain_token_logprobs(h, w, b, targets, temperature=1.0):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk_rows", [1, 5, 64, None])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_values_and_gradients_match_autograd(temperature, chunk_rows, with_bias):
+@pytest.mark.parametrize("device", DEVICES)
+def test_values_and_gradients_match_autograd(temperature, chunk_rows, with_bias, device):
     g = torch.Generator().manual_seed(0)
     n, hdim, vocab = 37, 16, 301
-    h = torch.randn(n, hdim, generator=g, dtype=torch.float64)
-    w = torch.randn(vocab, hdim, generator=g, dtype=torch.float64) * 0.5
-    b = torch.randn(vocab, generator=g, dtype=torch.float64) if with_bias else None
-    y = torch.randint(0, vocab, (n,), generator=g)
-    upstream = torch.randn(n, generator=g)
+    h = torch.randn(n, hdim, generator=g, dtype=torch.float64).to(device)
+    w = (torch.randn(vocab, hdim, generator=g, dtype=torch.float64) * 0.5).to(device)
+    b = torch.randn(vocab, generator=g, dtype=torch.float64).to(device) if with_bias else None
+    y = torch.randint(0, vocab, (n,), generator=g).to(device)
+    upstream = torch.randn(n, generator=g).to(device)
 
     leaves = [t.clone().requires_grad_() for t in (h, w) + ((b,) if with_bias else ())]
     ours = token_logprobs(leaves[0], leaves[1], leaves[2] if with_bias else None, y, temperature=temperature,
@@ -62,17 +65,20 @@ def _plain_response_logprobs(model, ro: Rollouts, temperature=1.0):
 
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
-def test_response_logprobs_and_student_gradients_match_the_plain_computation(tied, temperature):
+@pytest.mark.parametrize("device", DEVICES)
+def test_response_logprobs_and_student_gradients_match_the_plain_computation(tied, temperature, device):
     model = tiny_qwen3(67, hidden=32, layers=1, heads=2, seed=3, eos_token_id=5, pad_token_id=6)
     if not tied:
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 1.5)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    model.to(device)
     prompts = [[1, 2, 3], [4, 7, 8, 9, 10], [11]]
     ro = sample(model, prompts, max_new_tokens=12, temperature=1.0, eos_token_id=5, pad_token_id=6, seeds=[0, 1, 2])
+    ro = Rollouts(*(getattr(ro, f).to(device) for f in Rollouts.__dataclass_fields__))
     ro.response_mask[1, 7:] = 0  # a row that ended early: padding is neither scored nor differentiated
     ro.response_ids[1, 7:] = 6
-    weights = torch.randn(ro.response_mask.shape, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(ro.response_mask.shape, generator=torch.Generator().manual_seed(0)).to(device)
 
     ours = response_logprobs(model, ro, temperature=temperature, chunk_tokens=5)
     (ours * weights).sum().backward()
@@ -89,11 +95,13 @@ def test_response_logprobs_and_student_gradients_match_the_plain_computation(tie
         torch.testing.assert_close(response_logprobs(model, ro, temperature=temperature), ours.detach())
 
 
-def test_autocast_runs_the_projection_in_the_autocast_dtype():
-    model = tiny_qwen3(67, hidden=32, layers=1, heads=2, seed=4, eos_token_id=5, pad_token_id=6)
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_the_projection_in_the_autocast_dtype(device):
+    model = tiny_qwen3(67, hidden=32, layers=1, heads=2, seed=4, eos_token_id=5, pad_token_id=6).to(device)
     ro = sample(model, [[1, 2, 3], [4, 5]], max_new_tokens=6, temperature=1.0, eos_token_id=5, pad_token_id=6,
                 seeds=[0, 1])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    ro = Rollouts(*(getattr(ro, f).to(device) for f in Rollouts.__dataclass_fields__))
+    with torch.autocast(device, dtype=torch.bfloat16):
         ours = response_logprobs(model, ro, chunk_tokens=3)
         ref = _plain_response_logprobs(model, ro)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)  # a float32 projection would differ by ~1e-2
