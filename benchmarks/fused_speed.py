@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--chunk-rows", type=int, default=None, help="default: fused.chunk_rows_for(vocab)")
     a = p.parse_args()
 
     import torch
@@ -42,12 +43,13 @@ def main() -> None:
     w = (torch.randn(a.vocab, a.hidden, generator=g) * 0.02).to(dev).requires_grad_()
     y = torch.randint(0, a.vocab, (a.tokens,), generator=g).to(dev)
     weights = torch.randn(a.tokens, generator=g).to(dev)
+    rows = a.chunk_rows or chunk_rows_for(a.vocab, device=dev)
 
     def plain():
         return torch.nn.functional.linear(h, w).float().log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
 
     def fused():
-        return token_logprobs(h, w, None, y)
+        return token_logprobs(h, w, None, y, chunk_rows=rows)
 
     def sync():
         if cuda:
@@ -80,7 +82,7 @@ def main() -> None:
     }
     print(f"{a.tokens} tokens x hidden {a.hidden} x vocab {a.vocab:,} on {a.device} "
           f"({torch.cuda.get_device_name() if cuda else f'{a.threads} threads'}); chunk rows "
-          f"{chunk_rows_for(a.vocab)}; logits would be {a.tokens * a.vocab * 4 / 2**20:,.0f} MiB")
+          f"{rows}; logits would be {a.tokens * a.vocab * 4 / 2**20:,.0f} MiB")
     with torch.no_grad():
         torch.testing.assert_close(fused(), plain(), rtol=1e-5, atol=1e-5)
     results = {k: [] for k in runs}

@@ -26,7 +26,7 @@ def response_logprobs(model: torch.nn.Module, rollouts: Rollouts, *, temperature
     `merge_distill.fused.token_logprobs`, which recomputes logits chunk by chunk in the backward pass instead
     of keeping `[tokens, vocab]` of them for autograd. Only real response tokens are projected (not the
     prompt, not the padding after EOS), `chunk_tokens` rows at a time (default: about
-    `fused.CHUNK_ELEMENTS` logits per chunk, so memory stays flat in vocabulary and length).
+    `fused.CHUNK_ELEMENTS` logits per chunk, 4x that on CUDA, so memory stays flat in vocabulary and length).
     """
     input_ids = torch.cat([rollouts.prompt_ids, rollouts.response_ids], dim=1)
     mask = torch.cat([rollouts.prompt_mask, rollouts.response_mask.long()], dim=1)
