@@ -227,6 +227,27 @@ def _workload(name: str, quick: bool) -> Workload:
     return w
 
 
+def cpu_ticks() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / hz, sum(fields) / hz
+
+
+def wait_quiet(max_wait: float, busy_cores: float = 0.25, sample: float = 3.0) -> float:
+    """Wait (up to max_wait s) until the machine is idle but for us: other processes use < busy_cores over
+    `sample` seconds. Returns the busy cores last seen."""
+    deadline = time.time() + max_wait
+    while True:
+        b0, _ = cpu_ticks()
+        time.sleep(sample)
+        busy = (cpu_ticks()[0] - b0) / sample
+        if busy < busy_cores or time.time() > deadline:
+            return busy
+        time.sleep(10)
+
+
 def run_child(variant: str, a, workload: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--workload", workload,
            "--threads", str(THREADS),
@@ -236,10 +257,23 @@ def run_child(variant: str, a, workload: str) -> dict:
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")])}
+    import resource
+
+    if variant != "build":
+        wait_quiet(a.wait_quiet)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    b0, t0 = cpu_ticks()[0], time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            result = json.loads(line[len("RESULT "):])
+            # CPU that other processes used while this one ran, in cores (0 = the machine was ours alone)
+            result["foreign_cores"] = max(0.0, (cpu_ticks()[0] - b0 - own) / wall)
+            result["wall_s"] = wall
+            return result
     raise SystemExit(f"{variant} on {workload} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
@@ -259,6 +293,8 @@ def report(workload: str, w: Workload, runs: dict[str, list[dict]], reps: int) -
           f"{w.new_tokens} new tokens, prompts {w.prompt_min + 5}-{w.prompt_max + 5} tokens; "
           f"{reps} repetitions x {len(runs['ours'][0]['times'])} timed steps")
     tps = {v: [sum(r["tokens"]) / sum(r["times"]) for r in rs] for v, rs in runs.items()}
+    foreign = [r["foreign_cores"] for rs in runs.values() for r in rs]
+    print(f"other processes' CPU use during the runs: median {med(foreign):.2f} cores, max {max(foreign):.2f}")
     print(f"{'variant':<24}{'tokens/s':>10}{'step s':>9}{'peak RSS MB':>13}{'step RSS MB':>13}"
           f"{'ours x faster':>15}{'ours mem share':>16}")
     ours_peak = med([r["rss_peak_mb"] for r in runs["ours"]])
@@ -308,6 +344,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--floor-pairs", type=int, default=3, help="floor/ours pairs timed in the ours process")
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads per process (default 2)")
+    p.add_argument("--wait-quiet", type=float, default=900,
+                   help="before each run, wait up to this many seconds for other processes to leave the CPUs")
     p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "merge-distill-bench"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
@@ -333,10 +371,10 @@ def main() -> None:
         for rep in range(a.reps):
             order = variants if rep % 2 == 0 else variants[::-1]  # alternate, and alternate the order
             for v in order:
-                t0 = time.time()
                 runs[v].append(run_child(v, a, wl))
-                print(f"  [{wl} rep {rep + 1}/{a.reps}] {v}: {med(runs[v][-1]['times']):.3f} s/step "
-                      f"({time.time() - t0:.0f} s wall, load {load_average()})", flush=True)
+                r = runs[v][-1]
+                print(f"  [{wl} rep {rep + 1}/{a.reps}] {v}: {med(r['times']):.3f} s/step ({r['wall_s']:.0f} s wall, "
+                      f"other processes used {r['foreign_cores']:.2f} cores meanwhile)", flush=True)
         summaries[wl] = report(wl, w, runs, a.reps)
     print(f"\nload average at end {load_average()}")
     if "L" in summaries and "vs_trl_best" in summaries["L"]:
