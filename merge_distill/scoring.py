@@ -1,7 +1,8 @@
 """Exact-token log-probs of sampled responses under a model, and a cache of frozen scorers.
 
-Only response positions are projected to the vocabulary, in row chunks, with log-sum-exp: a frozen model
-never holds `[batch, length, vocab]` float32 log-probs, and prompt positions are never scored.
+Only real response positions are projected to the vocabulary, in row chunks, with log-sum-exp: no model
+(frozen, or the student under autograd) ever holds `[batch, length, vocab]` float32 logits or log-probs, and
+prompt and padding positions are never scored.
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ from pathlib import Path
 
 import torch
 
+from merge_distill.fused import token_logprobs
 from merge_distill.sampling import Rollouts, positions
 
 Tensor = torch.Tensor
 
 
 def response_logprobs(model: torch.nn.Module, rollouts: Rollouts, *, temperature: float = 1.0,
-                      chunk_tokens: int = 4096) -> Tensor:
+                      chunk_tokens: int | None = None) -> Tensor:
     """log p(y_t | x, y_<t) of every sampled response token, `[B, L]`, 0 on padding.
 
-    Gradients flow when called outside `torch.no_grad()` (the student's update uses this too).
+    Gradients flow when called outside `torch.no_grad()` (the student's update uses this too), through
+    `merge_distill.fused.token_logprobs`, which recomputes logits chunk by chunk in the backward pass instead
+    of keeping `[tokens, vocab]` of them for autograd. Only real response tokens are projected (not the
+    prompt, not the padding after EOS), `chunk_tokens` rows at a time (default: about
+    `fused.CHUNK_ELEMENTS` logits per chunk, 4x that on CUDA, so memory stays flat in vocabulary and length).
     """
     input_ids = torch.cat([rollouts.prompt_ids, rollouts.response_ids], dim=1)
     mask = torch.cat([rollouts.prompt_mask, rollouts.response_mask.long()], dim=1)
@@ -33,12 +39,11 @@ def response_logprobs(model: torch.nn.Module, rollouts: Rollouts, *, temperature
         return _gather_logprobs(logits.float() / temperature, rollouts.response_ids) * rollouts.response_mask
     hidden = backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
     hidden = hidden[:, P - 1:P + L - 1]  # the position before each response token predicts it
-    targets = rollouts.response_ids
-    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    rows = max(1, chunk_tokens)
-    out = [_gather_logprobs(head(flat_h[i:i + rows]).float() / temperature, flat_t[i:i + rows])
-           for i in range(0, flat_h.shape[0], rows)]
-    return torch.cat(out).reshape(targets.shape) * rollouts.response_mask
+    real = rollouts.response_mask.bool()
+    flat_h, flat_t = hidden[real], rollouts.response_ids[real]
+    lp = token_logprobs(flat_h, head.weight, head.bias, flat_t, temperature=temperature, chunk_rows=chunk_tokens)
+    out = torch.zeros(real.shape, dtype=lp.dtype, device=lp.device)
+    return out.masked_scatter(real, lp)
 
 
 def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
@@ -50,7 +55,8 @@ def _split(model: torch.nn.Module):
     """(backbone returning hidden states, output projection) of an HF causal LM, or (None, None)."""
     backbone = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if backbone is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+    if (backbone is None or not isinstance(head, torch.nn.Linear)
+            or getattr(model.config, "final_logit_softcapping", None)):
         return None, None
     return backbone, head
 
