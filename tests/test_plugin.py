@@ -103,3 +103,27 @@ def test_validate_rejects_a_missing_grader_in_one_line(units_recipe):
     err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in result.output, err
     assert err.startswith("error: experts.0 (units): no grader named 'units_missing'"), err
+
+
+def test_a_recipe_runs_with_the_plugin_grader(units_plugin, units_recipe, tmp_path):
+    """The real CLI in a fresh process: trains the units expert's recipe and evaluates it with the grader
+    that only the plugin's entry point provides."""
+    _, test = make_splits("units", 40, 12, 0)
+    (tmp_path / "units_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    (tmp_path / "units_suite.yaml").write_text(yaml.safe_dump({
+        "name": "units_test", "domain": "units", "grader": "units", "source": "units_test.jsonl",
+        "format": "prompt", "metric": "avg"}))
+    recipe = yaml.safe_load(units_recipe.read_text())
+    recipe["experts"][0]["eval_suite"] = str(tmp_path / "units_suite.yaml")
+    recipe["train"].update({"steps": 2, "prompts_per_step": 4, "max_new_tokens": 16})
+    recipe["eval"] = {"samples": 1, "baselines": False, "max_new_tokens": 16}
+    units_recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "merge_distill", "run", str(units_recipe)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((Path(recipe["output_dir"]) / "report.json").read_text())
+    rows = [r for r in report["rows"] if r["suite"] == "units_test" and r["subset"] is None]
+    assert rows and rows[0]["model"] == "student" and rows[0]["n_problems"] == 12
+    graded = (Path(recipe["output_dir"]) / "eval" / "generations" / "student__units_test.jsonl").read_text()
+    verdicts = {json.loads(l)["verdict"] for l in graded.splitlines()}
+    assert verdicts <= {"pass", "fail"} and verdicts  # graded by the plugin, not an error
