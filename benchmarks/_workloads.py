@@ -100,7 +100,7 @@ def floor_step(student, passes, optimizer, prompt_ids, prompt_mask, new_tokens: 
                chunked: bool) -> dict:
     """One step's unavoidable passes in plain PyTorch; returns their times (s).
 
-    KV-cached sampling (one forward per token, softmax, multinomial; no EOS handling), one forward of each
+    KV-cached sampling (one forward per token, softmax, an inverse-CDF draw; no EOS handling), one forward of each
     frozen model over its rows (`passes`: [(model, rows or None)]), one student forward/backward and AdamW.
     `chunked=False` takes log-probs the plain way (the model's logits at response positions, log_softmax,
     gather); `chunked=True` projects hidden states with `merge_distill.fused.token_logprobs` (the same matmuls,
@@ -136,7 +136,10 @@ def floor_step(student, passes, optimizer, prompt_ids, prompt_mask, new_tokens: 
                       logits_to_keep=1, **{kw: cache})
         mask, next_pos, tokens = prompt_mask, pos[:, -1:] + 1, []
         for t in range(new_tokens):
-            tok = torch.multinomial(torch.softmax(out.logits[:, -1].float(), -1), 1, generator=generator)
+            # inverse-CDF draw (torch.multinomial is ~10x slower at a 152k vocabulary on CPU)
+            cdf = torch.softmax(out.logits[:, -1].float(), -1).cumsum(-1)
+            u = torch.rand(batch, 1, generator=generator) * cdf[:, -1:]
+            tok = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
             tokens.append(tok)
             if t == new_tokens - 1:
                 break

@@ -15,7 +15,7 @@ One step of on-policy distillation: the student samples a response to every prom
 - `iwopd_best`: TRL's `IWOPDTrainer` (sampled-token importance-weighted OPD, full-vocabulary log-softmax),
   best settings. `distill_best`: TRL's `DistillationTrainer` (chunked full-vocabulary reverse KL), best settings.
 - the floor (inside the `ours` process, after its timed steps): the unavoidable passes in plain PyTorch:
-  KV-cached sampling (one forward per token, softmax, multinomial), one teacher forward and one student
+  KV-cached sampling (one forward per token, softmax, inverse-CDF draw), one teacher forward and one student
   forward/backward over the sequence (logits of response positions only), AdamW. Timed alternately with our
   step in the same process: `loop/floor` is their ratio.
 
@@ -248,11 +248,11 @@ def wait_quiet(max_wait: float, busy_cores: float = 0.25, sample: float = 3.0) -
         time.sleep(10)
 
 
-def run_child(variant: str, a, workload: str) -> dict:
+def run_child(variant: str, a, workload: str, floor: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--workload", workload,
            "--threads", str(THREADS),
            "--dir", a.dir, "--warmup", str(a.warmup), "--steps", str(a.steps),
-           "--floor-pairs", str(a.floor_pairs if variant == "ours" else 0)] + (["--quick"] if a.quick else [])
+           "--floor-pairs", str(a.floor_pairs if floor else 0)] + (["--quick"] if a.quick else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONWARNINGS": "ignore",
@@ -343,6 +343,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per process (after the warm-up)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--floor-pairs", type=int, default=3, help="floor/ours pairs timed in the ours process")
+    p.add_argument("--floor-reps", type=int, default=1, help="repetitions whose ours process also times the floor")
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads per process (default 2)")
     p.add_argument("--wait-quiet", type=float, default=900,
                    help="before each run, wait up to this many seconds for other processes to leave the CPUs")
@@ -371,7 +372,7 @@ def main() -> None:
         for rep in range(a.reps):
             order = variants if rep % 2 == 0 else variants[::-1]  # alternate, and alternate the order
             for v in order:
-                runs[v].append(run_child(v, a, wl))
+                runs[v].append(run_child(v, a, wl, floor=v == "ours" and rep < a.floor_reps))
                 r = runs[v][-1]
                 print(f"  [{wl} rep {rep + 1}/{a.reps}] {v}: {med(r['times']):.3f} s/step ({r['wall_s']:.0f} s wall, "
                       f"other processes used {r['foreign_cores']:.2f} cores meanwhile)", flush=True)
