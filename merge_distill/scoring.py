@@ -31,7 +31,7 @@ def response_logprobs(model: torch.nn.Module, rollouts: Rollouts, *, temperature
     different lengths in separate length buckets (`length_buckets`), so short prompts and early-ended
     responses do not pay for the batch's longest. A row's prompt must have at least one token.
     """
-    P, L = rollouts.prompt_ids.shape[1], rollouts.response_ids.shape[1]
+    L = rollouts.response_ids.shape[1]
     backbone, head = _split(model)
     if backbone is None:  # an architecture we cannot split: fall back to the model's own logits
         input_ids = torch.cat([rollouts.prompt_ids, rollouts.response_ids], dim=1)
