@@ -86,11 +86,11 @@ def main() -> None:
             too_big = logits_mib > a.plain_limit_gb * 1024
             cells = [f"{vocab:,}", f"{length:,}", f"{logits_mib:,.0f}", f"{chunk_rows_for(vocab):,}"]
 
-            def no_grad(f):
+            def no_grad(f, model=model, ro=ro):
                 with torch.no_grad():
                     f(model, ro)
 
-            def with_grad(f):
+            def with_grad(f, model=model, ro=ro):
                 model.zero_grad(set_to_none=True)
                 f(model, ro).sum().backward()
 

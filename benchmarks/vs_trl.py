@@ -1,6 +1,6 @@
 """merge-distill's on-policy distillation step against TRL's, on the same models, prompts and batch.
 
-    python benchmarks/vs_trl.py                  # both workloads, 3 alternating repetitions (~25 min on 2 cores)
+    python benchmarks/vs_trl.py                  # both workloads, alternating repetitions (~45 min on 2 cores)
     python benchmarks/vs_trl.py --quick          # smoke run: one repetition, one timed step, a smaller L
     python benchmarks/vs_trl.py --workloads L --reps 5 --variants ours,gkd_best
 
@@ -71,10 +71,8 @@ def _threads():
 
 def child_ours(w: Workload, d: Path, warmup: int, steps: int, floor_pairs: int) -> dict:
     _threads()
-    import torch
 
     from merge_distill.recipe import Recipe
-    from merge_distill.sampling import left_pad
     from merge_distill.train import make_optimizer, setup, train_step
 
     out_dir = Path(tempfile.mkdtemp(prefix="md-bench-"))
@@ -339,8 +337,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, 1 timed step, a smaller L")
     p.add_argument("--workloads", default="S,L")
     p.add_argument("--variants", default="ours," + ",".join(TRL_VARIANTS))
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per process (after the warm-up)")
+    p.add_argument("--reps", type=int, default=None, help="alternating repetitions (default: S 5, L 3)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per process, after the warm-up (default: S 10, L 3)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--floor-pairs", type=int, default=3, help="floor/ours pairs timed in the ours process")
     p.add_argument("--floor-reps", type=int, default=1, help="repetitions whose ours process also times the floor")
@@ -368,15 +367,18 @@ def main() -> None:
     for wl in a.workloads.split(","):
         w = _workload(wl, a.quick)
         run_child("build", a, wl)
+        wa = argparse.Namespace(**vars(a))
+        wa.reps = a.reps or (5 if wl == "S" else 3)
+        wa.steps = a.steps or (10 if wl == "S" else 3)
         runs: dict[str, list[dict]] = {v: [] for v in variants}
-        for rep in range(a.reps):
+        for rep in range(wa.reps):
             order = variants if rep % 2 == 0 else variants[::-1]  # alternate, and alternate the order
             for v in order:
-                runs[v].append(run_child(v, a, wl, floor=v == "ours" and rep < a.floor_reps))
+                runs[v].append(run_child(v, wa, wl, floor=v == "ours" and rep < a.floor_reps))
                 r = runs[v][-1]
-                print(f"  [{wl} rep {rep + 1}/{a.reps}] {v}: {med(r['times']):.3f} s/step ({r['wall_s']:.0f} s wall, "
+                print(f"  [{wl} rep {rep + 1}/{wa.reps}] {v}: {med(r['times']):.3f} s/step ({r['wall_s']:.0f} s wall, "
                       f"other processes used {r['foreign_cores']:.2f} cores meanwhile)", flush=True)
-        summaries[wl] = report(wl, w, runs, a.reps)
+        summaries[wl] = report(wl, w, runs, wa.reps)
     print(f"\nload average at end {load_average()}")
     if "L" in summaries and "vs_trl_best" in summaries["L"]:
         print(f"ratio: {summaries['L']['vs_trl_best']:.2f}")

@@ -108,3 +108,49 @@ def test_autocast_runs_the_projection_in_the_autocast_dtype(device):
     ours.sum().backward()
     assert model.lm_head.weight.grad.dtype == torch.float32
     assert torch.isfinite(model.lm_head.weight.grad).all()
+
+
+def test_length_buckets_partition_the_rows_and_split_only_when_it_pays():
+    from merge_distill.scoring import length_buckets
+
+    assert length_buckets([15] * 8) == [list(range(8))]
+    lengths = [5, 70, 5, 70, 7, 71, 6, 70]
+    assert len(length_buckets(lengths)) == 1  # saves 256 padded positions: not more than a call costs
+    groups = length_buckets(lengths, call_positions=16)
+    assert len(groups) > 1
+    assert sorted(r for g in groups for r in g) == list(range(8))
+    assert set(groups[0]) == {0, 2, 4, 6}  # the short rows together
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bucketed_scoring_matches_the_plain_computation(device, monkeypatch):
+    """Prompts and responses of very different lengths: packed, bucketed backbone calls give the plain values
+    and gradients, whatever the rows' order."""
+    import functools
+
+    from merge_distill import scoring
+
+    length_buckets = functools.partial(scoring.length_buckets, call_positions=0)
+    monkeypatch.setattr(scoring, "length_buckets", length_buckets)
+    model = tiny_qwen3(67, hidden=32, layers=2, heads=2, seed=5, eos_token_id=5, pad_token_id=6).to(device)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(7, 67, (n,), generator=g).tolist() for n in (2, 30, 3, 28, 4, 31, 2, 29, 17)]
+    ro = sample(model, prompts, max_new_tokens=20, temperature=1.0, eos_token_id=5, pad_token_id=6,
+                seeds=list(range(len(prompts))))
+    ro = Rollouts(*(getattr(ro, f).to(device) for f in Rollouts.__dataclass_fields__))
+    ends = [3, 20, 1, 18, 5, 20, 2, 19, 10]
+    for row, end in enumerate(ends):  # responses that ended early, at very different lengths
+        ro.response_mask[row, end:] = 0
+        ro.response_ids[row, end:] = 6
+    assert len(length_buckets([p + e for p, e in zip(ro.prompt_mask.sum(-1).tolist(), ends)])) > 1
+    weights = torch.randn(ro.response_mask.shape, generator=g).to(device)
+
+    ours = response_logprobs(model, ro, chunk_tokens=7)
+    (ours * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = _plain_response_logprobs(model, ro)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
