@@ -366,10 +366,10 @@ def main() -> None:
     summaries = {}
     for wl in a.workloads.split(","):
         w = _workload(wl, a.quick)
-        run_child("build", a, wl)
         wa = argparse.Namespace(**vars(a))
         wa.reps = a.reps or (5 if wl == "S" else 3)
         wa.steps = a.steps or (10 if wl == "S" else 3)
+        run_child("build", wa, wl)
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for rep in range(wa.reps):
             order = variants if rep % 2 == 0 else variants[::-1]  # alternate, and alternate the order
