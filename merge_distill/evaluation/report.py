@@ -226,31 +226,39 @@ def results_markdown(rows: Sequence[RowLike], extra: Mapping[str, Any] | None = 
 
 
 def bar_chart_png(rows: Sequence[RowLike]) -> bytes:
-    """Grouped bars per suite row, one bar per model, error bars = stderr; PNG bytes."""
+    """One panel per suite, a group of bars per row (subset, metric), one bar per model that has that row
+    (so a greedy-only row is not padded with empty slots), a colour per model throughout, error bars = stderr;
+    PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     models, keys, cells = _layout(_as_rows(rows))
-    width = 0.8 / max(len(models), 1)
-    fig = Figure(figsize=(max(6.0, 1.1 * len(keys) * max(1, len(models)) ** 0.5 + 2), 4.5))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    suites = list(dict.fromkeys(k[0] for k in keys))
+    bars = {suite: sum(1 + sum((k, m) in cells for m in models) for k in keys if k[0] == suite) for suite in suites}
+    fig = Figure(figsize=(min(22.0, max(6.0, 0.32 * max(bars.values()) + 1.5)), 0.6 + 3.2 * len(suites)))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for j, model in enumerate(models):
-        xs, ys, errs = [], [], []
-        for i, key in enumerate(keys):
-            row = cells.get((key, model))
-            if row is not None:
-                xs.append(i + (j - (len(models) - 1) / 2) * width)
-                ys.append(100 * row.score)
-                errs.append(100 * row.stderr)
-        ax.bar(xs, ys, width, yerr=errs, capsize=3, label=model)
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([f"{row_label(k)}\n{k[2]}@{k[3]}" for k in keys], rotation=30 if len(keys) > 4 else 0, ha="center")
-    ax.set_ylabel("score (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(models), 4), frameon=False, fontsize="small")
-    fig.tight_layout()
+    axes = fig.subplots(len(suites), 1, squeeze=False)[:, 0]
+    for ax, suite in zip(axes, suites):
+        x, ticks, labels = 0.0, [], []
+        for key in (k for k in keys if k[0] == suite):
+            present = [m for m in models if (key, m) in cells]
+            for j, model in enumerate(present):
+                row = cells[(key, model)]
+                ax.bar(x + j, 100 * row.score, 0.9, yerr=100 * row.stderr, capsize=2, color=colours[model])
+            ticks.append(x + (len(present) - 1) / 2)
+            labels.append(f"{key[1] or 'all'}\n{key[2]}@{key[3]}")
+            x += len(present) + 1
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels, fontsize="small")
+        ax.set_title(suite, fontsize="medium", loc="left")
+        ax.set_ylabel("score (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+    handles = [Patch(color=colours[m], label=m) for m in models]
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(models), 6), frameon=False, fontsize="small")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     return buf.getvalue()
