@@ -99,20 +99,27 @@ def plot(points: list[dict], baselines: list[dict], key: str, out: Path) -> None
 
     suites = sorted({p["suite"] for p in points})
     fig, axes = plt.subplots(2, len(suites), figsize=(4.5 * len(suites), 6), squeeze=False)
+    colours: dict[str, str] = {"base": "gray"}
+    others = (f"C{i % 10}" for i in range(10**6))
     for j, suite in enumerate(suites):
         pts = sorted((p for p in points if p["suite"] == suite and p["k"] == min(
             q["k"] for q in points if q["suite"] == suite)), key=lambda p: p[key])
         xs = [p[key] for p in pts]
         axes[0][j].errorbar(xs, [100 * p["score"] for p in pts], yerr=[100 * p["stderr"] for p in pts],
-                            marker="o", capsize=3, label="student")
-        for b in baselines:
+                            marker="o", capsize=3, color="black", label="student", zorder=3)
+        for b in baselines:  # one colour per baseline model, the same in every panel
             if b["suite"] == suite and b["k"] == pts[0]["k"]:
-                axes[0][j].axhline(100 * b["score"], linestyle="--", linewidth=1, color="gray" if b["model"] == "base" else None,
-                                   label=b["model"])
+                if b["model"] not in colours:
+                    colours[b["model"]] = next(others)
+                colour = colours[b["model"]]
+                axes[0][j].axhline(100 * b["score"], linestyle="--", linewidth=1, color=colour,
+                                   label=f"{b['model']} {100 * b['score']:.1f}")
         axes[0][j].set_title(f"{suite} ({pts[0]['metric']}@{pts[0]['k']})")
         axes[0][j].set_ylabel("score (%)")
         axes[0][j].legend(fontsize=7)
-        axes[1][j].plot(xs, [p["response_length"] for p in pts], marker="o")
+        lengths = [p["response_length"] for p in pts]
+        axes[1][j].plot(xs, lengths, marker="o", color="black")
+        axes[1][j].set_ylim(0, 1.15 * max(lengths + [1.0]))  # from 0: a 0.1-token wobble must not look like growth
         axes[1][j].set_ylabel("response length (tokens)")
         axes[1][j].set_xlabel(key)
     fig.tight_layout()
