@@ -316,10 +316,10 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
 
 def make_optimizer(s: Setup):
     cfg = s.recipe.train
-    params = [p for p in s.student.parameters() if p.requires_grad]
-    # the fused kernel: one pass over each tensor, no temporaries the size of the model (on the L benchmark's
-    # 41M-parameter student on 2 CPU threads: 0.03 s and 470 MB a step, against 0.22 s and 770 MB)
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    params = list(s.student.parameters())
+    # the fused kernel: one pass over each tensor, no temporaries the size of the model
+    # (`python benchmarks/optimizer_step.py`: faster and lighter than the for-loop and foreach forms)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                                   eps=1e-8, fused=fused)
 
