@@ -93,6 +93,30 @@ def build(w: Workload, root: Path) -> Path:
     return out
 
 
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _status_mib(field: str) -> float:
+    import re
+
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def peak_rss_added(fn) -> tuple[float, float]:
+    """(MiB of peak RSS over the RSS before, seconds) of fn(): the high-water mark is reset first
+    (`/proc/self/clear_refs`), so the figure is this call's peak over what was already resident."""
+    import gc
+    import time
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_mib("VmRSS")
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    return _status_mib("VmHWM") - before, seconds
+
+
 # --------------------------------------------------------------------------------------------- floor
 
 

@@ -11,13 +11,15 @@ high-water RSS (reset before the call) on CPU.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from _workloads import peak_rss_added  # noqa: E402
 
 
 def main() -> None:
@@ -57,22 +59,15 @@ def main() -> None:
 
     def measure(fn):
         h.grad = w.grad = None
+        if not cuda:
+            return peak_rss_added(fn)[::-1]
         sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")
-            base = int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         fn()
         sync()
-        dt = time.perf_counter() - t0
-        if cuda:
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            peak = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024 - base
-        return dt, peak / 2**20
+        return time.perf_counter() - t0, (torch.cuda.max_memory_allocated() - base) / 2**20
 
     runs = {
         "plain fwd+bwd": lambda: (plain() * weights).sum().backward(),

@@ -28,8 +28,8 @@ def child(form: str, root: Path, reps: int, threads: int) -> dict:
     import resource
 
     import torch
-
     from _workloads import WORKLOADS, build
+
     from merge_distill.models import load_model
 
     torch.set_num_threads(threads)

@@ -19,28 +19,13 @@ inputs). Plain variants whose logits alone would pass `--plain-limit-gb` are ski
 from __future__ import annotations
 
 import argparse
-import gc
-import re
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-
-def _status(field: str) -> float:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
-def peak_added(fn) -> tuple[float, float]:
-    """(MiB of peak RSS over the RSS before, seconds) of fn()."""
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status("VmRSS")
-    t0 = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - t0
-    return _status("VmHWM") - before, seconds
+from _workloads import peak_rss_added  # noqa: E402
 
 
 def main() -> None:
@@ -100,7 +85,7 @@ def main() -> None:
                     cells.append("-")
                     continue
                 run(f)  # warm-up (allocator, gradients' buffers)
-                mib, sec = peak_added(lambda: run(f))
+                mib, sec = peak_rss_added(lambda: run(f))
                 cells.append(f"{mib:,.0f} ({sec:.2f}s)")
             print(" | ".join(f"{c:>14}" for c in cells), flush=True)
         del model
