@@ -100,7 +100,7 @@ def plot(points: list[dict], baselines: list[dict], key: str, out: Path) -> None
     suites = sorted({p["suite"] for p in points})
     fig, axes = plt.subplots(2, len(suites), figsize=(4.5 * len(suites), 6), squeeze=False)
     colours: dict[str, str] = {"base": "gray"}
-    others = (f"C{i % 10}" for i in range(10**6))
+    others = itertools.cycle(f"C{i}" for i in range(10))
     for j, suite in enumerate(suites):
         pts = sorted((p for p in points if p["suite"] == suite and p["k"] == min(
             q["k"] for q in points if q["suite"] == suite)), key=lambda p: p[key])
@@ -111,8 +111,7 @@ def plot(points: list[dict], baselines: list[dict], key: str, out: Path) -> None
             if b["suite"] == suite and b["k"] == pts[0]["k"]:
                 if b["model"] not in colours:
                     colours[b["model"]] = next(others)
-                colour = colours[b["model"]]
-                axes[0][j].axhline(100 * b["score"], linestyle="--", linewidth=1, color=colour,
+                axes[0][j].axhline(100 * b["score"], linestyle="--", linewidth=1, color=colours[b["model"]],
                                    label=f"{b['model']} {100 * b['score']:.1f}")
         axes[0][j].set_title(f"{suite} ({pts[0]['metric']}@{pts[0]['k']})")
         axes[0][j].set_ylabel("score (%)")
