@@ -83,9 +83,9 @@ def main() -> None:
     score_times: dict[str, float] = defaultdict(float)
     original = ModelCache.score
 
-    def timed_score(self, path, rollouts):
+    def timed_score(self, path, rollouts, **kw):
         t0 = time.perf_counter()
-        out = original(self, path, rollouts)
+        out = original(self, path, rollouts, **kw)
         score_times[Path(path).name] += time.perf_counter() - t0
         return out
 

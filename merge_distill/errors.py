@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A problem with the user's input (recipe, file, model, flag). The message names the culprit."""
+
+
+class TrainingDiverged(UserError):
+    """Training stopped: too many steps in a row had a non-finite loss or gradient (see `train.max_consecutive_skips`)."""

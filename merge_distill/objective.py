@@ -13,6 +13,8 @@ lam = 1 is on-policy distillation (reverse KL to T; R cancels), lam > 1 extrapol
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 Tensor = torch.Tensor
@@ -62,19 +64,23 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 def policy_gradient_loss(logprobs: Tensor, sampler_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                          truncation: float | None = 5.0) -> Tensor:
-    """Token-mean policy-gradient loss `-mean(ratio * A)` with ratio = pi_theta / pi_sampler.
+    """Token-mean policy-gradient loss `-mean(w * A)`, w = pi_theta / pi_sampler, truncated at `truncation`.
 
-    `logprobs` carry the gradient; `sampler_logprobs` are those of the policy that sampled (the
-    "old" policy the advantages were computed with). Where sampler and trainer compute slightly different
-    probabilities (another engine, other kernels), the ratio is a token-level importance weight, truncated
-    at `truncation` in value (its gradient is that of min(ratio, truncation) * A * log pi); `None` turns
-    truncation off. With one update per batch the ratio is ~1 and this is REINFORCE on the advantages.
+    `logprobs` carry the gradient; `sampler_logprobs` are those of the policy that sampled. Where sampler and
+    trainer compute slightly different probabilities (another engine, other kernels), the ratio is a
+    token-level importance weight, truncated in value: each token contributes `min(ratio, c) * A` with
+    gradient `min(ratio, c) * A * grad log pi`; `None` turns truncation off. With one update per batch the
+    ratio is ~1 and this is REINFORCE on the advantages.
+
+    The weight is computed in log space, `exp(min(log ratio, log c))`, so a ratio that over- or underflows
+    gives c or 0, never the 0/0 or inf/inf of `clamp(r, max=c) / r` (one extreme token made a step NaN).
     """
-    ratio = torch.exp(logprobs - sampler_logprobs.detach())
+    log_ratio = logprobs.detach() - sampler_logprobs.detach()
     if truncation is not None:
-        r = ratio.detach()
-        ratio = ratio * (r.clamp(max=truncation) / r)
-    return -masked_mean(ratio * advantages.detach(), mask)
+        log_ratio = log_ratio.clamp(max=math.log(truncation))
+    # value exp(log_ratio); gradient exp(log_ratio) * grad log pi (the second term is 0 in value)
+    weight = torch.exp(log_ratio + (logprobs - logprobs.detach()))
+    return -masked_mean(weight * advantages.detach(), mask)
 
 
 def sft_loss(logprobs: Tensor, mask: Tensor) -> Tensor:

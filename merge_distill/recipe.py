@@ -59,7 +59,11 @@ class Train(Strict):
     prompts_per_step: Annotated[int, Field(ge=1)] = 64
     rollouts_per_prompt: Annotated[int, Field(ge=1)] = 1
     max_new_tokens: Annotated[int, Field(ge=1)] = 256
-    temperature: Annotated[float, Field(gt=0)] = 1.0
+    temperature: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="rollout temperature tau. The student samples from softmax(logits / tau), and teachers and "
+                         "references score the sampled tokens at the same tau (as the official G-OPD code does), so "
+                         "the student's logits converge to lam * teacher + (1 - lam) * reference whatever tau is: "
+                         "sampled at temperature 1 it is pi* = T^lam R^(1-lam) / Z. The paper used 1")
     lr: Annotated[float, Field(gt=0)] = 1e-5
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: Annotated[int, Field(ge=0)] = 0
@@ -78,6 +82,9 @@ class Train(Strict):
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     eval_every: Annotated[int, Field(ge=0)] = 0
     threads: Annotated[int, Field(ge=1)] | None = None
+    max_consecutive_skips: Annotated[int, Field(ge=1)] = Field(
+        3, description="a step whose loss or gradients are not finite is skipped (the weights, optimizer state and "
+                       "checkpoints never see it; counted in metrics.jsonl); this many skips in a row stop the run")
 
 
 class Eval(Strict):
@@ -174,6 +181,21 @@ class Recipe(Strict):
             for i, e in enumerate(self.experts):
                 if not e.teacher:
                     raise ValueError(f"experts.{i} ({e.name}): teacher is required for method {self.method}")
+        return self
+
+    @model_validator(mode="after")
+    def _grpo_has_groups(self) -> "Recipe":
+        if self.method == "grpo" and self.train.rollouts_per_prompt < 2:
+            raise ValueError(f"train.rollouts_per_prompt is {self.train.rollouts_per_prompt}: GRPO normalises rewards "
+                             "within each prompt's group of rollouts, so it needs at least 2 (one trains nothing)")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_scores_at_temperature_one(self) -> "Recipe":
+        if self.backend.scoring == "vllm" and self.train.temperature != 1.0:
+            raise ValueError(f"backend.scoring vllm scores at temperature 1 only (prompt log-probs skip vLLM's "
+                             f"sampling processors), but train.temperature is {self.train.temperature}, at which "
+                             "teachers and references must score; use backend.scoring: transformers")
         return self
 
     @model_validator(mode="after")

@@ -154,6 +154,8 @@ class ModelCache:
                 model.to("cpu")
 
     @torch.no_grad()
-    def score(self, path: str | os.PathLike, rollouts: Rollouts) -> Tensor:
+    def score(self, path: str | os.PathLike, rollouts: Rollouts, *, temperature: float = 1.0) -> Tensor:
+        """`[B, L]` log-probs of the response tokens under the model at `path`, its logits divided by `temperature`."""
         with self.using(path) as model:
-            return response_logprobs(model, rollouts.to(self.device)).to(rollouts.response_ids.device)
+            return response_logprobs(model, rollouts.to(self.device),
+                                     temperature=temperature).to(rollouts.response_ids.device)

@@ -31,7 +31,7 @@ from merge_distill.dense import (
     response_vocab_logprobs,
     target_logprobs,
 )
-from merge_distill.errors import UserError
+from merge_distill.errors import TrainingDiverged, UserError
 from merge_distill.io import atomic_dir, atomic_write_json
 from merge_distill.models import (
     check_compatible,
@@ -58,17 +58,32 @@ class Setup:
     graders: dict[int, object] = field(default_factory=dict)
     sampler: object | None = None  # the student's rollout engine when not transformers (backend.rollout: vllm)
     scorers: dict[str, object] = field(default_factory=dict)  # frozen vLLM scorers by path (backend.scoring: vllm)
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, over the whole run
 
     def score(self, path: str, rollouts: Rollouts) -> torch.Tensor:
-        """Log-probs of the sampled response tokens under the frozen model at `path`, `[B, L]`."""
+        """Log-probs of the sampled response tokens under the frozen model at `path`, `[B, L]`, at the rollout
+        temperature: teachers and references score at the tau the student sampled at (`Train.temperature`)."""
         if self.recipe.backend.scoring == "transformers":
-            return self.frozen.score(path, rollouts)
+            return self.frozen.score(path, rollouts, temperature=self.recipe.train.temperature)
         from merge_distill.backends import make_scorer
 
         key = self.frozen.key(path)
         if key not in self.scorers:
             self.scorers[key] = make_scorer(self.recipe, path)
-        return self.scorers[key].score(rollouts).to(rollouts.response_ids.device)
+        return self.scorers[key].score(rollouts).to(rollouts.response_ids.device)  # tau 1 (recipe validation)
+
+    def old_logprobs(self, rollouts: Rollouts) -> torch.Tensor:
+        """log pi_old of the sampled tokens, `[B, L]`: the pi_old term of the advantage.
+
+        When the trainer's own model sampled (the transformers backend), these are the sampler's log-probs.
+        Another engine's (vLLM, bf16, its own kernels) would bring its numerical noise into the reward, so
+        then they are recomputed by the trainer, as the official G-OPD code does; the engine's log-probs
+        serve only in the importance weight (`objective.policy_gradient_loss`).
+        """
+        if self.sampler is None:
+            return rollouts.sampler_logprobs
+        with torch.no_grad(), self.autocast():
+            return response_logprobs(self.student, rollouts, temperature=self.recipe.train.temperature)
 
     def autocast(self):
         """The student's forward passes in the recipe's dtype (mixed precision; its weights stay float32)."""
@@ -137,21 +152,22 @@ def _advantages(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict
     for row, p in enumerate(batch):
         by_expert[p.expert].append(row)
     if recipe.method == "grpo":
-        rewards = torch.zeros(len(batch), device=mask.device)
+        rewards = torch.zeros(len(batch))  # graded on the CPU, then moved to the rollouts' device
         texts = s.tokenizer.batch_decode(rollouts.response_token_lists(), skip_special_tokens=True)
         t0 = time.perf_counter()
         for i, rows in by_expert.items():
             verdicts = s.graders[i].grade_many([batch[r].record for r in rows], [texts[r] for r in rows])
-            rewards[rows] = torch.tensor([v.score for v in verdicts])
+            rewards[rows] = torch.tensor([float(v.score) for v in verdicts])
             metrics[f"{recipe.experts[i].name}/accuracy"] = float(rewards[rows].mean())
         metrics["time/grade_s"] = time.perf_counter() - t0
-        seq_adv = objective.grpo_advantages(rewards, recipe.train.rollouts_per_prompt)
+        seq_adv = objective.grpo_advantages(rewards.to(mask.device), recipe.train.rollouts_per_prompt)
         return seq_adv[:, None] * mask
+    old_logprobs = s.old_logprobs(rollouts)
     for i, rows in by_expert.items():
         expert = recipe.experts[i]
         sub = rollouts.select(rows)
         lam = recipe.scale_of(expert)
-        student_lp = sub.sampler_logprobs
+        student_lp = old_logprobs[rows]
         teacher_lp = s.score(expert.teacher, sub)
         clip = recipe.train.log_ratio_clip
         needs_reference = lam != 1.0 or clip is not None  # a clipped log T/R no longer cancels R at lam 1
@@ -180,12 +196,14 @@ def _dense_targets(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: d
         if not rows:
             continue
         sub, lam = rollouts.select(rows), recipe.scale_of(expert)
+        tau = recipe.train.temperature  # the student's logits then converge to lam log T + (1 - lam) log R
         with s.frozen.using(expert.teacher) as model:
-            teacher = response_vocab_logprobs(model, sub.to(s.frozen.device)).to(sub.response_ids.device)
+            teacher = response_vocab_logprobs(model, sub.to(s.frozen.device), temperature=tau).to(sub.response_ids.device)
         reference = None
         if lam != 1.0:
             with s.frozen.using(reference_path(recipe, expert)) as model:
-                reference = response_vocab_logprobs(model, sub.to(s.frozen.device)).to(sub.response_ids.device)
+                reference = response_vocab_logprobs(model, sub.to(s.frozen.device),
+                                                    temperature=tau).to(sub.response_ids.device)
         t = target_logprobs(teacher, reference, lam)
         if target is None:
             target = t.new_zeros(*rollouts.response_ids.shape, t.shape[-1])
@@ -281,10 +299,17 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
         ratios.append(torch.exp(logprobs.detach() - sub.sampler_logprobs)[sub.response_mask.bool()])
     distributed.all_reduce_grads(s.student.parameters())  # then every rank clips by the global norm
     grad_norm = torch.nn.utils.clip_grad_norm_(s.student.parameters(), cfg.grad_clip or float("inf"))
-    optimizer.step()
-    scheduler.step()
-    if s.sampler is not None:
-        s.sampler.sync_weights(s.student)  # the next rollouts come from the updated weights
+    # a non-finite loss or gradient on any rank: no rank steps, so weights and optimizer state stay finite
+    nonfinite = torch.tensor(float(not (math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm)))))
+    skipped = bool(distributed.all_reduce_sum(nonfinite) > 0)
+    if skipped:  # the step only moves the data on
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+        scheduler.step()
+        if s.sampler is not None:
+            s.sampler.sync_weights(s.student)  # the next rollouts come from the updated weights
+    s.skipped_steps += skipped
     _sync(s)
     t3 = time.perf_counter()
 
@@ -300,6 +325,7 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
             weights.update({f"{e.name}/tokens": float(lengths[rows].sum()), f"{e.name}/sequences": len(rows)})
     metrics.update({
         "loss": loss_sum, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+        "skipped": int(skipped), "skipped_steps": s.skipped_steps,
         "response_length": float(lengths.mean()), "truncation_rate": float(rollouts.truncated.float().mean()),
         "importance_ratio/mean": float(ratio.mean()), "importance_ratio/min": float(ratio.min()),
         "importance_ratio/max": float(ratio.max()),
@@ -355,7 +381,7 @@ def save_checkpoint(s: Setup, optimizer, scheduler, step: int) -> Path:
             s.student.save_pretrained(tmp, safe_serialization=True)
             s.tokenizer.save_pretrained(tmp)
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "mixer": s.mixer.state_dict()}, tmp / TRAINER_STATE)
+                        "mixer": s.mixer.state_dict(), "skipped_steps": s.skipped_steps}, tmp / TRAINER_STATE)
         for _, old in checkpoint_dirs(Path(s.recipe.output_dir))[: -s.recipe.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
@@ -373,6 +399,7 @@ def resume_from(s: Setup, optimizer, scheduler) -> int:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     s.mixer.load_state_dict(state["mixer"])
+    s.skipped_steps = state.get("skipped_steps", 0)
     if s.sampler is not None:
         s.sampler.sync_weights(s.student)
     return step
@@ -477,10 +504,20 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
     log = MetricsLog(output_dir, start) if world.main else None
     cfg = recipe.train
     task = progress.add_task(f"train ({recipe.method})", total=cfg.steps, completed=start) if progress else None
+    in_a_row = 0  # consecutive skipped steps
     try:
         for step in range(start, cfg.steps):
             metrics = train_step(s, optimizer, scheduler, step)
             done = step + 1
+            in_a_row = in_a_row + 1 if metrics["skipped"] else 0
+            if in_a_row >= cfg.max_consecutive_skips:
+                if log:
+                    log.write(metrics)
+                raise TrainingDiverged(
+                    f"stopped at step {done}: {in_a_row} steps in a row had a non-finite loss or gradient and were "
+                    f"skipped (train.max_consecutive_skips {cfg.max_consecutive_skips}); the weights are those of step "
+                    f"{done - in_a_row}; see {output_dir / 'metrics.jsonl'}, lower train.lr or keep "
+                    "train.importance_truncation on")
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and on_eval:
                 metrics.update(on_eval(s.student, done))
             if log:
@@ -504,6 +541,9 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
 
 
 def _describe(recipe: Recipe, m: dict) -> str:
-    key = "accuracy" if recipe.method == "grpo" else "reverse_kl_teacher"
-    parts = [f"{e.name} {key.split('_')[0]} {m[f'{e.name}/{key}']:.3f}" for e in recipe.experts if f"{e.name}/{key}" in m]
-    return f"train ({recipe.method}) " + " ".join(parts)
+    """The progress bar's line: each domain's accuracy (GRPO) or reverse KL to its teacher, else the loss."""
+    key, label = ("accuracy", "accuracy") if recipe.method == "grpo" else ("reverse_kl_teacher", "KL to teacher")
+    parts = [f"{e.name} {label} {m[f'{e.name}/{key}']:.3f}" for e in recipe.experts if f"{e.name}/{key}" in m]
+    if not parts and "loss" in m:
+        parts = [f"loss {m['loss']:.3f}"]
+    return f"train ({recipe.method}) " + ", ".join(parts)

@@ -108,3 +108,11 @@ def test_real_process_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: recipe '{tmp_path / 'missing.yaml'}' does not exist"]
+
+
+def test_grpo_with_one_rollout_per_prompt(recipe):
+    """Group-normalised advantages of a group of one are all 0: such a run would train nothing."""
+    path = edit(recipe, lambda d: d.update(method="grpo") or d["train"].update(rollouts_per_prompt=1))
+    err = one_line_error(["validate", str(path)])
+    assert "train.rollouts_per_prompt" in err and "GRPO" in err
+    assert one_line_error(["run", str(path), "--no-eval"]) == err

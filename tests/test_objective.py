@@ -109,3 +109,49 @@ def test_free_policy_converges_to_closed_form(lam):
     assert tv < 0.02, f"lam={lam}: total variation {tv:.4f} from T^lam R^(1-lam)"
     if lam != 1.0:  # and it is not simply the teacher
         assert 0.5 * float((pi - log_t.exp()).abs().sum()) > 2 * tv
+
+
+def _train_at_temperature(z_teacher, z_reference, lam, tau, *, score_at_tau=True, steps=3000):
+    """A free policy (its logits z) trained by the G-OPD estimator's exact expected gradient: it samples from
+    softmax(z / tau), and teacher and reference score the sampled token at tau (or at 1: the old convention).
+    The expectation over the sampled token is exact: every token is a row, weighted by its probability."""
+    z = torch.zeros_like(z_teacher, requires_grad=True)
+    opt = torch.optim.Adam([z], lr=0.05)
+    score_tau = tau if score_at_tau else 1.0
+    log_t = torch.log_softmax(z_teacher / score_tau, 0)
+    log_r = torch.log_softmax(z_reference / score_tau, 0)
+    for _ in range(steps):
+        logp = torch.log_softmax(z / tau, 0)  # the sampler's (and trainer's) log-probs at tau
+        q = logp.detach().exp()
+        adv = obj.gopd_advantages(logp.detach()[None], log_t[None], log_r[None], lam)
+        loss = obj.policy_gradient_loss(logp[None], logp.detach()[None], adv, q[None])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.softmax(z.detach(), 0)  # the student evaluated at temperature 1
+
+
+@pytest.mark.parametrize("tau", [0.7, 1.3])
+def test_training_at_temperature_tau_converges_at_temperature_one_to_the_closed_form(tau):
+    """Teachers and references score at the rollout temperature: the student's logits then converge to
+    lam z_T + (1 - lam) z_R, so at temperature 1 it is pi* ∝ T^lam R^(1-lam), whatever tau it trained at.
+    Scoring them at temperature 1 instead ends at (pi*)^tau renormalised, far from pi*."""
+    g = torch.Generator().manual_seed(3)
+    z_t, z_r, lam = 2 * torch.randn(6, generator=g), 2 * torch.randn(6, generator=g), 1.25
+    target = obj.gopd_optimum_logprobs(torch.log_softmax(z_t, 0), torch.log_softmax(z_r, 0), lam).exp()
+    pi = _train_at_temperature(z_t, z_r, lam, tau)
+    assert 0.5 * float((pi - target).abs().sum()) < 2e-3
+    old = _train_at_temperature(z_t, z_r, lam, tau, score_at_tau=False)
+    assert 0.5 * float((old - target).abs().sum()) > 0.05
+
+
+def test_extreme_tokens_give_a_finite_loss_and_gradient():
+    """A ratio that overflows (sampler log-prob -1e4) or underflows (student log-prob -1e4 below the sampler's)
+    is truncated to c or 0, not 0/0 or inf/inf."""
+    logp = torch.tensor([[-1.0, -1e4, -0.5, -2.0]], requires_grad=True)
+    sampler = torch.tensor([[-1e4, -1.0, -0.5, -2.0 - math.log(3.0)]])  # ratios inf, 0, 1, 3
+    adv = torch.tensor([[1.0, 1.0, 2.0, -1.0]])
+    loss = obj.policy_gradient_loss(logp, sampler, adv, torch.ones(1, 4), truncation=5.0)
+    assert math.isclose(float(loss.detach()), -(5.0 + 0.0 + 2.0 - 3.0) / 4, rel_tol=1e-5)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-5.0, 0.0, -2.0, 3.0]]) / 4)

@@ -40,3 +40,27 @@ def test_a_row_samples_the_same_response_alone_or_in_any_batch(tiny_world):
                                        rtol=1e-4, atol=1e-5)
     other = sample(model, prompts, seeds=row_seeds(4, len(prompts)), **kw)
     assert other.response_ids.tolist() != together.response_ids.tolist()
+
+
+def test_eos_ends_a_response_inside_its_mask_and_tempered_logprobs_are_recorded(tiny_world):
+    """A response that stops before max_new_tokens ends in EOS, and that EOS is a real token (mask 1, its
+    sampler log-prob recorded): the student is rewarded for when it stops. The recorded log-probs are those
+    of softmax(logits / tau), what a plain forward at tau gives."""
+    model, tok = load_model(tiny_world / "math_teacher"), load_tokenizer(tiny_world / "math_teacher")
+    prompts = [render_prompt(tok, q) for q in ("12+34=", "What is 5+7?", "1+1", "Compute 98-45 carefully.")] * 4
+    eos, tau, max_new = tok.eos_token_id, 0.7, 16
+    r = sample(model, prompts, seeds=row_seeds(5, len(prompts)), max_new_tokens=max_new, temperature=tau,
+               eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    ended = 0
+    for b, prompt in enumerate(prompts):
+        ids = r.response_ids[b].tolist()
+        n = ids.index(eos) + 1 if eos in ids else max_new
+        assert r.response_mask[b].tolist() == [1.0] * n + [0.0] * (len(ids) - n)
+        assert bool(r.truncated[b]) == (eos not in ids)
+        ended += eos in ids
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + ids[:n]])).logits[0, len(prompt) - 1:-1]
+        expected = torch.log_softmax(logits / tau, -1).gather(-1, torch.tensor(ids[:n])[:, None]).squeeze(-1)
+        torch.testing.assert_close(r.sampler_logprobs[b, :n], expected, rtol=1e-4, atol=1e-5)
+        assert bool((r.sampler_logprobs[b, n:] == 0).all())
+    assert 0 < ended < len(prompts)

@@ -62,9 +62,9 @@ def test_only_a_domains_teacher_scores_its_prompts(tiny_world, tmp_path, monkeyp
     seen = []
     original = ModelCache.score
 
-    def spy(self, path, rollouts):
+    def spy(self, path, rollouts, **kw):
         seen.append((Path(path).name, rollouts.prompt_ids.shape[0]))
-        return original(self, path, rollouts)
+        return original(self, path, rollouts, **kw)
 
     monkeypatch.setattr(ModelCache, "score", spy)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1,
@@ -149,8 +149,8 @@ def test_offloaded_frozen_models_give_the_same_run(tiny_world, tmp_path):
         seen = []
         original = train_module.ModelCache.score
 
-        def spy(self, path, rollouts, original=original, seen=seen):
-            out = original(self, path, rollouts)
+        def spy(self, path, rollouts, original=original, seen=seen, **kw):
+            out = original(self, path, rollouts, **kw)
             seen.append({p.device.type for m in self._models.values() for p in m.parameters()})
             return out
 

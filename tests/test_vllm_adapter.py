@@ -345,3 +345,54 @@ def test_trainer_samples_and_scores_through_the_backend(monkeypatch, tiny_world,
     assert all(not llm.calls for _, llm in engines[1:])  # frozen engines are never reloaded
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["math/n_sequences"] > 0 for r in rows)
+
+
+def test_engine_noise_stays_out_of_the_reward(monkeypatch, tiny_world, tmp_path):
+    """The engine's log-probs (bf16, its own kernels) differ from the trainer's. As in the official G-OPD code,
+    the advantage's pi_old term is the trainer's recomputed log-prob; the engine's serves only in the
+    importance weight pi_theta / pi_engine."""
+    from conftest import write_recipe
+
+    from merge_distill import objective
+    from merge_distill.models import load_model
+    from merge_distill.recipe import load_recipe
+    from merge_distill.scoring import response_logprobs
+    from merge_distill.train import train
+
+    noise = 0.3
+
+    class NoisyLLM(FakeLLM):
+        def generate(self, prompts, params, use_tqdm=True):
+            outs = super().generate(prompts, params, use_tqdm)
+            for out in outs:  # flat log-probs holding the sampled token only (logprobs=0)
+                out.outputs[0].logprobs.logprobs = [lp - noise for lp in out.outputs[0].logprobs.logprobs]
+            return outs
+
+    student = load_model(tiny_world / "base").eval()
+    monkeypatch.setattr(vb, "import_vllm", fake_vllm)
+    monkeypatch.setattr(vb, "_engine", lambda model, **kw: NoisyLLM(student))
+    seen = []
+    original = objective.gopd_advantages
+
+    def spy(student_lp, teacher_lp, reference_lp, lam):
+        seen.append(student_lp)
+        return original(student_lp, teacher_lp, reference_lp, lam)
+
+    rollouts = []
+    original_pg = objective.policy_gradient_loss
+
+    def pg_spy(logprobs, sampler_logprobs, *a, **kw):
+        rollouts.append((logprobs.detach(), sampler_logprobs))
+        return original_pg(logprobs, sampler_logprobs, *a, **kw)
+
+    monkeypatch.setattr(objective, "gopd_advantages", spy)
+    monkeypatch.setattr(objective, "policy_gradient_loss", pg_spy)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1, prompts_per_step=4,
+                                      max_new_tokens=6), ["backend.rollout=vllm"])
+    train(recipe)
+    (logprobs, engine_lp), = rollouts  # one micro-batch: the trainer's log-probs and the engine's
+    mask = engine_lp != 0
+    # the engine's log-probs are the trainer's minus the noise; the advantage saw the trainer's
+    torch.testing.assert_close(engine_lp[mask], logprobs[mask] - noise, rtol=0, atol=1e-4)
+    used = torch.cat([s[s != 0] for s in seen])
+    torch.testing.assert_close(torch.sort(used).values, torch.sort(logprobs[mask]).values, rtol=0, atol=1e-4)
