@@ -1,18 +1,21 @@
 """Log-probs of given tokens through an output projection, in row chunks, with a recomputing backward.
 
-    log p(y_i | h_i) = z_i[y_i] - logsumexp(z_i),    z_i = (h_i W^T + b) / T
+    log p(y_i | h_i) = z_i[y_i] - logsumexp(z_i),    z_i = cap(h_i W^T + b) / T,    cap(x) = c tanh(x / c)
 
-is all a policy-gradient update needs from the vocabulary, yet autograd on the plain computation keeps the
-whole `[rows, vocab]` float32 logits (and their log-softmax, and their gradient) alive: 1.2 GB apiece for 2,048
+(the soft-cap c is optional: Gemma 2-style heads cap their logits before the sampler divides by T) is all a
+policy-gradient update needs from the vocabulary, yet autograd on the plain computation keeps the whole
+`[rows, vocab]` float32 logits (and their log-softmax, and their gradient) alive: 1.2 GB apiece for 2,048
 response tokens at Qwen's 151,936-token vocabulary. `token_logprobs` walks the rows in chunks of at most
 `chunk_rows` (about `CHUNK_ELEMENTS` logits) in both passes: the forward keeps only each row's log-sum-exp,
 the backward recomputes each chunk's logits and turns them into
 
-    dL/dz_i = g_i * (onehot(y_i) - softmax(z_i)) / T,   dL/dh_i = dL/dz_i W,   dL/dW += dL/dz_i^T h_i
+    dL/dx_i = g_i * (onehot(y_i) - softmax(z_i)) * cap'(x_i) / T,   dL/dh_i = dL/dx_i W,   dL/dW += dL/dx_i^T h_i
 
-so memory beyond the inputs is one chunk of logits, whatever the vocabulary and length (the idea of Liger
-Kernel's fused linear cross-entropy). Values are those of the plain computation: the same operations on the
-same rows, in the same dtype (under autocast the projection runs in the autocast dtype, as `nn.Linear` would).
+(x_i = h_i W^T + b, cap'(x) = 1 - tanh(x / c)^2, 1 without a cap), so memory beyond the inputs is one chunk of
+logits (two in the backward with a cap: its slope beside the gradient), whatever the vocabulary and length (the
+idea of Liger Kernel's fused linear cross-entropy). Values are those of the plain computation: the same
+operations on the same rows, in the same dtype (under autocast the projection runs in the autocast dtype, as
+`nn.Linear` would).
 """
 
 from __future__ import annotations
@@ -37,36 +40,48 @@ def chunk_rows_for(vocab: int, elements: int | None = None, device: torch.device
     return max(1, elements // max(1, vocab))
 
 
-def _compute_dtype(hidden: Tensor) -> torch.dtype:
+def compute_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype the projection runs in: autocast's where it is on, else the hidden states'."""
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return hidden.dtype
 
 
-def _logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float) -> Tensor:
+def _logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float, softcap: float | None, *,
+            with_slope: bool = False) -> tuple[Tensor, Tensor | None]:
+    """One chunk of logits as the sampler sees them, `cap(h W^T + b) / T` in float32, and, `with_slope`, the
+    cap's derivative `1 - tanh(x / c)^2` for the backward (None without a cap). Runs without autograd, in place."""
     z = F.linear(h, w, b).float()
-    return z / temperature if temperature != 1.0 else z
+    slope = None
+    if softcap is not None:
+        squashed = z.div_(softcap).tanh_()
+        if with_slope:
+            slope = squashed.square().neg_().add_(1)
+        z = squashed.mul_(softcap)
+    return (z.div_(temperature) if temperature != 1.0 else z), slope
 
 
 def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
-                   temperature: float = 1.0, chunk_rows: int | None = None) -> Tensor:
-    """`[N]` float32 log-probs of `targets` `[N]` under `softmax((hidden @ weight.T + bias) / temperature)`.
+                   temperature: float = 1.0, softcap: float | None = None, chunk_rows: int | None = None) -> Tensor:
+    """`[N]` float32 log-probs of `targets` `[N]` under `softmax(cap(hidden @ weight.T + bias) / temperature)`.
 
     `hidden` `[N, H]`, `weight` `[V, H]` (e.g. an `nn.Linear`'s, tied to the embedding or not), `bias` `[V]` or
-    None. Differentiable in hidden, weight and bias, holding at most one `[chunk_rows, V]` block of logits.
+    None; `softcap` c caps the logits to `c * tanh(x / c)` before the temperature divides them (None: no cap).
+    Differentiable in hidden, weight and bias, holding at most one `[chunk_rows, V]` block of logits (two in
+    the backward with a cap).
     """
     rows = chunk_rows or chunk_rows_for(weight.shape[0], device=weight.device)
-    cdtype = _compute_dtype(hidden)
+    cdtype = compute_dtype(hidden)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:
         with torch.autocast(hidden.device.type, enabled=False):
-            return _forward(hidden, weight, bias, targets, temperature, rows, cdtype)[0]
-    return _TokenLogprobs.apply(hidden, weight, bias, targets, temperature, rows, cdtype)
+            return _forward(hidden, weight, bias, targets, temperature, softcap, rows, cdtype)[0]
+    return _TokenLogprobs.apply(hidden, weight, bias, targets, temperature, softcap, rows, cdtype)
 
 
-def _forward(hidden, weight, bias, targets, temperature, rows, cdtype):
+def _forward(hidden, weight, bias, targets, temperature, softcap, rows, cdtype):
     w = weight.to(cdtype)
     b = bias.to(cdtype) if bias is not None else None
     n = hidden.shape[0]
@@ -74,7 +89,7 @@ def _forward(hidden, weight, bias, targets, temperature, rows, cdtype):
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
-        z = _logits(hidden[lo:hi].to(cdtype), w, b, temperature)
+        z, _ = _logits(hidden[lo:hi].to(cdtype), w, b, temperature, softcap)
         lse[lo:hi] = torch.logsumexp(z, dim=-1)
         out[lo:hi] = z.gather(-1, targets[lo:hi, None]).squeeze(-1) - lse[lo:hi]
     return out, lse
@@ -82,17 +97,17 @@ def _forward(hidden, weight, bias, targets, temperature, rows, cdtype):
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, rows, cdtype):
+    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, rows, cdtype):
         with torch.autocast(hidden.device.type, enabled=False):
-            out, lse = _forward(hidden, weight, bias, targets, temperature, rows, cdtype)
+            out, lse = _forward(hidden, weight, bias, targets, temperature, softcap, rows, cdtype)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature, ctx.rows, ctx.cdtype = temperature, rows, cdtype
+        ctx.temperature, ctx.softcap, ctx.rows, ctx.cdtype = temperature, softcap, rows, cdtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        temperature, rows, cdtype = ctx.temperature, ctx.rows, ctx.cdtype
+        temperature, softcap, rows, cdtype = ctx.temperature, ctx.softcap, ctx.rows, ctx.cdtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(cdtype)
@@ -106,9 +121,11 @@ class _TokenLogprobs(torch.autograd.Function):
                 hi = min(n, lo + rows)
                 h = hidden[lo:hi].to(cdtype)
                 g = g_all[lo:hi, None]
-                dz = _logits(h, w, b, temperature)            # recomputed chunk of logits
+                dz, slope = _logits(h, w, b, temperature, softcap, with_slope=True)  # recomputed chunk
                 dz.sub_(lse[lo:hi, None]).exp_().mul_(-g)      # -g * softmax
                 dz.scatter_add_(-1, targets[lo:hi, None], g)   # + g * onehot(y)
+                if slope is not None:
+                    dz.mul_(slope)                             # through the cap
                 if temperature != 1.0:
                     dz.div_(temperature)
                 dz = dz.to(cdtype)
@@ -121,4 +138,4 @@ class _TokenLogprobs(torch.autograd.Function):
                 if need_b:
                     grad_b += dz.float().sum(0)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None, None)
+                grad_b.to(bias.dtype) if need_b else None, None, None, None, None, None)

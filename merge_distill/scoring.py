@@ -2,21 +2,78 @@
 
 Only real response positions are projected to the vocabulary, in row chunks, with log-sum-exp: no model
 (frozen, or the student under autograd) ever holds `[batch, length, vocab]` float32 logits or log-probs, and
-prompt and padding positions are never scored.
+prompt and padding positions are never scored. The projection reproduces what the model's own forward does
+after its head (Granite's and Cohere's logit scales, Gemma's final soft-cap: `OutputHead`), and each model is
+checked once against its own logits, so the rewards and the importance ratio to the sampler (which reads
+`model(...).logits`) are those of the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from merge_distill.fused import token_logprobs
+from merge_distill.errors import UserError
+from merge_distill.fused import compute_dtype, token_logprobs
 from merge_distill.sampling import Rollouts, positions
 
 Tensor = torch.Tensor
+
+# What transformers' (5.24) causal-LM forwards do to `lm_head(h)` before returning it as `.logits`, by class:
+# (operation, config attribute). A subclass inherits its base's entry; any other class is checked to do nothing.
+_LOGIT_POSTPROCESSING = {
+    **dict.fromkeys(["GraniteForCausalLM", "GraniteMoeForCausalLM", "GraniteMoeHybridForCausalLM",
+                     "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "GraniteMoeSWAForCausalLM"],
+                    ("divide", "logits_scaling")),
+    **dict.fromkeys(["CohereForCausalLM", "Cohere2ForCausalLM", "Cohere2MoeForCausalLM", "CohereCompassForCausalLM"],
+                    ("multiply", "logit_scale")),
+    "HyperCLOVAXForCausalLM": ("multiply", "logits_scaling"),  # the same key as Granite's, the other way round
+    "FalconH1ForCausalLM": ("multiply", "lm_head_multiplier"),
+    **dict.fromkeys(["Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3nForCausalLM", "Gemma3nForConditionalGeneration",
+                     "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration", "Gemma4UnifiedForCausalLM",
+                     "Gemma4UnifiedForConditionalGeneration", "VaultGemmaForCausalLM", "NanoChatForCausalLM",
+                     "BeamForCausalLM", "Inkling2ForCausalLM", "Inkling2LoopForCausalLM"],
+                    ("softcap", "final_logit_softcapping")),
+    "RecurrentGemmaForCausalLM": ("softcap", "logits_soft_cap"),
+    "xLSTMForCausalLM": ("softcap", "output_logit_soft_cap"),
+}
+_VERIFIED = "_merge_distill_scorer_verified"  # set on a model once its probe matched its own logits
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """How a causal LM turns its final hidden states into the logits its forward returns:
+
+        logits = cap(scale * (h @ weight.T + bias)),    cap(x) = softcap * tanh(x / softcap)  (identity if None)
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def fused_args(self, temperature: float) -> dict:
+        """`token_logprobs`'s temperature and softcap for `logits / temperature`. The scale folds into both:
+        cap_c(s x) / T = cap_{c/s}(x) / (T/s)."""
+        return {"temperature": temperature / self.scale,
+                "softcap": None if self.softcap is None else self.softcap / self.scale}
+
+
+def output_head(model: torch.nn.Module, linear: torch.nn.Linear) -> OutputHead:
+    """The model's output projection `linear` and the post-processing its class applies (`_LOGIT_POSTPROCESSING`,
+    read from the text config; an unset value does nothing)."""
+    operation, key = next((_LOGIT_POSTPROCESSING[c.__name__] for c in type(model).__mro__
+                           if c.__name__ in _LOGIT_POSTPROCESSING), (None, None))
+    value = getattr(model.config.get_text_config(), key, None) if key else None
+    if value is None:
+        return OutputHead(linear.weight, linear.bias)
+    if operation == "softcap":
+        return OutputHead(linear.weight, linear.bias, softcap=float(value))
+    return OutputHead(linear.weight, linear.bias, scale=float(value) if operation == "multiply" else 1 / float(value))
 
 
 def response_logprobs(model: torch.nn.Module, rollouts: Rollouts, *, temperature: float = 1.0,
@@ -30,7 +87,9 @@ def response_logprobs(model: torch.nn.Module, rollouts: Rollouts, *, temperature
     `fused.CHUNK_ELEMENTS` logits per chunk, 4x that on CUDA, so memory stays flat in vocabulary and length).
     The backbone sees each row as prompt ++ response with no padding between them, and rows of very
     different lengths in separate length buckets (`length_buckets`), so short prompts and early-ended
-    responses do not pay for the batch's longest. A row's prompt must have at least one token.
+    responses do not pay for the batch's longest. A row's prompt must have at least one token. The head's
+    post-processing (`OutputHead`) is applied as the model's forward applies it; a model whose logits this
+    does not reproduce is refused (`check_reproduces_logits`).
     """
     L = rollouts.response_ids.shape[1]
     backbone, head = _split(model)
@@ -40,19 +99,20 @@ def response_logprobs(model: torch.nn.Module, rollouts: Rollouts, *, temperature
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask),
                        logits_to_keep=L + 1).logits[:, :-1]
         return _gather_logprobs(logits.float() / temperature, rollouts.response_ids) * rollouts.response_mask
+    check_reproduces_logits(model, backbone, head)
     prompt_lens = rollouts.prompt_mask.sum(-1).long()
     response_lens = rollouts.response_mask.sum(-1).long()
     hs, ts, where = [], [], []
     for rows in length_buckets((prompt_lens + response_lens).tolist()):
         idx = torch.as_tensor(rows, device=rollouts.prompt_ids.device)
         ids, mask, before, real = _packed(rollouts, idx, prompt_lens[idx], response_lens[idx])
-        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+        hidden = _hidden_states(backbone, ids, mask)
         hidden = hidden.gather(1, before[..., None].expand(-1, -1, hidden.shape[-1]))
         hs.append(hidden[real])
         ts.append(rollouts.response_ids[idx, :real.shape[1]][real])
         where.append((idx[:, None] * L + torch.arange(real.shape[1], device=idx.device))[real])
-    lp = token_logprobs(torch.cat(hs), head.weight, head.bias, torch.cat(ts), temperature=temperature,
-                        chunk_rows=chunk_tokens)
+    lp = token_logprobs(torch.cat(hs), head.weight, head.bias, torch.cat(ts), chunk_rows=chunk_tokens,
+                        **head.fused_args(temperature))
     out = torch.zeros(rollouts.response_ids.numel(), dtype=lp.dtype, device=lp.device)
     return out.index_put((torch.cat(where),), lp).reshape(rollouts.response_ids.shape)
 
@@ -109,14 +169,63 @@ def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def _split(model: torch.nn.Module):
-    """(backbone returning hidden states, output projection) of an HF causal LM, or (None, None)."""
-    backbone = getattr(model, "model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if (backbone is None or not isinstance(head, torch.nn.Linear)
-            or getattr(model.config, "final_logit_softcapping", None)):
+def _hidden_states(backbone: torch.nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+    return backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+
+
+def _split(model: torch.nn.Module) -> tuple[torch.nn.Module | None, OutputHead | None]:
+    """(backbone returning hidden states, OutputHead) of an HF causal LM, or (None, None).
+
+    The backbone is `model.base_model` (the attribute named by `base_model_prefix`: `model` for Llama-likes,
+    `transformer` for GPT-2), the projection `get_output_embeddings()`, which must be a plain linear layer."""
+    backbone = getattr(model, "base_model", model)
+    linear = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is model or not isinstance(linear, torch.nn.Linear):
         return None, None
-    return backbone, head
+    return backbone, output_head(model, linear)
+
+
+def check_reproduces_logits(model: torch.nn.Module, backbone: torch.nn.Module, head: OutputHead) -> None:
+    """Raise a one-line UserError unless backbone + `head` through `token_logprobs` give the log-probs of the
+    model's own logits (`_probe`): a head whose post-processing `_LOGIT_POSTPROCESSING` does not know, or a
+    transform between the backbone and the output embeddings, would score other log-probs than the sampler's.
+    Probes once per model: the verdict is kept on the model object."""
+    if getattr(model, _VERIFIED, False):
+        return
+    difference, tolerance = _probe(model, backbone, head)
+    if not difference <= tolerance:
+        raise UserError(
+            f"{type(model).__name__} (model_type '{model.config.model_type}') is not supported by the scorer: its "
+            f"logits are not its output embeddings on its base model's hidden states with a post-processing "
+            f"merge_distill.scoring knows (log-probs differ by up to {difference:.3g} on a probe input, tolerance "
+            f"{tolerance:.2g})")
+    setattr(model, _VERIFIED, True)
+
+
+def _probe(model: torch.nn.Module, backbone: torch.nn.Module, head: OutputHead) -> tuple[float, float]:
+    """(largest difference, tolerance) between the scorer's log-probs and the log-softmax of `model(...).logits`
+    on 3 left-padded rows of 8 seeded random tokens (eval mode, no grad), at each real position's most and least
+    likely token and one at random. The tolerance is rounding in the logits' or the projection's dtype: 4 eps
+    times the largest logit (float32: ~1e-5; bf16: ~3% of it), plus 1e-4."""
+    vocab = min(head.weight.shape[0], model.get_input_embeddings().weight.shape[0])
+    gen = torch.Generator().manual_seed(0)
+    mask = (torch.arange(8) >= torch.tensor([[0], [3], [6]])).long().to(head.weight.device)
+    ids = torch.randint(vocab, mask.shape, generator=gen).to(mask.device) * mask
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[mask.bool()]
+            hidden = _hidden_states(backbone, ids, mask)[mask.bool()]
+            targets = torch.stack([logits.argmax(-1), logits.argmin(-1),
+                                   torch.randint(vocab, logits.shape[:1], generator=gen).to(mask.device)], -1)
+            expected = logits.float().log_softmax(-1).gather(-1, targets)
+            ours = token_logprobs(hidden.repeat_interleave(3, 0), head.weight, head.bias, targets.flatten(),
+                                  **head.fused_args(1.0)).view_as(expected)
+    finally:
+        model.train(was_training)
+    eps = max(torch.finfo(logits.dtype).eps, torch.finfo(compute_dtype(hidden)).eps)
+    return float((ours - expected).abs().max()), 1e-4 + 4 * eps * float(logits.float().abs().max())
 
 
 class ModelCache:

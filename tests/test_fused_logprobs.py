@@ -11,16 +11,21 @@ from merge_distill.scoring import response_logprobs
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def plain_token_logprobs(h, w, b, targets, temperature=1.0):
-    logits = torch.nn.functional.linear(h, w, b).float() / temperature
+def plain_token_logprobs(h, w, b, targets, temperature=1.0, softcap=None):
+    """The unfused computation, as a Gemma 2-style forward and the sampler do it: cap the logits, then divide."""
+    logits = torch.nn.functional.linear(h, w, b).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits / temperature
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk_rows", [1, 5, 64, None])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_values_and_gradients_match_autograd(temperature, chunk_rows, with_bias, device):
+def test_values_and_gradients_match_autograd(temperature, chunk_rows, with_bias, device, softcap):
     g = torch.Generator().manual_seed(0)
     n, hdim, vocab = 37, 16, 301
     h = torch.randn(n, hdim, generator=g, dtype=torch.float64).to(device)
@@ -31,10 +36,11 @@ def test_values_and_gradients_match_autograd(temperature, chunk_rows, with_bias,
 
     leaves = [t.clone().requires_grad_() for t in (h, w) + ((b,) if with_bias else ())]
     ours = token_logprobs(leaves[0], leaves[1], leaves[2] if with_bias else None, y, temperature=temperature,
-                          chunk_rows=chunk_rows)
+                          softcap=softcap, chunk_rows=chunk_rows)
     (ours * upstream).sum().backward()
     ref_leaves = [t.clone().requires_grad_() for t in (h, w) + ((b,) if with_bias else ())]
-    ref = plain_token_logprobs(ref_leaves[0], ref_leaves[1], ref_leaves[2] if with_bias else None, y, temperature)
+    ref = plain_token_logprobs(ref_leaves[0], ref_leaves[1], ref_leaves[2] if with_bias else None, y, temperature,
+                               softcap)
     (ref * upstream).sum().backward()
 
     assert ours.dtype == torch.float32
