@@ -135,7 +135,7 @@ class Zoo(Strict):
 class Backend(Strict):
     """Inference engines for the student's rollouts and the frozen scorers. "vllm" is the optional extra
     `pip install 'merge-distill[vllm]'` (CUDA only); the trainer gets its engines from
-    `merge_distill.backends.make_sampler(recipe)` / `make_scorer(recipe, path)` (None = transformers)."""
+    `merge_distill.engines.make_sampler(recipe, student)` / `make_scorer(recipe, path, cache)`."""
 
     rollout: Literal["transformers", "vllm"] = "transformers"
     scoring: Literal["transformers", "vllm"] = "transformers"
@@ -144,9 +144,9 @@ class Backend(Strict):
 
 
 class Recipe(Strict):
-    method: Literal["gopd", "grpo", "sft", "expo", "merge"] = Field(
-        "gopd", description="gopd: G-OPD/ExOPD; grpo: outcome-reward RL; sft: fine-tune on teacher samples; "
-                            "expo: weight extrapolation; merge: weight-space merging")
+    method: str = Field(
+        "gopd", description="a registered method (`merge_distill.methods`): gopd: G-OPD/ExOPD; grpo: outcome-reward "
+                            "RL; sft: fine-tune on teacher samples; expo: weight extrapolation; merge: weight-space merging")
     student: str
     reward_scale: Annotated[float, Field(ge=0)] = 1.25
     experts: list[Expert] = Field(min_length=1)
@@ -175,19 +175,21 @@ class Recipe(Strict):
             seen.add(e.name)
         return experts
 
-    @model_validator(mode="after")
-    def _teachers_for_gopd(self) -> "Recipe":
-        if self.method != "grpo":
-            for i, e in enumerate(self.experts):
-                if not e.teacher:
-                    raise ValueError(f"experts.{i} ({e.name}): teacher is required for method {self.method}")
-        return self
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, name: str) -> str:
+        from merge_distill.methods import available_methods
+
+        if name not in available_methods():
+            raise ValueError(f"unknown method '{name}' (registered: {', '.join(available_methods())})")
+        return name
 
     @model_validator(mode="after")
-    def _grpo_has_groups(self) -> "Recipe":
-        if self.method == "grpo" and self.train.rollouts_per_prompt < 2:
-            raise ValueError(f"train.rollouts_per_prompt is {self.train.rollouts_per_prompt}: GRPO normalises rewards "
-                             "within each prompt's group of rollouts, so it needs at least 2 (one trains nothing)")
+    def _method_accepts_recipe(self) -> "Recipe":
+        """The method's own checks (e.g. GRPO's groups, teachers where they are needed)."""
+        from merge_distill.methods import method_of
+
+        method_of(self).check(self)
         return self
 
     @model_validator(mode="after")
@@ -196,16 +198,6 @@ class Recipe(Strict):
             raise ValueError(f"backend.scoring vllm scores at temperature 1 only (prompt log-probs skip vLLM's "
                              f"sampling processors), but train.temperature is {self.train.temperature}, at which "
                              "teachers and references must score; use backend.scoring: transformers")
-        return self
-
-    @model_validator(mode="after")
-    def _dense_is_gopd(self) -> "Recipe":
-        if self.train.objective == "dense":
-            if self.method != "gopd":
-                raise ValueError(f"train.objective dense is a G-OPD objective; method is {self.method}")
-            if self.train.log_ratio_clip is not None:
-                raise ValueError("train.log_ratio_clip clips the sampled estimator's reward; it does not apply "
-                                 "to train.objective dense")
         return self
 
     @model_validator(mode="after")

@@ -171,8 +171,9 @@ def training_curves_png(metrics_path: Path, out_path: Path, recipe: Recipe) -> N
     rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
     if not rows:
         return
-    keys = {"gopd": ["reward", "reverse_kl_teacher", "kl_reference", "response_length"],
-            "grpo": ["accuracy", "response_length"]}.get(recipe.method, ["loss", "response_length"])
+    from merge_distill.methods import method_of
+
+    keys = list(method_of(recipe).curves)
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for ax, key in zip(axes, keys):
         for e in recipe.experts:

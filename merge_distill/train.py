@@ -1,49 +1,33 @@
-"""The on-policy loop: sample -> score with each domain's teacher and reference -> advantages -> update.
+"""The on-policy loop, one for every training method (`merge_distill.methods`):
 
-One loop serves G-OPD (teacher log-ratio rewards, per token) and GRPO (grader 0/1 rewards, group-
-normalised); the difference is one function, `_advantages`.
+    prompts of every domain -> rollouts -> targets (e.g. G-OPD advantages from each domain's teacher and
+    reference) -> micro-batched loss, token mean over the global batch -> one optimizer step
+
+What differs between methods lives in the method; checkpoints, the manifest and the metrics log in
+`merge_distill.checkpoint`; the engines behind `merge_distill.engines`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from merge_distill import distributed, objective
-from merge_distill.data import (
-    DomainMixer,
-    Prompt,
-    load_records,
-    render_prompt,
-    user_message,
-)
-from merge_distill.dense import (
-    dense_kl,
-    gopd_advantages_clipped,
-    response_vocab_logprobs,
-    target_logprobs,
-)
+from merge_distill import distributed
+from merge_distill.checkpoint import MetricsLog, check_manifest, resume_from, save_checkpoint
+from merge_distill.data import DomainMixer, Prompt, load_records, render_prompt, user_message
+from merge_distill.engines import Sampler, Scorer, TransformersSampler, make_sampler, make_scorer
 from merge_distill.errors import TrainingDiverged, UserError
-from merge_distill.io import atomic_dir, atomic_write_json
-from merge_distill.models import (
-    check_compatible,
-    load_model,
-    load_tokenizer,
-    model_info,
-)
+from merge_distill.io import atomic_dir
+from merge_distill.methods import Method, method_of
+from merge_distill.models import check_compatible, load_model, load_tokenizer, model_info
 from merge_distill.recipe import STUDENT, Recipe
-from merge_distill.sampling import Rollouts, concat_rollouts, row_seeds, sample
+from merge_distill.sampling import Rollouts, row_seeds
 from merge_distill.scoring import ModelCache, response_logprobs
-
-TRAINER_STATE = "trainer_state.pt"
 
 
 @dataclass
@@ -51,39 +35,54 @@ class Setup:
     """Everything a run needs, loaded and checked once."""
 
     recipe: Recipe
+    method: Method
     tokenizer: object
     student: torch.nn.Module
-    frozen: ModelCache
+    sampler: Sampler           # the student's rollout engine
+    frozen: ModelCache         # teachers and references, each checkpoint loaded once
     mixer: DomainMixer
     graders: dict[int, object] = field(default_factory=dict)
-    sampler: object | None = None  # the student's rollout engine when not transformers (backend.rollout: vllm)
-    scorers: dict[str, object] = field(default_factory=dict)  # frozen vLLM scorers by path (backend.scoring: vllm)
-    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, over the whole run
+    scorers: dict[str, Scorer] = field(default_factory=dict)  # by resolved path
+    skipped_steps: int = 0     # steps skipped for a non-finite loss or gradient, over the whole run
+
+    def sample_student(self, batch: list[Prompt], seeds: list[int]) -> Rollouts:
+        with self.autocast():
+            return self._sample(self.sampler, batch, seeds).to(self.student.device)
+
+    def sample_frozen(self, path: str, batch: list[Prompt], seeds: list[int], *, what: str) -> Rollouts:
+        with self.frozen.using(path, what=what) as model:
+            return self._sample(TransformersSampler(model), batch, seeds)
+
+    def _sample(self, sampler: Sampler, batch: list[Prompt], seeds: list[int]) -> Rollouts:
+        cfg = self.recipe.train
+        return sampler.sample([list(p.token_ids) for p in batch], max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, eos_token_id=self.tokenizer.eos_token_id,
+                              pad_token_id=self.tokenizer.pad_token_id, seeds=seeds)
 
     def score(self, path: str, rollouts: Rollouts) -> torch.Tensor:
-        """Log-probs of the sampled response tokens under the frozen model at `path`, `[B, L]`, at the rollout
-        temperature: teachers and references score at the tau the student sampled at (`Train.temperature`)."""
-        if self.recipe.backend.scoring == "transformers":
-            return self.frozen.score(path, rollouts, temperature=self.recipe.train.temperature)
-        from merge_distill.backends import make_scorer
-
+        """`[B, L]` log-probs of the sampled tokens under the frozen model at `path`, at the rollout temperature:
+        teachers and references score at the tau the student sampled at (see `Train.temperature`)."""
         key = self.frozen.key(path)
         if key not in self.scorers:
-            self.scorers[key] = make_scorer(self.recipe, path)
-        return self.scorers[key].score(rollouts).to(rollouts.response_ids.device)  # tau 1 (recipe validation)
+            self.scorers[key] = make_scorer(self.recipe, path, self.frozen)
+        lp = self.scorers[key].score(rollouts, temperature=self.recipe.train.temperature)
+        return lp.to(rollouts.response_ids.device)
 
     def old_logprobs(self, rollouts: Rollouts) -> torch.Tensor:
         """log pi_old of the sampled tokens, `[B, L]`: the pi_old term of the advantage.
 
-        When the trainer's own model sampled (the transformers backend), these are the sampler's log-probs.
+        When the trainer's own model sampled (the transformers engine), these are the sampler's log-probs.
         Another engine's (vLLM, bf16, its own kernels) would bring its numerical noise into the reward, so
         then they are recomputed by the trainer, as the official G-OPD code does; the engine's log-probs
         serve only in the importance weight (`objective.policy_gradient_loss`).
         """
-        if self.sampler is None:
+        if self.sampler.trainer_logprobs:
             return rollouts.sampler_logprobs
         with torch.no_grad(), self.autocast():
             return response_logprobs(self.student, rollouts, temperature=self.recipe.train.temperature)
+
+    def reference_path(self, expert) -> str:
+        return reference_path(self.recipe, expert)
 
     def autocast(self):
         """The student's forward passes in the recipe's dtype (mixed precision; its weights stay float32)."""
@@ -93,15 +92,18 @@ class Setup:
         return torch.autocast(device_type=torch.device(self.recipe.device).type, dtype=dtype)
 
 
+def reference_path(recipe: Recipe, expert) -> str:
+    return recipe.student if expert.reference == STUDENT else expert.reference
+
+
 def check_models(recipe: Recipe) -> None:
-    """Every model exists, loads a tokenizer, and agrees with the student token for token."""
+    """Every model the method loads exists, loads a tokenizer, and agrees with the student token for token."""
+    method = method_of(recipe)
     infos = {"student": model_info(recipe.student, what="student")}
     for i, e in enumerate(recipe.experts):
-        if recipe.method != "grpo":
-            infos[f"teacher of expert '{e.name}'"] = model_info(e.teacher, what=f"experts.{i}.teacher ({e.name})")
-            scored = recipe.scale_of(e) != 1.0 or recipe.train.log_ratio_clip is not None
-            if recipe.method == "gopd" and e.reference != STUDENT and scored:
-                infos[f"reference of expert '{e.name}'"] = model_info(e.reference, what=f"experts.{i}.reference ({e.name})")
+        for role, path in method.frozen_models(recipe, e).items():
+            if path != STUDENT:
+                infos[f"{role} of expert '{e.name}'"] = model_info(path, what=f"experts.{i}.{role} ({e.name})")
     check_compatible(infos, allow_chat_template_mismatch=recipe.allow_chat_template_mismatch)
 
 
@@ -124,117 +126,17 @@ def setup(recipe: Recipe) -> Setup:
     dtype = getattr(torch, recipe.dtype)  # frozen models are stored in it; the student computes in it
     student = load_model(recipe.student, what="student", dtype=torch.float32, trainable=True).to(recipe.device)
     mixer = DomainMixer(load_prompts(recipe, tokenizer), [e.weight for e in recipe.experts], recipe.train.seed)
-    s = Setup(recipe, tokenizer, student, ModelCache(dtype=dtype, device=recipe.placement.frozen_device or recipe.device,
-                                                  offload=recipe.placement.offload), mixer)
-    if recipe.method != "sft":
-        from merge_distill.backends import make_sampler
-
-        s.sampler = make_sampler(recipe)  # loads the student's initial weights itself
-    if recipe.method == "grpo":
+    frozen = ModelCache(dtype=dtype, device=recipe.placement.frozen_device or recipe.device,
+                        offload=recipe.placement.offload)
+    graders = {}
+    if not method_of(recipe).needs_teachers:  # rewarded by graders instead
         from merge_distill.graders import get_grader
 
-        s.graders = {i: get_grader(e.grader_name) for i, e in enumerate(recipe.experts)}
-    return s
-
-
-def reference_path(recipe: Recipe, expert) -> str:
-    return recipe.student if expert.reference == STUDENT else expert.reference
+        graders = {i: get_grader(e.grader_name) for i, e in enumerate(recipe.experts)}
+    return Setup(recipe, method_of(recipe), tokenizer, student, make_sampler(recipe, student), frozen, mixer, graders)
 
 
 # ----------------------------------------------------------------------------------------------- step
-
-
-def _advantages(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict) -> torch.Tensor:
-    """Per-token advantages [B, L] for the rows of `batch` (already expanded to rollouts)."""
-    recipe, mask = s.recipe, rollouts.response_mask
-    adv = torch.zeros_like(rollouts.sampler_logprobs)
-    by_expert = defaultdict(list)
-    for row, p in enumerate(batch):
-        by_expert[p.expert].append(row)
-    if recipe.method == "grpo":
-        rewards = torch.zeros(len(batch))  # graded on the CPU, then moved to the rollouts' device
-        texts = s.tokenizer.batch_decode(rollouts.response_token_lists(), skip_special_tokens=True)
-        t0 = time.perf_counter()
-        for i, rows in by_expert.items():
-            verdicts = s.graders[i].grade_many([batch[r].record for r in rows], [texts[r] for r in rows])
-            rewards[rows] = torch.tensor([float(v.score) for v in verdicts])
-            metrics[f"{recipe.experts[i].name}/accuracy"] = float(rewards[rows].mean())
-        metrics["time/grade_s"] = time.perf_counter() - t0
-        seq_adv = objective.grpo_advantages(rewards.to(mask.device), recipe.train.rollouts_per_prompt)
-        return seq_adv[:, None] * mask
-    old_logprobs = s.old_logprobs(rollouts)
-    for i, rows in by_expert.items():
-        expert = recipe.experts[i]
-        sub = rollouts.select(rows)
-        lam = recipe.scale_of(expert)
-        student_lp = old_logprobs[rows]
-        teacher_lp = s.score(expert.teacher, sub)
-        clip = recipe.train.log_ratio_clip
-        needs_reference = lam != 1.0 or clip is not None  # a clipped log T/R no longer cancels R at lam 1
-        reference_lp = s.score(reference_path(recipe, expert), sub) if needs_reference else None
-        if clip is None:
-            a = objective.gopd_advantages(student_lp, teacher_lp, reference_lp, lam)
-        else:
-            a = gopd_advantages_clipped(student_lp, teacher_lp, reference_lp, lam, clip)
-        a = a * sub.response_mask
-        adv[rows] = a
-        m, name = sub.response_mask, expert.name
-        metrics[f"{name}/reward"] = float(objective.masked_mean(a, m))
-        metrics[f"{name}/reverse_kl_teacher"] = float(objective.masked_mean(objective.kl_k1(student_lp, teacher_lp), m))
-        if reference_lp is not None:
-            metrics[f"{name}/kl_reference"] = float(objective.masked_mean(objective.kl_k1(student_lp, reference_lp), m))
-    return adv
-
-
-@torch.no_grad()
-def _dense_targets(s: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict) -> torch.Tensor:
-    """Dense G-OPD: log pi* = log_softmax(lam log T + (1 - lam) log R) `[B, L, V]` at every response position."""
-    recipe = s.recipe
-    target = None
-    for i, expert in enumerate(recipe.experts):
-        rows = [r for r, p in enumerate(batch) if p.expert == i]
-        if not rows:
-            continue
-        sub, lam = rollouts.select(rows), recipe.scale_of(expert)
-        tau = recipe.train.temperature  # the student's logits then converge to lam log T + (1 - lam) log R
-        with s.frozen.using(expert.teacher) as model:
-            teacher = response_vocab_logprobs(model, sub.to(s.frozen.device), temperature=tau).to(sub.response_ids.device)
-        reference = None
-        if lam != 1.0:
-            with s.frozen.using(reference_path(recipe, expert)) as model:
-                reference = response_vocab_logprobs(model, sub.to(s.frozen.device),
-                                                    temperature=tau).to(sub.response_ids.device)
-        t = target_logprobs(teacher, reference, lam)
-        if target is None:
-            target = t.new_zeros(*rollouts.response_ids.shape, t.shape[-1])
-        target[rows] = t
-        metrics[f"{expert.name}/reverse_kl_teacher"] = float(objective.masked_mean(
-            objective.kl_k1(sub.sampler_logprobs, teacher.gather(-1, sub.response_ids[..., None]).squeeze(-1)),
-            sub.response_mask))
-    return target
-
-
-def _sample(s: Setup, model, batch: list[Prompt], seeds: list[int]) -> Rollouts:
-    cfg = s.recipe.train
-    if model is s.student and s.sampler is not None:
-        return s.sampler.sample([list(p.token_ids) for p in batch], max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, eos_token_id=s.tokenizer.eos_token_id,
-                                pad_token_id=s.tokenizer.pad_token_id, seeds=seeds).to(s.student.device)
-    return sample(model, [list(p.token_ids) for p in batch], max_new_tokens=cfg.max_new_tokens,
-                  temperature=cfg.temperature, eos_token_id=s.tokenizer.eos_token_id,
-                  pad_token_id=s.tokenizer.pad_token_id, seeds=seeds)
-
-
-def _teacher_samples(s: Setup, batch: list[Prompt], seeds: list[int]) -> Rollouts:
-    """SFT baseline: each domain's teacher answers its own prompts (as many trajectories as G-OPD uses)."""
-    parts = []
-    for i, e in enumerate(s.recipe.experts):
-        rows = [r for r, p in enumerate(batch) if p.expert == i]
-        if rows:
-            with s.frozen.using(e.teacher, what=f"teacher of {e.name}") as teacher:
-                part = _sample(s, teacher, [batch[r] for r in rows], [seeds[r] for r in rows])
-            parts.append(part.to(s.student.device))
-    return concat_rollouts(parts, s.tokenizer.pad_token_id)
 
 
 def _sync(s: Setup) -> None:
@@ -244,7 +146,7 @@ def _sync(s: Setup) -> None:
 
 
 def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
-    recipe, cfg = s.recipe, s.recipe.train
+    cfg, method = s.recipe.train, s.method
     metrics: dict = {"step": step + 1}
     t0 = time.perf_counter()
     world = distributed.world()
@@ -253,21 +155,11 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     batch = [p for p in prompts[own] for _ in range(cfg.rollouts_per_prompt)]
     # global row r's randomness, wherever it is sampled
     seeds = row_seeds(cfg.seed * 1_000_003 + step, len(batch), offset=own.start * cfg.rollouts_per_prompt)
-    if recipe.method == "sft":
-        order = sorted(range(len(batch)), key=lambda r: batch[r].expert)  # grouped by domain, as teachers sample
-        batch, seeds = [batch[r] for r in order], [seeds[r] for r in order]
-        rollouts = _teacher_samples(s, batch, seeds)
-    else:
-        with s.autocast():
-            rollouts = _sample(s, s.student, batch, seeds)
+
+    batch, rollouts = method.rollouts(s, batch, seeds)
     _sync(s)
     t1 = time.perf_counter()
-    dense = cfg.objective == "dense"
-    adv = target = None
-    if dense:
-        target = _dense_targets(s, batch, rollouts, metrics)
-    elif recipe.method != "sft":
-        adv = _advantages(s, batch, rollouts, metrics)
+    targets = method.targets(s, batch, rollouts, metrics)
     _sync(s)
     t2 = time.perf_counter()
 
@@ -280,23 +172,11 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     for lo in range(0, len(batch), micro):
         rows = list(range(lo, min(lo + micro, len(batch))))
         sub = rollouts.select(rows)
-        share = sub.response_mask.sum() / total_tokens
-        with s.autocast():
-            if dense:  # exact reverse KL to pi* at every visited position; no sampled estimate, no ratio
-                vocab_logprobs = response_vocab_logprobs(s.student, sub, temperature=cfg.temperature)
-                logprobs = vocab_logprobs.gather(-1, sub.response_ids[..., None]).squeeze(-1)
-            else:
-                logprobs = response_logprobs(s.student, sub, temperature=cfg.temperature)
-        if dense:
-            loss = objective.masked_mean(dense_kl(vocab_logprobs, target[rows]), sub.response_mask) * share
-        elif adv is None:
-            loss = objective.sft_loss(logprobs, sub.response_mask) * share
-        else:
-            loss = objective.policy_gradient_loss(logprobs, sub.sampler_logprobs, adv[rows], sub.response_mask,
-                                                  truncation=cfg.importance_truncation) * share
+        loss, logprobs = method.loss(s, sub, None if targets is None else targets[rows])
+        loss = loss * (sub.response_mask.sum() / total_tokens)
         loss.backward()
         loss_sum += float(loss.detach())
-        ratios.append(torch.exp(logprobs.detach() - sub.sampler_logprobs)[sub.response_mask.bool()])
+        ratios.append(torch.exp(logprobs - sub.sampler_logprobs)[sub.response_mask.bool()])
     distributed.all_reduce_grads(s.student.parameters())  # then every rank clips by the global norm
     grad_norm = torch.nn.utils.clip_grad_norm_(s.student.parameters(), cfg.grad_clip or float("inf"))
     # a non-finite loss or gradient on any rank: no rank steps, so weights and optimizer state stay finite
@@ -307,8 +187,7 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     else:
         optimizer.step()
         scheduler.step()
-        if s.sampler is not None:
-            s.sampler.sync_weights(s.student)  # the next rollouts come from the updated weights
+        s.sampler.sync_weights(s.student)  # the next rollouts come from the updated weights
     s.skipped_steps += skipped
     _sync(s)
     t3 = time.perf_counter()
@@ -316,7 +195,7 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     ratio = torch.cat(ratios) if ratios else torch.ones(1)
     lengths = rollouts.lengths
     weights = {"tokens": float(lengths.sum()), "sequences": len(batch)}  # for the reduction over ranks
-    for i, e in enumerate(recipe.experts):
+    for i, e in enumerate(s.recipe.experts):
         rows = [r for r, p in enumerate(batch) if p.expert == i]
         if rows:
             metrics[f"{e.name}/response_length"] = float(lengths[rows].mean())
@@ -335,9 +214,6 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     if torch.cuda.is_available() and s.student.device.type == "cuda":
         metrics["memory/gpu_peak_gib"] = torch.cuda.max_memory_allocated(s.student.device) / 2**30
     return distributed.reduce_metrics(distributed.gather((metrics, weights)))
-
-
-# ------------------------------------------------------------------------------------ optimisation
 
 
 def make_optimizer(s: Setup):
@@ -360,115 +236,7 @@ def make_optimizer(s: Setup):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# ---------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
-    root = output_dir / "checkpoints"
-    found = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith("step-") and (p / TRAINER_STATE).is_file():
-                found.append((int(p.name.removeprefix("step-")), p))
-    return sorted(found)
-
-
-def save_checkpoint(s: Setup, optimizer, scheduler, step: int) -> Path:
-    """Rank 0 writes the full state (every rank holds all of it), so a run resumes on any number of ranks."""
-    out = Path(s.recipe.output_dir) / "checkpoints" / f"step-{step}"
-    if distributed.is_main():
-        with atomic_dir(out) as tmp:
-            s.student.save_pretrained(tmp, safe_serialization=True)
-            s.tokenizer.save_pretrained(tmp)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "mixer": s.mixer.state_dict(), "skipped_steps": s.skipped_steps}, tmp / TRAINER_STATE)
-        for _, old in checkpoint_dirs(Path(s.recipe.output_dir))[: -s.recipe.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
-    return out
-
-
-def resume_from(s: Setup, optimizer, scheduler) -> int:
-    found = checkpoint_dirs(Path(s.recipe.output_dir))
-    if not found:
-        return 0
-    step, path = found[-1]
-    state_dict = load_model(path, what="checkpoint").state_dict()
-    s.student.load_state_dict(state_dict)
-    state = torch.load(path / TRAINER_STATE, weights_only=False, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    s.mixer.load_state_dict(state["mixer"])
-    s.skipped_steps = state.get("skipped_steps", 0)
-    if s.sampler is not None:
-        s.sampler.sync_weights(s.student)
-    return step
-
-
-def check_manifest(recipe: Recipe, resume: bool) -> None:
-    """A run's teachers, references and reward scales are fixed: resuming with others is an error."""
-    path = Path(recipe.output_dir) / "manifest.json"
-    manifest = recipe.manifest()
-    if path.exists() and resume:
-        old = json.loads(path.read_text())
-        if old != manifest:
-            changed = [k for k in manifest if old.get(k) != manifest[k]]
-            raise UserError(f"{path}: the recipe's {', '.join(changed)} differ from the run being resumed; "
-                            "use a new output_dir, or restore the original recipe")
-    elif path.exists() and checkpoint_dirs(Path(recipe.output_dir)):
-        raise UserError(f"output_dir '{recipe.output_dir}' already holds a run; pass --resume to continue it, "
-                        "or choose another output_dir")
-    if distributed.is_main():
-        atomic_write_json(path, manifest)
-
-
 # ------------------------------------------------------------------------------------------ loop
-
-
-class MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed); on resume, lines past the checkpoint are dropped."""
-
-    def __init__(self, output_dir: Path, start_step: int):
-        self.path = output_dir / "metrics.jsonl"
-        if self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= start_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
-        self.file = open(self.path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def write(self, metrics: dict) -> None:
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, metrics["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def merge_weights(recipe: Recipe) -> Path:
-    """Methods expo and merge: combine the experts' weights (relative to the student), no training."""
-    from merge_distill.merging import merge_models
-
-    m, out = recipe.merge, Path(recipe.output_dir) / "final"
-    teachers = [e.teacher for e in recipe.experts]
-    if recipe.method == "expo":
-        return merge_models("expo", recipe.student, teachers, out, alpha=m.alpha)
-    params = {"scale": m.scale} if m.technique != "linear" else {}
-    if m.technique in ("ties", "dare") and m.density is not None:
-        params["density"] = m.density
-    if m.technique == "dare":
-        params["seed"] = m.seed
-    return merge_models(m.technique, recipe.student, teachers, out, **params)
 
 
 def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) -> Path:
@@ -477,9 +245,10 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
     Under `torchrun` every rank calls this: the ranks share each step's prompts (data parallel), and rank 0
     alone logs, evaluates periodically (`on_eval`) and writes checkpoints (see `merge_distill.distributed`).
     """
+    method = method_of(recipe)
     world = distributed.init(recipe.device)
     if world.size > 1:
-        if recipe.method in ("gopd", "grpo", "sft") and recipe.train.prompts_per_step < world.size:
+        if method.trains and recipe.train.prompts_per_step < world.size:
             raise UserError(f"train.prompts_per_step ({recipe.train.prompts_per_step}) is smaller than the "
                             f"number of ranks ({world.size}): every rank needs at least one prompt per step")
         frozen = recipe.placement.frozen_device
@@ -489,11 +258,11 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
     output_dir = Path(recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_manifest(recipe, resume)
-    if recipe.method in ("expo", "merge"):
+    if not method.trains:
         final = output_dir / "final"
         if world.main:
             check_models(recipe)
-            final = merge_weights(recipe)
+            final = Path(method.combine(recipe))
         distributed.barrier()
         return final
     if recipe.train.threads:
@@ -503,7 +272,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
     start = resume_from(s, optimizer, scheduler) if resume else 0
     log = MetricsLog(output_dir, start) if world.main else None
     cfg = recipe.train
-    task = progress.add_task(f"train ({recipe.method})", total=cfg.steps, completed=start) if progress else None
+    task = progress.add_task(f"train ({method.name})", total=cfg.steps, completed=start) if progress else None
     in_a_row = 0  # consecutive skipped steps
     try:
         for step in range(start, cfg.steps):
@@ -525,7 +294,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 save_checkpoint(s, optimizer, scheduler, done)
             if progress:
-                progress.update(task, completed=done, description=_describe(recipe, metrics))
+                progress.update(task, completed=done, description=describe(recipe, metrics))
         save_checkpoint(s, optimizer, scheduler, cfg.steps)
         if world.main:
             with atomic_dir(output_dir / "final") as tmp:
@@ -540,10 +309,13 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
     return output_dir / "final"
 
 
-def _describe(recipe: Recipe, m: dict) -> str:
-    """The progress bar's line: each domain's accuracy (GRPO) or reverse KL to its teacher, else the loss."""
-    key, label = ("accuracy", "accuracy") if recipe.method == "grpo" else ("reverse_kl_teacher", "KL to teacher")
-    parts = [f"{e.name} {label} {m[f'{e.name}/{key}']:.3f}" for e in recipe.experts if f"{e.name}/{key}" in m]
+def describe(recipe: Recipe, m: dict) -> str:
+    """The progress line: each domain's metric that the method names (`Method.progress`), else the loss."""
+    method = method_of(recipe)
+    parts = []
+    if method.progress:
+        key, label = method.progress
+        parts = [f"{e.name} {label} {m[f'{e.name}/{key}']:.3f}" for e in recipe.experts if f"{e.name}/{key}" in m]
     if not parts and "loss" in m:
         parts = [f"loss {m['loss']:.3f}"]
-    return f"train ({recipe.method}) " + ", ".join(parts)
+    return f"train ({method.name}) " + ", ".join(parts)

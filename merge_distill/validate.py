@@ -30,13 +30,14 @@ class MissingInputs(UserError):
 def _input_fields(recipe: Recipe) -> list[tuple[str, str, bool]]:
     """(field, path, is_model) of every model a run loads (as `train.check_models` decides) and every
     prompt file, in recipe order."""
+    from merge_distill.methods import method_of
+
+    method = method_of(recipe)
     fields = [("student", recipe.student, True)]
     for i, e in enumerate(recipe.experts):
-        if recipe.method != "grpo" and e.teacher:
-            fields.append((f"experts.{i}.teacher ({e.name})", e.teacher, True))
-            scored = recipe.scale_of(e) != 1.0 or recipe.train.log_ratio_clip is not None
-            if recipe.method == "gopd" and e.reference != STUDENT and scored:
-                fields.append((f"experts.{i}.reference ({e.name})", e.reference, True))
+        for role, path in method.frozen_models(recipe, e).items():
+            if path != STUDENT:
+                fields.append((f"experts.{i}.{role} ({e.name})", path, True))
         if isinstance(e.prompts, str):  # a `datasets` spec is checked when it loads
             fields.append((f"experts.{i}.prompts ({e.name})", e.prompts, False))
     return fields

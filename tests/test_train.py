@@ -76,17 +76,17 @@ def test_only_a_domains_teacher_scores_its_prompts(tiny_world, tmp_path, monkeyp
 
 def test_log_ratio_clip_bounds_the_reward(tiny_world, tmp_path, monkeypatch):
     """With a clip c, lam*(log T - log R) is bounded by lam*c, so |reward + (S - R)| <= lam*c per token."""
-    from merge_distill import train as train_module
+    from merge_distill.methods import gopd as gopd_method
 
     seen = []
-    original = train_module.gopd_advantages_clipped
+    original = gopd_method.gopd_advantages_clipped
 
     def spy(s, t, r, lam, clip):
         out = original(s, t, r, lam, clip)
         seen.append(float((out + (s - r)).abs().max()) / lam)
         return out
 
-    monkeypatch.setattr(train_module, "gopd_advantages_clipped", spy)
+    monkeypatch.setattr(gopd_method, "gopd_advantages_clipped", spy)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1, prompts_per_step=8),
                          ["train.log_ratio_clip=0.05", "experts.code.reward_scale=1.0"])
     train(recipe)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from merge_distill.backends import make_sampler, make_scorer
+from merge_distill.engines import TransformersSampler, TransformersScorer, make_sampler, make_scorer
 from merge_distill.backends import vllm as vb
 from merge_distill.errors import UserError
 from merge_distill.recipe import Recipe
@@ -298,15 +298,16 @@ def test_missing_vllm_is_one_clear_line(monkeypatch):
     assert "pip install 'merge-distill[vllm]'" in str(e.value) and len(str(e.value).splitlines()) == 1
     recipe = Recipe.model_validate({**RECIPE, "backend": {"rollout": "vllm", "scoring": "vllm"}})
     with pytest.raises(UserError, match=r"merge-distill\[vllm\]"):
-        make_sampler(recipe)
+        make_sampler(recipe, None)
     with pytest.raises(UserError, match=r"merge-distill\[vllm\]"):
-        make_scorer(recipe, "t")
+        make_scorer(recipe, "t", None)
 
 
 def test_backend_defaults_to_transformers():
     recipe = Recipe.model_validate(RECIPE)
     assert (recipe.backend.rollout, recipe.backend.scoring, recipe.backend.gpu_memory_utilization) == ("transformers", "transformers", 0.5)
-    assert make_sampler(recipe) is None and make_scorer(recipe, "t") is None
+    assert isinstance(make_sampler(recipe, None), TransformersSampler)
+    assert isinstance(make_scorer(recipe, "t", None), TransformersScorer)
     with pytest.raises(Exception, match="rollout"):
         Recipe.model_validate({**RECIPE, "backend": {"rollout": "sglang"}})
 

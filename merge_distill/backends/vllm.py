@@ -175,7 +175,10 @@ def _engine(model: str, *, dtype: str, seed: int, gpu_memory_utilization: float,
 
 
 class VLLMSampler:
-    """Student rollouts from a vLLM engine that holds a copy of the student's weights."""
+    """Student rollouts from a vLLM engine that holds a copy of the student's weights (`engines.Sampler`).
+    Its log-probs come from other kernels in bf16: the trainer recomputes pi_old for the advantage."""
+
+    trainer_logprobs = False
 
     def __init__(self, model: str, *, dtype: str = "bfloat16", seed: int = 0, gpu_memory_utilization: float = 0.5,
                  max_model_len: int | None = None, **llm_kwargs):
@@ -215,8 +218,11 @@ class VLLMScorer:
         self.llm = _engine(model, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
                            max_model_len=max_model_len, **llm_kwargs)
 
-    def score(self, rollouts: Rollouts) -> Tensor:
-        """`[B, L]` log p(y_t | x, y_<t) at temperature 1 of each response token, 0 on padding."""
+    def score(self, rollouts: Rollouts, *, temperature: float = 1.0) -> Tensor:
+        """`[B, L]` log p(y_t | x, y_<t) at temperature 1 of each response token, 0 on padding (`engines.Scorer`).
+        Prompt log-probs skip vLLM's sampling processors, so temperature 1 is the only one it scores at."""
+        if temperature != 1.0:
+            raise UserError(f"backend.scoring vllm scores at temperature 1 only (asked for {temperature})")
         vllm = import_vllm()
         params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
                                      flat_logprobs=True)

@@ -1,0 +1,93 @@
+"""The two inference engines a run uses, behind two small protocols that training and evaluation share.
+
+- `Sampler`: responses to prompts, one seed per row (a row's response depends only on its prompt, its seed and
+  the model), with the log-prob of each sampled token under the distribution it was drawn from; and
+  `sync_weights(model)`, after each optimizer step, for an engine that holds its own copy of the student.
+- `Scorer`: exact log-probs of given responses under one frozen model (a teacher or a reference).
+
+The transformers implementations are built in (`TransformersSampler`, `TransformersScorer`); the vLLM ones
+(`merge_distill.backends.vllm`, `pip install 'merge-distill[vllm]'`, CUDA only) are chosen by a recipe's
+`backend:` section through `make_sampler` / `make_scorer`. Pass recipes whose `zoo:` paths are resolved.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from merge_distill.sampling import LogitsSource, Rollouts, sample
+
+if TYPE_CHECKING:
+    from merge_distill.recipe import Recipe
+    from merge_distill.scoring import ModelCache
+
+Tensor = torch.Tensor
+
+
+class Sampler(Protocol):
+    # True when the recorded log-probs are the trainer's own (same model, same code): they can then serve as
+    # pi_old in the advantage; otherwise the trainer recomputes pi_old (see `train.Setup.old_logprobs`)
+    trainer_logprobs: bool
+
+    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, eos_token_id: int,
+               pad_token_id: int, seeds: list[int]) -> Rollouts: ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None: ...
+
+
+class Scorer(Protocol):
+    def score(self, rollouts: Rollouts, *, temperature: float) -> Tensor:
+        """`[B, L]` log p(y_t | x, y_<t) of each response token with the logits divided by `temperature`,
+        0 on padding."""
+        ...
+
+
+class TransformersSampler:
+    """KV-cached batched sampling (`merge_distill.sampling.sample`) from an HF model or a `LogitsSource`.
+
+    Built on the student module itself, it shares the trainer's weights: there is nothing to sync."""
+
+    trainer_logprobs = True
+
+    def __init__(self, model: torch.nn.Module | LogitsSource):
+        self.model = model
+
+    def sample(self, prompts, *, max_new_tokens, temperature, eos_token_id, pad_token_id, seeds) -> Rollouts:
+        return sample(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, seeds=seeds)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict())
+
+
+class TransformersScorer:
+    """A frozen model of a `ModelCache` (loaded once per checkpoint, offloaded between uses if asked)."""
+
+    def __init__(self, cache: ModelCache, path: str):
+        self.cache, self.path = cache, path
+
+    def score(self, rollouts: Rollouts, *, temperature: float) -> Tensor:
+        return self.cache.score(self.path, rollouts, temperature=temperature)
+
+
+def make_sampler(recipe: Recipe, student: torch.nn.Module) -> Sampler:
+    """The student's rollout engine per `recipe.backend.rollout`. The trainer calls `sample(..., seeds=...)`
+    with one seed per row (`merge_distill.sampling.row_seeds`) and `sync_weights(student)` after every update."""
+    if recipe.backend.rollout == "transformers":
+        return TransformersSampler(student)
+    from merge_distill.backends.vllm import VLLMSampler
+
+    return VLLMSampler(recipe.student, dtype=recipe.dtype, seed=recipe.train.seed,
+                       gpu_memory_utilization=recipe.backend.gpu_memory_utilization)
+
+
+def make_scorer(recipe: Recipe, path: str, cache: ModelCache) -> Scorer:
+    """A frozen scorer (a teacher or reference at `path`) per `recipe.backend.scoring`."""
+    if recipe.backend.scoring == "transformers":
+        return TransformersScorer(cache, path)
+    from merge_distill.backends.vllm import VLLMScorer
+
+    return VLLMScorer(path, dtype=recipe.dtype, seed=recipe.train.seed,
+                      gpu_memory_utilization=recipe.backend.gpu_memory_utilization)
