@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merge_distill.errors import UserError
-from merge_distill.io import read_jsonl
+from merge_distill.io import read_records
 
 PROMPT_FIELDS = ("prompt", "problem", "question")
 
@@ -24,23 +24,11 @@ class Prompt:
 
 
 def load_records(source, *, what: str) -> list[dict]:
-    """Records from a JSONL or parquet file, or a `datasets` spec (an object with .dataset/.split)."""
+    """Records from a data file (read by `merge_distill.io.read_records`: .jsonl, .jsonl.gz, .json as a
+    JSON list, .parquet), or a `datasets` spec (an object with .dataset/.split)."""
     if not isinstance(source, (str, Path)):
         return _load_dataset(source, what=what)
-    path = Path(source)
-    if not path.is_file():
-        raise UserError(f"{what} '{path}' does not exist")
-    if path.suffix in (".jsonl", ".json"):
-        rows = read_jsonl(path)
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # optional; comes with `datasets`
-
-        rows = pq.read_table(path).to_pylist()
-    else:
-        raise UserError(f"{what} '{path}': expected a .jsonl or .parquet file")
-    if not rows:
-        raise UserError(f"{what} '{path}' is empty")
-    return rows
+    return read_records(source, what=what)
 
 
 def _load_dataset(spec, *, what: str) -> list[dict]:

@@ -1,14 +1,18 @@
-"""Atomic file and folder writes: a kill mid-write never leaves a half-written result in place."""
+"""File I/O: atomic writes (a kill mid-write never leaves a half-written result in place) and reading
+record files (JSONL, JSON list, parquet) for training prompts and evaluation suites alike."""
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from merge_distill.errors import UserError
 
 
 @contextlib.contextmanager
@@ -66,10 +70,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file (gzipped if it ends in .gz); a bad line is a UserError naming the file and line."""
-    import gzip
+    return _jsonl_objects(path, lambda i: f"{path}:{i}")
 
-    from merge_distill.errors import UserError
 
+def _jsonl_objects(path: str | os.PathLike, where: Callable[[int], str]) -> list[dict]:
+    """One JSON object per non-blank line; `where(line_number)` starts each error message."""
     rows = []
     opener = gzip.open if str(path).lower().endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -79,11 +84,87 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+                raise UserError(f"{where(i)}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise UserError(f"{path}:{i}: expected a JSON object per line")
+                raise UserError(f"{where(i)}: expected a JSON object per line")
             rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------- record files
+
+# One meaning per suffix, for training prompts and evaluation suites alike (matched case-insensitively):
+RECORD_SUFFIXES: tuple[str, ...] = (
+    ".jsonl",     # one JSON object per line (blank lines skipped)
+    ".jsonl.gz",  # the same, gzipped
+    ".json",      # one JSON list of objects
+    ".parquet",   # one record per row (needs pyarrow)
+)
+
+
+def read_records(path: str | os.PathLike, *, what: str) -> list[dict]:
+    """The records (dicts) in a data file, by suffix (see :data:`RECORD_SUFFIXES`).
+
+    ``what`` names the field or role of the file in errors, which are one-line UserErrors of the form
+    ``<what> '<path>': <problem>``: a missing file, an unknown suffix, invalid JSON (with its line),
+    a record that is not an object, and a file with no records are all errors.
+    """
+    path = Path(path)
+    where = f"{what} '{path}'"
+    if not path.is_file():
+        raise UserError(f"{where} does not exist")
+    name = path.name.lower()
+    try:
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            rows = _jsonl_objects(path, lambda i: f"{where}: line {i}")
+        elif name.endswith(".json"):
+            rows = _json_list(path, where)
+        elif name.endswith(".parquet"):
+            rows = _parquet_rows(path, where)
+        else:
+            raise UserError(f"{where}: unsupported file type (expected {', '.join(RECORD_SUFFIXES)})")
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{where}: cannot read it ({type(e).__name__}: {e})") from None
+    if not rows:
+        raise UserError(f"{where} is empty (no records)")
+    return rows
+
+
+_JSONL_HINT = " (for one object per line, name the file .jsonl)"
+
+
+def _json_list(path: Path, where: str) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = _JSONL_HINT if e.msg == "Extra data" else ""
+        raise UserError(f"{where}: invalid JSON ({e.msg} at line {e.lineno}){hint}") from None
+    if not isinstance(data, list):
+        hint = _JSONL_HINT if isinstance(data, dict) else ""
+        raise UserError(f"{where}: expected a JSON list of objects, got {_json_kind(data)}{hint}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: record {i}: expected a JSON object, got {_json_kind(row)}")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def _parquet_rows(path: Path, where: str) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq  # optional; comes with `datasets`
+    except ImportError:
+        raise UserError(f"{where}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+        raise UserError(f"{where}: cannot read parquet ({e})") from None
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:

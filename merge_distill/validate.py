@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from merge_distill.errors import UserError
+from merge_distill.io import RECORD_SUFFIXES
 from merge_distill.recipe import STUDENT, Recipe
 
 
@@ -54,7 +55,7 @@ def missing_paths(recipe: Recipe) -> list[str]:
         elif is_model and not is_model_dir(path):
             problems.append(f"{field}: {path} is not a model folder (no config.json) or a .gguf file")
         elif not is_model and not Path(path).is_file():
-            problems.append(f"{field}: {path} is not a file (expected .jsonl or .parquet)")
+            problems.append(f"{field}: {path} is not a file (expected {', '.join(RECORD_SUFFIXES)})")
     return problems
 
 

@@ -1,5 +1,6 @@
 """Bad input, tried as a new user would: one clear line naming the culprit, a non-zero exit, no traceback."""
 
+import json
 import subprocess
 import sys
 
@@ -86,6 +87,20 @@ def test_empty_prompt_file(recipe, tmp_path):
     edit(recipe, lambda d: d["experts"][0].__setitem__("prompts", str(tmp_path / "empty.jsonl")))
     err = one_line_error(["validate", str(recipe)])
     assert "experts.0.prompts (math)" in err and "is empty" in err
+
+
+def test_json_list_prompt_file(recipe, tiny_world, tmp_path):
+    """A .json prompt file is a JSON list of objects, as an eval suite's .json file is; JSONL content in a
+    .json file is a one-line error naming the field, the file, and the fix."""
+    records = [json.loads(line) for line in (tiny_world / "math.jsonl").read_text().splitlines()]
+    (tmp_path / "math.json").write_text(json.dumps(records))
+    edit(recipe, lambda d: d["experts"][0].__setitem__("prompts", str(tmp_path / "math.json")))
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert f"expert math: {len(records)} prompts" in result.output
+    (tmp_path / "math.json").write_text((tiny_world / "math.jsonl").read_text())
+    err = one_line_error(["validate", str(recipe)])
+    assert f"experts.0.prompts (math) '{tmp_path / 'math.json'}': invalid JSON" in err and "name the file .jsonl" in err
 
 
 def test_duplicate_expert_and_zero_weight(recipe):

@@ -211,14 +211,14 @@ def test_missing_files(tmp_path):
     with pytest.raises(UserError, match="suite file not found"):
         load_suite(tmp_path / "nope.yaml")
     write_yaml(tmp_path / "s.yaml", "name: s\ndomain: math\ngrader: math\nsource: missing.jsonl\n")
-    with pytest.raises(UserError, match="data file not found.*missing.jsonl"):
+    with pytest.raises(UserError, match=r"s\.yaml: source '.*missing\.jsonl' does not exist"):
         load_suite(tmp_path / "s.yaml")
 
 
 def test_invalid_json_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(AIME[0]) + "\n{not json\n")
-    with pytest.raises(UserError, match=r"bad\.jsonl:2: invalid JSON"):
+    with pytest.raises(UserError, match=r"bad\.jsonl': line 2: invalid JSON"):
         load_suite(path)
 
 

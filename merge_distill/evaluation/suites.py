@@ -10,12 +10,16 @@ A suite comes from one of:
       name: my_aime
       domain: math
       grader: math
-      source: data/aime.jsonl        # relative to the YAML; .jsonl[.gz], .json, .parquet,
+      source: data/aime.jsonl        # relative to the YAML; .jsonl[.gz], .json (a list), .parquet,
                                      # or {dataset: name, split: test, config: ...}
       format: aime                   # aime | humaneval | mbpp | prompt | auto
       metric: avg                    # avg | pass
 
-* a bare ``.jsonl``/``.json``/``.parquet`` path, with the format detected from its records.
+* a bare ``.jsonl``/``.jsonl.gz``/``.json``/``.parquet`` path, with the format detected from its
+  records.
+
+Data files are read by :func:`merge_distill.io.read_records`, as training prompts are: ``.jsonl``
+(``.gz``) holds one JSON object per line, ``.json`` one JSON list of objects.
 
 Every record ends up with a unique string ``task_id`` and ``prompt`` (the text shown
 to the model); all original fields are kept for the grader.
@@ -24,7 +28,6 @@ to the model); all original fields are kept for the grader.
 from __future__ import annotations
 
 import functools
-import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,11 +39,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from merge_distill.errors import UserError
 from merge_distill.evaluation.metrics import Metric
-from merge_distill.io import read_jsonl
+from merge_distill.io import RECORD_SUFFIXES, read_records
 
 Format = Literal["auto", "aime", "humaneval", "mbpp", "prompt"]
 BUILTIN_SUITES: tuple[str, ...] = ("humaneval", "champ", "zoo-<domain>")
-DATA_SUFFIXES: tuple[str, ...] = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+DATA_SUFFIXES: tuple[str, ...] = RECORD_SUFFIXES  # read by merge_distill.io.read_records
 PROMPT_PLACEHOLDER = "{prompt}"
 
 # The grader and domain a record format implies when a bare data file does not say.
@@ -152,50 +155,7 @@ def _validation_message(err: ValidationError) -> str:
     return f"field '{loc}': {first['msg']}"
 
 
-# --------------------------------------------------------------------------- reading data
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Read records from a ``.jsonl``, ``.jsonl.gz``, ``.json`` (a list) or ``.parquet`` file."""
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        records = _read_parquet(path)
-    elif name.endswith(".json"):
-        records = _read_json(path)
-    elif name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
-        records = _read_jsonl(path)
-    else:
-        raise UserError(f"{path}: unsupported data file type (expected one of {', '.join(DATA_SUFFIXES)})")
-    if not records:
-        raise UserError(f"{path}: no records (empty file)")
-    return records
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return read_jsonl(path)
-
-
-def _read_json(path: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8") or "[]")
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise UserError(f"{path}: expected a JSON list of objects")
-    return data
-
-
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several types for bad files
-        raise UserError(f"{path}: cannot read parquet ({e})") from None
+# --------------------------------------------------------------------------- datasets sources
 
 
 def _load_hf_dataset(source: DatasetSource, where: str) -> list[dict[str, Any]]:
@@ -345,7 +305,7 @@ def zoo_suite(domain: str, zoo_dir: str | Path | None) -> Suite:
     path = Path(zoo_dir) / "data" / f"{domain}_test.jsonl"
     if not path.is_file():
         raise UserError(f"suite '{name}': {path} not found (is '{zoo_dir}' a zoo dir with a '{domain}' domain?)")
-    records, _ = normalize_records(read_records(path), "prompt", name, str(path))
+    records, _ = normalize_records(read_records(path, what=f"suite '{name}' data"), "prompt", name, str(path))
     graders = Counter(r.get("grader") for r in records)
     if len(graders) != 1 or None in graders:
         raise UserError(f"{path}: every record needs the same 'grader' (found {sorted(map(str, graders))})")
@@ -384,7 +344,7 @@ def suite_from_yaml(path: str | Path) -> Suite:
     else:
         data_path = _resolve_data_path(spec.source, path.parent)
         where = str(data_path)
-        raw_records = read_records(data_path)
+        raw_records = read_records(data_path, what=f"{path}: source")
     records, _ = normalize_records(raw_records, spec.format, spec.name, where)
     return Suite(
         spec.name,
@@ -415,7 +375,7 @@ def suite_from_data_file(path: str | Path) -> Suite:
     """
     path = Path(path)
     name = path.name.split(".")[0]
-    records, fmt = normalize_records(read_records(path), "auto", name, str(path))
+    records, fmt = normalize_records(read_records(path, what="data file"), "auto", name, str(path))
     domain = _uniform(records, "domain") or _FORMAT_DEFAULTS.get(fmt, (None, None))[0]
     grader = _uniform(records, "grader") or _FORMAT_DEFAULTS.get(fmt, (None, None))[1]
     if domain is None or grader is None:
