@@ -66,7 +66,7 @@ import time
 _HEADER = struct.Struct("!I")
 
 
-def _write_frame(fd: int, obj: dict) -> None:
+def write_frame(fd: int, obj: dict) -> None:
     data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
     data = _HEADER.pack(len(data)) + data
     view = memoryview(data)
@@ -86,7 +86,7 @@ def _read_exact(fd: int, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _read_frame(fd: int) -> dict | None:
+def read_frame(fd: int) -> dict | None:
     """Read one frame; None on EOF (the other side is gone)."""
     head = _read_exact(fd, _HEADER.size)
     if head is None:
@@ -501,9 +501,9 @@ def _worker_main(cfg: dict) -> None:
             __import__(name)
         except ImportError:
             pass
-    _write_frame(wfd, {"ready": True, "pid": os.getpid(), "uid": os.getuid(), "version": sys.version})
+    write_frame(wfd, {"ready": True, "pid": os.getpid(), "uid": os.getuid(), "version": sys.version})
     while True:
-        req = _read_frame(rfd)
+        req = read_frame(rfd)
         if req is None:
             return
         try:
@@ -516,7 +516,7 @@ def _worker_main(cfg: dict) -> None:
                    "duration": 0.0}
         if _RETIRE[0]:
             res["_retire"] = True  # tells the pool to replace us; we exit after this reply
-        _write_frame(wfd, res)
+        write_frame(wfd, res)
         if _RETIRE[0]:
             return
 
@@ -591,7 +591,7 @@ class FramedWorker:
         """Block until the ready frame arrives; raise RuntimeError with the worker's stderr if not."""
         if self.ready_info is None:
             ready, _, _ = select.select([self.rfd], [], [], self.ready_timeout if timeout is None else timeout)
-            msg = _read_frame(self.rfd) if ready else None
+            msg = read_frame(self.rfd) if ready else None
             if not msg or not msg.get("ready"):
                 self.kill()
                 raise RuntimeError(f"worker failed to start: {self.stderr_tail() or 'no output'}")
@@ -599,11 +599,11 @@ class FramedWorker:
         return self.ready_info
 
     def send(self, obj: dict) -> None:
-        _write_frame(self.wfd, obj)
+        write_frame(self.wfd, obj)
 
     def recv(self) -> dict | None:
         try:
-            return _read_frame(self.rfd)
+            return read_frame(self.rfd)
         except (OSError, ValueError):
             return None
 
