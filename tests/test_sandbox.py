@@ -430,7 +430,7 @@ def test_concurrent_callers_share_a_sandbox(sandbox):
 _ECHO_WORKER = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-from merge_distill.sandbox import read_frame, write_frame
+from merge_distill.sandbox.pool import read_frame, write_frame
 write_frame(1, {{"ready": True}})
 while (req := read_frame(0)) is not None:
     if req.get("hang"):

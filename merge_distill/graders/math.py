@@ -29,7 +29,7 @@ from fractions import Fraction
 
 from merge_distill.errors import UserError
 from merge_distill.graders.base import GraderBase, Verdict
-from merge_distill.sandbox import FramedWorker, WorkerPool
+from merge_distill.sandbox.pool import FramedWorker, WorkerPool
 
 # ---------------------------------------------------------------------------------- extraction
 
@@ -172,7 +172,7 @@ def _verify_worker_main() -> None:  # pragma: no cover - runs in a worker proces
     import warnings
     from functools import lru_cache
 
-    from merge_distill.sandbox import read_frame, write_frame
+    from merge_distill.sandbox.pool import read_frame, write_frame
 
     rfd, wfd = os.dup(0), os.dup(1)
     os.dup2(os.open(os.devnull, os.O_RDWR), 0)
