@@ -430,9 +430,9 @@ def test_concurrent_callers_share_a_sandbox(sandbox):
 _ECHO_WORKER = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-from merge_distill.sandbox import _read_frame, _write_frame
-_write_frame(1, {{"ready": True}})
-while (req := _read_frame(0)) is not None:
+from merge_distill.sandbox.pool import read_frame, write_frame
+write_frame(1, {{"ready": True}})
+while (req := read_frame(0)) is not None:
     if req.get("hang"):
         import signal
         signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGALRM, signal.SIGTERM, signal.SIGINT}})
@@ -440,7 +440,7 @@ while (req := _read_frame(0)) is not None:
             time.sleep(1)
     if req.get("crash"):
         os._exit(3)
-    _write_frame(1, {{"echo": req["x"]}})
+    write_frame(1, {{"echo": req["x"]}})
 """
 
 

@@ -29,7 +29,7 @@ from fractions import Fraction
 
 from merge_distill.errors import UserError
 from merge_distill.graders.base import GraderBase, Verdict
-from merge_distill.sandbox import FramedWorker, WorkerPool
+from merge_distill.sandbox.pool import FramedWorker, WorkerPool
 
 # ---------------------------------------------------------------------------------- extraction
 
@@ -172,7 +172,7 @@ def _verify_worker_main() -> None:  # pragma: no cover - runs in a worker proces
     import warnings
     from functools import lru_cache
 
-    from merge_distill.sandbox import _read_frame, _write_frame
+    from merge_distill.sandbox.pool import read_frame, write_frame
 
     rfd, wfd = os.dup(0), os.dup(1)
     os.dup2(os.open(os.devnull, os.O_RDWR), 0)
@@ -187,8 +187,8 @@ def _verify_worker_main() -> None:  # pragma: no cover - runs in a worker proces
     from math_verify import verify
 
     gold_cache = lru_cache(maxsize=4096)(_parse_any)
-    _write_frame(wfd, {"ready": True, "pid": os.getpid()})
-    while (req := _read_frame(rfd)) is not None:
+    write_frame(wfd, {"ready": True, "pid": os.getpid()})
+    while (req := read_frame(rfd)) is not None:
         t = int(req.get("timeout", 5))
         started = time.monotonic()
 
@@ -215,7 +215,7 @@ def _verify_worker_main() -> None:  # pragma: no cover - runs in a worker proces
             reply = {"equal": False, "detail": "verifier ran out of memory"}
         except Exception as exc:  # noqa: BLE001 - a bad expression is a failed comparison
             reply = {"equal": False, "detail": f"verifier error: {type(exc).__name__}"}
-        _write_frame(wfd, reply)
+        write_frame(wfd, reply)
 
 
 def _project_root() -> str:

@@ -1,0 +1,271 @@
+"""The sandbox policy: isolation levels, the bubblewrap command line, :class:`Sandbox`, :class:`RunResult`.
+
+What runs inside is :mod:`merge_distill.sandbox.worker`; the processes are managed by
+:mod:`merge_distill.sandbox.pool`. The design is described in :mod:`merge_distill.sandbox`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import weakref
+from dataclasses import dataclass
+
+from merge_distill.sandbox import worker as _worker
+from merge_distill.sandbox.pool import FramedWorker, WorkerPool
+
+STATUSES = ("ok", "error", "timeout", "memory", "killed", "sandbox_error")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Outcome of one program.
+
+    status: "ok" (ran to the end), "error" (uncaught exception or early exit; ``exception`` names
+    it, ``phase == "compile"`` when the source did not compile), "timeout" (wall or CPU limit),
+    "memory" (MemoryError under RLIMIT_AS), "killed" (died by a signal, or took its worker down),
+    "sandbox_error" (the sandbox itself failed; not the program's fault).
+    """
+
+    status: str
+    returncode: int | None
+    stdout: str
+    stderr: str
+    duration: float
+    exception: str = ""
+    phase: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+# ------------------------------------------------------------------------------ the sandbox
+
+
+def _python_install() -> tuple[str, str]:
+    """The real interpreter and the real prefix holding its standard library (venvs resolved)."""
+    prefix = os.path.realpath(sys.base_prefix)
+    exe = os.path.realpath(sys.executable)
+    if not exe.startswith(prefix + os.sep):
+        candidate = os.path.join(prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+        exe = candidate if os.path.exists(candidate) else exe
+    return exe, prefix
+
+
+_ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime", "/etc/nsswitch.conf",
+              "/etc/passwd", "/etc/group", "/etc/hosts")
+_ROOT_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER")
+
+
+def _bwrap_argv(bwrap: str, disk_mb: int) -> list[str]:
+    exe, prefix = _python_install()
+    argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
+            "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
+    if os.geteuid() == 0:
+        # No user namespace: the worker keeps a few capabilities, programs run as real uid 65534.
+        argv += ["--cap-drop", "ALL"]
+        for cap in _ROOT_CAPS:
+            argv += ["--cap-add", cap]
+    else:
+        argv += ["--unshare-user", "--disable-userns"]
+    argv += ["--ro-bind", "/usr", "/usr"]
+    for name in ("lib", "lib64", "lib32", "libx32", "bin", "sbin"):
+        path = "/" + name
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            argv += ["--ro-bind", path, path]
+    for path in _ETC_FILES:
+        if os.path.exists(path):
+            argv += ["--ro-bind", path, path]
+    if not (prefix == "/usr" or prefix.startswith("/usr/")):
+        # Bind the install at its own path (its RUNPATH may be absolute). Its parents are made
+        # here, empty and traversable, so uid 65534 can import from it and sees nothing else.
+        parents = []
+        parent = os.path.dirname(prefix)
+        while parent not in ("/", ""):
+            parents.append(parent)
+            parent = os.path.dirname(parent)
+        for parent in reversed(parents):
+            argv += ["--perms", "0755", "--dir", parent]
+        argv += ["--ro-bind", prefix, prefix]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(disk_mb * 1024 * 1024),
+             "--tmpfs", "/tmp", "--dir", "/tmp/runs", "--chdir", "/tmp", "--clearenv",
+             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", exe]
+    return argv
+
+
+def _worker_source() -> str:
+    """The source shipped to every worker: the worker module's file, read as it is."""
+    with open(_worker.__file__, encoding="utf-8") as f:
+        return f.read()
+
+
+_LEVEL_CACHE: dict[str, str] = {}
+
+
+class Sandbox:
+    """A pool of warm, isolated workers that run untrusted Python programs.
+
+    >>> with Sandbox() as sb:
+    ...     [r.status for r in sb.run(["assert 1 + 1 == 2", "assert False"], timeout_s=2)]
+    ['ok', 'error']
+
+    ``isolation``: "auto" (bubblewrap when it works, else rlimits), "bubblewrap" (error if it does
+    not work) or "rlimits". Limits that apply to every program: ``output_limit`` bytes kept of
+    stdout and of stderr, ``max_procs`` processes/threads of uid 65534 (RLIMIT_NPROC),
+    ``file_size_mb`` per written file, ``max_files`` open descriptors, ``disk_mb`` for the whole
+    private /tmp of a worker (bubblewrap only). Per call: wall-clock ``timeout_s`` and ``memory_mb``
+    of address space. Cheap to construct and picklable; workers start on first use.
+    """
+
+    def __init__(self, workers: int | None = None, *, isolation: str = "auto", output_limit: int = 64 * 1024,
+                 max_procs: int = 64, file_size_mb: int = 16, max_files: int = 64, disk_mb: int = 256):
+        if isolation not in ("auto", "bubblewrap", "rlimits"):
+            raise ValueError(f"isolation must be auto, bubblewrap or rlimits, not {isolation!r}")
+        self.workers = workers or min(os.cpu_count() or 1, 8)
+        self.requested_isolation = isolation
+        self.limits = dict(output_limit=output_limit, max_procs=max_procs, file_size_mb=file_size_mb,
+                           max_files=max_files, disk_mb=disk_mb)
+        self._pool: WorkerPool | None = None
+        self._level: str | None = None
+        self._host_tmp: str | None = None
+        self._lock = threading.Lock()
+
+    # pickling carries the configuration only
+    def __getstate__(self):
+        return {"workers": self.workers, "requested_isolation": self.requested_isolation, "limits": self.limits}
+
+    def __setstate__(self, state):
+        self.__init__(state["workers"], isolation=state["requested_isolation"], **state["limits"])
+
+    @property
+    def isolation(self) -> str:
+        """The isolation level in force: "bubblewrap" or "rlimits"."""
+        if self._level is None:
+            if self.requested_isolation == "auto":
+                self._level = isolation_level()
+            elif self.requested_isolation == "bubblewrap" and isolation_level() != "bubblewrap":
+                raise RuntimeError(f"bubblewrap isolation requested but unavailable: {_LEVEL_CACHE.get('why')}")
+            else:
+                self._level = self.requested_isolation
+        return self._level
+
+    def _worker_config(self, level: str) -> dict:
+        root = os.geteuid() == 0
+        if level == "bubblewrap":
+            base = "/tmp/runs"
+        else:
+            if self._host_tmp is None:
+                self._host_tmp = tempfile.mkdtemp(prefix="merge-distill-sandbox-")
+                os.chmod(self._host_tmp, 0o711)  # uid 65534 may enter its own run dir, not list
+                self._tmp_finalizer = weakref.finalize(self, shutil.rmtree, self._host_tmp, True)
+            base = self._host_tmp
+        return {
+            "pid_namespace": level == "bubblewrap",
+            "drop_uid": root,
+            "workdir_base": base,
+            "output_limit": self.limits["output_limit"],
+            "max_procs": self.limits["max_procs"],
+            "file_size_mb": self.limits["file_size_mb"],
+            "max_files": self.limits["max_files"],
+        }
+
+    def _spawn_worker(self) -> FramedWorker:
+        return _spawn_sandbox_worker(self.isolation, self._worker_config(self.isolation), self.limits["disk_mb"])
+
+    def _ensure_pool(self) -> WorkerPool:
+        if self._pool is None:
+            self.isolation  # resolve (and probe) before the first spawn
+            self._pool = WorkerPool(self._spawn_worker, self.workers)
+        return self._pool
+
+    def run(self, programs: list[str], timeout_s: float = 3.0, memory_mb: int = 1024) -> list[RunResult]:
+        """Run each program (Python source) to completion, in parallel over the workers."""
+        if not programs:
+            return []
+        with self._lock:
+            pool = self._ensure_pool()
+        requests = [{"source": p, "timeout": float(timeout_s), "memory_mb": int(memory_mb)} for p in programs]
+
+        def lost(req: dict, why: str, stderr: str) -> dict:
+            if why == "died":  # the program took its worker down (e.g. killed its parent)
+                return {"status": "killed", "returncode": None, "stdout": "", "exception": "",
+                        "phase": "", "stderr": "sandbox worker died while running the program",
+                        "duration": req["timeout"]}
+            if why == "deadline":
+                return {"status": "timeout", "returncode": None, "stdout": "", "exception": "",
+                        "phase": "", "stderr": "sandbox worker missed its deadline", "duration": req["timeout"]}
+            return {"status": "sandbox_error", "returncode": None, "stdout": "", "exception": "",
+                    "phase": "", "stderr": stderr[-2000:], "duration": 0.0}
+
+        replies = pool.map(requests, lambda r: r["timeout"] + 10.0, lost)
+        return [RunResult(**{k: reply.get(k, "") for k in RunResult.__dataclass_fields__}) for reply in replies]
+
+    def close(self) -> None:
+        """Stop the workers and remove every temporary file. Idempotent."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+            if self._host_tmp is not None:
+                self._tmp_finalizer()  # removes the directory, once
+                self._host_tmp = None
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _spawn_sandbox_worker(level: str, cfg: dict, disk_mb: int) -> FramedWorker:
+    exe, _ = _python_install()
+    tail = ["-I", "-S", "-c", _worker_source(), "--sandbox-worker", json.dumps(cfg)]
+    if level == "bubblewrap":
+        argv = _bwrap_argv(shutil.which("bwrap") or "bwrap", disk_mb) + tail
+        env = {"PATH": "/usr/bin:/bin"}
+    else:
+        argv = [exe] + tail
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    return FramedWorker(argv, env=env)
+
+
+def isolation_level() -> str:
+    """The strongest isolation that works here: "bubblewrap" or "rlimits" (probed once, cached).
+
+    Bubblewrap must pass a self-test: a worker starts, and a program runs, comes back "ok", can
+    import from the standard library and cannot see this file (the project).
+    """
+    if "level" in _LEVEL_CACHE:
+        return _LEVEL_CACHE["level"]
+    level, why = "rlimits", "bwrap not found"
+    if sys.platform.startswith("linux") and shutil.which("bwrap"):
+        probe = Sandbox(1, isolation="rlimits")
+        probe._level = "bubblewrap"
+        try:
+            here = os.path.abspath(__file__)
+            check = (f"import os, threading, xml.dom.minidom\nassert not os.path.exists({here!r})\n"
+                     "print('sandbox-ok')")
+            result = probe.run([check], timeout_s=10)[0]
+            if result.status == "ok" and "sandbox-ok" in result.stdout:
+                level, why = "bubblewrap", ""
+            else:
+                why = f"bwrap self-test failed: {result.status} {result.stderr[-500:]}"
+        except Exception as exc:  # noqa: BLE001 - any failure means: not usable
+            why = f"bwrap self-test failed: {exc}"
+        finally:
+            probe.close()
+    _LEVEL_CACHE.update(level=level, why=why)
+    return level
