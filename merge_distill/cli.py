@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -59,6 +60,22 @@ def _guard(fn):
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key, e.g. --set train.steps=10")]
 
 
+def _resolved(recipe_path: Path, overrides: list[str], progress):
+    """The edge: the recipe and its `compare:` variants with `zoo:` paths resolved into plain paths (rank 0
+    builds the zoo members they name, the other ranks then find them)."""
+    from merge_distill import distributed
+    from merge_distill.recipe import load_recipe
+    from merge_distill.run import variant_recipes
+    from merge_distill.toyworld.zoo import resolve
+
+    recipe = load_recipe(recipe_path, overrides)
+    distributed.init(recipe.device)
+    with distributed.main_first():
+        resolved = resolve(recipe, progress=progress, log=console.print)
+    variants = {name: resolve(r, build=False) for name, r in variant_recipes(recipe_path, overrides, recipe).items()}
+    return resolved, variants
+
+
 @app.command()
 def run(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides: Sets = None,
         resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in output_dir")] = False,
@@ -73,9 +90,12 @@ def run(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides: 
         if not distributed.launched().main:  # under torchrun, rank 0 alone shows progress and results
             console.quiet = True
         with progress_bar() as progress:
-            recipe_, students, evaluated, t = pipeline.run_recipe(recipe, overrides or [], resume=resume,
-                                                                   evaluate_after=evaluate, progress=progress,
-                                                                   log=console.print)
+            t0 = time.perf_counter()
+            resolved, variants = _resolved(recipe, overrides or [], progress)
+            zoo_s = time.perf_counter() - t0
+            students, evaluated, t = pipeline.run_recipe(resolved, variants, resume=resume, evaluate_after=evaluate,
+                                                         progress=progress)
+            t["zoo_s"] = zoo_s
         console.print(f"zoo {t['zoo_s']:.0f} s, training {t['train_s']:.0f} s; "
                       + ", ".join(f"{k}: {v}" for k, v in students.items()))
         if evaluated:
@@ -95,10 +115,13 @@ def validate(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overri
 
     def body():
         from merge_distill.recipe import load_recipe
-        from merge_distill.validate import MissingInputs, validate_recipe
+        from merge_distill.toyworld.zoo import resolve, unbuilt
+        from merge_distill.validate import MissingInputs, static_checks, validate_recipe
 
+        loaded = load_recipe(recipe, overrides)
         try:
-            lines = validate_recipe(load_recipe(recipe, overrides))
+            pending = unbuilt(loaded)  # a zoo recipe whose zoo is not built: only what needs no file
+            lines = [pending, *static_checks(loaded)] if pending else validate_recipe(resolve(loaded, build=False))
         except MissingInputs as e:  # what could be checked, then (by _guard) every missing input, one a line
             for line in e.checked:
                 console.print(escape(line), highlight=False)
@@ -197,9 +220,10 @@ def sweep(recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
 
     def body():
         from merge_distill.sweep import sweep as run_sweep
+        from merge_distill.toyworld.zoo import resolve
 
         with progress_bar() as progress:
-            root = run_sweep(recipe, overrides, progress=progress, log=console.print)
+            root = run_sweep(recipe, overrides, resolve=resolve, progress=progress, log=console.print)
         points = json.loads((root / "sweep.json").read_text())["points"]
         from rich.table import Table
 

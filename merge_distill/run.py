@@ -1,4 +1,4 @@
-"""`merge-distill run`: resolve the recipe (building the zoo if it names one), train, evaluate, report."""
+"""`merge-distill run`: train a recipe (and its `compare:` variants), evaluate side by side, report."""
 
 from __future__ import annotations
 
@@ -18,15 +18,14 @@ from merge_distill.recipe import Recipe
 
 
 def eval_suites(recipe: Recipe):
+    """The recipe's held-out suites (`zoo-*` suites from the folder of a resolved zoo recipe)."""
     from merge_distill.evaluation.suites import load_suite
-    from merge_distill.toyworld.zoo import zoo_for
 
-    zoo = zoo_for(recipe)
     names = recipe.eval.suites if recipe.eval and recipe.eval.suites else [e.eval_suite for e in recipe.experts]
     if any(n is None for n in names):
         missing = [e.name for e in recipe.experts if e.eval_suite is None]
         raise UserError(f"eval: experts {', '.join(missing)} have no eval_suite and eval.suites is not set")
-    suites = [load_suite(n, zoo_dir=zoo.dir if zoo else None) for n in names]
+    suites = [load_suite(n, zoo_dir=recipe.zoo.dir if recipe.zoo else None) for n in names]
     if recipe.eval and recipe.eval.max_problems:
         from dataclasses import replace
 
@@ -125,39 +124,31 @@ def variant_recipes(recipe_path: Path, overrides: list[str], recipe: Recipe) -> 
     return out
 
 
-def run_recipe(recipe_path: Path, overrides: list[str], *, resume: bool, evaluate_after: bool, progress, log):
-    """Resolve (building the zoo), train every variant, evaluate side by side, write the report."""
+def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, evaluate_after: bool, progress):
+    """Train every variant (`variant_recipes`), evaluate them side by side, write the report. Recipes have plain
+    paths (zoo recipes are resolved at the edge); returns (students, (result, paired, paths) or None, timings)."""
     import time
 
     from merge_distill import distributed
-    from merge_distill.recipe import load_recipe
-    from merge_distill.toyworld.zoo import resolve
     from merge_distill.train import train
 
     t0 = time.perf_counter()
-    recipe = load_recipe(recipe_path, overrides)
     world = distributed.init(recipe.device)  # under torchrun: every rank trains, rank 0 alone evaluates
-    with distributed.main_first():  # rank 0 builds the zoo, the others then find it
-        recipe = resolve(recipe, progress=progress, log=log)
-    timings = {"zoo_s": time.perf_counter() - t0}
     out = Path(recipe.output_dir)
     students = {}
-    for name, r in variant_recipes(recipe_path, overrides, recipe).items():
-        r = resolve(r, build=False)
+    for name, r in variants.items():
         on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.train.eval_every and world.main else None
         students[name] = str(train(r, resume=resume, progress=progress, on_eval=on_eval))
         if world.main:
             training_curves_png(Path(r.output_dir) / "metrics.jsonl", Path(r.output_dir) / "training_curves.png", r)
-    timings["train_s"] = time.perf_counter() - t0 - timings["zoo_s"]
+    timings = {"train_s": time.perf_counter() - t0}
     distributed.shutdown()
-    if not world.main:
-        return recipe, students, None, timings
-    if not (evaluate_after and recipe.eval):
-        return recipe, students, None, timings
+    if not (world.main and evaluate_after and recipe.eval):
+        return students, None, timings
     result, paired = evaluate_recipe(recipe, students, out / "eval", progress=progress)
     paths = write_report(recipe, result, paired, out)
-    timings["eval_s"] = time.perf_counter() - t0 - timings["zoo_s"] - timings["train_s"]
-    return recipe, students, (result, paired, paths), timings
+    timings["eval_s"] = time.perf_counter() - t0 - timings["train_s"]
+    return students, (result, paired, paths), timings
 
 
 def training_curves_png(metrics_path: Path, out_path: Path, recipe: Recipe) -> None:
@@ -204,19 +195,20 @@ def write_report(recipe: Recipe, result: EvalResult, paired: list[PairedDifferen
 
 
 def periodic_eval(recipe: Recipe, out_dir: Path):
-    """A callback for `train`: the live student on each suite, one sample per problem."""
+    """A callback for `train`: the live student (through the run's own `Sampler`) on each suite, one sample
+    per problem."""
     from merge_distill.models import load_tokenizer
 
     suites, tokenizer, cfg = eval_suites(recipe), load_tokenizer(recipe.student), recipe.eval
 
-    def on_eval(student, step: int) -> dict:
+    def on_eval(sampler, step: int) -> dict:
         metrics = {}
         for suite in suites:
             graded = generate_and_grade(ModelSpec("student", recipe.student), suite, samples=1,
                                         temperature=cfg.temperature,
                                         max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens,
                                         seed=cfg.seed, out_dir=out_dir / "evals" / f"step-{step}",
-                                        model=student, tokenizer=tokenizer)
+                                        sampler=sampler, tokenizer=tokenizer)
             metrics[f"eval/{suite.name}"] = score_rows("student", suite, graded, 1, cfg.temperature)[0][0].score
         return metrics
 

@@ -36,11 +36,13 @@ def variant_name(v: dict[str, str]) -> str:
     return ",".join(f"{k.split('.')[-1]}={x}" for k, x in v.items())
 
 
-def sweep(recipe_path: Path, overrides: list[str], *, progress=None, log=print) -> Path:
+def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_: recipe, progress=None,
+          log=print) -> Path:
+    """Train and evaluate one student per grid point. `resolve(recipe, progress=, log=)` turns a loaded recipe
+    into one of plain paths (the CLI passes the toy world's, which builds the zoo a recipe names)."""
     from merge_distill.evaluation.runner import ModelSpec, evaluate
     from merge_distill.recipe import load_recipe
     from merge_distill.run import eval_suites
-    from merge_distill.toyworld.zoo import resolve
     from merge_distill.train import train
 
     fixed, grid = parse_grid(overrides)

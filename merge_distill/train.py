@@ -288,7 +288,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
                     f"{done - in_a_row}; see {output_dir / 'metrics.jsonl'}, lower train.lr or keep "
                     "train.importance_truncation on")
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and on_eval:
-                metrics.update(on_eval(s.student, done))
+                metrics.update(on_eval(s.sampler, done))  # the student's engine, current weights
             if log:
                 log.write(metrics)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:

@@ -59,13 +59,12 @@ def missing_paths(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _partial_checks(recipe: Recipe, resolved: Recipe, problems: list[str]) -> list[str]:
+def _partial_checks(recipe: Recipe, problems: list[str]) -> list[str]:
     """What can be checked while some inputs are missing; further problems are appended to `problems`."""
     from merge_distill.data import load_records
-    from merge_distill.graders import available_graders
 
     lines = []
-    for i, e in enumerate(resolved.experts):
+    for i, e in enumerate(recipe.experts):
         if isinstance(e.prompts, str) and Path(e.prompts).is_file():
             try:
                 records = load_records(e.prompts, what=f"experts.{i}.prompts ({e.name})")
@@ -73,15 +72,14 @@ def _partial_checks(recipe: Recipe, resolved: Recipe, problems: list[str]) -> li
             except UserError as err:
                 problems.append(str(err))
     try:
-        lines += _static_checks(recipe, available_graders())
+        lines += static_checks(recipe)
     except UserError as err:
         problems.append(str(err))
     if recipe.eval:
         from merge_distill.run import eval_suites
 
         try:
-            suites = eval_suites(resolved)
-            lines.append("eval suites: " + ", ".join(f"{s.name} ({len(s)} problems)" for s in suites))
+            lines.append(_suites_line(eval_suites(recipe)))
         except UserError as err:
             problems.append(str(err))
     return lines
@@ -89,52 +87,43 @@ def _partial_checks(recipe: Recipe, resolved: Recipe, problems: list[str]) -> li
 
 def validate_recipe(recipe: Recipe) -> list[str]:
     """Return lines describing what was checked. Raise MissingInputs listing every missing model or prompt
-    path (after the checks that need none of them), or UserError at the first other problem."""
+    path (after the checks that need none of them), or UserError at the first other problem. `recipe` has plain
+    paths (a zoo recipe is resolved at the edge, `merge_distill.toyworld.zoo.resolve`)."""
     from merge_distill.data import load_records, render_prompt, user_message
-    from merge_distill.graders import available_graders
     from merge_distill.models import load_tokenizer
-    from merge_distill.toyworld.zoo import resolve, zoo_for
-
-    lines = []
-    zoo = zoo_for(recipe)
-    resolved = resolve(recipe, build=False)
-    pending = []
-    if zoo is not None:
-        for original, path in zip(recipe.model_paths(), resolved.model_paths()):
-            if original.startswith("zoo:") and not Path(path).exists():
-                pending.append(original)
-        for e in recipe.experts:
-            if isinstance(e.prompts, str) and e.prompts.startswith("zoo:") and not zoo.path("data").exists():
-                pending.append(e.prompts)
-    if pending:
-        lines.append(f"zoo '{zoo.name}' (seed {zoo.seed}) at {zoo.dir}: not built yet "
-                     f"({', '.join(sorted(set(pending)))}); `merge-distill run` or `merge-distill zoo build` builds it")
-        return lines + _static_checks(recipe, available_graders())
-
-    problems = missing_paths(resolved)
-    if problems:
-        raise MissingInputs(problems, _partial_checks(recipe, resolved, problems))
-
     from merge_distill.train import check_models
 
-    check_models(resolved)
-    lines.append(f"models: student and {len(resolved.experts)} expert(s) share one vocabulary and chat template")
-    tokenizer = load_tokenizer(resolved.student, what="student")
-    for i, e in enumerate(resolved.experts):
+    problems = missing_paths(recipe)
+    if problems:
+        raise MissingInputs(problems, _partial_checks(recipe, problems))
+    check_models(recipe)
+    lines = [f"models: student and {len(recipe.experts)} expert(s) share one vocabulary and chat template"]
+    tokenizer = load_tokenizer(recipe.student, what="student")
+    for i, e in enumerate(recipe.experts):
         what = f"experts.{i}.prompts ({e.name})"
         records = load_records(e.prompts, what=what)
         template = None if e.prompt_template == "{prompt}" else e.prompt_template
         ids = render_prompt(tokenizer, user_message(records[0], template, what=what), e.system_prompt)
         ref = "student's initial weights" if e.reference == STUDENT else e.reference
         lines.append(f"expert {e.name}: {len(records)} prompts (first is {len(ids)} tokens), "
-                     f"reward_scale {resolved.scale_of(e)}, reference {ref}, grader {e.grader_name}")
-    lines += _static_checks(recipe, available_graders())
+                     f"reward_scale {recipe.scale_of(e)}, reference {ref}, grader {e.grader_name}")
+    lines += static_checks(recipe)
     if recipe.eval:
         from merge_distill.run import eval_suites
 
-        suites = eval_suites(resolved)
-        lines.append("eval suites: " + ", ".join(f"{s.name} ({len(s)} problems)" for s in suites))
+        lines.append(_suites_line(eval_suites(recipe)))
     return lines
+
+
+def _suites_line(suites) -> str:
+    return "eval suites: " + ", ".join(f"{s.name} ({len(s)} problems)" for s in suites)
+
+
+def static_checks(recipe: Recipe) -> list[str]:
+    """The checks that need no file: graders exist, reward scales, engines."""
+    from merge_distill.graders import available_graders
+
+    return _static_checks(recipe, available_graders())
 
 
 def _static_checks(recipe: Recipe, graders: list[str]) -> list[str]:

@@ -51,7 +51,13 @@ def tiny_world(tmp_path_factory) -> Path:
     return root
 
 
-def write_recipe(path: Path, world: Path, output_dir: Path, **train) -> Path:
+@pytest.fixture(scope="session")
+def write_recipe():
+    """`write_recipe(path, world, output_dir, **train)`: a two-expert recipe over the tiny world, written to `path`."""
+    return _write_recipe
+
+
+def _write_recipe(path: Path, world: Path, output_dir: Path, **train) -> Path:
     import yaml
 
     recipe = {

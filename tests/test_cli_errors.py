@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import yaml
-from conftest import write_recipe
 from typer.testing import CliRunner
 
 from merge_distill.cli import app
@@ -25,7 +24,7 @@ def one_line_error(args) -> str:
 
 
 @pytest.fixture
-def recipe(tiny_world, tmp_path):
+def recipe(tiny_world, tmp_path, write_recipe):
     return write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
 
 

@@ -134,9 +134,7 @@ def _dense_gap(student_path, teacher_path, reference_path, prompts_file, lam, n=
     return float(dense.dense_gopd_loss(s, t, r, lam, ro.response_mask))
 
 
-def test_dense_training_closes_the_gap_to_the_closed_form(tiny_world, tmp_path):
-    from conftest import write_recipe
-
+def test_dense_training_closes_the_gap_to_the_closed_form(tiny_world, tmp_path, write_recipe):
     from merge_distill.recipe import load_recipe
     from merge_distill.train import train
 
@@ -149,9 +147,7 @@ def test_dense_training_closes_the_gap_to_the_closed_form(tiny_world, tmp_path):
         assert after < 0.8 * before, f"{domain}: KL(student || pi*) {before:.3f} -> {after:.3f}"
 
 
-def test_dense_needs_gopd_and_no_clip(tiny_world, tmp_path):
-    from conftest import write_recipe
-
+def test_dense_needs_gopd_and_no_clip(tiny_world, tmp_path, write_recipe):
     from merge_distill.errors import UserError
     from merge_distill.recipe import load_recipe
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
 from safetensors.torch import load_file
 
 from merge_distill.distributed import reduce_metrics, shard
@@ -59,7 +58,7 @@ def metrics(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_world, tmp_path_factory):
+def runs(tiny_world, tmp_path_factory, write_recipe):
     """One process in-process, and the same recipe on two ranks through the CLI under torchrun."""
     root = tmp_path_factory.mktemp("ddp")
     one = load_recipe(write_recipe(root / "one.yaml", tiny_world, root / "one", **STEPS))
@@ -81,7 +80,7 @@ def test_two_ranks_train_the_weights_of_one_process(runs, tiny_world):
     assert ckpts == ["step-2", "step-4"]
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_world):
+def test_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_world, write_recipe):
     """Cut the two-rank run back to its step-2 checkpoint, then finish it in one process."""
     cut = runs / "cut"
     shutil.copytree(runs / "two", cut)

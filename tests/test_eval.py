@@ -33,7 +33,7 @@ def test_two_models_on_two_suites(tiny_world, tmp_path):
 
 
 def test_interrupted_eval_resumes_without_regenerating(tiny_world, tmp_path, monkeypatch):
-    from merge_distill.evaluation import runner as eval_runner
+    from merge_distill.engines import TransformersSampler
 
     out = tmp_path / "ev"
     assert runner.invoke(app, _eval_args(tiny_world, out)).exit_code == 0
@@ -42,13 +42,13 @@ def test_interrupted_eval_resumes_without_regenerating(tiny_world, tmp_path, mon
     # a kill mid-write: 10 finished samples and half a line
     gen.write_text("\n".join(lines[:10]) + "\n" + lines[10][: len(lines[10]) // 2])
     generated = []
-    real_sample = eval_runner.sample
+    real_sample = TransformersSampler.sample
 
-    def counting(model, prompts, **kw):
+    def counting(self, prompts, **kw):
         generated.append(len(prompts))
-        return real_sample(model, prompts, **kw)
+        return real_sample(self, prompts, **kw)
 
-    monkeypatch.setattr(eval_runner, "sample", counting)
+    monkeypatch.setattr(TransformersSampler, "sample", counting)
     assert runner.invoke(app, _eval_args(tiny_world, out)).exit_code == 0
     assert generated == [14]  # only the missing samples of the one cut file, nothing else
     resumed = [json.loads(l) for l in gen.read_text().splitlines() if l.strip().endswith("}")]

@@ -6,13 +6,13 @@ import json
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_recipe
 from typer.testing import CliRunner
 
 from merge_distill.cli import app
@@ -22,36 +22,42 @@ PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "merge-distill-units
 DIST = "merge-distill-units"
 
 
-def _pip(*args: str) -> None:
-    cmd = [sys.executable, "-m", "pip", *args, "-q", "--disable-pip-version-check"]
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 @pytest.fixture(scope="module")
-def units_plugin(tmp_path_factory):
-    """Install the plugin into this environment (offline: no index, no build isolation) from a copy, so
-    the build leaves nothing in the source tree; uninstall it afterwards unless it was there before."""
-    try:
-        metadata.distribution(DIST)
-        preinstalled = True
-    except metadata.PackageNotFoundError:
-        preinstalled = False
-    src = tmp_path_factory.mktemp("plugin") / "merge-distill-units"
+def units_plugin(tmp_path_factory) -> str:
+    """The python of a throwaway venv with the plugin installed (offline: no index, no build isolation, from a
+    copy, so the build leaves nothing in the source tree). The venv sees this environment's packages through a
+    .pth file, and the environment running the tests never sees the plugin."""
+    root = tmp_path_factory.mktemp("plugin")
+    venv = root / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = str(venv / "bin" / "python")
+    purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    here = sysconfig.get_paths()["purelib"]
+    (Path(purelib) / "_merge_distill_parent.pth").write_text(f"import site; site.addsitedir({here!r})\n")
+    src = root / "merge-distill-units"
     shutil.copytree(PLUGIN, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    _pip("install", "--no-deps", "--no-build-isolation", "--no-index", str(src))
-    yield DIST
-    if not preinstalled:
-        _pip("uninstall", "-y", DIST)
+    _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--disable-pip-version-check",
+          "--no-deps", "--no-build-isolation", "--no-index", str(src)])
+    return python
 
 
-def _python(code: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=300, **kw)
+def _python(python: str, code: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([python, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_the_plugin_stays_out_of_this_environment(units_plugin):
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.distribution(DIST)
 
 
 def test_entry_point_resolves_and_grades(units_plugin):
-    result = _python("""
+    result = _python(units_plugin, """
         import json
         from importlib import metadata
         from merge_distill.graders import available_graders, get_grader
@@ -74,7 +80,7 @@ def test_entry_point_resolves_and_grades(units_plugin):
 
 
 @pytest.fixture
-def units_recipe(tiny_world, tmp_path):
+def units_recipe(tiny_world, tmp_path, write_recipe):
     """A recipe with one expert, units, whose teacher and student are tiny_world's base."""
     train, _ = make_splits("units", 40, 10, 0)
     prompts = tmp_path / "units.jsonl"
@@ -88,7 +94,7 @@ def units_recipe(tiny_world, tmp_path):
 
 
 def test_validate_accepts_a_units_expert(units_plugin, units_recipe):
-    result = subprocess.run([sys.executable, "-m", "merge_distill", "validate", str(units_recipe)],
+    result = subprocess.run([units_plugin, "-m", "merge_distill", "validate", str(units_recipe)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "expert units: 40 prompts" in result.stdout and "grader units" in result.stdout
@@ -118,7 +124,7 @@ def test_a_recipe_runs_with_the_plugin_grader(units_plugin, units_recipe, tmp_pa
     recipe["train"].update({"steps": 2, "prompts_per_step": 4, "max_new_tokens": 16})
     recipe["eval"] = {"samples": 1, "baselines": False, "max_new_tokens": 16}
     units_recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    result = subprocess.run([sys.executable, "-m", "merge_distill", "run", str(units_recipe)],
+    result = subprocess.run([units_plugin, "-m", "merge_distill", "run", str(units_recipe)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((Path(recipe["output_dir"]) / "report.json").read_text())

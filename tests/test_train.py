@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import write_recipe
 from safetensors.torch import load_file
 
 from merge_distill.data import render_prompt
@@ -34,7 +33,7 @@ def reverse_kl(student_path, teacher_path, prompts_file, n=96, seed=0) -> float:
     return float(((s - t) * ro.response_mask).sum(-1).mean())
 
 
-def test_reverse_kl_to_each_teacher_falls_on_its_domain(tiny_world, tmp_path):
+def test_reverse_kl_to_each_teacher_falls_on_its_domain(tiny_world, tmp_path, write_recipe):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=12, lr=5e-3,
                                       prompts_per_step=32))
     final = train(recipe)
@@ -56,7 +55,7 @@ def test_reverse_kl_to_each_teacher_falls_on_its_domain(tiny_world, tmp_path):
     assert isinstance(AutoModelForCausalLM.from_pretrained(final), torch.nn.Module)
 
 
-def test_only_a_domains_teacher_scores_its_prompts(tiny_world, tmp_path, monkeypatch):
+def test_only_a_domains_teacher_scores_its_prompts(tiny_world, tmp_path, monkeypatch, write_recipe):
     from merge_distill.scoring import ModelCache
 
     seen = []
@@ -74,7 +73,7 @@ def test_only_a_domains_teacher_scores_its_prompts(tiny_world, tmp_path, monkeyp
     assert sorted(seen) == sorted([("math_teacher", 6), ("base", 6), ("code_teacher", 6)])
 
 
-def test_log_ratio_clip_bounds_the_reward(tiny_world, tmp_path, monkeypatch):
+def test_log_ratio_clip_bounds_the_reward(tiny_world, tmp_path, monkeypatch, write_recipe):
     """With a clip c, lam*(log T - log R) is bounded by lam*c, so |reward + (S - R)| <= lam*c per token."""
     from merge_distill.methods import gopd as gopd_method
 
@@ -99,7 +98,7 @@ def _run_cli(*args, cwd=None):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
+def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path, write_recipe):
     steps = dict(steps=8, checkpoint_every=2, prompts_per_step=8, max_new_tokens=24)
     full = write_recipe(tmp_path / "full.yaml", tiny_world, tmp_path / "full", **steps)
     cut = write_recipe(tmp_path / "cut.yaml", tiny_world, tmp_path / "cut", **steps)
@@ -127,7 +126,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
     assert steps_logged == list(range(1, 9))
 
 
-def test_resume_with_other_teachers_is_an_error(tiny_world, tmp_path):
+def test_resume_with_other_teachers_is_an_error(tiny_world, tmp_path, write_recipe):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, checkpoint_every=1,
                           prompts_per_step=4, max_new_tokens=8)
     train(load_recipe(recipe))
@@ -138,7 +137,7 @@ def test_resume_with_other_teachers_is_an_error(tiny_world, tmp_path):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_offloaded_frozen_models_give_the_same_run(tiny_world, tmp_path):
+def test_offloaded_frozen_models_give_the_same_run(tiny_world, tmp_path, write_recipe):
     """placement.offload keeps teachers and references on the CPU between uses: same metrics, same weights."""
     from merge_distill import train as train_module
 

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
-
 from merge_distill.data import render_prompt
 from merge_distill.errors import TrainingDiverged
 from merge_distill.models import load_model, load_tokenizer
@@ -67,7 +65,7 @@ def real_tokens(response_ids: torch.Tensor, eos: int, pad: int) -> list[int]:
     return ids
 
 
-def recipe_for(world: Path, tmp_path: Path, tau: float, **train_overrides):
+def recipe_for(world: Path, tmp_path: Path, tau: float, write_recipe, **train_overrides):
     code_reference = tmp_path / "code_reference"  # a reference of its own, told apart by its folder name
     if not code_reference.exists():
         shutil.copytree(world / "base", code_reference)
@@ -79,8 +77,8 @@ def recipe_for(world: Path, tmp_path: Path, tau: float, **train_overrides):
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.7])
-def test_one_step_matches_a_hand_computation(tiny_world, tmp_path, stubbed, monkeypatch, tau):
-    recipe = recipe_for(tiny_world, tmp_path, tau)
+def test_one_step_matches_a_hand_computation(tiny_world, tmp_path, stubbed, monkeypatch, tau, write_recipe):
+    recipe = recipe_for(tiny_world, tmp_path, tau, write_recipe=write_recipe)
     grads = []
     original_step = torch.optim.AdamW.step
 
@@ -148,7 +146,7 @@ def test_one_step_matches_a_hand_computation(tiny_world, tmp_path, stubbed, monk
         torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-6)
 
 
-def test_a_non_finite_step_is_skipped(tiny_world, tmp_path, monkeypatch):
+def test_a_non_finite_step_is_skipped(tiny_world, tmp_path, monkeypatch, write_recipe):
     """A NaN log-prob from a teacher on step 2: that step leaves weights and optimizer state alone, is counted
     in metrics.jsonl, and training goes on from the weights of step 1."""
     original = ModelCache.score
@@ -180,7 +178,7 @@ def test_a_non_finite_step_is_skipped(tiny_world, tmp_path, monkeypatch):
     assert state["skipped_steps"] == 1
 
 
-def test_consecutive_non_finite_steps_stop_the_run(tiny_world, tmp_path, monkeypatch):
+def test_consecutive_non_finite_steps_stop_the_run(tiny_world, tmp_path, monkeypatch, write_recipe):
     def score(self, path, rollouts, **kw):
         return torch.full(rollouts.response_ids.shape, float("nan"))
 
@@ -209,7 +207,7 @@ def test_progress_line_names_each_domains_metric():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_grpo_trains_on_cuda(tiny_world, tmp_path):
+def test_grpo_trains_on_cuda(tiny_world, tmp_path, write_recipe):
     """Rewards are graded on the CPU and the advantages live on the rollouts' device."""
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
                         max_new_tokens=12, rollouts_per_prompt=4)

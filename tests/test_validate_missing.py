@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_recipe
 from typer.testing import CliRunner
 
 from merge_distill.cli import app
@@ -69,7 +68,7 @@ def test_inputs_that_exist_are_checked_and_not_listed(tmp_path, monkeypatch):
     assert len(missing) == 4 and "no grader named 'nope'" in missing[3]
 
 
-def test_only_the_missing_teacher_is_listed(tiny_world, tmp_path):
+def test_only_the_missing_teacher_is_listed(tiny_world, tmp_path, write_recipe):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
     data = yaml.safe_load(recipe.read_text())
     data["experts"][1]["teacher"] = str(tmp_path / "nowhere")
@@ -78,7 +77,7 @@ def test_only_the_missing_teacher_is_listed(tiny_world, tmp_path):
     assert missing == [f"experts.1.teacher (code): {tmp_path / 'nowhere'} not found"]
 
 
-def test_a_complete_recipe_still_validates(tiny_world, tmp_path):
+def test_a_complete_recipe_still_validates(tiny_world, tmp_path, write_recipe):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
     result = runner.invoke(app, ["validate", str(recipe)])
     assert result.exit_code == 0, result.output

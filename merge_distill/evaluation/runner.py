@@ -26,7 +26,6 @@ from merge_distill.evaluation.metrics import (
     suite_score,
 )
 from merge_distill.evaluation.suites import Suite
-from merge_distill.sampling import sample
 
 
 @dataclass(frozen=True)
@@ -63,20 +62,26 @@ def _seed(*parts) -> int:
 
 
 def _load(name: str, path: str, device: str = "cpu"):
+    """(Sampler, tokenizer) of a model folder, or of a closed-form spec (`merge_distill.closed_form`)."""
     from merge_distill import closed_form
+    from merge_distill.engines import TransformersSampler
     from merge_distill.models import load_model, load_tokenizer
 
     if closed_form.is_spec(path):
-        return closed_form.load(path, device=device)
-    return load_model(path, what=f"model '{name}'").to(device), load_tokenizer(path, what=f"model '{name}'")
+        source, tokenizer = closed_form.load(path, device=device)
+        return TransformersSampler(source), tokenizer
+    model = load_model(path, what=f"model '{name}'").to(device)
+    return TransformersSampler(model), load_tokenizer(path, what=f"model '{name}'")
 
 
 def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperature: float, max_new_tokens: int,
-                       seed: int, out_dir: Path, batch_size: int = 256, model=None, tokenizer=None,
+                       seed: int, out_dir: Path, batch_size: int = 256, sampler=None, tokenizer=None,
                        grader=None, progress=None, load=None) -> list[dict]:
     """All (task, sample) generations for one model on one suite, graded; resumes from its JSONL file.
 
-    The model is loaded (by `load()`, else from `spec`) only if some generations are missing."""
+    The responses come from `sampler` (any `merge_distill.engines.Sampler`: the same engines serve training
+    and evaluation); without one, the model is loaded (by `load()`, else from `spec`) only if some
+    generations are missing."""
     from merge_distill.graders import get_grader
 
     path = out_dir / "generations" / f"{_safe(spec.name)}__{_safe(suite.name)}.jsonl"
@@ -92,8 +97,8 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
             done[(row["task_id"], row["sample"])] = row
     todo = [(r, k) for r in suite.records for k in range(samples) if (r["task_id"], k) not in done]
     if todo:
-        if model is None:
-            model, tokenizer = load() if load else _load(spec.name, spec.path_for(suite.name))
+        if sampler is None:
+            sampler, tokenizer = load() if load else _load(spec.name, spec.path_for(suite.name))
         grader = grader or get_grader(suite.grader)
         task = progress.add_task(f"eval {spec.name} on {suite.name}", total=len(todo)) if progress else None
         prompt_cache: dict[str, list[int]] = {}
@@ -121,8 +126,8 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
                 # one seed per (problem, sample): every model draws with the same seeds (paired comparisons),
                 # whatever the chunking or an interrupted run's resume point
                 seeds = [_seed(seed, suite.name, r["task_id"], k) for r, k in chunk]
-                ro = sample(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seeds=seeds)
+                ro = sampler.sample(ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seeds=seeds)
                 texts = tokenizer.batch_decode(ro.response_token_lists(), skip_special_tokens=True)
                 verdicts = grading.submit(grader.grade_many, [r for r, _ in chunk], texts)
                 if pending:

@@ -197,7 +197,11 @@ def zoo_for(recipe) -> Zoo | None:
 
 
 def resolve(recipe, *, build: bool = True, progress=None, log=print):
-    """The recipe with every `zoo:` path made absolute; builds the members it names when `build`."""
+    """The recipe with every `zoo:` path made absolute, each expert's eval suite defaulting to `zoo-<name>` and
+    `zoo.dir` set to the zoo's folder (where `zoo-*` suites live); builds the members it names when `build`.
+
+    Called once, at the edge (the CLI): what comes out is an ordinary recipe of plain paths, so training,
+    evaluation and validation never need the toy world."""
     zoo = zoo_for(recipe)
     if zoo is None:
         return recipe
@@ -214,4 +218,19 @@ def resolve(recipe, *, build: bool = True, progress=None, log=print):
     experts = [e.model_copy(update={"teacher": fix(e.teacher), "reference": fix(e.reference),
                                     "prompts": fix(e.prompts),
                                     "eval_suite": e.eval_suite or f"zoo-{e.name}"}) for e in recipe.experts]
-    return recipe.model_copy(update={"student": fix(recipe.student), "experts": experts})
+    return recipe.model_copy(update={"student": fix(recipe.student), "experts": experts,
+                                     "zoo": recipe.zoo.model_copy(update={"dir": str(zoo.dir)})})
+
+
+def unbuilt(recipe) -> str | None:
+    """A line naming the zoo members the recipe needs that are not built yet, or None (nothing to build)."""
+    zoo = zoo_for(recipe)
+    if zoo is None:
+        return None
+    paths = [recipe.student] + [p for e in recipe.experts for p in (e.teacher, e.reference, e.prompts)]
+    pending = sorted({p for p in paths if isinstance(p, str) and p.startswith("zoo:")
+                      and not zoo.path(p.removeprefix("zoo:").split("/")[0]).exists()})
+    if not pending:
+        return None
+    return (f"zoo '{zoo.name}' (seed {zoo.seed}) at {zoo.dir}: not built yet ({', '.join(pending)}); "
+            "`merge-distill run` or `merge-distill zoo build` builds it")
