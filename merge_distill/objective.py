@@ -94,14 +94,10 @@ def gopd_optimum_logprobs(teacher_logprobs: Tensor, reference_logprobs: Tensor,
     return torch.log_softmax(reward_scale * teacher_logprobs + (1 - reward_scale) * reference_logprobs, -1)
 
 
-# KL estimators on samples from the first distribution (Schulman's k1/k2/k3), per token.
+# KL estimators on samples from the first distribution (Schulman's k1 and k3), per token.
 def kl_k1(logp: Tensor, logq: Tensor) -> Tensor:
     """k1 = log p - log q: unbiased for KL(p||q) when the token was sampled from p."""
     return logp - logq
-
-
-def kl_k2(logp: Tensor, logq: Tensor) -> Tensor:
-    return 0.5 * (logp - logq) ** 2
 
 
 def kl_k3(logp: Tensor, logq: Tensor) -> Tensor:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 VERDICTS = ("pass", "fail", "timeout", "runtime_error", "memory", "syntax_error", "sandbox_error")
 
@@ -35,11 +34,6 @@ def short(text: str, limit: int = 200) -> str:
     """One line, at most `limit` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def verdict_counts(verdicts: Iterable[Verdict]) -> dict[str, int]:
-    counts = Counter(v.verdict for v in verdicts)
-    return {name: counts[name] for name in VERDICTS if counts[name]}
 
 
 @runtime_checkable
