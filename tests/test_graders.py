@@ -268,6 +268,16 @@ def test_registry_builtins_and_unknown_names():
         get_grader("math", nonsense=1)
 
 
+def test_builtins_need_no_entry_point(monkeypatch):
+    """math and code are registered in code (merge_distill.graders._BUILTINS), not through the package's entry
+    points: a source tree with no installed distribution has them too."""
+    import merge_distill.graders as graders
+
+    monkeypatch.setattr(graders, "_entry_points", lambda: {})
+    assert {"math", "code"} <= set(available_graders())
+    assert isinstance(get_grader("math"), MathGrader) and isinstance(get_grader("code"), CodeGrader)
+
+
 def test_register_grader_programmatically():
     class Always:
         name = "always"

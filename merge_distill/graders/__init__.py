@@ -1,7 +1,8 @@
 """Graders: turn (task record, completion) pairs into verdicts.
 
-Built-ins are "math" and "code". Others come from the ``merge_distill.graders`` entry-point group
-(``name = "package.module:Factory"``) or from :func:`register_grader`. A grader is any object with a
+Built-ins are "math" and "code", registered here in ``_BUILTINS`` (so a source tree needs no install).
+Others come from the ``merge_distill.graders`` entry-point group (``name = "package.module:Factory"``),
+the plugin mechanism, or from :func:`register_grader`. A grader is any object with a
 ``name`` and ``grade_many(records, completions) -> list[Verdict]`` (see :mod:`.base`).
 """
 
