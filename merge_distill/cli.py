@@ -201,7 +201,8 @@ def eval_cmd(
 def grade(file: Annotated[Path, typer.Argument(help="JSONL: task records with a completion")],
           out: Annotated[Path, typer.Option(help="verdicts JSONL (resumed if it exists)")] = Path("verdicts.jsonl"),
           timeout: Annotated[Optional[float], typer.Option(help="seconds per program / math item")] = None):
-    """Grade completions produced elsewhere (HumanEval-shape code, or math with an answer)."""
+    """Grade completions produced elsewhere (HumanEval-shape code, math with an answer, or a record whose
+    'domain' names any registered grader)."""
 
     def body():
         from merge_distill.graders.grade_file import grade_file, summary_table

@@ -16,30 +16,22 @@ import math
 
 import torch
 
-from merge_distill.objective import masked_mean
+from merge_distill.objective import gopd_optimum_logprobs, masked_mean, per_sequence
 
 Tensor = torch.Tensor
 
 
-def _lam(reward_scale: float | Tensor, like: Tensor) -> Tensor:
-    """lam as a tensor that broadcasts against `like` (a `[batch]` tensor becomes `[batch, 1, ...]`)."""
-    lam = torch.as_tensor(reward_scale, dtype=like.dtype, device=like.device)
-    return lam.reshape(-1, *([1] * (like.dim() - 1))) if lam.dim() == 1 else lam
-
-
 def target_logprobs(teacher_logprobs: Tensor, reference_logprobs: Tensor | None,
                     reward_scale: float | Tensor) -> Tensor:
-    """log pi* = log_softmax(lam * T + (1 - lam) * R) over the last (vocab) axis, detached.
+    """log pi* = log_softmax(lam * T + (1 - lam) * R) over the last (vocab) axis, detached:
+    `objective.gopd_optimum_logprobs` of the detached log-probs.
 
-    `reference_logprobs` may be None only where every lam is 1 (then pi* = T, renormalised).
+    lam is passed as a tensor of the log-probs' dtype (`objective.per_sequence`), as the dense loss has
+    always computed it. `reference_logprobs` may be None only where every lam is 1.
     """
     t = teacher_logprobs.detach()
-    lam = _lam(reward_scale, t)
-    if reference_logprobs is None:
-        if not bool(torch.all(lam == 1.0)):
-            raise ValueError("reference_logprobs are needed where reward_scale != 1")
-        return torch.log_softmax(t, dim=-1)
-    return torch.log_softmax(lam * t + (1 - lam) * reference_logprobs.detach(), dim=-1)
+    r = None if reference_logprobs is None else reference_logprobs.detach()
+    return gopd_optimum_logprobs(t, r, per_sequence(reward_scale, t))
 
 
 def dense_kl(student_logits: Tensor, target_log_probs: Tensor) -> Tensor:
@@ -95,4 +87,4 @@ def gopd_advantages_clipped(student_logprobs: Tensor, teacher_logprobs: Tensor, 
     """
     s, r = student_logprobs.detach(), reference_logprobs.detach()
     ratio = teacher_logprobs.detach() - r if clip is None else clip_log_ratio(teacher_logprobs, r, clip)
-    return _lam(reward_scale, s) * ratio - (s - r)
+    return per_sequence(reward_scale, s) * ratio - (s - r)

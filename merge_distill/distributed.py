@@ -135,10 +135,6 @@ def shard(n: int, rank: int, size: int) -> tuple[int, int]:
     return lo, lo + base + (rank < extra)
 
 
-def _device_of(tensors) -> torch.device:
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """The sum over ranks (in place on a copy); the value itself alone."""
     if not active():

@@ -27,19 +27,28 @@ def gopd_advantages(student_logprobs: Tensor, teacher_logprobs: Tensor,
     `reward_scale` (lam) is a float or a per-sequence tensor `[batch]`. `reference_logprobs` may be None
     only where every lam is 1, where R cancels out exactly.
     """
-    lam = _per_sequence(reward_scale, student_logprobs)
+    lam = per_sequence(reward_scale, student_logprobs)
     s, t = student_logprobs.detach(), teacher_logprobs.detach()
     if reference_logprobs is None:
-        if not bool(torch.all(lam == 1.0)):
-            raise ValueError("reference_logprobs are needed where reward_scale != 1")
+        _check_reference_unneeded(lam)
         return t - s
     r = reference_logprobs.detach()
     return lam * (t - r) - (s - r)
 
 
-def _per_sequence(value: float | Tensor, like: Tensor) -> Tensor:
-    v = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+def per_sequence(value: float | Tensor, like: Tensor) -> Tensor:
+    """lam as a tensor that broadcasts against `like` (a `[batch]` tensor becomes `[batch, 1, ...]`)."""
+    return _per_sequence_shape(torch.as_tensor(value, dtype=like.dtype, device=like.device), like)
+
+
+def _per_sequence_shape(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1))) if v.dim() == 1 else v
+
+
+def _check_reference_unneeded(reward_scale: float | Tensor) -> None:
+    """Without reference log-probs only lam = 1 is defined (R cancels there)."""
+    if not bool(torch.all(torch.as_tensor(reward_scale) == 1.0)):
+        raise ValueError("reference_logprobs are needed where reward_scale != 1")
 
 
 def grpo_advantages(rewards: Tensor, group_size: int, *, normalize_std: bool = True,
@@ -88,20 +97,27 @@ def sft_loss(logprobs: Tensor, mask: Tensor) -> Tensor:
     return -masked_mean(logprobs, mask)
 
 
-def gopd_optimum_logprobs(teacher_logprobs: Tensor, reference_logprobs: Tensor,
-                          reward_scale: float) -> Tensor:
-    """log of the normalised closed-form optimum pi* ∝ T^lam R^(1-lam), over the last (vocab) axis."""
+def gopd_optimum_logprobs(teacher_logprobs: Tensor, reference_logprobs: Tensor | None,
+                          reward_scale: float | Tensor) -> Tensor:
+    """log of the normalised closed-form optimum pi* ∝ T^lam R^(1-lam): log_softmax(lam * T + (1 - lam) * R)
+    over the last (vocab) axis.
+
+    `reward_scale` (lam) is a float or a per-sequence tensor `[batch]`, used as given (a `[batch]` tensor is
+    only reshaped to broadcast). `reference_logprobs` may be None only where every lam is 1 (then pi* = T,
+    renormalised).
+    """
+    if isinstance(reward_scale, Tensor):
+        reward_scale = _per_sequence_shape(reward_scale, teacher_logprobs)
+    if reference_logprobs is None:
+        _check_reference_unneeded(reward_scale)
+        return torch.log_softmax(teacher_logprobs, -1)
     return torch.log_softmax(reward_scale * teacher_logprobs + (1 - reward_scale) * reference_logprobs, -1)
 
 
-# KL estimators on samples from the first distribution (Schulman's k1/k2/k3), per token.
+# KL estimators on samples from the first distribution (Schulman's k1 and k3), per token.
 def kl_k1(logp: Tensor, logq: Tensor) -> Tensor:
     """k1 = log p - log q: unbiased for KL(p||q) when the token was sampled from p."""
     return logp - logq
-
-
-def kl_k2(logp: Tensor, logq: Tensor) -> Tensor:
-    return 0.5 * (logp - logq) ** 2
 
 
 def kl_k3(logp: Tensor, logq: Tensor) -> Tensor:

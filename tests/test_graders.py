@@ -14,7 +14,7 @@ from rich.console import Console
 
 from merge_distill.errors import UserError
 from merge_distill.graders import available_graders, get_grader, register_grader
-from merge_distill.graders.base import VERDICTS, Grader, Verdict
+from merge_distill.graders.base import VERDICTS, Grader, GraderBase, Verdict
 from merge_distill.graders.code import CodeGrader, build_program, extract_code
 from merge_distill.graders.grade_file import grade_file, summary_table
 from merge_distill.graders.humaneval import load_humaneval
@@ -254,6 +254,39 @@ def test_grade_file_bad_lines_name_file_and_line(tmp_path, line, message):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_grade_file_domain_names_any_registered_grader(tmp_path, monkeypatch):
+    """A record's 'domain' may be any registered grader, not only math and code; an unknown one is a
+    one-line error that lists the registered graders."""
+    import merge_distill.graders as graders
+
+    monkeypatch.setattr(graders, "_REGISTERED", dict(graders._REGISTERED))  # undone after the test
+
+    class Shout(GraderBase):
+        name = "shout"
+
+        def grade_many(self, records, completions):
+            return [Verdict.of("pass" if c.isupper() else "fail", "shouted" if c.isupper() else "") for c in completions]
+
+    register_grader("shout", Shout)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [{"task_id": "s1", "domain": "shout", "completion": "HELLO"},
+            {"task_id": "s2", "domain": "shout", "completion": "hello", "answer": "ignored: domain wins"},
+            {"task_id": "m1", "answer": "2", "completion": r"\boxed{2}"}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = grade_file(src, out)
+    graded = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["task_id"], r["domain"], r["verdict"]) for r in graded] == [
+        ("s1", "shout", "pass"), ("s2", "shout", "fail"), ("m1", "math", "pass")]
+    assert summary["domains"]["shout"]["n"] == 2 and summary["domains"]["math"]["pass"] == 1
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"task_id": "x", "domain": "whisper", "completion": "hi"}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:1: unknown domain 'whisper' \(registered graders: .*code.*math.*shout"
+                       ) as err:
+        grade_file(bad, tmp_path / "bad_out.jsonl")
+    assert "\n" not in str(err.value)
+
+
 # -------------------------------------------------------------------------------------- registry
 
 
@@ -266,6 +299,16 @@ def test_registry_builtins_and_unknown_names():
         get_grader("poetry")
     with pytest.raises(UserError, match="bad options"):
         get_grader("math", nonsense=1)
+
+
+def test_builtins_need_no_entry_point(monkeypatch):
+    """math and code are registered in code (merge_distill.graders._BUILTINS), not through the package's entry
+    points: a source tree with no installed distribution has them too."""
+    import merge_distill.graders as graders
+
+    monkeypatch.setattr(graders, "_entry_points", lambda: {})
+    assert {"math", "code"} <= set(available_graders())
+    assert isinstance(get_grader("math"), MathGrader) and isinstance(get_grader("code"), CodeGrader)
 
 
 def test_register_grader_programmatically():

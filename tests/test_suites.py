@@ -146,6 +146,41 @@ def test_bare_file_without_domain_is_an_error(tmp_path):
     assert (load_suite(path).domain, load_suite(path).grader) == ("chat", "judge")
 
 
+def test_the_default_metric_is_the_graders(tmp_path, monkeypatch):
+    """A suite that does not name a metric takes its grader's declared one (code: pass, math: avg), read from
+    the grader's class; a grader without one, a plain factory function or an unknown name give avg."""
+    import merge_distill.graders as graders
+    from merge_distill.graders import grader_metric, register_grader
+    from merge_distill.graders.base import GraderBase
+
+    assert (grader_metric("code"), grader_metric("math"), grader_metric("no_such_grader")) == ("pass", "avg", "avg")
+    monkeypatch.setattr(graders, "_REGISTERED", dict(graders._REGISTERED))  # undone after the test
+    made = []
+
+    class Judge(GraderBase):
+        name, metric = "judge", "pass"
+
+        def __init__(self):
+            made.append(self)
+
+    class Plain:  # no metric attribute, not a GraderBase
+        name = "plain"
+
+    class Odd(GraderBase):
+        name, metric = "odd", "best"
+
+    for name, factory in (("judge", Judge), ("plain", Plain), ("fn", lambda: Plain()), ("odd", Odd)):
+        register_grader(name, factory)
+    path = tmp_path / "chat.jsonl"
+    for grader, metric in (("judge", "pass"), ("plain", "avg"), ("fn", "avg"), ("code", "pass"), ("math", "avg")):
+        write_jsonl(path, [{"task_id": "a", "prompt": "p", "domain": "chat", "grader": grader}])
+        assert load_suite(path).metric == metric, grader
+    assert not made  # the metric is read without making a grader
+    write_jsonl(path, [{"task_id": "a", "prompt": "p", "domain": "chat", "grader": "odd"}])
+    with pytest.raises(UserError, match="grader 'odd' declares metric 'best'"):
+        load_suite(path)
+
+
 def test_parquet_source(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

@@ -38,7 +38,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from merge_distill.errors import UserError
-from merge_distill.evaluation.metrics import Metric
+from merge_distill.evaluation.metrics import METRICS, Metric
+from merge_distill.graders import grader_metric
 from merge_distill.io import RECORD_SUFFIXES, read_records
 
 Format = Literal["auto", "aime", "humaneval", "mbpp", "prompt"]
@@ -314,7 +315,11 @@ def zoo_suite(domain: str, zoo_dir: str | Path | None) -> Suite:
 
 
 def _default_metric(grader: str) -> Metric:
-    return "pass" if grader == "code" else "avg"
+    """The metric the grader declares (`graders.grader_metric`: pass for code, avg by default)."""
+    metric = grader_metric(grader)
+    if metric not in METRICS:
+        raise UserError(f"grader '{grader}' declares metric {metric!r}; expected one of {', '.join(METRICS)}")
+    return metric
 
 
 # --------------------------------------------------------------------------- user suites

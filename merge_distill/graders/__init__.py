@@ -1,8 +1,10 @@
 """Graders: turn (task record, completion) pairs into verdicts.
 
-Built-ins are "math" and "code". Others come from the ``merge_distill.graders`` entry-point group
-(``name = "package.module:Factory"``) or from :func:`register_grader`. A grader is any object with a
-``name`` and ``grade_many(records, completions) -> list[Verdict]`` (see :mod:`.base`).
+Built-ins are "math" and "code", registered here in ``_BUILTINS`` (so a source tree needs no install).
+Others come from the ``merge_distill.graders`` entry-point group (``name = "package.module:Factory"``),
+the plugin mechanism, or from :func:`register_grader`. A grader is any object with a
+``name`` and ``grade_many(records, completions) -> list[Verdict]`` (see :mod:`.base`); a grader class may
+declare ``metric`` ("avg" or "pass"), the metric of suites it grades unless they say otherwise.
 """
 
 from __future__ import annotations
@@ -52,24 +54,39 @@ def _load(target: str) -> Callable[..., Grader]:
     return obj
 
 
+def _factory(name: str) -> Callable[..., Grader]:
+    """The factory registered under `name`. Lookup order: registered, built-in, entry point."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in _BUILTINS:
+        return _load(_BUILTINS[name])
+    eps = _entry_points()
+    if name not in eps:
+        raise UserError(f"unknown grader {name!r}; known graders: {', '.join(available_graders())}")
+    try:
+        return eps[name].load()
+    except Exception as exc:
+        raise UserError(f"grader {name!r} ({eps[name].value}) failed to load: {exc}") from exc
+
+
 def get_grader(name: str, **options: Any) -> Grader:
     """A new grader instance. Lookup order: registered, built-in, entry point."""
-    if name in _REGISTERED:
-        factory = _REGISTERED[name]
-    elif name in _BUILTINS:
-        factory = _load(_BUILTINS[name])
-    else:
-        eps = _entry_points()
-        if name not in eps:
-            raise UserError(f"unknown grader {name!r}; known graders: {', '.join(available_graders())}")
-        try:
-            factory = eps[name].load()
-        except Exception as exc:
-            raise UserError(f"grader {name!r} ({eps[name].value}) failed to load: {exc}") from exc
+    factory = _factory(name)
     try:
         return factory(**options)
     except TypeError as exc:
         raise UserError(f"grader {name!r}: bad options {sorted(options)}: {exc}") from exc
 
 
-__all__ = ["VERDICTS", "Grader", "Verdict", "available_graders", "get_grader", "register_grader"]
+def grader_metric(name: str) -> str:
+    """The metric a grader declares (its factory's ``metric`` attribute, e.g. "pass" for code), read from
+    the factory without making a grader; "avg" where it declares none, or where `name` is unknown or fails
+    to load (get_grader reports that when grading starts)."""
+    try:
+        factory = _factory(name)
+    except UserError:
+        return "avg"
+    return getattr(factory, "metric", "avg")
+
+
+__all__ = ["VERDICTS", "Grader", "Verdict", "available_graders", "get_grader", "grader_metric", "register_grader"]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 VERDICTS = ("pass", "fail", "timeout", "runtime_error", "memory", "syntax_error", "sandbox_error")
 
@@ -37,15 +36,14 @@ def short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def verdict_counts(verdicts: Iterable[Verdict]) -> dict[str, int]:
-    counts = Counter(v.verdict for v in verdicts)
-    return {name: counts[name] for name in VERDICTS if counts[name]}
-
-
 @runtime_checkable
 class Grader(Protocol):
     """What callers may rely on. Graders holding processes also offer ``close()`` and ``with``
-    (GraderBase provides both); callers should use ``getattr(g, "close", None)``."""
+    (GraderBase provides both); callers should use ``getattr(g, "close", None)``.
+
+    Optional: a class attribute ``metric``, "avg" (avg@k, the default where absent) or "pass" (pass@k):
+    the metric of suites graded by it that do not name one (``merge_distill.graders.grader_metric``).
+    Not a protocol member, so graders without it still satisfy ``isinstance(g, Grader)``."""
 
     name: str
 
@@ -55,9 +53,10 @@ class Grader(Protocol):
 
 
 class GraderBase:
-    """Shared conveniences: grade(), close(), context manager."""
+    """Shared conveniences: grade(), close(), context manager; the default ``metric`` "avg"."""
 
     name = "base"
+    metric = "avg"
 
     def grade_many(self, records: list[dict], completions: list[str]) -> list[Verdict]:  # pragma: no cover
         raise NotImplementedError

@@ -104,6 +104,7 @@ class CodeGrader(GraderBase):
     """
 
     name = "code"
+    metric = "pass"  # suites of code tasks report pass@k unless they say otherwise
 
     def __init__(self, timeout_s: float = 3.0, memory_mb: int = 1024, workers: int | None = None,
                  isolation: str = "auto"):

@@ -1,7 +1,8 @@
 """Grade a JSONL file of completions; resumable.
 
-Input: one JSON object per line, a task record plus ``completion`` and optionally ``domain``
-("math" or "code"; inferred when absent: ``answer`` -> math, ``test``/``test_list`` -> code).
+Input: one JSON object per line, a task record plus ``completion`` and optionally ``domain``: the
+name of the grader for that line, any registered one (``available_graders()``: math, code, a plugin's).
+When ``domain`` is absent it is inferred: ``answer`` -> math, ``test``/``test_list`` -> code.
 
 Output: one line per graded input line, in input order:
 ``{"line", "task_id", "domain", "verdict", "score", "detail"}``. ``line`` is the 1-based input
@@ -20,13 +21,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from merge_distill.errors import UserError
-from merge_distill.graders import get_grader
+from merge_distill.graders import available_graders, get_grader
 from merge_distill.graders.base import VERDICTS, Grader, short
-
-DOMAINS = ("math", "code")
 
 
 def infer_domain(record: dict) -> str | None:
+    """The record's ``domain`` (a grader name) if it has one, else guessed from its fields (None if neither)."""
     domain = record.get("domain")
     if domain is not None:
         return domain
@@ -63,6 +63,7 @@ def _read_done(out_path: Path) -> dict[tuple[int, str], dict]:
 def _read_input(in_path: Path) -> list[tuple[int, dict, str]]:
     """(line number, record, domain) per non-blank line; UserError at the first bad line."""
     items = []
+    graders = None  # the registered grader names, looked up once
     try:
         text = in_path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -82,9 +83,13 @@ def _read_input(in_path: Path) -> list[tuple[int, dict, str]]:
         if not isinstance(record.get("completion"), str):
             raise UserError(f"{where}: missing 'completion' (a string)")
         domain = infer_domain(record)
-        if domain not in DOMAINS:
-            raise UserError(f"{where}: " + (f"unknown domain {domain!r} (expected math or code)" if domain
-                            else "cannot tell the domain: add 'domain', or 'answer' (math) / 'test' or 'test_list' (code)"))
+        if not domain:
+            raise UserError(f"{where}: cannot tell the domain: add 'domain' (a grader name), or 'answer' (math) / "
+                            f"'test' or 'test_list' (code)")
+        if graders is None:
+            graders = set(available_graders())
+        if not isinstance(domain, str) or domain not in graders:
+            raise UserError(f"{where}: unknown domain {domain!r} (registered graders: {', '.join(sorted(graders))})")
         items.append((n, record, domain))
     return items
 
@@ -106,7 +111,7 @@ def grade_file(in_path, out_path, *, timeout_s: float | None = None, workers: in
     options = {k: v for k, v in (("timeout_s", timeout_s), ("workers", workers)) if v is not None}
     try:
         for n, record, domain in todo:  # validate everything before spending time on grading
-            if domain not in graders:
+            if not isinstance(domain, str) or domain not in graders:
                 graders[domain] = get_grader(domain, **options)
             try:
                 check = getattr(graders[domain], "check_record", None)
