@@ -160,3 +160,26 @@ def test_offloaded_frozen_models_give_the_same_run(tiny_world, tmp_path, write_r
             train_module.ModelCache.score = original
         assert seen and all(s == {"cpu"} for s in seen)
     assert all(torch.equal(runs["plain"][k], runs["offload"][k]) for k in runs["plain"])
+
+
+def test_periodic_evaluation_scores_the_live_student(tiny_world, tmp_path, write_recipe):
+    """train.eval_every: the run's own sampler generates for the held-out suite every N steps (not after the
+    last, which the final evaluation covers), and the score lands in metrics.jsonl."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from merge_distill.cli import app
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=3, prompts_per_step=4,
+                        max_new_tokens=8, eval_every=1)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["eval"] = {"suites": [str(tiny_world / "math_test.jsonl")], "max_problems": 6, "max_new_tokens": 8}
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["run", str(path), "--no-eval"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in rows]
+    assert [len(e) for e in evals] == [1, 1, 0]
+    assert all(0 <= v <= 1 for e in evals for v in e.values())
+    generated = sorted(p.parent.parent.name for p in (tmp_path / "run" / "evals").glob("step-*/generations/*.jsonl"))
+    assert generated == ["step-1", "step-2"]
