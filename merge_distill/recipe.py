@@ -77,6 +77,16 @@ class Train(Strict):
     log_ratio_clip: Annotated[float, Field(gt=0)] | None = Field(
         None, description="clip the per-token log T/R to [-c, c] (to study the reward hacking seen at lam 1.5); off by default")
     micro_batch_size: Annotated[int, Field(ge=1)] | None = Field(None, description="sequences per forward/backward (gradient accumulation); default all")
+    max_tokens_per_micro_batch: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="token budget of one forward: the update's micro-batches and frozen scoring take rows (by "
+                          "length) while rows x their longest prompt + response stays within it (a longer row goes "
+                          "alone); default no budget")
+    max_rollout_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="KV-cache budget of one sampling call, in tokens: rollouts are sampled in row chunks of at "
+                          "most this / (longest prompt + max_new_tokens) rows (per-row seeds: the same responses)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass (non-reentrant): "
+                           "activation memory per token per layer falls ~20x for ~1/3 more update compute")
     seed: int = 0
     checkpoint_every: Annotated[int, Field(ge=0)] = Field(0, description="steps between checkpoints; 0 = only the final one")
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
