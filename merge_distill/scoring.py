@@ -164,13 +164,51 @@ def length_buckets(lengths: list[int], *, max_buckets: int = 4, call_positions: 
     return best
 
 
+def token_budget_chunks(lengths: list[int], max_tokens: int | None, max_rows: int | None = None) -> list[list[int]]:
+    """Rows grouped for forward passes of at most `max_tokens` padded tokens (rows x the group's longest row) and
+    at most `max_rows` rows. With a token budget, rows are taken shortest first, greedily (similar lengths
+    share a group, so little goes to padding); a row longer than the budget goes alone. Without one, the rows
+    in order, `max_rows` at a time (all of them when `max_rows` is None too)."""
+    n = len(lengths)
+    if max_tokens is None:
+        size = max_rows or max(1, n)
+        return [list(range(lo, min(lo + size, n))) for lo in range(0, n, size)]
+    groups, current, longest = [], [], 0
+    for r in sorted(range(n), key=lambda r: lengths[r]):
+        wider = max(longest, lengths[r])
+        if current and (wider * (len(current) + 1) > max_tokens or (max_rows and len(current) == max_rows)):
+            groups.append(current)
+            current, wider = [], lengths[r]
+        current.append(r)
+        longest = wider
+    return groups + ([current] if current else [])
+
+
+def response_logprobs_chunked(model: torch.nn.Module, rollouts: Rollouts, *, temperature: float = 1.0,
+                              max_tokens: int | None = None) -> Tensor:
+    """`response_logprobs` in forward passes of at most `max_tokens` padded tokens each (no gradient needed)."""
+    chunks = token_budget_chunks(row_lengths(rollouts), max_tokens)
+    if len(chunks) == 1:
+        return response_logprobs(model, rollouts, temperature=temperature)
+    out = torch.zeros(rollouts.response_ids.shape, dtype=torch.float32, device=rollouts.response_ids.device)
+    for rows in chunks:
+        out[rows] = response_logprobs(model, rollouts.select(rows), temperature=temperature)
+    return out
+
+
+def row_lengths(rollouts: Rollouts) -> list[int]:
+    """Each row's prompt + response length: the tokens a forward pass over it computes (see `_packed`)."""
+    return (rollouts.prompt_mask.sum(-1) + rollouts.response_mask.sum(-1)).long().tolist()
+
+
 def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
 def _hidden_states(backbone: torch.nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
-    return backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+    """The final hidden states; no KV cache is built (nothing decodes after scoring)."""
+    return backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).last_hidden_state
 
 
 def _split(model: torch.nn.Module) -> tuple[torch.nn.Module | None, OutputHead | None]:
@@ -232,10 +270,11 @@ class ModelCache:
     """Frozen models by resolved path: a checkpoint several experts share is loaded once.
 
     With `offload`, models rest on the CPU and visit `device` only while they score (less device memory,
-    one host-to-device copy per use)."""
+    one host-to-device copy per use); `max_tokens` bounds each scoring forward (`token_budget_chunks`)."""
 
-    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", offload: bool = False):
-        self.dtype, self.device, self.offload = dtype, torch.device(device), offload
+    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", offload: bool = False,
+                 max_tokens: int | None = None):
+        self.dtype, self.device, self.offload, self.max_tokens = dtype, torch.device(device), offload, max_tokens
         self._models: dict[str, torch.nn.Module] = {}
 
     @staticmethod
@@ -266,5 +305,5 @@ class ModelCache:
     def score(self, path: str | os.PathLike, rollouts: Rollouts, *, temperature: float = 1.0) -> Tensor:
         """`[B, L]` log-probs of the response tokens under the model at `path`, its logits divided by `temperature`."""
         with self.using(path) as model:
-            return response_logprobs(model, rollouts.to(self.device),
-                                     temperature=temperature).to(rollouts.response_ids.device)
+            return response_logprobs_chunked(model, rollouts.to(self.device), temperature=temperature,
+                                             max_tokens=self.max_tokens).to(rollouts.response_ids.device)

@@ -26,8 +26,8 @@ from merge_distill.io import atomic_dir
 from merge_distill.methods import Method, method_of
 from merge_distill.models import check_compatible, load_model, load_tokenizer, model_info
 from merge_distill.recipe import STUDENT, Recipe
-from merge_distill.sampling import Rollouts, row_seeds
-from merge_distill.scoring import ModelCache, response_logprobs
+from merge_distill.sampling import Rollouts, concat_rollouts, row_seeds
+from merge_distill.scoring import ModelCache, response_logprobs_chunked, row_lengths, token_budget_chunks
 
 
 @dataclass
@@ -54,10 +54,17 @@ class Setup:
             return self._sample(TransformersSampler(model), batch, seeds)
 
     def _sample(self, sampler: Sampler, batch: list[Prompt], seeds: list[int]) -> Rollouts:
-        cfg = self.recipe.train
-        return sampler.sample([list(p.token_ids) for p in batch], max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, eos_token_id=self.tokenizer.eos_token_id,
-                              pad_token_id=self.tokenizer.pad_token_id, seeds=seeds)
+        """One response per row, in row chunks whose KV cache stays within `train.max_rollout_tokens` (per-row
+        seeds: the same responses whatever the chunking)."""
+        cfg, pad = self.recipe.train, self.tokenizer.pad_token_id
+        rows = len(batch)
+        if cfg.max_rollout_tokens is not None:
+            rows = max(1, cfg.max_rollout_tokens // (max(len(p.token_ids) for p in batch) + cfg.max_new_tokens))
+        parts = [sampler.sample([list(p.token_ids) for p in batch[lo:lo + rows]], max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, eos_token_id=self.tokenizer.eos_token_id,
+                                pad_token_id=pad, seeds=seeds[lo:lo + rows])
+                 for lo in range(0, len(batch), rows)]
+        return parts[0] if len(parts) == 1 else concat_rollouts(parts, pad)
 
     def score(self, path: str, rollouts: Rollouts) -> torch.Tensor:
         """`[B, L]` log-probs of the sampled tokens under the frozen model at `path`, at the rollout temperature:
@@ -79,7 +86,8 @@ class Setup:
         if self.sampler.trainer_logprobs:
             return rollouts.sampler_logprobs
         with torch.no_grad(), self.autocast():
-            return response_logprobs(self.student, rollouts, temperature=self.recipe.train.temperature)
+            return response_logprobs_chunked(self.student, rollouts, temperature=self.recipe.train.temperature,
+                                             max_tokens=self.recipe.train.max_tokens_per_micro_batch)
 
     def reference_path(self, expert) -> str:
         return reference_path(self.recipe, expert)
@@ -125,9 +133,11 @@ def setup(recipe: Recipe) -> Setup:
         raise UserError(f"student '{recipe.student}': its tokenizer needs an eos_token and a pad_token")
     dtype = getattr(torch, recipe.dtype)  # frozen models are stored in it; the student computes in it
     student = load_model(recipe.student, what="student", dtype=torch.float32, trainable=True).to(recipe.device)
+    if recipe.train.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mixer = DomainMixer(load_prompts(recipe, tokenizer), [e.weight for e in recipe.experts], recipe.train.seed)
     frozen = ModelCache(dtype=dtype, device=recipe.placement.frozen_device or recipe.device,
-                        offload=recipe.placement.offload)
+                        offload=recipe.placement.offload, max_tokens=recipe.train.max_tokens_per_micro_batch)
     graders = {}
     if not method_of(recipe).needs_teachers:  # rewarded by graders instead
         from merge_distill.graders import get_grader
@@ -167,10 +177,8 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     optimizer.zero_grad(set_to_none=True)
     # the token mean over the global batch: every rank divides by the global count, gradients are summed
     total_tokens = distributed.all_reduce_sum(rollouts.response_mask.sum()).clamp(min=1)
-    micro = cfg.micro_batch_size or len(batch)
     loss_sum, ratios = 0.0, []
-    for lo in range(0, len(batch), micro):
-        rows = list(range(lo, min(lo + micro, len(batch))))
+    for rows in token_budget_chunks(row_lengths(rollouts), cfg.max_tokens_per_micro_batch, cfg.micro_batch_size):
         sub = rollouts.select(rows)
         loss, logprobs = method.loss(s, sub, None if targets is None else targets[rows])
         loss = loss * (sub.response_mask.sum() / total_tokens)
