@@ -5,8 +5,9 @@ step every rank draws the same global prompt batch from the (deterministic) mixe
 slice of its *prompts* (so GRPO's rollouts of one prompt stay on one rank), sampled with the row seeds of
 their *global* rows: rank r samples exactly the responses one process would for those rows. The loss is
 the token mean over the global batch, so each rank weights its tokens by 1 / (global token count) and the
-gradients are summed across ranks (one all-reduce per step), after which every rank clips by the same
-global norm and takes the same optimizer step. Rank 0 alone writes checkpoints (full, unsharded: a run
+gradients are summed across ranks by torch's `DistributedDataParallel` (set up in `train.setup`: bucketed
+all-reduces in each step's last backward), after which every rank clips by the same global norm and takes
+the same optimizer step. Rank 0 alone writes checkpoints (full, unsharded: a run
 resumes on any number of ranks), metrics and the final model; the others wait at a barrier.
 
 Without the launcher's environment (WORLD_SIZE unset or 1) everything here is a no-op for one process.
@@ -142,30 +143,6 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
-
-
-def all_reduce_grads(params) -> None:
-    """Sum every parameter's gradient over the ranks, in one flat all-reduce per dtype.
-
-    A parameter a rank gave no gradient counts as zero there (and gets a zero gradient), so every rank
-    ends with identical gradients and takes the same optimizer step.
-    """
-    if not active():
-        return
-    params = [p for p in params if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
 
 def gather(obj) -> list:

@@ -266,6 +266,23 @@ def _probe(model: torch.nn.Module, backbone: torch.nn.Module, head: OutputHead) 
     return float((ours - expected).abs().max()), 1e-4 + 4 * eps * float(logits.float().abs().max())
 
 
+class StudentLogprobs(torch.nn.Module):
+    """The student's log-probs of given responses as one module's forward: `[B, L]` at the sampled tokens, or
+    `[B, L, V]` with `vocab=True` (the dense objective). A data-parallel wrapper around it (torch's
+    `DistributedDataParallel`) sees the whole computation, backbone and fused head alike, so its hooks run."""
+
+    def __init__(self, student: torch.nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, rollouts: Rollouts, temperature: float, vocab: bool = False) -> Tensor:
+        if vocab:
+            from merge_distill.dense import response_vocab_logprobs
+
+            return response_vocab_logprobs(self.student, rollouts, temperature=temperature)
+        return response_logprobs(self.student, rollouts, temperature=temperature)
+
+
 class ModelCache:
     """Frozen models by resolved path: a checkpoint several experts share is loaded once.
 

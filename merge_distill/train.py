@@ -27,7 +27,13 @@ from merge_distill.methods import Method, method_of
 from merge_distill.models import check_compatible, load_model, load_tokenizer, model_info
 from merge_distill.recipe import STUDENT, Recipe
 from merge_distill.sampling import Rollouts, concat_rollouts, row_seeds
-from merge_distill.scoring import ModelCache, response_logprobs_chunked, row_lengths, token_budget_chunks
+from merge_distill.scoring import (
+    ModelCache,
+    StudentLogprobs,
+    response_logprobs_chunked,
+    row_lengths,
+    token_budget_chunks,
+)
 
 
 @dataclass
@@ -38,12 +44,23 @@ class Setup:
     method: Method
     tokenizer: object
     student: torch.nn.Module
+    student_logprobs: torch.nn.Module  # `StudentLogprobs(student)`, inside torch's DDP when several ranks train
     sampler: Sampler           # the student's rollout engine
     frozen: ModelCache         # teachers and references, each checkpoint loaded once
     mixer: DomainMixer
     graders: dict[int, object] = field(default_factory=dict)
     scorers: dict[str, Scorer] = field(default_factory=dict)  # by resolved path
     skipped_steps: int = 0     # steps skipped for a non-finite loss or gradient, over the whole run
+
+    def policy(self, rollouts: Rollouts, *, vocab: bool = False) -> torch.Tensor:
+        """The student's log-probs of `rollouts` at the rollout temperature, with gradients (`[B, L]`, or
+        `[B, L, V]` with `vocab`), in the recipe's compute dtype, through the data-parallel wrapper."""
+        with self.autocast():
+            return self.student_logprobs(rollouts, self.recipe.train.temperature, vocab)
+
+    def no_sync(self):
+        """Within: backward passes accumulate gradients on this rank only (all but a step's last micro-batch)."""
+        return getattr(self.student_logprobs, "no_sync", contextlib.nullcontext)()
 
     def sample_student(self, batch: list[Prompt], seeds: list[int]) -> Rollouts:
         with self.autocast():
@@ -143,7 +160,14 @@ def setup(recipe: Recipe) -> Setup:
         from merge_distill.graders import get_grader
 
         graders = {i: get_grader(e.grader_name) for i, e in enumerate(recipe.experts)}
-    return Setup(recipe, method_of(recipe), tokenizer, student, make_sampler(recipe, student), frozen, mixer, graders)
+    student_logprobs = StudentLogprobs(student)
+    if distributed.active():  # torch's DDP: gradients all-reduced (bucketed) in each step's last backward
+        device = torch.device(recipe.device)
+        student_logprobs = torch.nn.parallel.DistributedDataParallel(
+            student_logprobs, device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # buffers are the same everywhere, and ranks may run unequal micro-batch counts
+    return Setup(recipe, method_of(recipe), tokenizer, student, student_logprobs, make_sampler(recipe, student),
+                 frozen, mixer, graders)
 
 
 # ----------------------------------------------------------------------------------------------- step
@@ -178,14 +202,17 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     # the token mean over the global batch: every rank divides by the global count, gradients are summed
     total_tokens = distributed.all_reduce_sum(rollouts.response_mask.sum()).clamp(min=1)
     loss_sum, ratios = 0.0, []
-    for rows in token_budget_chunks(row_lengths(rollouts), cfg.max_tokens_per_micro_batch, cfg.micro_batch_size):
+    chunks = token_budget_chunks(row_lengths(rollouts), cfg.max_tokens_per_micro_batch, cfg.micro_batch_size)
+    for j, rows in enumerate(chunks):
         sub = rollouts.select(rows)
-        loss, logprobs = method.loss(s, sub, None if targets is None else targets[rows])
-        loss = loss * (sub.response_mask.sum() / total_tokens)
-        loss.backward()
+        with s.no_sync() if j < len(chunks) - 1 else contextlib.nullcontext():  # gradients sync in the last one
+            loss, logprobs = method.loss(s, sub, None if targets is None else targets[rows])
+            loss = loss * (sub.response_mask.sum() / total_tokens)
+            # DDP averages over ranks; the global token mean is the sum of every rank's share
+            (loss * world.size if world.size > 1 else loss).backward()
         loss_sum += float(loss.detach())
         ratios.append(torch.exp(logprobs - sub.sampler_logprobs)[sub.response_mask.bool()])
-    distributed.all_reduce_grads(s.student.parameters())  # then every rank clips by the global norm
+    # every rank now holds the same summed gradients, so all clip by the same global norm
     grad_norm = torch.nn.utils.clip_grad_norm_(s.student.parameters(), cfg.grad_clip or float("inf"))
     # a non-finite loss or gradient on any rank: no rank steps, so weights and optimizer state stay finite
     nonfinite = torch.tensor(float(not (math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm)))))

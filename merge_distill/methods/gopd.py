@@ -19,7 +19,6 @@ from collections import defaultdict
 from merge_distill import objective
 from merge_distill.dense import gopd_advantages_clipped
 from merge_distill.methods.base import TrainingMethod, register_method
-from merge_distill.scoring import response_logprobs
 
 
 def needs_reference(recipe, expert) -> bool:
@@ -31,8 +30,7 @@ class PolicyGradientMethod(TrainingMethod):
     """Per-token advantages from `targets`, the truncated importance-weighted policy-gradient loss."""
 
     def loss(self, run, rollouts, targets):
-        with run.autocast():
-            logprobs = response_logprobs(run.student, rollouts, temperature=run.recipe.train.temperature)
+        logprobs = run.policy(rollouts)
         loss = objective.policy_gradient_loss(logprobs, rollouts.sampler_logprobs, targets, rollouts.response_mask,
                                               truncation=run.recipe.train.importance_truncation)
         return loss, logprobs.detach()

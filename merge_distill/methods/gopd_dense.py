@@ -66,8 +66,7 @@ class DenseGOPD(TrainingMethod):
         return target
 
     def loss(self, run, rollouts, targets):
-        with run.autocast():
-            vocab_logprobs = response_vocab_logprobs(run.student, rollouts, temperature=run.recipe.train.temperature)
-            logprobs = vocab_logprobs.gather(-1, rollouts.response_ids[..., None]).squeeze(-1)
+        vocab_logprobs = run.policy(rollouts, vocab=True)
+        logprobs = vocab_logprobs.gather(-1, rollouts.response_ids[..., None]).squeeze(-1)
         loss = objective.masked_mean(dense_kl(vocab_logprobs, targets), rollouts.response_mask)
         return loss, logprobs.detach()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from merge_distill import objective
 from merge_distill.methods.base import TrainingMethod, register_method
 from merge_distill.sampling import concat_rollouts
-from merge_distill.scoring import response_logprobs
 
 
 @register_method("sft")
@@ -29,6 +28,5 @@ class SFT(TrainingMethod):
         return batch, concat_rollouts(parts, run.tokenizer.pad_token_id)
 
     def loss(self, run, rollouts, targets):
-        with run.autocast():
-            logprobs = response_logprobs(run.student, rollouts, temperature=run.recipe.train.temperature)
+        logprobs = run.policy(rollouts)
         return objective.sft_loss(logprobs, rollouts.response_mask), logprobs.detach()
