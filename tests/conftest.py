@@ -72,3 +72,14 @@ def _write_recipe(path: Path, world: Path, output_dir: Path, **train) -> Path:
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+# Fixtures backed by subprocesses (sandbox workers, math-verify pools, a plugin venv, torchrun): a test that
+# uses one is slow, whatever its own marks say. `pytest -m "not slow"` is the fast loop.
+SUBPROCESS_FIXTURES = {"sandbox", "fallback", "math_grader", "code_grader", "units_plugin", "runs"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SUBPROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -117,6 +117,7 @@ def test_expert_without_a_grader(recipe):
     assert "experts.1 (chemistry): no grader named 'chemistry'" in err
 
 
+@pytest.mark.slow
 def test_real_process_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "merge_distill", "run", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True, timeout=120)

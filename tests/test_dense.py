@@ -134,6 +134,7 @@ def _dense_gap(student_path, teacher_path, reference_path, prompts_file, lam, n=
     return float(dense.dense_gopd_loss(s, t, r, lam, ro.response_mask))
 
 
+@pytest.mark.slow
 def test_dense_training_closes_the_gap_to_the_closed_form(tiny_world, tmp_path, write_recipe):
     from merge_distill.recipe import load_recipe
     from merge_distill.train import train

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from merge_distill.cli import app
@@ -32,6 +33,7 @@ def test_two_models_on_two_suites(tiny_world, tmp_path):
     assert len(lines) == 24 and {"completion", "verdict", "score"} <= set(json.loads(lines[0]))
 
 
+@pytest.mark.slow
 def test_interrupted_eval_resumes_without_regenerating(tiny_world, tmp_path, monkeypatch):
     from merge_distill.engines import TransformersSampler
 
@@ -76,6 +78,7 @@ def test_bad_input(tiny_world, tmp_path):
     assert "expected NAME=PATH" in _error(["eval", "--model", str(tiny_world / "base"), "--suite", "humaneval"])
 
 
+@pytest.mark.slow
 def test_generations_do_not_depend_on_chunking(tiny_world, tmp_path):
     """Each (problem, sample) has its own seed: any batch size, with grading overlapped, gives the same file."""
     from merge_distill.evaluation.runner import ModelSpec, evaluate

@@ -52,6 +52,7 @@ def _layer_forwards(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.slow
 def test_budgets_and_checkpointing_train_the_same_weights(plain, tiny_world, tmp_path, write_recipe, monkeypatch):
     calls = _layer_forwards(monkeypatch)
     controls = dict(max_tokens_per_micro_batch=200, max_rollout_tokens=150, gradient_checkpointing=True)
@@ -71,6 +72,7 @@ def test_budgets_and_checkpointing_train_the_same_weights(plain, tiny_world, tmp
     assert len(calls) % 2 == 0 and n_micro >= 2 * STEPS["steps"], len(calls)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_each_layer(tiny_world, tmp_path, write_recipe, monkeypatch):
     counts = {}
     for on in (False, True):

@@ -33,6 +33,7 @@ class SelfTraining(TrainingMethod):
         return -objective.masked_mean(logprobs, rollouts.response_mask), logprobs.detach()
 
 
+@pytest.mark.slow
 def test_a_method_registered_in_a_test_trains(tiny_world, tmp_path, write_recipe, monkeypatch):
     assert "toy_self_training" in available_methods()
     scored = []

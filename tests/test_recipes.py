@@ -18,6 +18,7 @@ def run_cli(*args, env=None, cwd=None):
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_smoke_recipe_end_to_end(tmp_path):
     env = {"MERGE_DISTILL_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "run"
@@ -65,6 +66,7 @@ def test_smoke_recipe_end_to_end(tmp_path):
     assert (sweep_dir / "sweep" / "reward_scale=1.5" / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_zoo_is_deterministic(tmp_path):
     from merge_distill.toyworld.zoo import Zoo
 

@@ -81,6 +81,9 @@ def assert_no_leftovers(sb: Sandbox, timeout: float = 3.0) -> None:
         time.sleep(0.05)
 
 
+pytestmark = pytest.mark.slow  # every test here runs programs in sandbox worker processes
+
+
 @pytest.fixture(scope="module")
 def sandbox():
     with Sandbox(2) as sb:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -33,6 +34,7 @@ def reverse_kl(student_path, teacher_path, prompts_file, n=96, seed=0) -> float:
     return float(((s - t) * ro.response_mask).sum(-1).mean())
 
 
+@pytest.mark.slow
 def test_reverse_kl_to_each_teacher_falls_on_its_domain(tiny_world, tmp_path, write_recipe):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=12, lr=5e-3,
                                       prompts_per_step=32))
@@ -98,6 +100,7 @@ def _run_cli(*args, cwd=None):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path, write_recipe):
     steps = dict(steps=8, checkpoint_every=2, prompts_per_step=8, max_new_tokens=24)
     full = write_recipe(tmp_path / "full.yaml", tiny_world, tmp_path / "full", **steps)
@@ -126,6 +129,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path, write_reci
     assert steps_logged == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_resume_with_other_teachers_is_an_error(tiny_world, tmp_path, write_recipe):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, checkpoint_every=1,
                           prompts_per_step=4, max_new_tokens=8)
@@ -137,6 +141,7 @@ def test_resume_with_other_teachers_is_an_error(tiny_world, tmp_path, write_reci
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_offloaded_frozen_models_give_the_same_run(tiny_world, tmp_path, write_recipe):
     """placement.offload keeps teachers and references on the CPU between uses: same metrics, same weights."""
     from merge_distill import train as train_module
@@ -162,6 +167,7 @@ def test_offloaded_frozen_models_give_the_same_run(tiny_world, tmp_path, write_r
     assert all(torch.equal(runs["plain"][k], runs["offload"][k]) for k in runs["plain"])
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_scores_the_live_student(tiny_world, tmp_path, write_recipe):
     """train.eval_every: the run's own sampler generates for the held-out suite every N steps (not after the
     last, which the final evaluation covers), and the score lands in metrics.jsonl."""

@@ -146,6 +146,7 @@ def test_one_step_matches_a_hand_computation(tiny_world, tmp_path, stubbed, monk
         torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_is_skipped(tiny_world, tmp_path, monkeypatch, write_recipe):
     """A NaN log-prob from a teacher on step 2: that step leaves weights and optimizer state alone, is counted
     in metrics.jsonl, and training goes on from the weights of step 1."""
@@ -178,6 +179,7 @@ def test_a_non_finite_step_is_skipped(tiny_world, tmp_path, monkeypatch, write_r
     assert state["skipped_steps"] == 1
 
 
+@pytest.mark.slow
 def test_consecutive_non_finite_steps_stop_the_run(tiny_world, tmp_path, monkeypatch, write_recipe):
     def score(self, path, rollouts, **kw):
         return torch.full(rollouts.response_ids.shape, float("nan"))

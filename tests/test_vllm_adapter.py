@@ -318,6 +318,7 @@ def test_left_pad_is_the_shared_layout():
     assert torch.equal(ids, r.prompt_ids) and torch.equal(mask, r.prompt_mask)
 
 
+@pytest.mark.slow
 def test_trainer_samples_and_scores_through_the_backend(monkeypatch, tiny_world, tmp_path, write_recipe):
     """The trainer's side of the backend (no real vLLM here): rollouts come from the engine, frozen models
     score through theirs, and the engine gets the student's weights after every update."""
@@ -346,6 +347,7 @@ def test_trainer_samples_and_scores_through_the_backend(monkeypatch, tiny_world,
     assert [r["step"] for r in rows] == [1, 2] and all(r["math/n_sequences"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_engine_noise_stays_out_of_the_reward(monkeypatch, tiny_world, tmp_path, write_recipe):
     """The engine's log-probs (bf16, its own kernels) differ from the trainer's. As in the official G-OPD code,
     the advantage's pi_old term is the trainer's recomputed log-prob; the engine's serves only in the
