@@ -15,8 +15,38 @@ def _pairs(domain, records, family):
     return [(r["prompt"], family.solution(r)) for r in records]
 
 
+def _world_key() -> str:
+    """A hash of the code that builds the tiny world (this file, the models, SFT and the task families)."""
+    import hashlib
+
+    import torch
+    import transformers
+
+    import merge_distill
+
+    pkg = Path(merge_distill.__file__).parent
+    files = [Path(__file__), pkg / "models.py", pkg / "sft.py", *sorted((pkg / "toyworld" / "tasks").glob("*.py"))]
+    h = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory) -> Path:
+def tiny_world(request, tmp_path_factory) -> Path:
+    """The tiny world, built once per version of the code that builds it and kept in pytest's cache folder
+    (`.pytest_cache`; tests only read it), so a second test run does not train it again."""
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    if cache is None:
+        return _build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+    root = Path(cache.mkdir(f"tiny_world-{_world_key()}"))
+    if not (root / "complete").exists():
+        _build_tiny_world(root)
+        (root / "complete").write_text("")
+    return root
+
+
+def _build_tiny_world(root: Path) -> Path:
     """base (briefly pretrained on both domains), a math teacher and a code teacher (each SFT'd further on
     its own domain's correct answers), and JSONL prompt files. Sizes chosen for speed, not quality."""
     import torch
@@ -30,7 +60,6 @@ def tiny_world(tmp_path_factory) -> Path:
         pretraining_corpus,
     )
 
-    root = tmp_path_factory.mktemp("tiny_world")
     tok = byte_tokenizer()
     torch.manual_seed(0)
     base = tiny_qwen3(len(tok), hidden=32, layers=1, heads=2, seed=0, eos_token_id=tok.eos_token_id,

@@ -16,6 +16,7 @@ def _eval_args(world, out, *extra):
             "--samples", "2", "--max-new-tokens", "40", "--max-problems", "12", "--out", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_two_models_on_two_suites(tiny_world, tmp_path):
     out = tmp_path / "ev"
     result = runner.invoke(app, _eval_args(tiny_world, out))

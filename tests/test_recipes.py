@@ -81,6 +81,7 @@ def test_zoo_is_deterministic(tmp_path):
     assert not train & test
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
 def test_shipped_recipes_validate(recipe, tmp_path):
     from merge_distill.graders import available_graders
