@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_recipe
 from safetensors.torch import load_file
 
 from merge_distill.recipe import load_recipe
@@ -33,7 +32,7 @@ def world_weights(world: Path):
     return base, teachers
 
 
-def merge_run(world: Path, tmp_path: Path, name: str, *sets: str) -> dict[str, torch.Tensor]:
+def merge_run(write_recipe, world: Path, tmp_path: Path, name: str, *sets: str) -> dict[str, torch.Tensor]:
     recipe = load_recipe(write_recipe(tmp_path / f"{name}.yaml", world, tmp_path / name), list(sets))
     final = train(recipe)
     assert final == tmp_path / name / "final"
@@ -47,11 +46,11 @@ def assert_matches(out, expected, atol=1e-6):
         torch.testing.assert_close(out[k], expected[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def test_expo_extrapolates_the_teachers_average_away_from_the_student(tiny_world, tmp_path):
+def test_expo_extrapolates_the_teachers_average_away_from_the_student(tiny_world, tmp_path, write_recipe):
     from transformers import AutoModelForCausalLM
 
     base, (math, code) = world_weights(tiny_world)
-    out = merge_run(tiny_world, tmp_path, "expo", "method=expo", f"merge.alpha={ALPHA}")
+    out = merge_run(write_recipe, tiny_world, tmp_path, "expo", "method=expo", f"merge.alpha={ALPHA}")
     expected = {}
     for k in base:
         avg = (math[k] + code[k]) / 2
@@ -66,9 +65,9 @@ def test_expo_extrapolates_the_teachers_average_away_from_the_student(tiny_world
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-def test_task_arithmetic_adds_scaled_task_vectors_to_the_base(tiny_world, tmp_path):
+def test_task_arithmetic_adds_scaled_task_vectors_to_the_base(tiny_world, tmp_path, write_recipe):
     base, teachers = world_weights(tiny_world)
-    out = merge_run(tiny_world, tmp_path, "ta", "method=merge", "merge.technique=task_arithmetic",
+    out = merge_run(write_recipe, tiny_world, tmp_path, "ta", "method=merge", "merge.technique=task_arithmetic",
                     f"merge.scale={SCALE}")
     assert_matches(out, {k: base[k] + SCALE * sum(t[k] - base[k] for t in teachers) for k in base})
 
@@ -80,11 +79,11 @@ def _trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
 
 
-def test_ties_trims_and_keeps_the_entries_that_agree_in_sign(tiny_world, tmp_path):
+def test_ties_trims_and_keeps_the_entries_that_agree_in_sign(tiny_world, tmp_path, write_recipe):
     """Two experts, unit weights: where both trimmed task vectors are nonzero and agree, their mean; where
     they disagree, the larger one; where one was trimmed away, the other one whole; where both, nothing."""
     base, (math, code) = world_weights(tiny_world)
-    out = merge_run(tiny_world, tmp_path, "ties", "method=merge", "merge.technique=ties",
+    out = merge_run(write_recipe, tiny_world, tmp_path, "ties", "method=merge", "merge.technique=ties",
                     f"merge.scale={SCALE}", f"merge.density={DENSITY}")
     expected = {}
     for k in base:
@@ -96,11 +95,11 @@ def test_ties_trims_and_keeps_the_entries_that_agree_in_sign(tiny_world, tmp_pat
     assert_matches(out, expected)
 
 
-def test_dare_drops_and_rescales_each_task_vector(tiny_world, tmp_path):
+def test_dare_drops_and_rescales_each_task_vector(tiny_world, tmp_path, write_recipe):
     """(theta - base) / scale is, entry by entry, (m1 tau1 + m2 tau2) / density for masks m in {0, 1}, and
     each mask keeps about `density` of the entries; the recipe's merge.seed picks the masks."""
     base, (math, code) = world_weights(tiny_world)
-    out = merge_run(tiny_world, tmp_path, "dare", "method=merge", "merge.technique=dare",
+    out = merge_run(write_recipe, tiny_world, tmp_path, "dare", "method=merge", "merge.technique=dare",
                     f"merge.scale={SCALE}", f"merge.density={DENSITY}", "merge.seed=3")
     kept, n = torch.zeros(2), 0
     for k in base:
@@ -113,7 +112,7 @@ def test_dare_drops_and_rescales_each_task_vector(tiny_world, tmp_path):
         kept += masks[best.flatten()].sum(0)
         n += best.numel()
     assert torch.all((kept / n - DENSITY).abs() < 0.02), kept / n
-    again = merge_run(tiny_world, tmp_path, "dare-seed4", "method=merge", "merge.technique=dare",
+    again = merge_run(write_recipe, tiny_world, tmp_path, "dare-seed4", "method=merge", "merge.technique=dare",
                       f"merge.scale={SCALE}", f"merge.density={DENSITY}", "merge.seed=4")
     assert any(not torch.equal(out[k], again[k]) for k in base)
 
@@ -143,11 +142,12 @@ def nll_per_token(model_path: Path, rollouts) -> float:
     return float(-(lp * rollouts.response_mask).sum() / rollouts.response_mask.sum())
 
 
-def test_sft_learns_each_domains_teacher_samples(tiny_world, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_sft_learns_each_domains_teacher_samples(tiny_world, tmp_path, monkeypatch, write_recipe):
     """Math weighs 3, code 1: of 8 prompts a step x 2 rollouts, the math teacher answers the 6 math prompts
     (12 rows) and the code teacher the 2 code prompts (4 rows), nothing else samples, and the student's NLL
     of held-out teacher samples falls on both domains."""
-    from merge_distill import train as train_module
+    from merge_distill.train import Setup
 
     prompts = {d: {json.loads(l)["prompt"] for l in (tiny_world / f"{d}.jsonl").read_text().splitlines()}
                for d in ("math", "code")}
@@ -155,15 +155,15 @@ def test_sft_learns_each_domains_teacher_samples(tiny_world, tmp_path, monkeypat
     known = {name: load_file(tiny_world / name / "model.safetensors")["model.embed_tokens.weight"]
              for name in ("base", "math_teacher", "code_teacher")}
     calls = []
-    original = train_module._sample
+    original = Setup._sample
 
-    def spy(s, model, batch, seeds):
-        embeddings = model.get_input_embeddings().weight.detach().cpu()
+    def spy(s, sampler, batch, seeds):
+        embeddings = sampler.model.get_input_embeddings().weight.detach().cpu()
         who = [name for name, e in known.items() if torch.equal(e, embeddings)]
         calls.append((who, [p.record["prompt"] for p in batch], {p.expert for p in batch}))
-        return original(s, model, batch, seeds)
+        return original(s, sampler, batch, seeds)
 
-    monkeypatch.setattr(train_module, "_sample", spy)
+    monkeypatch.setattr(Setup, "_sample", spy)
     steps = 6
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=steps,
                                       prompts_per_step=8, rollouts_per_prompt=2, lr=5e-3),
