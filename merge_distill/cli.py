@@ -1,4 +1,4 @@
-"""The `merge-distill` command line: run, validate, eval, grade, zoo."""
+"""The `merge-distill` command line: run, validate, plan, eval, grade, zoo."""
 
 from __future__ import annotations
 
@@ -129,6 +129,66 @@ def validate(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overri
         for line in lines:
             console.print(escape(line), highlight=False)
         console.print(f"[green]ok[/green]: {recipe}")
+
+    _guard(body)
+
+
+@app.command()
+def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides: Sets = None,
+         gpus: Annotated[int, typer.Option(min=1, help="devices (ranks) the run uses")] = 1,
+         gpu_memory: Annotated[Optional[float], typer.Option(
+             help="GiB per device (default: the GPU's, or 80 without one; this machine's memory on cpu)")] = None,
+         device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: the recipe's)")] = None,
+         parallel: Annotated[str, typer.Option(help="ddp (what the trainer does) or fsdp (planned layout)")] = "ddp",
+         assume_config: Annotated[Optional[str], typer.Option(
+             help="shape of every model whose folder is missing: a shipped config (qwen3-0.6b, qwen3-1.7b, "
+                  "qwen3-4b, qwen3-8b in merge_distill/configs)")] = None,
+         prompt_tokens: Annotated[int, typer.Option(min=1, help="longest prompt in tokens (configs do not say)")] = 512,
+         shard_frozen: Annotated[bool, typer.Option(help="fsdp: shard the frozen models too")] = False,
+         as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False):
+    """Say before launch whether a recipe fits: memory per device from the models' config.json alone."""
+
+    def body():
+        from rich.table import Table
+
+        from merge_distill.plan import GiB, device_memory
+        from merge_distill.plan import plan as make_plan
+        from merge_distill.recipe import load_recipe
+        from merge_distill.toyworld.zoo import resolve, unbuilt
+
+        loaded = load_recipe(recipe, overrides)
+        pending = unbuilt(loaded)
+        if pending and not assume_config:
+            raise UserError(pending)
+        kind = (device or loaded.device).split(":")[0]
+        budget = int(gpu_memory * GiB) if gpu_memory else device_memory(kind)
+        p = make_plan(resolve(loaded, build=False), gpus=gpus, gpu_memory_bytes=budget, device=kind,
+                      parallel=parallel, assume_config=assume_config, prompt_tokens=prompt_tokens,
+                      shard_frozen=shard_frozen)
+        if as_json:
+            typer.echo(json.dumps(p.to_json()))
+            return
+        sizes, held = p.phase_bytes(), {}
+        for phase, names in p.phases.items():
+            for name in names:
+                held.setdefault(name, []).append(phase)
+        table = Table(title=f"{recipe.name}: memory per device ({p.gpus} x {kind}, {p.parallel}, "
+                            f"prompts to {prompt_tokens} tokens)")
+        for col, justify in (("component", "left"), ("GiB", "right"), ("held during", "left")):
+            table.add_column(col, justify=justify)
+        for name, nbytes in p.components.items():
+            phases = held.get(name, [])
+            during = "all" if len(phases) == len(p.phases) else ", ".join(phases)
+            table.add_row(escape(name), f"{nbytes / GiB:.2f}", during)
+        console.print(table)
+        console.print("phases (GiB): " + ", ".join(f"{k} {v / GiB:.1f}" + (" (peak)" if k == p.peak_phase else "")
+                                                     for k, v in sizes.items()), highlight=False)
+        for note in p.notes:
+            console.print(escape(note), highlight=False, soft_wrap=True)
+        if not p.fits:
+            console.print("would fit with: " + ("; ".join(p.suggestions) if p.suggestions else "none of the settings "
+                          "the planner tries"), highlight=False, soft_wrap=True)
+        console.print(p.verdict(), highlight=False)
 
     _guard(body)
 

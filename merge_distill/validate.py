@@ -112,7 +112,19 @@ def validate_recipe(recipe: Recipe) -> list[str]:
         from merge_distill.run import eval_suites
 
         lines.append(_suites_line(eval_suites(recipe)))
-    return lines
+    return lines + plan_line(recipe)
+
+
+def plan_line(recipe: Recipe) -> list[str]:
+    """The memory plan's verdict on one device of the recipe's kind (`merge-distill plan` says more)."""
+    from merge_distill.methods import method_of
+    from merge_distill.plan import device_memory, plan
+
+    if not method_of(recipe).trains:
+        return []
+    kind = recipe.device.split(":")[0]
+    p = plan(recipe, gpu_memory_bytes=device_memory(kind), device=kind, suggest=False)
+    return [f"memory plan (1 {kind}, prompts to 512 tokens; see merge-distill plan): {p.verdict()}"]
 
 
 def _suites_line(suites) -> str:

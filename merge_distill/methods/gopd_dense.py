@@ -21,6 +21,7 @@ from merge_distill.methods.base import TrainingMethod, register_method
 
 @register_method("gopd", objective="dense")
 class DenseGOPD(TrainingMethod):
+    frozen_via_scorer = False  # full distributions from `Setup.frozen`
     curves = ("reverse_kl_teacher", "response_length")
     progress = ("reverse_kl_teacher", "KL to teacher")
 

@@ -14,6 +14,8 @@ from merge_distill.sampling import concat_rollouts
 
 @register_method("sft")
 class SFT(TrainingMethod):
+    frozen_via_scorer = False  # teachers sample from `Setup.frozen`
+
     def rollouts(self, run, batch, seeds):
         """Rows grouped by domain, each group sampled by its domain's teacher."""
         order = sorted(range(len(batch)), key=lambda r: batch[r].expert)

@@ -1,0 +1,397 @@
+"""Memory plan of a recipe, per device, from each model's config.json alone: `merge-distill plan`.
+
+Bytes per device; P = student parameters; s = shards (the GPU count under `fsdp`, else 1); c = bytes of the
+recipe's dtype; rows = the rank's share of a step; T = longest prompt + max_new_tokens (every response is
+assumed to run to max_new_tokens). The phases of a step do not coexist; the peak is the largest of:
+
+- every phase: student weights 4P/s (float32 master) and AdamW m, v 8P/s; each frozen model the method loads
+  (`Method.frozen_models`; a reference that is the student's initial weights is one more copy) in c bytes
+  (offloaded: the largest, while it scores; on another device: none); each vLLM engine
+  `gpu_memory_utilization` x the device; on CPU the process's baseline (Python, torch, tokenizer).
+- sample: gradients 4P/s (kept from the last update until the next zero_grad); the KV cache of one sampling
+  call, rows (or `max_rollout_tokens` // T) x T x layers x kv_heads x head_dim x (K + V bytes; under autocast
+  K is float32: the q/k norms and RoPE promote it); the step's logits; the autocast copies of the linear
+  weights (ddp below float32; the cache fills in no-grad forwards too) or every module unsharded (fsdp).
+- score: gradients; one forward without grad over the rows scored at once (an expert's rows, all rows for
+  pi_old when vLLM sampled; at most `max_tokens_per_micro_batch` // T): a layer's working set, the mask, the
+  response hidden states, a chunk of logits (`fused.CHUNK_ELEMENTS`).
+- update: one micro-batch's saved activations (`Shape.layer_bytes` per token and layer, calibrated exactly on
+  the saved tensors; with `gradient_checkpointing` each layer's float32 input 4 x hidden and one layer
+  recomputed), the head's logit chunk and float32 weight gradient, autocast copies (one layer's when
+  checkpointed) or, under fsdp, two layers and the root unsharded with their float32 gradients; gradients
+  only when several micro-batches accumulate (zero_grad drops them first).
+- backward end: gradients and the embedding's dense float32 gradient beside the head's (tied: autograd sums
+  the two into a third before accumulating).
+- all-reduce (ddp, gpus > 1): a flat float32 copy of every gradient (`distributed.all_reduce_grads`).
+- save (cpu): the safetensors serialisation of the weights (a bytes copy, 4P).
+
+On CUDA the peak is what torch allocates (`max_memory_allocated`: the CUDA context and the caching
+allocator's slack come on top); on CPU it is the process's peak resident memory (`ru_maxrss`), with glibc's
+heap slack on the activations (`CPU_HEAP_SLACK`; `python benchmarks/memory_plan.py` checks it against
+real runs). `fsdp` is a planned layout: the trainer does not implement it yet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from merge_distill.errors import UserError
+from merge_distill.fused import CHUNK_ELEMENTS, CHUNK_ELEMENTS_CUDA
+
+GiB = 2**30
+CONFIGS = Path(__file__).parent / "configs"  # shipped shapes: qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b
+CPU_BASELINE = 350 * 2**20  # Python, torch, transformers, a model class and the trainer, imported (measured)
+CPU_PER_VOCAB = 360         # a loaded fast tokenizer, bytes per vocabulary entry (measured: 52 MiB at 151,936)
+CPU_HEAP_SLACK = 0.2        # x the activations: resident after a forward is 1.06-1.33x the saved tensors
+QK_NORM = {"qwen3", "gemma3", "gemma3_text", "olmo2"}
+FOUR_NORMS = {"gemma2", "gemma3", "gemma3_text"}  # pre/post norms around attention and MLP
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the plan needs of a causal LM, read from its config.json."""
+
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Shape:
+        text = {**cfg, **(cfg.get("text_config") or {})}
+        if any(text.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+            raise ValueError("mixture-of-experts layers are not planned")
+        kind, h, heads = text.get("model_type", "llama"), text["hidden_size"], text["num_attention_heads"]
+        bias = bool(text.get("attention_bias", False))
+        return cls(kind, h, text["num_hidden_layers"], heads, text.get("num_key_value_heads") or heads,
+                   text.get("head_dim") or h // heads, text["intermediate_size"], text["vocab_size"],
+                   bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True))),
+                   qkv_bias=bias or kind == "qwen2", o_bias=bias, mlp_bias=bool(text.get("mlp_bias", False)))
+
+    def layer_linear_params(self) -> int:
+        """Parameters of one decoder layer's linear maps (what autocast copies)."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        biases = self.qkv_bias * (q + 2 * kv) + self.o_bias * h + self.mlp_bias * (2 * i + h)
+        return 2 * h * (q + kv) + 3 * h * i + biases
+
+    def layer_params(self) -> int:
+        norms = (4 if self.model_type in FOUR_NORMS else 2) * self.hidden
+        return self.layer_linear_params() + norms + (2 * self.head_dim if self.model_type in QK_NORM else 0)
+
+    def root_params(self) -> int:
+        """Embedding, final norm and an untied output head: FSDP's root group."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    def params(self) -> int:
+        return self.layers * self.layer_params() + self.root_params()
+
+    def layer_bytes(self, c: int, width: int = 0) -> int:
+        """Bytes saved for backward per token by one decoder layer under autocast to c bytes (4: none), with a
+        float32 residual stream; `width` > 0: a padded batch of that width (k, v repeated for grouped-query
+        attention, the mask as a c-byte bias). Derived from the saved tensors of transformers 5.24's Qwen3 and
+        Llama layers with SDPA (exact on CPU for both: tests/test_plan.py); Qwen3-4B in bf16: 195,880."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        b = 16 * h + (5 * c if c < 4 else 8) * h + 4 * c * self.intermediate + 4 * self.heads + 8
+        if self.model_type in QK_NORM:
+            b += (4 + 3 * c) * (q + kv) + 4 * (self.heads + self.kv_heads)
+        else:
+            b += 2 * c * (q + kv)
+        if self.model_type in FOUR_NORMS:
+            b += 8 * h
+        return b + (2 * c * (q - kv) + c * width if width else 0)
+
+
+def device_memory(device: str) -> int:
+    """Bytes of one device: the first GPU's (80 GiB when none is visible), or this machine's memory on cpu."""
+    if device == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * GiB
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.parent.name for p in CONFIGS.glob("*/config.json"))
+
+
+def read_shape(path: str, *, what: str, assume: str | None = None) -> Shape:
+    """The shape of the model at `path` (a model folder); a missing one takes the shipped config `assume`."""
+    p = Path(path)
+    if not p.exists():
+        if assume is None:
+            raise UserError(f"{what}: {path} not found (or plan with --assume-config, one of: "
+                            f"{', '.join(shipped_configs())})")
+        p = CONFIGS / assume
+        if not (p / "config.json").is_file():
+            raise UserError(f"--assume-config {assume}: no such shipped config (have: {', '.join(shipped_configs())})")
+    if p.is_file():
+        raise UserError(f"{what}: {path}: plan reads a model folder's config.json (a .gguf file has none)")
+    if not (p / "config.json").is_file():
+        raise UserError(f"{what}: {path} is not a model folder (no config.json)")
+    try:
+        return Shape.from_config(_with_defaults(json.loads((p / "config.json").read_text())))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{what}: {p / 'config.json'}: not a decoder config plan understands ({e})") from None
+
+
+def _with_defaults(raw: dict) -> dict:
+    """The config with its class's defaults for the keys the file leaves out (save_pretrained omits them)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**raw).to_dict()
+    except (ValueError, TypeError, KeyError):  # a model type transformers does not know: the file as it is
+        return raw
+
+
+@dataclass
+class Plan:
+    device: str
+    parallel: str
+    gpus: int
+    budget_bytes: int
+    components: dict[str, int]        # name -> bytes per device
+    phases: dict[str, list[str]]      # phase -> the components it holds at once
+    suggestions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def phase_bytes(self) -> dict[str, int]:
+        return {p: sum(self.components[c] for c in names) for p, names in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> str:
+        sizes = self.phase_bytes()
+        return max(sizes, key=sizes.get)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.phase_bytes().values())
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes
+
+    def verdict(self) -> str:
+        return (f"peak per device: {self.peak_bytes / GiB:.1f} GiB of {self.budget_bytes / GiB:.1f} GiB: "
+                + ("fits" if self.fits else "does not fit"))
+
+    def to_json(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "fits": self.fits, "peak_phase": self.peak_phase, **asdict(self),
+                "phase_bytes": self.phase_bytes()}
+
+
+def model_shapes(recipe, assume: str | None = None) -> tuple[Shape, dict[str, tuple[str, Shape]]]:
+    """(student shape, {path: (label, shape)} of each frozen model the method loads, once per path)."""
+    from merge_distill.methods import method_of
+    from merge_distill.recipe import STUDENT
+
+    student = read_shape(recipe.student, what="student", assume=assume)
+    frozen: dict[str, tuple[str, Shape]] = {}
+    for i, e in enumerate(recipe.experts):
+        for role, path in method_of(recipe).frozen_models(recipe, e).items():
+            where = recipe.student if path == STUDENT else path
+            key = str(Path(where).resolve())  # as `scoring.ModelCache`: a checkpoint shared by experts loads once
+            if key not in frozen:
+                label = f"{role} {e.name}" + (" (student's initial weights)" if path == STUDENT else "")
+                frozen[key] = (label, student if where == recipe.student else
+                               read_shape(where, what=f"experts.{i}.{role} ({e.name})", assume=assume))
+    return student, frozen
+
+
+def chunk_bytes(m: Shape, c: int, tokens: int, chunk: int) -> int:
+    """One chunk of logits (`fused.token_logprobs`): the projection in c bytes, its float32 copy, logsumexp's."""
+    return min(tokens, max(1, chunk // m.vocab)) * m.vocab * (8 + (c if c < 4 else 0))
+
+
+def scoring_bytes(m: Shape, c: int, rows: int, width: int, response: int, chunk: int) -> int:
+    """A forward without grad in c bytes over `rows` x `width` tokens: one layer's working set (the MLP's three
+    `[tokens, intermediate]` tensors, the norms' float32 temporaries), the mask (a bool and a c-byte bias), the
+    gathered response hidden states (three copies) and one chunk of logits."""
+    mask = rows * width * width * (1 + c) if rows > 1 else 0
+    return (rows * width * (3 * c * m.intermediate + 16 * m.hidden) + mask + 3 * rows * response * m.hidden * c
+            + chunk_bytes(m, c, rows * response, chunk))
+
+
+def update_bytes(m: Shape, c: int, rows: int, width: int, response: int, ckpt: bool, chunk: int) -> tuple[int, int]:
+    """(activations, output head) of one micro-batch's forward and backward. Activations: every layer's saved
+    tensors (`layer_bytes`; checkpointed, each layer's float32 input and one layer recomputed), the final norm
+    and RoPE tables, the bool mask, the response hidden states kept for the head, and the backward's gradient
+    temporaries. Head: its float32 weight gradient, a chunk of logits, and with c < 4 the weight's c-byte cast
+    and the chunk gradient's product before its float32 copy."""
+    tokens, pad = rows * width, width if rows > 1 else 0
+    layers = m.layers * 4 * m.hidden + m.layer_bytes(c, pad) if ckpt else m.layers * m.layer_bytes(c, pad)
+    per_token = layers + 16 * m.hidden + 8 * m.head_dim + 12 + 2 * c * m.intermediate
+    act = tokens * per_token + rows * response * 4 * m.hidden + rows * pad * pad
+    vh, n = m.vocab * m.hidden, min(rows * response, max(1, chunk // m.vocab)) * m.vocab
+    if c == 4:  # forward: logits and logsumexp's temporary; backward: the weight gradient and one chunk
+        return act, max(8 * n, 4 * vh + 4 * n)
+    # + the weight's cast; backward: the product dz^T h in c bytes and its float32 copy beside the gradient
+    return act, max(2 * vh + (8 + c) * n, 6 * vh + (4 + c) * n, 12 * vh + c * n)
+
+
+def _rows(n: int, width: int) -> str:
+    return f"{n} row{'s' * (n != 1)} x {width} tokens"
+
+
+def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = None, parallel: str = "ddp",
+         assume_config: str | None = None, prompt_tokens: int = 512, shard_frozen: bool = False,
+         suggest: bool = True) -> Plan:
+    """The memory plan of `recipe` (model paths resolved) on `gpus` devices of `gpu_memory_bytes` each."""
+    from merge_distill.methods import method_of
+
+    options = dict(gpus=gpus, gpu_memory_bytes=gpu_memory_bytes, device=device, parallel=parallel,
+                   assume_config=assume_config, prompt_tokens=prompt_tokens, shard_frozen=shard_frozen)
+    device = (device or recipe.device).split(":")[0]
+    if parallel not in ("ddp", "fsdp") or device not in ("cpu", "cuda"):
+        raise UserError(f"--parallel {parallel} --device {device}: expected ddp or fsdp, and cuda or cpu")
+    method = method_of(recipe)
+    if not method.trains:
+        raise UserError(f"method {recipe.method} combines weights without training: no training memory to plan")
+    m, frozen = model_shapes(recipe, assume_config)
+    cfg, c, chunk = recipe.train, BYTES[recipe.dtype], CHUNK_ELEMENTS_CUDA if device == "cuda" else CHUNK_ELEMENTS
+    P, width, new = m.params(), prompt_tokens + cfg.max_new_tokens, cfg.max_new_tokens
+    s = gpus if parallel == "fsdp" else 1  # shards of the student's weights, gradients and optimizer state
+    rows = math.ceil(cfg.prompts_per_step / gpus) * cfg.rollouts_per_prompt
+    comp: dict[str, int] = {}
+
+    def rows_within(tokens: int | None) -> int:
+        return rows if tokens is None else max(1, min(rows, tokens // width))
+
+    def add(name: str, nbytes: float) -> str:
+        comp[name] = int(nbytes)
+        return name
+
+    resident = [add("student weights (fp32 master)", 4 * P / s), add("AdamW m + v (fp32)", 8 * P / s)]
+    grads = add("gradients (fp32)", 4 * P / s)
+    if device == "cpu":
+        resident.append(add("process baseline (python, torch, tokenizer)", CPU_BASELINE + CPU_PER_VOCAB * m.vocab))
+    vllm_rollout = recipe.backend.rollout == "vllm"
+    engine = recipe.backend.gpu_memory_utilization * gpu_memory_bytes
+    in_engines = recipe.backend.scoring == "vllm" and method.frozen_via_scorer
+    resident += [add(f"vLLM engine: {label}", engine) for label in
+                 ["student rollouts"] * vllm_rollout + [label for label, _ in frozen.values()] * in_engines]
+    here = (recipe.placement.frozen_device or device).split(":")[0] == device or device == "cpu"
+    per_frozen = {label: sh.params() * c / (gpus if shard_frozen and parallel == "fsdp" else 1)
+                  for label, sh in frozen.values()} if here and not in_engines else {}
+    visiting = []
+    if recipe.placement.offload and device != "cpu" and per_frozen:
+        visiting = [add("frozen model visiting from the host (offload)", max(per_frozen.values()))]
+    elif per_frozen:
+        resident += [add(f"frozen {label} ({recipe.dtype})", b) for label, b in per_frozen.items()]
+    autocast, copies = c < 4 and parallel == "ddp", m.layers * m.layer_linear_params() * c
+    phases: dict[str, list[str]] = {}
+
+    sample = [grads]  # one sampling call's KV cache (inside the engine with vLLM)
+    if not vllm_rollout:
+        n = rows_within(cfg.max_rollout_tokens)
+        kv = n * width * m.layers * m.kv_heads * m.head_dim * ((4 if autocast else c) + c)
+        sample += [add(f"KV cache ({_rows(n, width)})", kv), add("sampling logits and prefill",
+                   n * m.vocab * 16 + scoring_bytes(m, c, n, prompt_tokens, 1, chunk))]
+        if autocast or parallel == "fsdp":
+            sample.append(add(f"{recipe.dtype} autocast copies of the weights", copies) if autocast
+                          else add(f"fsdp: every module unsharded ({recipe.dtype})", P * c))
+    phases["sample"] = resident + sample
+
+    share = max(e.weight for e in recipe.experts) / sum(e.weight for e in recipe.experts)
+    n = min(rows if vllm_rollout else math.ceil(rows * share), rows_within(cfg.max_tokens_per_micro_batch))
+    scorers = [sh for _, sh in frozen.values()] * bool(per_frozen) + [m] * vllm_rollout  # pi_old: the student
+    score = [add(f"scoring working set ({_rows(n, width)})",
+                 max(scoring_bytes(sh, c, n, width, new, chunk) for sh in scorers))] if scorers else []
+    phases["score"] = resident + [grads] + visiting + score
+
+    mb = min(cfg.micro_batch_size or rows, rows_within(cfg.max_tokens_per_micro_batch), rows)
+    ckpt = cfg.gradient_checkpointing
+    act, head = update_bytes(m, c, mb, width, new, ckpt, chunk)
+    update = [add(f"activations ({_rows(mb, width)}{', checkpointed' if ckpt else ''})", act),
+              add("output head: logit chunk and gradient", head)] + [grads] * (mb < rows)
+    if device == "cpu":  # glibc's heap keeps freed blocks; with several micro-batches (of other widths, which
+        # do not fit the freed blocks) also the previous one's (measured: benchmarks/memory_plan.py)
+        update.append(add("heap slack (glibc)", act * (CPU_HEAP_SLACK + (mb < rows))))
+    if autocast:
+        update.append(add(f"{recipe.dtype} autocast copies of one layer (recomputed)", copies / m.layers) if ckpt
+                      else add(f"{recipe.dtype} autocast copies of the weights", copies))
+    elif parallel == "fsdp":
+        update.append(add("fsdp: unsharded layers and root, their fp32 gradients",
+                          (2 * m.layer_params() + m.root_params()) * (c + 4)))
+    phases["update"] = resident + visiting + update
+    phases["backward end"] = resident + visiting + [grads, add("embedding and head gradients, before accumulation",
+                                                                (8 if m.tied else 4) * m.vocab * m.hidden)]
+    if parallel == "ddp" and gpus > 1:
+        phases["all-reduce"] = resident + [grads, add("all-reduce buffer (flat fp32 gradients)", 4 * P)]
+    if device == "cpu":
+        phases["save"] = resident + [grads, add("checkpoint serialisation (safetensors)", 4 * P)]
+
+    result = Plan(device, parallel, gpus, int(gpu_memory_bytes), comp, phases)
+    if parallel == "fsdp":
+        result.notes.append("fsdp: the trainer does not implement it yet (planned layout)")
+    if not here:
+        result.notes.append(f"frozen models on {recipe.placement.frozen_device}: not counted on {device}")
+    if vllm_rollout or in_engines:
+        small = [label for label, sh in frozen.values() if sh.params() * c > engine]
+        result.notes.append(f"vLLM engines take gpu_memory_utilization {recipe.backend.gpu_memory_utilization} of "
+                            "the device each (weights and their KV cache)"
+                            + (f"; too small for the weights of: {', '.join(small)}" if small else ""))
+    if suggest and not result.fits:
+        result.suggestions = suggestions(recipe, options, rows, width)
+    return result
+
+
+def suggestions(recipe, options: dict, rows: int, width: int) -> list[str]:
+    """Settings that make the plan fit: each that does alone, else the changes that lower the peak most, one
+    after the other, until it fits ([] when nothing tried does)."""
+    cfg, vllm = recipe.train, recipe.backend.rollout == "vllm"
+
+    def peak(changes) -> tuple[int, bool]:
+        r, opts = recipe, dict(options, suggest=False)
+        for where, kw in changes:
+            if where == "option":
+                opts.update(kw)
+            else:
+                r = r.model_copy(update={where: getattr(r, where).model_copy(update=kw)})
+        p = plan(r, **opts)
+        return p.peak_bytes, p.fits
+
+    def tokens(key: str):  # the most rows that fit (a power of two, x width tokens), else one row
+        def change(done):
+            n = next((2**k for k in range(int(math.log2(rows)), 0, -1)
+                      if peak(done + [("train", {key: 2**k * width})])[1]), 1)
+            return f"train.{key}={n * width}", ("train", {key: n * width})
+        return change
+
+    fixed = {"train.gradient_checkpointing=true": (not cfg.gradient_checkpointing, "train",
+                                                   {"gradient_checkpointing": True}),
+             "--parallel fsdp": (options["parallel"] == "ddp", "option", {"parallel": "fsdp"}),
+             "--parallel fsdp --shard-frozen": (not options["shard_frozen"], "option",
+                                                {"parallel": "fsdp", "shard_frozen": True}),
+             "placement.offload=true": (not recipe.placement.offload, "placement", {"offload": True}),
+             "backend.scoring=transformers": (recipe.backend.scoring == "vllm", "backend", {"scoring": "transformers"}),
+             f"--gpus {2 * options['gpus']}": (True, "option", {"gpus": 2 * options["gpus"]})}
+    candidates = [(lambda done, k=k, v=v: (k, v[1:])) for k, v in fixed.items() if v[0]]
+    candidates[1:1] = [tokens("max_tokens_per_micro_batch")] + [tokens("max_rollout_tokens")] * (not vllm)
+    alone = [label for label, change in (make([]) for make in candidates) if peak([change])[1]]
+    if alone:
+        return [x for x in alone if not (x.endswith("--shard-frozen") and "--parallel fsdp" in alone)]
+    labels, done, now = [], [], peak([])[0]
+    while candidates:
+        make, (label, change) = min(((mk, mk(done)) for mk in candidates), key=lambda x: peak(done + [x[1][1]])[0])
+        size, fits = peak(done + [change])
+        if size >= now:
+            return []
+        candidates.remove(make)
+        labels, done, now = labels + [label], done + [change], size
+        if fits:
+            return [" + ".join(labels)]
+    return []
