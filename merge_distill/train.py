@@ -151,7 +151,10 @@ def setup(recipe: Recipe) -> Setup:
     dtype = getattr(torch, recipe.dtype)  # frozen models are stored in it; the student computes in it
     student = load_model(recipe.student, what="student", dtype=torch.float32, trainable=True).to(recipe.device)
     if recipe.train.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mixer = DomainMixer(load_prompts(recipe, tokenizer), [e.weight for e in recipe.experts], recipe.train.seed)
     frozen = ModelCache(dtype=dtype, device=recipe.placement.frozen_device or recipe.device,
                         offload=recipe.placement.offload, max_tokens=recipe.train.max_tokens_per_micro_batch)
