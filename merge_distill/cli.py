@@ -137,7 +137,7 @@ def validate(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overri
 def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides: Sets = None,
          gpus: Annotated[int, typer.Option(min=1, help="devices (ranks) the run uses")] = 1,
          gpu_memory: Annotated[Optional[float], typer.Option(
-             help="GiB per device (default: the GPU's, or 80 without one; this machine's memory on cpu)")] = None,
+             help="GiB per device (default: the GPU's, or 80 without one; on cpu, this machine's over --gpus)")] = None,
          device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: the recipe's)")] = None,
          parallel: Annotated[str, typer.Option(help="ddp (what the trainer does) or fsdp (planned layout)")] = "ddp",
          assume_config: Annotated[Optional[str], typer.Option(
@@ -161,7 +161,8 @@ def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides:
         if pending and not assume_config:
             raise UserError(pending)
         kind = (device or loaded.device).split(":")[0]
-        budget = int(gpu_memory * GiB) if gpu_memory else device_memory(kind)
+        # CPU ranks share the machine: each gets its share
+        budget = int(gpu_memory * GiB) if gpu_memory else device_memory(kind) // (gpus if kind == "cpu" else 1)
         p = make_plan(resolve(loaded, build=False), gpus=gpus, gpu_memory_bytes=budget, device=kind,
                       parallel=parallel, assume_config=assume_config, prompt_tokens=prompt_tokens,
                       shard_frozen=shard_frozen)
