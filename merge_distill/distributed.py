@@ -1,14 +1,14 @@
-"""Data parallelism for `merge-distill run` under `torchrun` (or `accelerate launch`).
+"""Data parallelism for `merge-distill run` under `torchrun` (or `accelerate launch`): the process group,
+ranks, and the few collectives the loop itself needs (counts, metrics).
 
-Every rank holds the whole student, its optimizer state and the frozen teachers and references. Each
-step every rank draws the same global prompt batch from the (deterministic) mixer and keeps a contiguous
+Each step every rank draws the same global prompt batch from the (deterministic) mixer and keeps a contiguous
 slice of its *prompts* (so GRPO's rollouts of one prompt stay on one rank), sampled with the row seeds of
-their *global* rows: rank r samples exactly the responses one process would for those rows. The loss is
-the token mean over the global batch, so each rank weights its tokens by 1 / (global token count) and the
-gradients are summed across ranks by torch's `DistributedDataParallel` (set up in `train.setup`: bucketed
-all-reduces in each step's last backward), after which every rank clips by the same global norm and takes
-the same optimizer step. Rank 0 alone writes checkpoints (full, unsharded: a run
-resumes on any number of ranks), metrics and the final model; the others wait at a barrier.
+their *global* rows: rank r samples exactly the responses one process would for those rows. The loss is the
+token mean over the global batch, so each rank weights its tokens by 1 / (global token count) and the
+gradients are summed across ranks by torch's engines, `DistributedDataParallel` or FSDP2's `fully_shard`, as
+`Recipe.parallel` says (`merge_distill.parallel`); every rank then clips by the same global norm and takes the
+same optimizer step. Rank 0 alone writes metrics, checkpoints (full, gathered state: a run resumes on any
+number of ranks and in either layout) and the final model; the others wait at a barrier.
 
 Without the launcher's environment (WORLD_SIZE unset or 1) everything here is a no-op for one process.
 """
@@ -142,6 +142,15 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
         return value
     out = value.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    """The largest value over ranks; the value itself alone."""
+    if not active():
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
 
 

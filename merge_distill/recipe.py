@@ -117,6 +117,9 @@ class Placement(Strict):
     frozen_device: str | None = Field(None, description="device of teachers and references; default: the recipe's device")
     offload: bool = Field(False, description="keep frozen models on the CPU between uses, moving each to "
                                              "frozen_device only while it scores")
+    offload_optimizer: bool = Field(False, description="parallel fsdp: keep the student's sharded fp32 weights, "
+                                                       "gradients and AdamW state in host memory; the optimizer "
+                                                       "steps on the CPU (torch's CPUOffloadPolicy)")
 
 
 class Variant(Strict):
@@ -170,8 +173,13 @@ class Recipe(Strict):
     allow_chat_template_mismatch: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="teachers and references are stored in it and the student computes in it "
-                               "(autocast); the student's weights and optimizer stay float32")
+                               "(autocast; under fsdp its MixedPrecisionPolicy); the student's weights and "
+                               "optimizer stay float32")
     device: str = Field("cpu", description="torch device of the student and frozen models, e.g. cpu, cuda, cuda:1")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp replicates the student on every rank (torch's DistributedDataParallel); "
+                           "fsdp shards its weights, gradients and optimizer state per decoder layer (torch's "
+                           "fully_shard), computing in `dtype` (MixedPrecisionPolicy). One process: no effect")
     placement: Placement = Field(default_factory=Placement)
     backend: Backend = Field(default_factory=Backend)
 
@@ -208,6 +216,13 @@ class Recipe(Strict):
             raise ValueError(f"backend.scoring vllm scores at temperature 1 only (prompt log-probs skip vLLM's "
                              f"sampling processors), but train.temperature is {self.train.temperature}, at which "
                              "teachers and references must score; use backend.scoring: transformers")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_needs_fsdp(self) -> "Recipe":
+        if self.placement.offload_optimizer and (self.parallel != "fsdp" or not self.device.startswith("cuda")):
+            raise ValueError(f"placement.offload_optimizer moves fsdp's shards from the GPU to the host: it needs "
+                             f"parallel: fsdp and a cuda device (parallel is {self.parallel}, device {self.device})")
         return self
 
     @model_validator(mode="after")

@@ -77,7 +77,7 @@ def output_head(model: torch.nn.Module, linear: torch.nn.Linear) -> OutputHead:
 
 
 def response_logprobs(model: torch.nn.Module, rollouts: Rollouts, *, temperature: float = 1.0,
-                      chunk_tokens: int | None = None) -> Tensor:
+                      chunk_tokens: int | None = None, max_buckets: int = 4) -> Tensor:
     """log p(y_t | x, y_<t) of every sampled response token, `[B, L]`, 0 on padding.
 
     Gradients flow when called outside `torch.no_grad()` (the student's update uses this too), through
@@ -86,7 +86,7 @@ def response_logprobs(model: torch.nn.Module, rollouts: Rollouts, *, temperature
     prompt, not the padding after EOS), `chunk_tokens` rows at a time (default: about
     `fused.CHUNK_ELEMENTS` logits per chunk, 4x that on CUDA, so memory stays flat in vocabulary and length).
     The backbone sees each row as prompt ++ response with no padding between them, and rows of very
-    different lengths in separate length buckets (`length_buckets`), so short prompts and early-ended
+    different lengths in up to `max_buckets` length buckets (`length_buckets`), so short prompts and early-ended
     responses do not pay for the batch's longest. A row's prompt must have at least one token. The head's
     post-processing (`OutputHead`) is applied as the model's forward applies it; a model whose logits this
     does not reproduce is refused (`check_reproduces_logits`).
@@ -103,18 +103,20 @@ def response_logprobs(model: torch.nn.Module, rollouts: Rollouts, *, temperature
     prompt_lens = rollouts.prompt_mask.sum(-1).long()
     response_lens = rollouts.response_mask.sum(-1).long()
     hs, ts, where = [], [], []
-    for rows in length_buckets((prompt_lens + response_lens).tolist()):
+    for rows in length_buckets((prompt_lens + response_lens).tolist(), max_buckets=max_buckets):
         idx = torch.as_tensor(rows, device=rollouts.prompt_ids.device)
         ids, mask, before, real = _packed(rollouts, idx, prompt_lens[idx], response_lens[idx])
         hidden = _hidden_states(backbone, ids, mask)
         hidden = hidden.gather(1, before[..., None].expand(-1, -1, hidden.shape[-1]))
         hs.append(hidden[real])
         ts.append(rollouts.response_ids[idx, :real.shape[1]][real])
-        where.append((idx[:, None] * L + torch.arange(real.shape[1], device=idx.device))[real])
+        i, j = torch.nonzero(real, as_tuple=True)  # in the order of `hidden[real]`
+        where.append((idx[i], j))
     lp = token_logprobs(torch.cat(hs), head.weight, head.bias, torch.cat(ts), chunk_rows=chunk_tokens,
                         **head.fused_args(temperature))
-    out = torch.zeros(rollouts.response_ids.numel(), dtype=lp.dtype, device=lp.device)
-    return out.index_put((torch.cat(where),), lp).reshape(rollouts.response_ids.shape)
+    out = torch.zeros(rollouts.response_ids.shape, dtype=lp.dtype, device=lp.device)
+    rows, cols = (torch.cat(x) for x in zip(*where))
+    return out.index_put((rows, cols), lp)
 
 
 def _packed(rollouts: Rollouts, idx: Tensor, prompt_lens: Tensor, response_lens: Tensor):
@@ -267,20 +269,42 @@ def _probe(model: torch.nn.Module, backbone: torch.nn.Module, head: OutputHead) 
 
 
 class StudentLogprobs(torch.nn.Module):
-    """The student's log-probs of given responses as one module's forward: `[B, L]` at the sampled tokens, or
-    `[B, L, V]` with `vocab=True` (the dense objective). A data-parallel wrapper around it (torch's
-    `DistributedDataParallel`) sees the whole computation, backbone and fused head alike, so its hooks run."""
+    """The student as the trainer uses it, one module: `forward` gives its log-probs of given responses (`[B, L]`
+    at the sampled tokens, or `[B, L, V]` with `vocab=True`, the dense objective), `decode(fn)` runs rollouts.
+    A data-parallel wrapper around it (`merge_distill.parallel`) sees the whole computation, backbone and fused
+    head alike, so its hooks run. `max_buckets`: backbone forwards per call at most (`length_buckets`)."""
 
     def __init__(self, student: torch.nn.Module):
         super().__init__()
         self.student = student
+        self.max_buckets = 4
 
     def forward(self, rollouts: Rollouts, temperature: float, vocab: bool = False) -> Tensor:
         if vocab:
             from merge_distill.dense import response_vocab_logprobs
 
             return response_vocab_logprobs(self.student, rollouts, temperature=temperature)
-        return response_logprobs(self.student, rollouts, temperature=temperature)
+        return response_logprobs(self.student, rollouts, temperature=temperature, max_buckets=self.max_buckets)
+
+    def decode(self, fn):
+        """`fn(student)`, e.g. sampling. When this module is FSDP-sharded (`merge_distill.parallel`), every rank
+        calls it: it is registered as an FSDP forward method, so the root's hooks gather the root's own shards
+        (embeddings, final norm, head) around it, and each layer's shards are gathered here once and freed at the
+        end, so the ranks' decode loops run no collective and may stop after different numbers of tokens."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self, FSDPModule):
+            return fn(self.student)
+        layers = [m for m in self.student.modules() if isinstance(m, FSDPModule)]
+        for m in layers:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            return fn(self.student)
+        finally:
+            for m in layers:
+                m.reshard()
+                m.set_reshard_after_forward(True, recurse=False)
 
 
 class ModelCache:

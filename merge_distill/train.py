@@ -17,20 +17,17 @@ from pathlib import Path
 
 import torch
 
-from merge_distill import distributed
-from merge_distill.checkpoint import MetricsLog, check_manifest, resume_from, save_checkpoint
+from merge_distill import distributed, parallel
+from merge_distill.checkpoint import MetricsLog, check_manifest, resume_from, save_checkpoint, save_final
 from merge_distill.data import DomainMixer, Prompt, load_records, render_prompt, user_message
 from merge_distill.engines import Sampler, Scorer, TransformersSampler, make_sampler, make_scorer
 from merge_distill.errors import TrainingDiverged, UserError
-from merge_distill.io import atomic_dir
 from merge_distill.methods import Method, method_of
 from merge_distill.models import check_compatible, load_model, load_tokenizer, model_info
 from merge_distill.recipe import STUDENT, Recipe
 from merge_distill.sampling import Rollouts, concat_rollouts, row_seeds
 from merge_distill.scoring import (
     ModelCache,
-    StudentLogprobs,
-    response_logprobs_chunked,
     row_lengths,
     token_budget_chunks,
 )
@@ -44,7 +41,7 @@ class Setup:
     method: Method
     tokenizer: object
     student: torch.nn.Module
-    student_logprobs: torch.nn.Module  # `StudentLogprobs(student)`, inside torch's DDP when several ranks train
+    student_logprobs: torch.nn.Module  # `StudentLogprobs(student)` in the recipe's layout (`merge_distill.parallel`)
     sampler: Sampler           # the student's rollout engine
     frozen: ModelCache         # teachers and references, each checkpoint loaded once
     mixer: DomainMixer
@@ -62,9 +59,13 @@ class Setup:
         """Within: backward passes accumulate gradients on this rank only (all but a step's last micro-batch)."""
         return getattr(self.student_logprobs, "no_sync", contextlib.nullcontext)()
 
+    def decoding(self, fn):
+        """`fn()` with the student's weights in place for decoding (under fsdp every rank calls this)."""
+        return parallel.root_of(self.student_logprobs).decode(lambda _: fn())
+
     def sample_student(self, batch: list[Prompt], seeds: list[int]) -> Rollouts:
         with self.autocast():
-            return self._sample(self.sampler, batch, seeds).to(self.student.device)
+            return self.decoding(lambda: self._sample(self.sampler, batch, seeds)).to(self.student.device)
 
     def sample_frozen(self, path: str, batch: list[Prompt], seeds: list[int], *, what: str) -> Rollouts:
         with self.frozen.using(path, what=what) as model:
@@ -102,17 +103,23 @@ class Setup:
         """
         if self.sampler.trainer_logprobs:
             return rollouts.sampler_logprobs
+        out = torch.zeros(rollouts.response_ids.shape, device=rollouts.response_ids.device)
+        chunks = token_budget_chunks(row_lengths(rollouts), self.recipe.train.max_tokens_per_micro_batch)
         with torch.no_grad(), self.autocast():
-            return response_logprobs_chunked(self.student, rollouts, temperature=self.recipe.train.temperature,
-                                             max_tokens=self.recipe.train.max_tokens_per_micro_batch)
+            for rows, real in parallel.agreed_chunks(chunks):
+                lp = self.student_logprobs(rollouts.select(rows), self.recipe.train.temperature)
+                if real:
+                    out[rows] = lp.float()
+        return out
 
     def reference_path(self, expert) -> str:
         return reference_path(self.recipe, expert)
 
     def autocast(self):
-        """The student's forward passes in the recipe's dtype (mixed precision; its weights stay float32)."""
+        """The student's forward passes in the recipe's dtype (mixed precision; its weights stay float32). Under
+        fsdp the sharding's MixedPrecisionPolicy does this instead."""
         dtype = getattr(torch, self.recipe.dtype)
-        if dtype == torch.float32:
+        if dtype == torch.float32 or parallel.is_sharded(self.student_logprobs):
             return contextlib.nullcontext()
         return torch.autocast(device_type=torch.device(self.recipe.device).type, dtype=dtype)
 
@@ -163,14 +170,8 @@ def setup(recipe: Recipe) -> Setup:
         from merge_distill.graders import get_grader
 
         graders = {i: get_grader(e.grader_name) for i, e in enumerate(recipe.experts)}
-    student_logprobs = StudentLogprobs(student)
-    if distributed.active():  # torch's DDP: gradients all-reduced (bucketed) in each step's last backward
-        device = torch.device(recipe.device)
-        student_logprobs = torch.nn.parallel.DistributedDataParallel(
-            student_logprobs, device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=False)  # buffers are the same everywhere, and ranks may run unequal micro-batch counts
-    return Setup(recipe, method_of(recipe), tokenizer, student, student_logprobs, make_sampler(recipe, student),
-                 frozen, mixer, graders)
+    return Setup(recipe, method_of(recipe), tokenizer, student, parallel.wrap_student(student, recipe),
+                 make_sampler(recipe, student), frozen, mixer, graders)
 
 
 # ----------------------------------------------------------------------------------------------- step
@@ -205,18 +206,22 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     # the token mean over the global batch: every rank divides by the global count, gradients are summed
     total_tokens = distributed.all_reduce_sum(rollouts.response_mask.sum()).clamp(min=1)
     loss_sum, ratios = 0.0, []
-    chunks = token_budget_chunks(row_lengths(rollouts), cfg.max_tokens_per_micro_batch, cfg.micro_batch_size)
-    for j, rows in enumerate(chunks):
+    # the same number of passes on every rank (a rank with fewer rows runs some that weigh nothing)
+    chunks = parallel.agreed_chunks(token_budget_chunks(row_lengths(rollouts), cfg.max_tokens_per_micro_batch,
+                                                        cfg.micro_batch_size))
+    for j, (rows, real) in enumerate(chunks):
         sub = rollouts.select(rows)
         with s.no_sync() if j < len(chunks) - 1 else contextlib.nullcontext():  # gradients sync in the last one
             loss, logprobs = method.loss(s, sub, None if targets is None else targets[rows])
-            loss = loss * (sub.response_mask.sum() / total_tokens)
-            # DDP averages over ranks; the global token mean is the sum of every rank's share
+            loss = loss * (sub.response_mask.sum() / total_tokens if real else 0.0)
+            # DDP and FSDP average over ranks; the global token mean is the sum of every rank's share
             (loss * world.size if world.size > 1 else loss).backward()
-        loss_sum += float(loss.detach())
-        ratios.append(torch.exp(logprobs - sub.sampler_logprobs)[sub.response_mask.bool()])
-    # every rank now holds the same summed gradients, so all clip by the same global norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.student.parameters(), cfg.grad_clip or float("inf"))
+        if real:
+            loss_sum += float(loss.detach())
+            ratios.append(torch.exp(logprobs - sub.sampler_logprobs)[sub.response_mask.bool()])
+    # every rank now holds the same summed gradients (or its shard of them), so all clip by the same global norm
+    grad_norm = parallel.total_norm(torch.nn.utils.clip_grad_norm_(s.student.parameters(),
+                                                                   cfg.grad_clip or float("inf")))
     # a non-finite loss or gradient on any rank: no rank steps, so weights and optimizer state stay finite
     nonfinite = torch.tensor(float(not (math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm)))))
     skipped = bool(distributed.all_reduce_sum(nonfinite) > 0)
@@ -325,8 +330,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
                     f"skipped (train.max_consecutive_skips {cfg.max_consecutive_skips}); the weights are those of step "
                     f"{done - in_a_row}; see {output_dir / 'metrics.jsonl'}, lower train.lr or keep "
                     "train.importance_truncation on")
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and on_eval:
-                metrics.update(on_eval(s.sampler, done))  # the student's engine, current weights
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # rank 0 evaluates
+                metrics.update(s.decoding(lambda: on_eval(s.sampler, done) if on_eval else {}))
             if log:
                 log.write(metrics)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
@@ -334,11 +339,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
             if progress:
                 progress.update(task, completed=done, description=describe(recipe, metrics))
         save_checkpoint(s, optimizer, scheduler, cfg.steps)
-        if world.main:
-            with atomic_dir(output_dir / "final") as tmp:
-                s.student.save_pretrained(tmp, safe_serialization=True)
-                s.tokenizer.save_pretrained(tmp)
-        distributed.barrier()
+        save_final(s, output_dir / "final")
     finally:
         if log:
             log.close()

@@ -205,7 +205,9 @@ class VLLMSampler:
     @torch.no_grad()
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Load the trainer's current weights (HF names) into the engine, in place; call after each update."""
-        weights = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
+        from merge_distill.parallel import full_tensors
+
+        weights = full_tensors(model)  # one tensor at a time; under fsdp each gathered as the engine takes it
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 

@@ -1,0 +1,164 @@
+"""How the student is laid out over the ranks (`Recipe.parallel`), and how its state leaves and re-enters it.
+
+The trainer sees one module, `StudentLogprobs(student)`: its forward is the whole loss-side computation
+(backbone and fused output head), so a wrapper's hooks see all of it, and its `decode(fn)` runs the rollouts.
+
+- One process: that module as it is (`parallel` has no effect).
+- `ddp`: torch's `DistributedDataParallel` around it. Every rank holds the whole student and its optimizer
+  state; gradients are all-reduced in buckets during each step's last backward.
+- `fsdp`: torch's `fully_shard` (FSDP2) on each decoder layer (the classes the model names in
+  `_no_split_modules`, as transformers' own FSDP integration does), then on that module as the root (the
+  embeddings, final norm and head). Weights, gradients and AdamW state are sharded over the ranks. A
+  `MixedPrecisionPolicy` (compute in the recipe's `dtype`, gradients reduced in float32, float32 master
+  weights) replaces autocast; `placement.offload_optimizer` keeps the shards on the host (`CPUOffloadPolicy`).
+
+Under fsdp every forward of a sharded module is a collective (an all-gather), so every rank must run the same
+number of them: the trainer agrees micro-batch counts across ranks (`agreed_chunks`; a rank with fewer runs
+zero-weight ones), each micro-batch is one backbone forward (no per-rank length buckets), and decoding gathers
+every shard once before the first token and frees them after the last (`StudentLogprobs.decode`), so ranks
+whose responses end at different lengths never wait for each other inside the decode loop.
+
+Checkpoints hold full (unsharded) state, gathered and restored through `torch.distributed.checkpoint.state_dict`:
+the weights as an HF folder, the optimizer state keyed by parameter name. They load into any layout and any
+number of ranks (fsdp on 2 ranks resumes as one process; ddp resumes as fsdp).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from merge_distill import distributed
+from merge_distill.errors import UserError
+from merge_distill.scoring import StudentLogprobs, _split, check_reproduces_logits
+
+
+def wrap_student(student: torch.nn.Module, recipe) -> torch.nn.Module:
+    """`StudentLogprobs(student)`, inside the recipe's data-parallel layout when several ranks train.
+    Build the optimizer after this: under fsdp the student's parameters become sharded DTensors."""
+    root = StudentLogprobs(student)
+    if not distributed.active():
+        return root
+    device = torch.device(recipe.device)
+    if recipe.parallel == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(
+            root, device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # buffers are the same everywhere
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    dtype = getattr(torch, recipe.dtype)
+    policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
+                                                reduce_dtype=torch.float32),
+              "offload_policy": CPUOffloadPolicy() if recipe.placement.offload_optimizer else OffloadPolicy()}
+    layers = decoder_layers(student)
+    if not layers:
+        raise UserError(f"student '{recipe.student}': parallel fsdp shards per decoder layer, but "
+                        f"{type(student).__name__} names none in _no_split_modules; use parallel: ddp")
+    backbone, head = _split(student)
+    if backbone is not None:  # probe the head on the whole model, before its parameters become shards
+        check_reproduces_logits(student, backbone, head)
+    for layer in layers:
+        fully_shard(layer, **policy)
+    fully_shard(root, **policy)
+    register_fsdp_forward_method(root, "decode")  # the root's hooks run around rollouts too
+    root.max_buckets = 1  # one backbone forward per micro-batch on every rank
+    return root
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: instances of the classes it lists in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def root_of(wrapped: torch.nn.Module) -> StudentLogprobs:
+    """The `StudentLogprobs` inside a data-parallel wrapper (fsdp's root is that module itself)."""
+    return getattr(wrapped, "module", wrapped)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def agreed_chunks(chunks: list[list[int]]) -> list[tuple[list[int], bool]]:
+    """(rows, real) for each forward pass of a step's micro-batches: this rank's `chunks`, then, up to the largest
+    count on any rank, passes over its first row that must weigh nothing (`real` False), so that every rank runs
+    the same number of forwards and backwards (under fsdp each is a collective)."""
+    n = int(distributed.all_reduce_max(torch.tensor(len(chunks))))
+    return [(rows, True) for rows in chunks] + [(chunks[0][:1], False)] * (n - len(chunks))
+
+
+def total_norm(norm: torch.Tensor) -> torch.Tensor:
+    """`clip_grad_norm_`'s result as a plain tensor (under fsdp it is a DTensor over the ranks' shards)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+# ------------------------------------------------------------------------------------------ state
+
+
+def full_tensors(model: torch.nn.Module):
+    """(name, whole tensor) of each of the model's weights, one at a time (e.g. to stream them into a rollout
+    engine): under fsdp each is gathered as it is consumed, so every rank must consume all of them, in order."""
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save_student(student: torch.nn.Module, folder: Path | None) -> None:
+    """The student's weights as an HF folder at `folder` (rank 0 passes it, the others None; every rank calls:
+    under fsdp the shards are gathered, to rank 0's host memory)."""
+    if not is_sharded(student):
+        if folder is not None:
+            student.save_pretrained(folder, safe_serialization=True)
+        return
+    state = get_model_state_dict(student, options=FULL)
+    if folder is None:
+        return
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # a twin without storage takes the gathered tensors, so transformers writes
+        twin = AutoModelForCausalLM.from_config(student.config)  # the folder exactly as it writes any model
+    twin.load_state_dict(state, assign=True)
+    twin.tie_weights()
+    twin.generation_config = student.generation_config
+    twin.save_pretrained(folder, safe_serialization=True)
+
+
+def load_student(student: torch.nn.Module, state: dict | None) -> None:
+    """Load full weights (rank 0's `state`; the others pass None) into the student in whatever layout it is."""
+    _set(set_model_state_dict, student, state)
+
+
+def optimizer_state(student: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's full state keyed by parameter name (every rank calls; rank 0's copy is complete)."""
+    return get_optimizer_state_dict(student, optimizer, options=FULL)
+
+
+def load_optimizer_state(student: torch.nn.Module, optimizer, state: dict | None) -> None:
+    """Load `optimizer_state`'s output (rank 0's; the others pass None) into any layout's optimizer."""
+    _set(set_optimizer_state_dict, student, state, optimizer)
+
+
+def _set(setter, student, state, *optimizer) -> None:
+    several = distributed.active()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=several)
+    setter(student, *optimizer, (state or {}) if several and not distributed.is_main() else state, options=options)
