@@ -139,12 +139,10 @@ def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides:
          gpu_memory: Annotated[Optional[float], typer.Option(
              help="GiB per device (default: the GPU's, or 80 without one; on cpu, this machine's over --gpus)")] = None,
          device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: the recipe's)")] = None,
-         parallel: Annotated[str, typer.Option(help="ddp (what the trainer does) or fsdp (planned layout)")] = "ddp",
          assume_config: Annotated[Optional[str], typer.Option(
              help="shape of every model whose folder is missing: a shipped config (qwen3-0.6b, qwen3-1.7b, "
                   "qwen3-4b, qwen3-8b in merge_distill/configs)")] = None,
          prompt_tokens: Annotated[int, typer.Option(min=1, help="longest prompt in tokens (configs do not say)")] = 512,
-         shard_frozen: Annotated[bool, typer.Option(help="fsdp: shard the frozen models too")] = False,
          as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False):
     """Say before launch whether a recipe fits: memory per device from the models' config.json alone."""
 
@@ -164,8 +162,7 @@ def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides:
         # CPU ranks share the machine: each gets its share
         budget = int(gpu_memory * GiB) if gpu_memory else device_memory(kind) // (gpus if kind == "cpu" else 1)
         p = make_plan(resolve(loaded, build=False), gpus=gpus, gpu_memory_bytes=budget, device=kind,
-                      parallel=parallel, assume_config=assume_config, prompt_tokens=prompt_tokens,
-                      shard_frozen=shard_frozen)
+                      assume_config=assume_config, prompt_tokens=prompt_tokens)
         if as_json:
             typer.echo(json.dumps(p.to_json()))
             return

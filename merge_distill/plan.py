@@ -22,13 +22,14 @@ assumed to run to max_new_tokens). The phases of a step do not coexist; the peak
   only when several micro-batches accumulate (zero_grad drops them first).
 - backward end: gradients and the embedding's dense float32 gradient beside the head's (tied: autograd sums
   the two into a third before accumulating).
-- all-reduce (ddp, gpus > 1): a flat float32 copy of every gradient (`distributed.all_reduce_grads`).
+- all-reduce (ddp, gpus > 1): DDP's gradient buckets, a flat float32 copy of every gradient.
 - save (cpu): the safetensors serialisation of the weights (a bytes copy, 4P).
 
 On CUDA the peak is what torch allocates (`max_memory_allocated`: the CUDA context and the caching
 allocator's slack come on top); on CPU it is the process's peak resident memory (`ru_maxrss`), with glibc's
 heap slack on the activations (`CPU_HEAP_SLACK`; `python benchmarks/memory_plan.py` checks it against
-real runs). `fsdp` is a planned layout: the trainer does not implement it yet.
+real runs). The layout is the recipe's (`parallel`; one device: ddp's); under fsdp with
+`placement.offload_optimizer` the sharded weights, gradients and AdamW state live on the host.
 """
 
 from __future__ import annotations
@@ -127,13 +128,19 @@ def shipped_configs() -> list[str]:
     return sorted(p.parent.name for p in CONFIGS.glob("*/config.json"))
 
 
-def read_shape(path: str, *, what: str, assume: str | None = None) -> Shape:
-    """The shape of the model at `path` (a model folder); a missing one takes the shipped config `assume`."""
+def read_shape(path: str, *, what: str, assume: str | None = None, notes: list[str] | None = None) -> Shape:
+    """The shape of the model at `path` (a model folder). A missing one takes the shipped config `assume`, else
+    the shipped config its folder's name starts with (`checkpoints/qwen3-4b-math-rl`: qwen3-4b), said in `notes`."""
     p = Path(path)
     if not p.exists():
-        if assume is None:
+        named = sorted((n for n in shipped_configs() if p.name.lower().startswith(n)), key=len)
+        if assume is None and not named:
             raise UserError(f"{what}: {path} not found (or plan with --assume-config, one of: "
                             f"{', '.join(shipped_configs())})")
+        if assume is None:
+            assume = named[-1]
+            if notes is not None:
+                notes.append(f"{path} not found: planned with the shipped {assume} config, after its name")
         p = CONFIGS / assume
         if not (p / "config.json").is_file():
             raise UserError(f"--assume-config {assume}: no such shipped config (have: {', '.join(shipped_configs())})")
@@ -193,12 +200,13 @@ class Plan:
                 "phase_bytes": self.phase_bytes()}
 
 
-def model_shapes(recipe, assume: str | None = None) -> tuple[Shape, dict[str, tuple[str, Shape]]]:
+def model_shapes(recipe, assume: str | None = None,
+                 notes: list[str] | None = None) -> tuple[Shape, dict[str, tuple[str, Shape]]]:
     """(student shape, {path: (label, shape)} of each frozen model the method loads, once per path)."""
     from merge_distill.methods import method_of
     from merge_distill.recipe import STUDENT
 
-    student = read_shape(recipe.student, what="student", assume=assume)
+    student = read_shape(recipe.student, what="student", assume=assume, notes=notes)
     frozen: dict[str, tuple[str, Shape]] = {}
     for i, e in enumerate(recipe.experts):
         for role, path in method_of(recipe).frozen_models(recipe, e).items():
@@ -207,7 +215,7 @@ def model_shapes(recipe, assume: str | None = None) -> tuple[Shape, dict[str, tu
             if key not in frozen:
                 label = f"{role} {e.name}" + (" (student's initial weights)" if path == STUDENT else "")
                 frozen[key] = (label, student if where == recipe.student else
-                               read_shape(where, what=f"experts.{i}.{role} ({e.name})", assume=assume))
+                               read_shape(where, what=f"experts.{i}.{role} ({e.name})", assume=assume, notes=notes))
     return student, frozen
 
 
@@ -246,21 +254,23 @@ def _rows(n: int, width: int) -> str:
     return f"{n} row{'s' * (n != 1)} x {width} tokens"
 
 
-def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = None, parallel: str = "ddp",
-         assume_config: str | None = None, prompt_tokens: int = 512, shard_frozen: bool = False,
-         suggest: bool = True) -> Plan:
-    """The memory plan of `recipe` (model paths resolved) on `gpus` devices of `gpu_memory_bytes` each."""
+def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = None,
+         assume_config: str | None = None, prompt_tokens: int = 512, suggest: bool = True) -> Plan:
+    """The memory plan of `recipe` (model paths resolved) on `gpus` devices of `gpu_memory_bytes` each, in the
+    recipe's layout (`parallel`, `placement.offload_optimizer`)."""
     from merge_distill.methods import method_of
 
-    options = dict(gpus=gpus, gpu_memory_bytes=gpu_memory_bytes, device=device, parallel=parallel,
-                   assume_config=assume_config, prompt_tokens=prompt_tokens, shard_frozen=shard_frozen)
+    options = dict(gpus=gpus, gpu_memory_bytes=gpu_memory_bytes, device=device, assume_config=assume_config,
+                   prompt_tokens=prompt_tokens)
     device = (device or recipe.device).split(":")[0]
-    if parallel not in ("ddp", "fsdp") or device not in ("cpu", "cuda"):
-        raise UserError(f"--parallel {parallel} --device {device}: expected ddp or fsdp, and cuda or cpu")
+    parallel = recipe.parallel if gpus > 1 else "ddp"  # one process: the student as it is
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: expected cuda or cpu")
     method = method_of(recipe)
     if not method.trains:
         raise UserError(f"method {recipe.method} combines weights without training: no training memory to plan")
-    m, frozen = model_shapes(recipe, assume_config)
+    notes: list[str] = []
+    m, frozen = model_shapes(recipe, assume_config, notes)
     cfg, c, chunk = recipe.train, BYTES[recipe.dtype], CHUNK_ELEMENTS_CUDA if device == "cuda" else CHUNK_ELEMENTS
     P, width, new = m.params(), prompt_tokens + cfg.max_new_tokens, cfg.max_new_tokens
     s = gpus if parallel == "fsdp" else 1  # shards of the student's weights, gradients and optimizer state
@@ -274,8 +284,11 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
         comp[name] = int(nbytes)
         return name
 
-    resident = [add("student weights (fp32 master)", 4 * P / s), add("AdamW m + v (fp32)", 8 * P / s)]
-    grads = add("gradients (fp32)", 4 * P / s)
+    if parallel == "fsdp" and recipe.placement.offload_optimizer and device != "cpu":  # shards on the host
+        resident, grads = [], add("gradients (fp32): on the host (offload_optimizer)", 0)
+    else:
+        resident = [add("student weights (fp32 master)", 4 * P / s), add("AdamW m + v (fp32)", 8 * P / s)]
+        grads = add("gradients (fp32)", 4 * P / s)
     if device == "cpu":
         resident.append(add("process baseline (python, torch, tokenizer)", CPU_BASELINE + CPU_PER_VOCAB * m.vocab))
     vllm_rollout = recipe.backend.rollout == "vllm"
@@ -284,8 +297,7 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     resident += [add(f"vLLM engine: {label}", engine) for label in
                  ["student rollouts"] * vllm_rollout + [label for label, _ in frozen.values()] * in_engines]
     here = (recipe.placement.frozen_device or device).split(":")[0] == device or device == "cpu"
-    per_frozen = {label: sh.params() * c / (gpus if shard_frozen and parallel == "fsdp" else 1)
-                  for label, sh in frozen.values()} if here and not in_engines else {}
+    per_frozen = {label: sh.params() * c for label, sh in frozen.values()} if here and not in_engines else {}
     visiting = []
     if recipe.placement.offload and device != "cpu" and per_frozen:
         visiting = [add("frozen model visiting from the host (offload)", max(per_frozen.values()))]
@@ -334,9 +346,7 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     if device == "cpu":
         phases["save"] = resident + [grads, add("checkpoint serialisation (safetensors)", 4 * P)]
 
-    result = Plan(device, parallel, gpus, int(gpu_memory_bytes), comp, phases)
-    if parallel == "fsdp":
-        result.notes.append("fsdp: the trainer does not implement it yet (planned layout)")
+    result = Plan(device, parallel, gpus, int(gpu_memory_bytes), comp, phases, notes=notes)
     if not here:
         result.notes.append(f"frozen models on {recipe.placement.frozen_device}: not counted on {device}")
     if vllm_rollout or in_engines:
@@ -359,6 +369,8 @@ def suggestions(recipe, options: dict, rows: int, width: int) -> list[str]:
         for where, kw in changes:
             if where == "option":
                 opts.update(kw)
+            elif where == "recipe":
+                r = r.model_copy(update=kw)
             else:
                 r = r.model_copy(update={where: getattr(r, where).model_copy(update=kw)})
         p = plan(r, **opts)
@@ -373,9 +385,11 @@ def suggestions(recipe, options: dict, rows: int, width: int) -> list[str]:
 
     fixed = {"train.gradient_checkpointing=true": (not cfg.gradient_checkpointing, "train",
                                                    {"gradient_checkpointing": True}),
-             "--parallel fsdp": (options["parallel"] == "ddp", "option", {"parallel": "fsdp"}),
-             "--parallel fsdp --shard-frozen": (not options["shard_frozen"], "option",
-                                                {"parallel": "fsdp", "shard_frozen": True}),
+             "parallel=fsdp": (recipe.parallel == "ddp" and options["gpus"] > 1, "recipe", {"parallel": "fsdp"}),
+             "parallel=fsdp + placement.offload_optimizer=true": (
+                 not recipe.placement.offload_optimizer and options["gpus"] > 1 and (options["device"] or recipe.device)
+                 != "cpu", "recipe",
+                 {"parallel": "fsdp", "placement": recipe.placement.model_copy(update={"offload_optimizer": True})}),
              "placement.offload=true": (not recipe.placement.offload, "placement", {"offload": True}),
              "backend.scoring=transformers": (recipe.backend.scoring == "vllm", "backend", {"scoring": "transformers"}),
              f"--gpus {2 * options['gpus']}": (True, "option", {"gpus": 2 * options["gpus"]})}
@@ -383,7 +397,7 @@ def suggestions(recipe, options: dict, rows: int, width: int) -> list[str]:
     candidates[1:1] = [tokens("max_tokens_per_micro_batch")] + [tokens("max_rollout_tokens")] * (not vllm)
     alone = [label for label, change in (make([]) for make in candidates) if peak([change])[1]]
     if alone:
-        return [x for x in alone if not (x.endswith("--shard-frozen") and "--parallel fsdp" in alone)]
+        return [x for x in alone if not (x.startswith("parallel=fsdp +") and "parallel=fsdp" in alone)]
     labels, done, now = [], [], peak([])[0]
     while candidates:
         make, (label, change) = min(((mk, mk(done)) for mk in candidates), key=lambda x: peak(done + [x[1][1]])[0])

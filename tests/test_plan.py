@@ -15,6 +15,8 @@ from merge_distill.recipe import load_recipe
 
 runner = CliRunner()
 PAPER = ["recipes/qwen3_4b_math_code.yaml", "--assume-config", "qwen3-4b", "--gpus", "8", "--gpu-memory", "80"]
+DDP = [*PAPER, "--set", "parallel=ddp", "--set", "backend.scoring=vllm",  # the recipe as first shipped
+       "--set", "train.gradient_checkpointing=false"]
 VERDICT = re.compile(r"peak per device: \d+\.\d GiB of \d+\.\d GiB: (fits|does not fit)")
 
 
@@ -31,27 +33,30 @@ def plan_json(*args) -> dict:
 # ------------------------------------------------------------------------------------ the paper's setting
 
 
-def test_paper_recipe_fits_under_fsdp_with_checkpointing():
-    """design.md section 7's layout (one 16k sequence a micro-batch, frozen models replicated in bf16 in the
-    trainer): ~51 GiB under FSDP2 with checkpointing, plus the vLLM sampler's 0.25 x 80 GiB."""
-    out = cli(*PAPER, "--parallel", "fsdp", "--set", "train.gradient_checkpointing=true",
-              "--set", "train.max_tokens_per_micro_batch=16896", "--set", "backend.scoring=transformers")
+def test_paper_recipe_fits_with_its_own_settings_and_no_weights():
+    """design.md section 7's layout, which the shipped recipe now uses (FSDP2, checkpointing, one 16k sequence a
+    micro-batch, frozen models replicated in bf16 in the trainer): ~48 GiB, plus the vLLM sampler's 0.25 x 80.
+    No checkpoint exists: each missing folder is planned with the shipped config its name starts with."""
+    out = cli("recipes/qwen3_4b_math_code.yaml", "--gpus", "8", "--gpu-memory", "80")
     lines = out.strip().splitlines()
     assert VERDICT.fullmatch(lines[-1]) and lines[-1].endswith(": fits"), lines[-1]
-    assert "fsdp: the trainer does not implement it yet (planned layout)" in lines
+    assert "checkpoints/qwen3-4b-math-rl not found: planned with the shipped qwen3-4b config, after its name" in lines
     peak = float(lines[-1].split()[3])
     assert 60 < peak < 80
+    assert plan_json(*PAPER)["peak_bytes"] == plan_json("recipes/qwen3_4b_math_code.yaml", "--gpus", "8",
+                                                        "--gpu-memory", "80")["peak_bytes"]
 
 
 def test_paper_recipe_does_not_fit_under_ddp_without_checkpointing():
-    data = plan_json(*PAPER, "--parallel", "ddp", "--set", "train.gradient_checkpointing=false")
+    data = plan_json("recipes/qwen3_4b_math_code.yaml", "--gpus", "8", "--gpu-memory", "80",
+                     "--set", "parallel=ddp", "--set", "train.gradient_checkpointing=false")
     assert not data["fits"] and data["peak_bytes"] > data["budget_bytes"] == 80 * GiB
     assert data["suggestions"]  # settings that would make it fit
     # design.md: ~108 GiB of activations for one 16k sequence alone (195,880 B/token/layer x 36 layers)
-    one = plan_json(*PAPER, "--set", "train.micro_batch_size=1")
+    one = plan_json(*PAPER, "--set", "train.gradient_checkpointing=false")
     act = next(v for k, v in one["components"].items() if k.startswith("activations"))
     assert 105 * GiB < act < 115 * GiB
-    ckpt = plan_json(*PAPER, "--set", "train.micro_batch_size=1", "--set", "train.gradient_checkpointing=true")
+    ckpt = plan_json(*PAPER)
     act = next(v for k, v in ckpt["components"].items() if k.startswith("activations"))
     assert 8.5 * GiB < act < 11 * GiB  # design.md: 9.2 (10,240 B/token/layer + one layer recomputed)
 
@@ -60,7 +65,7 @@ def test_paper_recipe_components():
     """Per GPU under ddp: fp32 weights 15, gradients 15, AdamW 30, bf16 autocast copies ~7, flat all-reduce 15 GiB;
     its four vLLM engines (sampler, two teachers, and the reference: lam 1.25 scores the student's initial
     weights too) take gpu_memory_utilization 0.25 of the GPU each."""
-    c = plan_json(*PAPER)["components"]
+    c = plan_json(*DDP)["components"]
     assert round(c["student weights (fp32 master)"] / GiB, 1) == 15.0 == round(c["gradients (fp32)"] / GiB, 1)
     assert round(c["AdamW m + v (fp32)"] / GiB, 1) == 30.0
     assert round(c["all-reduce buffer (flat fp32 gradients)"] / GiB, 1) == 15.0
@@ -68,14 +73,14 @@ def test_paper_recipe_components():
     assert sorted(k for k in c if k.startswith("vLLM engine")) == [
         "vLLM engine: reference math (student's initial weights)", "vLLM engine: student rollouts",
         "vLLM engine: teacher code", "vLLM engine: teacher math"]
-    fsdp = plan_json(*PAPER, "--parallel", "fsdp")["components"]
+    fsdp = plan_json(*PAPER)["components"]
     assert round(fsdp["student weights (fp32 master)"] / GiB, 2) == 1.87 and "all-reduce buffer" not in str(fsdp)
-    frozen = plan_json(*PAPER, "--set", "backend.scoring=transformers")["components"]
+    frozen = plan_json(*PAPER)["components"]
     assert sum(v for k, v in frozen.items() if k.startswith("frozen")) == 3 * 4_022_468_096 * 2  # 22.5 GiB
 
 
 def test_last_line_and_json_keys():
-    out = cli(*PAPER, "--parallel", "ddp")
+    out = cli(*DDP)
     assert VERDICT.fullmatch(out.strip().splitlines()[-1])
     assert "would fit with:" in out
     data = plan_json(*PAPER)
@@ -208,7 +213,7 @@ def test_component_arithmetic(tiny):
     # lam 1.25: the teacher and the student's initial weights as the reference, float32
     assert c["frozen teacher math (float32)"] == c["frozen reference math (student's initial weights) (float32)"] == 4 * P
     assert set(p.phases) == {"sample", "score", "update", "backward end", "all-reduce"}
-    fsdp = plan(load_recipe(path), gpus=2, gpu_memory_bytes=GiB, device="cuda", parallel="fsdp", prompt_tokens=28)
+    fsdp = plan(load_recipe(path, ["parallel=fsdp"]), gpus=2, gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28)
     assert fsdp.components["AdamW m + v (fp32)"] == 4 * P and "all-reduce" not in fsdp.phases
     capped = plan(load_recipe(path, ["train.max_rollout_tokens=256"]), gpus=2, gpu_memory_bytes=GiB, device="cuda",
                   prompt_tokens=28)
@@ -239,7 +244,8 @@ def one_line_error(args) -> str:
 
 def test_missing_models_name_the_field(tiny, tmp_path):
     path, _ = tiny
-    assert "student: checkpoints/qwen3-4b not found" in one_line_error(["plan", "recipes/qwen3_4b_math_code.yaml"])
+    assert "student: checkpoints/mystery not found" in one_line_error(
+        ["plan", "recipes/qwen3_4b_math_code.yaml", "--set", "student=checkpoints/mystery"])
     data = yaml.safe_load(path.read_text())
     data["experts"][0]["teacher"] = "checkpoints/x"
     path.write_text(yaml.safe_dump(data))
@@ -250,7 +256,7 @@ def test_bad_options_are_one_line(tiny):
     path, _ = tiny
     assert "--assume-config qwen9" in one_line_error(["plan", "recipes/qwen3_4b_math_code.yaml",
                                                       "--assume-config", "qwen9"])
-    assert "--parallel zero" in one_line_error(["plan", str(path), "--parallel", "zero"])
+    assert "parallel: Input should be 'ddp' or 'fsdp'" in one_line_error(["plan", str(path), "--set", "parallel=zero"])
 
 
 def test_unbuilt_zoo_is_one_line(tmp_path, monkeypatch):
