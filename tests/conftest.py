@@ -9,6 +9,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread: the models here are tiny, and with more threads every one of their thousands of small
+# matmuls pays OpenMP's fork/join, which on a busy 2-core machine costs far more than the matmul (a tiny
+# `train()` step took ~5x longer). Set before torch is imported; an OMP_NUM_THREADS already set wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _pairs(domain, records, family):

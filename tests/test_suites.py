@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from merge_distill.errors import UserError
-from merge_distill.evaluation.suites import Suite, detect_format, load_suite, zoo_suite
+from merge_distill.evaluation.formats import detect_format
+from merge_distill.evaluation.suites import Suite, load_suite, zoo_suite
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,7 @@
 """The sandbox policy: isolation levels, the bubblewrap command line, :class:`Sandbox`, :class:`RunResult`.
 
-What runs inside is :mod:`merge_distill.sandbox.worker`; the processes are managed by
+What runs inside is :mod:`merge_distill.sandbox.worker` (with :mod:`~merge_distill.sandbox.child` and
+:mod:`~merge_distill.sandbox.framing`); the processes are managed by
 :mod:`merge_distill.sandbox.pool`. The design is described in :mod:`merge_distill.sandbox`.
 """
 
@@ -15,6 +16,8 @@ import threading
 import weakref
 from dataclasses import dataclass
 
+from merge_distill.sandbox import child as _child
+from merge_distill.sandbox import framing as _framing
 from merge_distill.sandbox import worker as _worker
 from merge_distill.sandbox.pool import FramedWorker, WorkerPool
 
@@ -101,9 +104,23 @@ def _bwrap_argv(bwrap: str, disk_mb: int) -> list[str]:
 
 
 def _worker_source() -> str:
-    """The source shipped to every worker: the worker module's file, read as it is."""
-    with open(_worker.__file__, encoding="utf-8") as f:
-        return f.read()
+    """The program shipped to every worker: the worker module run as ``__main__``.
+
+    Nothing of merge_distill is importable inside the sandbox, so the program first installs the
+    worker's two standard-library-only imports in ``sys.modules`` under their own names, from their
+    files read as they are.
+    """
+
+    def read(module) -> str:
+        with open(module.__file__, encoding="utf-8") as f:
+            return f.read()
+
+    imports = [(module.__name__, read(module)) for module in (_framing, _child)]
+    return ("import sys, types\n"
+            f"for _name, _source in {imports!r}:\n"
+            f"    _module = sys.modules[_name] = types.ModuleType(_name)\n"
+            f"    exec(compile(_source, _name, 'exec'), _module.__dict__)\n"
+            f"exec(compile({read(_worker)!r}, {_worker.__name__!r}, 'exec'))\n")
 
 
 _LEVEL_CACHE: dict[str, str] = {}

@@ -2,7 +2,7 @@
 
 Used by the sandbox (its bubblewrap workers) and by the math grader (its math-verify workers). The
 framing (:func:`write_frame`, :func:`read_frame`) is defined once, in the standard-library-only
-:mod:`merge_distill.sandbox.worker`, and re-exported here.
+:mod:`merge_distill.sandbox.framing`, and re-exported here.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Callable
 
-from merge_distill.sandbox.worker import read_frame, write_frame
+from merge_distill.sandbox.framing import read_frame, write_frame
 
 __all__ = ["FramedWorker", "WorkerPool", "read_frame", "write_frame"]
 

@@ -1,10 +1,12 @@
-"""The sandbox worker: the one program shipped into bubblewrap (or run as a plain process).
+"""The sandbox worker: the program shipped into bubblewrap (or run as a plain process).
 
-Standard library only, and one file: the host starts it as
-``python -I -S -c <this file's source> --sandbox-worker <config json>`` (see
-``merge_distill.sandbox.policy._worker_source``), where nothing of merge_distill or of
-site-packages can be imported. The host imports this module too, for the framing
-(:func:`write_frame`, :func:`read_frame`); being standard library only, that is harmless.
+Standard library only, as are the two modules it imports, :mod:`merge_distill.sandbox.framing`
+and :mod:`merge_distill.sandbox.child`: the host starts it as
+``python -I -S -c <program> --sandbox-worker <config json>``, where nothing of merge_distill or of
+site-packages can be imported, so the program carries the three files' source (see
+``merge_distill.sandbox.policy._worker_source``). The worker reads requests, forks a child per
+program (:func:`merge_distill.sandbox.child.run_child`), watches it to its end or deadline, kills
+whatever it left and removes its directory, and replies with the verdict.
 
 The design, and what counts as success, are described in :mod:`merge_distill.sandbox`.
 """
@@ -16,56 +18,11 @@ import json
 import os
 import select
 import signal
-import struct
 import sys
 import time
 
-# --------------------------------------------------------------------------------------------------
-# Framing shared by host and workers: 4-byte big-endian length, then a UTF-8 JSON object.
-# --------------------------------------------------------------------------------------------------
-
-_HEADER = struct.Struct("!I")
-
-
-def write_frame(fd: int, obj: dict) -> None:
-    data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    data = _HEADER.pack(len(data)) + data
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _read_exact(fd: int, n: int) -> bytes | None:
-    chunks, need = [], n
-    while need:
-        chunk = os.read(fd, min(need, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        need -= len(chunk)
-    return b"".join(chunks)
-
-
-def read_frame(fd: int) -> dict | None:
-    """Read one frame; None on EOF (the other side is gone)."""
-    head = _read_exact(fd, _HEADER.size)
-    if head is None:
-        return None
-    body = _read_exact(fd, _HEADER.unpack(head)[0])
-    if body is None:
-        return None
-    return json.loads(body.decode("utf-8", "surrogatepass"))
-
-# --------------------------------------------------------------------------------------------------
-# Worker side. Runs inside the sandbox as `python -I -S -c <this file's source> --sandbox-worker`;
-# everything it uses is standard library.
-# --------------------------------------------------------------------------------------------------
-
-NOBODY = 65534
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
-_PR_SET_NO_NEW_PRIVS = 38
+from merge_distill.sandbox.child import NOBODY, PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl, run_child
+from merge_distill.sandbox.framing import read_frame, write_frame
 
 # Modules imported once in the worker so that programs using them start instantly after fork().
 # Every preloaded page makes each fork() and exit dearer, so only small, commonly used modules
@@ -74,125 +31,6 @@ _PRELOAD = (
     "math", "cmath", "re", "string", "collections", "itertools", "functools", "operator", "heapq",
     "bisect", "copy", "typing", "traceback", "linecache", "array", "ctypes", "resource",
 )
-
-
-_LIBC: list = []
-
-
-def _prctl(option: int, arg: int) -> None:
-    try:
-        if not _LIBC:
-            import ctypes
-
-            _LIBC.append(ctypes.CDLL(None, use_errno=True))
-        _LIBC[0].prctl(option, arg, 0, 0, 0)
-    except Exception:  # best effort: not every platform has prctl
-        pass
-
-
-def _set_rlimits(limits: dict) -> None:
-    import resource
-
-    table = {
-        "as": resource.RLIMIT_AS,
-        "cpu": resource.RLIMIT_CPU,
-        "nproc": resource.RLIMIT_NPROC,
-        "fsize": resource.RLIMIT_FSIZE,
-        "nofile": resource.RLIMIT_NOFILE,
-        "core": resource.RLIMIT_CORE,
-    }
-    for name, value in limits.items():
-        soft, hard = value if isinstance(value, (list, tuple)) else (value, value)
-        try:
-            resource.setrlimit(table[name], (soft, hard))
-        except (ValueError, OSError):
-            # Never raise a hard limit we cannot; lower the soft one as far as allowed.
-            cur_soft, cur_hard = resource.getrlimit(table[name])
-            cap = cur_hard if cur_hard != resource.RLIM_INFINITY else soft
-            resource.setrlimit(table[name], (min(soft, cap), cur_hard))
-
-
-def _harness(source: str, nonce: str, status_fd: int, _write=os.write, _exit=os._exit) -> None:
-    """Compile and run `source` as __main__; prove completion with the nonce. Never returns."""
-    import builtins
-    import linecache
-    import traceback
-
-    def report(line: str, code: int) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-        try:
-            _write(status_fd, (line + "\n").encode())
-        except BaseException:
-            pass
-        _exit(code)
-
-    filename = "program.py"
-    try:
-        code = compile(source, filename, "exec", dont_inherit=True)
-    except BaseException as exc:  # SyntaxError, ValueError (NUL bytes), MemoryError, RecursionError
-        traceback.print_exception(type(exc), exc, None, limit=0)
-        report("SYNTAX " + type(exc).__name__, 1)
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace = {"__name__": "__main__", "__file__": filename, "__builtins__": builtins}
-    try:
-        exec(code, namespace)
-    except MemoryError:
-        report("MEMORY", 1)
-    except BaseException as exc:  # SystemExit included: leaving early is not success
-        try:  # the traceback without the harness's own frame
-            traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next, limit=-8)
-        except BaseException:
-            pass
-        report("EXC " + type(exc).__name__, 1)
-    report("OK " + nonce, 0)
-
-
-def _child(req: dict, cfg: dict, workdir: str, out_w: int, err_w: int, status_w: int, nonce: str):
-    """In the forked child: isolate, then run the program. Never returns."""
-    try:
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.dup2(status_w, 3)
-        os.set_inheritable(3, False)
-        os.closerange(4, 1 << 16)  # the worker's protocol channel and every other pipe end
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        os.chdir(workdir)
-        os.umask(0o077)
-        if cfg["drop_uid"]:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        timeout = float(req["timeout"])
-        mem = int(req["memory_mb"]) * 1024 * 1024
-        cpu = int(timeout) + 2
-        _set_rlimits({
-            "as": mem,
-            "cpu": (cpu, cpu + 1),
-            "nproc": cfg["max_procs"],
-            "fsize": cfg["file_size_mb"] * 1024 * 1024,
-            "nofile": cfg["max_files"],
-            "core": 0,
-        })
-        os.environ.clear()
-        os.environ.update({"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
-                           "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"})
-        sys.argv = ["program.py"]
-    except BaseException as exc:
-        try:
-            os.write(3, f"SETUP {type(exc).__name__}: {exc}\n".encode())
-        finally:
-            os._exit(71)
-    _harness(req["source"], nonce, 3)
 
 
 def _proc_children(pid: int) -> list[int]:
@@ -314,7 +152,7 @@ def _run_one(req: dict, cfg: dict) -> dict:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         try:
-            _child(req, cfg, workdir, out_w, err_w, st_w, nonce)
+            run_child(req, cfg, workdir, out_w, err_w, st_w, nonce)
         finally:
             os._exit(72)
     for fd in (out_w, err_w, st_w):
@@ -453,8 +291,8 @@ def _worker_main(cfg: dict) -> None:
     os.dup2(devnull, 1)
     os.close(devnull)
     if not cfg["pid_namespace"]:
-        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in _PRELOAD:
         try:
