@@ -10,7 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from merge_distill.cli import app
-from merge_distill.plan import GiB, Shape, plan, shipped_configs
+from merge_distill.plan import GiB, plan
+from merge_distill.shapes import Shape, shipped_configs
 from merge_distill.recipe import load_recipe
 
 runner = CliRunner()
@@ -117,7 +118,7 @@ def test_shipped_qwen3_configs():
     expected = {"qwen3-0.6b": 596_049_920, "qwen3-1.7b": 1_720_574_976, "qwen3-4b": 4_022_468_096,
                 "qwen3-8b": 8_190_735_360}
     assert shipped_configs() == sorted(expected)
-    from merge_distill.plan import CONFIGS
+    from merge_distill.shapes import CONFIGS
 
     for name, params in expected.items():
         config = AutoConfig.from_pretrained(CONFIGS / name)
@@ -173,7 +174,7 @@ def test_layer_bytes_match_the_saved_tensors(name, dtype, rows, pad):
 
 
 def test_qwen3_4b_layer_bytes_match_design_md():
-    from merge_distill.plan import CONFIGS
+    from merge_distill.shapes import CONFIGS
 
     shape = Shape.from_config(json.loads((CONFIGS / "qwen3-4b" / "config.json").read_text()))
     assert shape.layer_bytes(2) == 195_880  # measured (design.md section 7)
