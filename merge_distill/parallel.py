@@ -79,6 +79,17 @@ def wrap_student(student: torch.nn.Module, recipe) -> torch.nn.Module:
     return root
 
 
+def decoding(wrapped: torch.nn.Module, fn):
+    """`fn(student)` through `StudentLogprobs.decode` (every rank calls it under fsdp), then the root's shards
+    freed too, so that between steps every parameter is the shard the optimizer and the state dicts know."""
+    root = root_of(wrapped)
+    try:
+        return root.decode(fn)
+    finally:
+        if is_sharded(root):
+            root.reshard()
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks: instances of the classes it lists in `_no_split_modules`."""
     names = set(getattr(model, "_no_split_modules", None) or ())

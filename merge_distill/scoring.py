@@ -290,7 +290,8 @@ class StudentLogprobs(torch.nn.Module):
         """`fn(student)`, e.g. sampling. When this module is FSDP-sharded (`merge_distill.parallel`), every rank
         calls it: it is registered as an FSDP forward method, so the root's hooks gather the root's own shards
         (embeddings, final norm, head) around it, and each layer's shards are gathered here once and freed at the
-        end, so the ranks' decode loops run no collective and may stop after different numbers of tokens."""
+        end, so the ranks' decode loops run no collective and may stop after different numbers of tokens. The
+        root's own shards stay gathered after it (as after any root forward): `parallel.decoding` frees them."""
         from torch.distributed.fsdp import FSDPModule
 
         if not isinstance(self, FSDPModule):

@@ -61,7 +61,7 @@ class Setup:
 
     def decoding(self, fn):
         """`fn()` with the student's weights in place for decoding (under fsdp every rank calls this)."""
-        return parallel.root_of(self.student_logprobs).decode(lambda _: fn())
+        return parallel.decoding(self.student_logprobs, lambda _: fn())
 
     def sample_student(self, batch: list[Prompt], seeds: list[int]) -> Rollouts:
         with self.autocast():

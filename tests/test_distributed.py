@@ -117,9 +117,11 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_world, write_recipe)
 
 @pytest.fixture(scope="module")
 def fsdp_run(runs, tiny_world, write_recipe):
-    """The same recipe on two ranks with the student sharded (FSDP2) instead of replicated."""
+    """The same recipe on two ranks with the student sharded (FSDP2) instead of replicated. `eval_every` adds a
+    gathered decoding section after every step (empty here: no evaluation), which must leave every parameter
+    sharded for the checkpoint that follows."""
     path = write_recipe(runs / "fsdp.yaml", tiny_world, runs / "fsdp", **STEPS)
-    torchrun("run", str(path), "--no-eval", "--set", "parallel=fsdp")
+    torchrun("run", str(path), "--no-eval", "--set", "parallel=fsdp", "--set", "train.eval_every=1")
     return runs / "fsdp"
 
 
