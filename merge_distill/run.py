@@ -130,23 +130,25 @@ def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, eva
     import time
 
     from merge_distill import distributed
+    from merge_distill.checkpoint import holding
     from merge_distill.train import train
 
     t0 = time.perf_counter()
     world = distributed.init(recipe.device)  # under torchrun: every rank trains, rank 0 alone evaluates
     out = Path(recipe.output_dir)
     students = {}
-    for name, r in variants.items():
-        on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.train.eval_every and world.main else None
-        students[name] = str(train(r, resume=resume, progress=progress, on_eval=on_eval))
-        if world.main:
-            training_curves_png(Path(r.output_dir) / "metrics.jsonl", Path(r.output_dir) / "training_curves.png", r)
-    timings = {"train_s": time.perf_counter() - t0}
-    distributed.shutdown()
-    if not (world.main and evaluate_after and recipe.eval):
-        return students, None, timings
-    result, paired = evaluate_recipe(recipe, students, out / "eval", progress=progress)
-    paths = write_report(recipe, result, paired, out)
+    with holding(out):  # the whole run, training and evaluation: one live run per output_dir
+        for name, r in variants.items():
+            on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.train.eval_every and world.main else None
+            students[name] = str(train(r, resume=resume, progress=progress, on_eval=on_eval))
+            if world.main:
+                training_curves_png(Path(r.output_dir) / "metrics.jsonl", Path(r.output_dir) / "training_curves.png", r)
+        timings = {"train_s": time.perf_counter() - t0}
+        distributed.shutdown()
+        if not (world.main and evaluate_after and recipe.eval):
+            return students, None, timings
+        result, paired = evaluate_recipe(recipe, students, out / "eval", progress=progress)
+        paths = write_report(recipe, result, paired, out)
     timings["eval_s"] = time.perf_counter() - t0 - timings["train_s"]
     return students, (result, paired, paths), timings
 

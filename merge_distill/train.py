@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from merge_distill import distributed, parallel
-from merge_distill.checkpoint import MetricsLog, check_manifest, resume_from, save_checkpoint, save_final
+from merge_distill.checkpoint import MetricsLog, check_manifest, holding, resume_from, save_checkpoint, save_final
 from merge_distill.data import DomainMixer, Prompt, load_records, render_prompt, user_message
 from merge_distill.engines import Sampler, Scorer, TransformersSampler, make_sampler, make_scorer
 from merge_distill.errors import TrainingDiverged, UserError
@@ -298,8 +298,12 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
         placement = recipe.placement.model_copy(update={"frozen_device": frozen and distributed.device_for(frozen)})
         recipe = recipe.model_copy(update={"device": distributed.device_for(recipe.device), "placement": placement})
         progress, on_eval = (progress, on_eval) if world.main else (None, None)
+    with holding(recipe.output_dir):  # one live run per output_dir
+        return _train(recipe, method, world, resume, progress, on_eval)
+
+
+def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eval) -> Path:
     output_dir = Path(recipe.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     check_manifest(recipe, resume)
     if not method.trains:
         final = output_dir / "final"

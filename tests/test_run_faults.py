@@ -1,0 +1,131 @@
+"""Runs that survive mistakes and faults: one live run per output_dir, and checkpoints that are verified
+(sha256 of every file) before `--resume` trusts them, falling back to the newest intact one."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merge_distill.checkpoint import CHECKSUMS, checkpoint_dirs, damage, holding, newest_intact
+from merge_distill.errors import UserError
+from merge_distill.recipe import load_recipe
+from merge_distill.train import train
+
+STEPS = dict(steps=3, prompts_per_step=4, max_new_tokens=8, checkpoint_every=1, keep_checkpoints=3)
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "merge_distill", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_world, tmp_path_factory, write_recipe):
+    root = tmp_path_factory.mktemp("faults")
+    train(load_recipe(write_recipe(root / "r.yaml", tiny_world, root / "run", **STEPS)))
+    return root / "run"
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_every_damaged_file_sends_resume_to_the_checkpoint_before(finished, tmp_path):
+    names = sorted(p.name for p in (finished / "checkpoints" / "step-3").iterdir())
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.pt", CHECKSUMS} <= set(names)
+    for name in names:
+        run = tmp_path / name
+        shutil.copytree(finished, run)
+        truncate(run / "checkpoints" / "step-3" / name)
+        found = checkpoint_dirs(run)
+        assert damage(found[-1][1]) is not None and damage(found[-2][1]) is None, name
+        assert newest_intact(found) == found[-2], name
+    missing = tmp_path / "missing"
+    shutil.copytree(finished, missing)
+    (missing / "checkpoints" / "step-3" / "optimizer.pt").unlink()
+    assert damage(missing / "checkpoints" / "step-3") == "optimizer.pt missing"
+
+
+def test_resume_skips_a_damaged_checkpoint_and_trains_the_same_weights(finished, tiny_world, tmp_path, capsys,
+                                                                       write_recipe):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "final")
+    truncate(run / "checkpoints" / "step-3" / "model.safetensors")
+    train(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, run, **STEPS)), resume=True)
+    err = capsys.readouterr().err
+    assert "resuming from step-2; skipped damaged step-3 (model.safetensors does not match its checksum)" in err
+    a, b = load_file(finished / "final" / "model.safetensors"), load_file(run / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # step 3 trained again from step 2, exactly
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_no_intact_checkpoint_is_one_line(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for _, path in checkpoint_dirs(run):
+        truncate(path / "trainer_state.pt")
+    with pytest.raises(UserError, match=r"no intact checkpoint in .*: step-3 \(trainer_state.pt does not match"):
+        newest_intact(checkpoint_dirs(run))
+
+
+@pytest.mark.slow
+def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_one_before(finished, tiny_world, tmp_path,
+                                                                          write_recipe):
+    """SIGKILL after the second checkpoint's weights, optimizer and trainer state are written, before its
+    checksums and its rename into place: the half-written folder is never taken for a checkpoint."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", **STEPS)
+    script = ("import os, signal, sys\n"
+              "from merge_distill import checkpoint\n"
+              "from merge_distill.recipe import load_recipe\n"
+              "from merge_distill.train import train\n"
+              "calls = []\n"
+              "def write_checksums(folder):\n"
+              "    calls.append(folder)\n"
+              "    if len(calls) == 2:\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return real(folder)\n"
+              "real, checkpoint.write_checksums = checkpoint.write_checksums, write_checksums\n"
+              "train(load_recipe(sys.argv[1]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(recipe)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    leftovers = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    assert "step-1" in leftovers and "step-2" not in leftovers
+    assert any(name.startswith(".step-2.tmp-") for name in leftovers)  # the half-written one
+    train(load_recipe(recipe), resume=True)
+    a, b = load_file(finished / "final" / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_live_run_holds_its_output_dir(finished, tmp_path, tiny_world, write_recipe):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "busy", **STEPS)
+    with holding(tmp_path / "busy"):  # this process is the live run
+        for extra in ([], ["--resume"]):
+            proc = cli("run", str(recipe), "--no-eval", *extra)
+            assert proc.returncode == 1
+            assert proc.stderr.strip() == (f"error: output_dir '{tmp_path / 'busy'}' is in use by a live run (pid "
+                                           f"{os.getpid()}); wait for it to finish or stop it, or choose another "
+                                           "output_dir")
+    # a run that died holding the lock leaves it to the next one
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from merge_distill.checkpoint import holding\n"
+                               "with holding(sys.argv[1]):\n print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / "busy")], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match=f"pid {holder.pid}"):
+        with holding(tmp_path / "busy"):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with holding(tmp_path / "busy"):
+        assert (tmp_path / "busy" / ".lock").read_text().strip() == str(os.getpid())
