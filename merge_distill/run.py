@@ -47,8 +47,14 @@ def closed_form_spec(recipe: Recipe, suites) -> ModelSpec:
     return ModelSpec("closed_form", first, suite_paths=paths, only_suites=tuple(paths))
 
 
+def at(name: str, temperature: float) -> str:
+    """A model's row name at an extra decoding temperature: `math@T0.8`, `student@greedy`."""
+    return f"{name}@{'greedy' if temperature == 0 else f'T{temperature:g}'}"
+
+
 def model_specs(recipe: Recipe, students: dict[str, str], suites) -> list[ModelSpec]:
-    """Baselines (base, each teacher, teachers at extra temperatures), the closed form, then the student(s)."""
+    """Baselines (base, each teacher, teachers at extra temperatures), the closed form, then the student(s), also
+    at every temperature the teachers get (matched comparisons: `student@T0.8` against `math@T0.8`)."""
     cfg = recipe.eval
     specs = []
     if cfg.baselines:
@@ -61,21 +67,27 @@ def model_specs(recipe: Recipe, students: dict[str, str], suites) -> list[ModelS
                 # the sharpened teacher only on its own domain: how much of a gain is mere sharpening?
                 own = tuple(s.name for s in suites if s.domain == e.name or s.name == e.eval_suite)
                 for t in cfg.teacher_temperatures:
-                    specs.append(ModelSpec(f"{e.name}@{'greedy' if t == 0 else f'T{t:g}'}", e.teacher,
-                                           temperature=t, only_suites=own))
+                    specs.append(ModelSpec(at(e.name, t), e.teacher, temperature=t, only_suites=own))
     if cfg.closed_form:
         specs.append(closed_form_spec(recipe, suites))
     for name, path in students.items():
         specs.append(ModelSpec(name, str(path)))
+        specs += [ModelSpec(at(name, t), str(path), temperature=t) for t in cfg.teacher_temperatures]
     return specs
 
 
 def paired_differences(recipe: Recipe, result: EvalResult, suites, students=("student",)) -> list[PairedDifference]:
-    """Each student minus each expert on that expert's own suite, and minus base everywhere."""
-    return [d for st in students for d in _paired(recipe, result, suites, st)]
+    """Each student minus each expert (at each of the expert's temperatures) on that expert's own suite, and
+    minus base everywhere; then each student at each extra temperature minus each expert at the same one."""
+    temps = recipe.eval.teacher_temperatures if recipe.eval else []
+    return ([d for st in students for d in _paired(recipe, result, suites, st)]
+            + [d for st in students for t in temps for d in _paired(recipe, result, suites, at(st, t), at("", t))])
 
 
-def _paired(recipe: Recipe, result: EvalResult, suites, student: str) -> list[PairedDifference]:
+def _paired(recipe: Recipe, result: EvalResult, suites, student: str, matched: str | None = None
+            ) -> list[PairedDifference]:
+    """`student` minus each expert on its suite (only the expert at suffix `matched`, e.g. '@T0.8', when given;
+    else the expert at every temperature) and minus base everywhere (not when matched)."""
     out = []
     by_domain = {s.domain: s for s in suites}
     names = {m for m, _ in result.per_problem}
@@ -86,12 +98,13 @@ def _paired(recipe: Recipe, result: EvalResult, suites, student: str) -> list[Pa
             metric_of[(r.model, r.suite)] = r
     for e in recipe.experts:
         suite = by_domain.get(e.name) or next((s for s in suites if s.name == e.eval_suite), None)
-        for other in [e.name] + [n for n in names if n.startswith(f"{e.name}@")]:
+        others = [e.name + matched] if matched else [e.name] + [n for n in names if n.startswith(f"{e.name}@")]
+        for other in others:
             if suite and (other, suite.name) in result.per_problem and (student, suite.name) in result.per_problem:
                 d, se, n = result.paired(student, other, suite.name)
                 row = metric_of[(student, suite.name)]
                 out.append(PairedDifference(suite.name, student, other, row.metric, row.k, d, se, n))
-    if "base" in names:
+    if "base" in names and not matched:
         for s in suites:
             d, se, n = result.paired(student, "base", s.name)
             row = metric_of[(student, s.name)]

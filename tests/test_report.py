@@ -118,3 +118,43 @@ def test_write_results_rejects_bad_input(tmp_path):
         write_results([], tmp_path)
     with pytest.raises(ValueError, match="reserved"):
         write_results(make_rows(), tmp_path, extra={"rows": []})
+
+
+def test_students_are_scored_and_paired_at_the_teachers_temperatures(tmp_path):
+    """Every temperature the teachers get, the student gets too (`student@T0.8`, `student@greedy`, on every
+    suite), and each is paired with each expert at the same temperature on that expert's own suite."""
+    from types import SimpleNamespace
+
+    from merge_distill.evaluation.metrics import ResultRow
+    from merge_distill.evaluation.runner import EvalResult
+    from merge_distill.recipe import Recipe
+    from merge_distill.run import model_specs, paired_differences
+
+    recipe = Recipe.model_validate({
+        "student": "base", "output_dir": str(tmp_path),
+        "experts": [{"name": "math", "teacher": "m", "prompts": "m.jsonl"}, {"name": "code", "teacher": "c", "prompts": "c.jsonl"}],
+        "eval": {"teacher_temperatures": [0.8, 0]}})
+    suites = [SimpleNamespace(name="zoo-math", domain="math"), SimpleNamespace(name="zoo-code", domain="code")]
+    specs = {s.name: s for s in model_specs(recipe, {"student": "out/final"}, suites)}
+    assert specs["student@T0.8"].temperature == 0.8 and specs["student@greedy"].temperature == 0
+    assert specs["student@greedy"].path == "out/final" and specs["student@greedy"].only_suites is None
+    assert specs["math@greedy"].only_suites == ("zoo-math",)
+
+    # per-problem scores that tell every pairing apart: model m on suite s, problem i
+    value = {"base": 0.0, "math": 0.1, "code": 0.2, "math@T0.8": 0.3, "code@T0.8": 0.4, "math@greedy": 0.5,
+             "code@greedy": 0.6, "student": 1.0, "student@T0.8": 2.0, "student@greedy": 3.0}
+    per_problem, rows = {}, []
+    for m, v in value.items():
+        for s in ("zoo-math", "zoo-code"):
+            if "@" in m and not m.startswith("student") and not s.endswith(m.split("@")[0]):
+                continue  # sharpened teachers on their own suite only
+            per_problem[(m, s)] = {f"p{i}": v + (0.01 * i if s == "zoo-code" else 0) for i in range(4)}
+            rows.append(ResultRow(m, s, s[4:], "avg", 1, v, 0.0, 4, 4))
+    diffs = {(d.suite, d.a, d.b): round(d.diff, 6)
+             for d in paired_differences(recipe, EvalResult(rows, per_problem), suites)}
+    assert diffs[("zoo-math", "student@T0.8", "math@T0.8")] == 1.7
+    assert diffs[("zoo-code", "student@greedy", "code@greedy")] == 2.4
+    assert diffs[("zoo-math", "student", "math")] == 0.9 and diffs[("zoo-code", "student", "base")] == 1.0
+    # matched pairs only: no student@T0.8 against the T=1 expert or against greedy, none on the other suite
+    assert ("zoo-math", "student@T0.8", "math") not in diffs and ("zoo-math", "student@T0.8", "math@greedy") not in diffs
+    assert not any(k[1] != "student" and k[2] in ("base", "code@T0.8") and k[0] == "zoo-math" for k in diffs)
