@@ -1,6 +1,6 @@
-"""How the student is laid out over the ranks (`Recipe.parallel`), and how its state leaves and re-enters it.
+"""How the student (and optionally the frozen models) is laid out over the ranks (`Recipe.parallel`), and how its state leaves and re-enters it.
 
-The trainer sees one module, `StudentLogprobs(student)`: its forward is the whole loss-side computation
+The trainer sees one module, `ModelLogprobs(student)`: its forward is the whole loss-side computation
 (backbone and fused output head), so a wrapper's hooks see all of it, and its `decode(fn)` runs the rollouts.
 
 - One process: that module as it is (`parallel` has no effect).
@@ -11,11 +11,13 @@ The trainer sees one module, `StudentLogprobs(student)`: its forward is the whol
   embeddings, final norm and head). Weights, gradients and AdamW state are sharded over the ranks. A
   `MixedPrecisionPolicy` (compute in the recipe's `dtype`, gradients reduced in float32, float32 master
   weights) replaces autocast; `placement.offload_optimizer` keeps the shards on the host (`CPUOffloadPolicy`).
+  Frozen teachers and references are whole on every rank, unless `placement.shard_frozen` shards them the
+  same way (`shard_frozen`; for methods that only score with them, `Method.frozen_via_scorer`).
 
 Under fsdp every forward of a sharded module is a collective (an all-gather), so every rank must run the same
 number of them: the trainer agrees micro-batch counts across ranks (`agreed_chunks`; a rank with fewer runs
 zero-weight ones), each micro-batch is one backbone forward (no per-rank length buckets), and decoding gathers
-every shard once before the first token and frees them after the last (`StudentLogprobs.decode`), so ranks
+every shard once before the first token and frees them after the last (`ModelLogprobs.decode`), so ranks
 whose responses end at different lengths never wait for each other inside the decode loop.
 
 Checkpoints hold full (unsharded) state, gathered and restored through `torch.distributed.checkpoint.state_dict`:
@@ -38,49 +40,56 @@ from torch.distributed.checkpoint.state_dict import (
 
 from merge_distill import distributed
 from merge_distill.errors import UserError
-from merge_distill.scoring import StudentLogprobs, _split, check_reproduces_logits
+from merge_distill.scoring import ModelLogprobs, _split, check_reproduces_logits
 
 
 def wrap_student(student: torch.nn.Module, recipe) -> torch.nn.Module:
-    """`StudentLogprobs(student)`, inside the recipe's data-parallel layout when several ranks train.
+    """`ModelLogprobs(student)`, inside the recipe's data-parallel layout when several ranks train.
     Build the optimizer after this: under fsdp the student's parameters become sharded DTensors."""
-    root = StudentLogprobs(student)
     if not distributed.active():
-        return root
+        return ModelLogprobs(student)
     device = torch.device(recipe.device)
     if recipe.parallel == "ddp":
         return torch.nn.parallel.DistributedDataParallel(
-            root, device_ids=[device] if device.type == "cuda" else None,
+            ModelLogprobs(student), device_ids=[device] if device.type == "cuda" else None,
             broadcast_buffers=False)  # buffers are the same everywhere
-    from torch.distributed.fsdp import (
-        CPUOffloadPolicy,
-        MixedPrecisionPolicy,
-        OffloadPolicy,
-        fully_shard,
-        register_fsdp_forward_method,
-    )
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
     dtype = getattr(torch, recipe.dtype)
-    policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
-                                                reduce_dtype=torch.float32),
-              "offload_policy": CPUOffloadPolicy() if recipe.placement.offload_optimizer else OffloadPolicy()}
-    layers = decoder_layers(student)
+    return sharded(student, f"student '{recipe.student}'",
+                   mp_policy=MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
+                                                  reduce_dtype=torch.float32),
+                   offload_policy=CPUOffloadPolicy() if recipe.placement.offload_optimizer else OffloadPolicy())
+
+
+def shard_frozen(model: torch.nn.Module, what: str) -> ModelLogprobs:
+    """A frozen model (already in its dtype) sharded over the ranks (`placement.shard_frozen`): only scored, so
+    the root frees its shards after each forward too."""
+    return sharded(model, what, reshard_root=True)
+
+
+def sharded(model: torch.nn.Module, what: str, *, reshard_root: bool = False, **policy) -> ModelLogprobs:
+    """`ModelLogprobs(model)` with `fully_shard` on each decoder layer, then on it as the root."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    layers = decoder_layers(model)
     if not layers:
-        raise UserError(f"student '{recipe.student}': parallel fsdp shards per decoder layer, but "
-                        f"{type(student).__name__} names none in _no_split_modules; use parallel: ddp")
-    backbone, head = _split(student)
+        raise UserError(f"{what}: fsdp shards per decoder layer, but {type(model).__name__} names none in "
+                        "_no_split_modules; use parallel: ddp (and placement.shard_frozen: false)")
+    backbone, head = _split(model)
     if backbone is not None:  # probe the head on the whole model, before its parameters become shards
-        check_reproduces_logits(student, backbone, head)
+        check_reproduces_logits(model, backbone, head)
+    root = ModelLogprobs(model)
     for layer in layers:
         fully_shard(layer, **policy)
-    fully_shard(root, **policy)
+    fully_shard(root, reshard_after_forward=True if reshard_root else None, **policy)
     register_fsdp_forward_method(root, "decode")  # the root's hooks run around rollouts too
-    root.max_buckets = 1  # one backbone forward per micro-batch on every rank
+    root.max_buckets = 1  # one backbone forward per pass on every rank
     return root
 
 
 def decoding(wrapped: torch.nn.Module, fn):
-    """`fn(student)` through `StudentLogprobs.decode` (every rank calls it under fsdp), then the root's shards
+    """`fn(student)` through `ModelLogprobs.decode` (every rank calls it under fsdp), then the root's shards
     freed too, so that between steps every parameter is the shard the optimizer and the state dicts know."""
     root = root_of(wrapped)
     try:
@@ -96,8 +105,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def root_of(wrapped: torch.nn.Module) -> StudentLogprobs:
-    """The `StudentLogprobs` inside a data-parallel wrapper (fsdp's root is that module itself)."""
+def root_of(wrapped: torch.nn.Module) -> ModelLogprobs:
+    """The `ModelLogprobs` inside a data-parallel wrapper (fsdp's root is that module itself)."""
     return getattr(wrapped, "module", wrapped)
 
 
@@ -109,10 +118,11 @@ def is_sharded(module: torch.nn.Module) -> bool:
 
 def agreed_chunks(chunks: list[list[int]]) -> list[tuple[list[int], bool]]:
     """(rows, real) for each forward pass of a step's micro-batches: this rank's `chunks`, then, up to the largest
-    count on any rank, passes over its first row that must weigh nothing (`real` False), so that every rank runs
-    the same number of forwards and backwards (under fsdp each is a collective)."""
+    count on any rank, passes over its first row (no row: `[]`, the caller's placeholder) that must weigh nothing
+    (`real` False), so that every rank runs the same number of forwards and backwards (under fsdp each is a
+    collective)."""
     n = int(distributed.all_reduce_max(torch.tensor(len(chunks))))
-    return [(rows, True) for rows in chunks] + [(chunks[0][:1], False)] * (n - len(chunks))
+    return [(rows, True) for rows in chunks] + [(chunks[0][:1] if chunks else [], False)] * (n - len(chunks))
 
 
 def total_norm(norm: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ assumed to run to max_new_tokens). The phases of a step do not coexist; the peak
 
 - every phase: student weights 4P/s (float32 master) and AdamW m, v 8P/s; each frozen model the method loads
   (`Method.frozen_models`; a reference that is the student's initial weights is one more copy) in c bytes
-  (offloaded: the largest, while it scores; on another device: none); each vLLM engine
+  (offloaded: the largest, while it scores; on another device: none; `shard_frozen`: over the GPUs); each vLLM engine
   `gpu_memory_utilization` x the device; on CPU the process's baseline (Python, torch, tokenizer).
 - sample: gradients 4P/s (kept from the last update until the next zero_grad); the KV cache of one sampling
   call, rows (or `max_rollout_tokens` // T) x T x layers x kv_heads x head_dim x (K + V bytes; under autocast
@@ -172,7 +172,8 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     resident += [add(f"vLLM engine: {label}", engine) for label in
                  ["student rollouts"] * vllm_rollout + [label for label, _ in frozen.values()] * in_engines]
     here = (recipe.placement.frozen_device or device).split(":")[0] == device or device == "cpu"
-    per_frozen = {label: sh.params() * c for label, sh in frozen.values()} if here and not in_engines else {}
+    shards = gpus if recipe.placement.shard_frozen else 1  # each frozen model sharded over the ranks
+    per_frozen = {label: sh.params() * c / shards for label, sh in frozen.values()} if here and not in_engines else {}
     visiting = []
     if recipe.placement.offload and device != "cpu" and per_frozen:
         visiting = [add("frozen model visiting from the host (offload)", max(per_frozen.values()))]
@@ -237,6 +238,8 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
 def suggestions(recipe, options: dict, rows: int, width: int) -> list[str]:
     """Settings that make the plan fit: each that does alone, else the changes that lower the peak most, one
     after the other, until it fits ([] when nothing tried does)."""
+    from merge_distill.methods import method_of
+
     cfg, vllm = recipe.train, recipe.backend.rollout == "vllm"
 
     def peak(changes) -> tuple[int, bool]:
@@ -261,6 +264,10 @@ def suggestions(recipe, options: dict, rows: int, width: int) -> list[str]:
     fixed = {"train.gradient_checkpointing=true": (not cfg.gradient_checkpointing, "train",
                                                    {"gradient_checkpointing": True}),
              "parallel=fsdp": (recipe.parallel == "ddp" and options["gpus"] > 1, "recipe", {"parallel": "fsdp"}),
+             "placement.shard_frozen=true": (
+                 not recipe.placement.shard_frozen and options["gpus"] > 1 and method_of(recipe).frozen_via_scorer
+                 and recipe.backend.scoring != "vllm" and not recipe.placement.offload, "placement",
+                 {"shard_frozen": True}),
              "parallel=fsdp + placement.offload_optimizer=true": (
                  not recipe.placement.offload_optimizer and options["gpus"] > 1 and (options["device"] or recipe.device)
                  != "cpu", "recipe",

@@ -117,6 +117,8 @@ class Placement(Strict):
     frozen_device: str | None = Field(None, description="device of teachers and references; default: the recipe's device")
     offload: bool = Field(False, description="keep frozen models on the CPU between uses, moving each to "
                                              "frozen_device only while it scores")
+    shard_frozen: bool = Field(False, description="under torchrun: shard each teacher and reference over the ranks "
+                                                  "(FSDP2, per decoder layer) instead of a whole copy on every rank")
     offload_optimizer: bool = Field(False, description="parallel fsdp: keep the student's sharded fp32 weights, "
                                                        "gradients and AdamW state in host memory; the optimizer "
                                                        "steps on the CPU (torch's CPUOffloadPolicy)")
@@ -219,7 +221,16 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
-    def _offload_needs_fsdp(self) -> "Recipe":
+    def _sharding_options(self) -> "Recipe":
+        if self.placement.shard_frozen:
+            from merge_distill.methods import method_of
+
+            if not method_of(self).frozen_via_scorer:
+                raise ValueError(f"placement.shard_frozen: method {self.method} loads its frozen models into the "
+                                 "trainer whole (it samples from them or takes full distributions)")
+            if self.placement.offload or self.backend.scoring == "vllm":
+                raise ValueError("placement.shard_frozen does not combine with placement.offload or backend.scoring "
+                                 "vllm")
         if self.placement.offload_optimizer and (self.parallel != "fsdp" or not self.device.startswith("cuda")):
             raise ValueError(f"placement.offload_optimizer moves fsdp's shards from the GPU to the host: it needs "
                              f"parallel: fsdp and a cuda device (parallel is {self.parallel}, device {self.device})")

@@ -268,23 +268,24 @@ def _probe(model: torch.nn.Module, backbone: torch.nn.Module, head: OutputHead) 
     return float((ours - expected).abs().max()), 1e-4 + 4 * eps * float(logits.float().abs().max())
 
 
-class StudentLogprobs(torch.nn.Module):
-    """The student as the trainer uses it, one module: `forward` gives its log-probs of given responses (`[B, L]`
-    at the sampled tokens, or `[B, L, V]` with `vocab=True`, the dense objective), `decode(fn)` runs rollouts.
-    A data-parallel wrapper around it (`merge_distill.parallel`) sees the whole computation, backbone and fused
-    head alike, so its hooks run. `max_buckets`: backbone forwards per call at most (`length_buckets`)."""
+class ModelLogprobs(torch.nn.Module):
+    """A causal LM as one module whose `forward` gives its log-probs of given responses (`[B, L]` at the sampled
+    tokens, or `[B, L, V]` with `vocab=True`, the dense objective) and whose `decode(fn)` runs rollouts: the
+    student as the trainer uses it, or a frozen model sharded across ranks. A data-parallel wrapper around it
+    (`merge_distill.parallel`) sees the whole computation, backbone and fused head alike, so its hooks run.
+    `max_buckets`: backbone forwards per call at most (`length_buckets`)."""
 
-    def __init__(self, student: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.student = student
+        self.model = model
         self.max_buckets = 4
 
     def forward(self, rollouts: Rollouts, temperature: float, vocab: bool = False) -> Tensor:
         if vocab:
             from merge_distill.dense import response_vocab_logprobs
 
-            return response_vocab_logprobs(self.student, rollouts, temperature=temperature)
-        return response_logprobs(self.student, rollouts, temperature=temperature, max_buckets=self.max_buckets)
+            return response_vocab_logprobs(self.model, rollouts, temperature=temperature)
+        return response_logprobs(self.model, rollouts, temperature=temperature, max_buckets=self.max_buckets)
 
     def decode(self, fn):
         """`fn(student)`, e.g. sampling. When this module is FSDP-sharded (`merge_distill.parallel`), every rank
@@ -295,13 +296,13 @@ class StudentLogprobs(torch.nn.Module):
         from torch.distributed.fsdp import FSDPModule
 
         if not isinstance(self, FSDPModule):
-            return fn(self.student)
-        layers = [m for m in self.student.modules() if isinstance(m, FSDPModule)]
+            return fn(self.model)
+        layers = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
         for m in layers:
             m.set_reshard_after_forward(False, recurse=False)
             m.unshard()
         try:
-            return fn(self.student)
+            return fn(self.model)
         finally:
             for m in layers:
                 m.reshard()
@@ -312,11 +313,14 @@ class ModelCache:
     """Frozen models by resolved path: a checkpoint several experts share is loaded once.
 
     With `offload`, models rest on the CPU and visit `device` only while they score (less device memory,
-    one host-to-device copy per use); `max_tokens` bounds each scoring forward (`token_budget_chunks`)."""
+    one host-to-device copy per use); `max_tokens` bounds each scoring forward (`token_budget_chunks`). With
+    `shard(model, what)` (`parallel.shard_frozen`) each model is sharded over the ranks as it loads; every rank
+    must then score with each model the same number of times (an empty batch too), and the passes are agreed."""
 
     def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", offload: bool = False,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, shard=None):
         self.dtype, self.device, self.offload, self.max_tokens = dtype, torch.device(device), offload, max_tokens
+        self.shard = shard
         self._models: dict[str, torch.nn.Module] = {}
 
     @staticmethod
@@ -328,7 +332,8 @@ class ModelCache:
 
         k = self.key(path)
         if k not in self._models:
-            self._models[k] = load_model(path, what=what, dtype=self.dtype).to("cpu" if self.offload else self.device)
+            model = load_model(path, what=what, dtype=self.dtype).to("cpu" if self.offload else self.device)
+            self._models[k] = self.shard(model, what) if self.shard else model
         return self._models[k]
 
     @contextlib.contextmanager
@@ -347,5 +352,21 @@ class ModelCache:
     def score(self, path: str | os.PathLike, rollouts: Rollouts, *, temperature: float = 1.0) -> Tensor:
         """`[B, L]` log-probs of the response tokens under the model at `path`, its logits divided by `temperature`."""
         with self.using(path) as model:
-            return response_logprobs_chunked(model, rollouts.to(self.device), temperature=temperature,
-                                             max_tokens=self.max_tokens).to(rollouts.response_ids.device)
+            if not isinstance(model, ModelLogprobs):
+                return response_logprobs_chunked(model, rollouts.to(self.device), temperature=temperature,
+                                                 max_tokens=self.max_tokens).to(rollouts.response_ids.device)
+            from merge_distill.parallel import agreed_chunks
+
+            x = rollouts.to(self.device)  # sharded: the same passes on every rank, a placeholder row for none
+            out = torch.zeros(x.response_ids.shape, device=rollouts.response_ids.device)
+            for rows, real in agreed_chunks(token_budget_chunks(row_lengths(x), self.max_tokens)):
+                lp = model(x.select(rows) if rows else _placeholder(self.device), temperature)
+                if real:
+                    out[rows] = lp.float().to(out.device)
+            return out
+
+
+def _placeholder(device: torch.device) -> Rollouts:
+    """One row of one prompt token and one response token: a pass of a rank that has no row to score."""
+    one = torch.ones(1, 1, dtype=torch.long, device=device)
+    return Rollouts(one * 0, one, one * 0, one.float(), one.float() * 0, torch.zeros(1, dtype=torch.bool, device=device))

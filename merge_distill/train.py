@@ -41,7 +41,7 @@ class Setup:
     method: Method
     tokenizer: object
     student: torch.nn.Module
-    student_logprobs: torch.nn.Module  # `StudentLogprobs(student)` in the recipe's layout (`merge_distill.parallel`)
+    student_logprobs: torch.nn.Module  # `ModelLogprobs(student)` in the recipe's layout (`merge_distill.parallel`)
     sampler: Sampler           # the student's rollout engine
     frozen: ModelCache         # teachers and references, each checkpoint loaded once
     mixer: DomainMixer
@@ -87,6 +87,8 @@ class Setup:
     def score(self, path: str, rollouts: Rollouts) -> torch.Tensor:
         """`[B, L]` log-probs of the sampled tokens under the frozen model at `path`, at the rollout temperature:
         teachers and references score at the tau the student sampled at (see `Train.temperature`)."""
+        if not len(rollouts.response_ids) and not self.frozen.shard:  # no rows (a sharded model still takes part)
+            return rollouts.sampler_logprobs.new_zeros(rollouts.response_ids.shape)
         key = self.frozen.key(path)
         if key not in self.scorers:
             self.scorers[key] = make_scorer(self.recipe, path, self.frozen)
@@ -164,7 +166,8 @@ def setup(recipe: Recipe) -> Setup:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mixer = DomainMixer(load_prompts(recipe, tokenizer), [e.weight for e in recipe.experts], recipe.train.seed)
     frozen = ModelCache(dtype=dtype, device=recipe.placement.frozen_device or recipe.device,
-                        offload=recipe.placement.offload, max_tokens=recipe.train.max_tokens_per_micro_batch)
+                        offload=recipe.placement.offload, max_tokens=recipe.train.max_tokens_per_micro_batch,
+                        shard=parallel.shard_frozen if recipe.placement.shard_frozen and distributed.active() else None)
     graders = {}
     if not method_of(recipe).needs_teachers:  # rewarded by graders instead
         from merge_distill.graders import get_grader

@@ -131,3 +131,17 @@ def test_grpo_with_one_rollout_per_prompt(recipe):
     err = one_line_error(["validate", str(path)])
     assert "train.rollouts_per_prompt" in err and "GRPO" in err
     assert one_line_error(["run", str(path), "--no-eval"]) == err
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda d: d.update(method="sft") or d.setdefault("placement", {}).update(shard_frozen=True),
+     "placement.shard_frozen: method sft loads its frozen models into the trainer whole"),
+    (lambda d: d.setdefault("placement", {}).update(shard_frozen=True, offload=True),
+     "placement.shard_frozen does not combine with placement.offload"),
+    (lambda d: d.setdefault("placement", {}).update(offload_optimizer=True),
+     "placement.offload_optimizer moves fsdp's shards from the GPU to the host: it needs parallel: fsdp and a "
+     "cuda device (parallel is ddp, device cpu)"),
+    (lambda d: d.update(parallel="zero"), "parallel: Input should be 'ddp' or 'fsdp'"),
+])
+def test_layout_options_that_cannot_run(recipe, change, expected):
+    assert expected in one_line_error(["validate", str(edit(recipe, change))])

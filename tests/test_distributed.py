@@ -117,11 +117,12 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_world, write_recipe)
 
 @pytest.fixture(scope="module")
 def fsdp_run(runs, tiny_world, write_recipe):
-    """The same recipe on two ranks with the student sharded (FSDP2) instead of replicated. `eval_every` adds a
-    gathered decoding section after every step (empty here: no evaluation), which must leave every parameter
-    sharded for the checkpoint that follows."""
+    """The same recipe on two ranks with the student sharded (FSDP2) instead of replicated, and the teachers and
+    references too (`placement.shard_frozen`). `eval_every` adds a gathered decoding section after every step
+    (empty here: no evaluation), which must leave every parameter sharded for the checkpoint that follows."""
     path = write_recipe(runs / "fsdp.yaml", tiny_world, runs / "fsdp", **STEPS)
-    torchrun("run", str(path), "--no-eval", "--set", "parallel=fsdp", "--set", "train.eval_every=1")
+    torchrun("run", str(path), "--no-eval", "--set", "parallel=fsdp", "--set", "placement.shard_frozen=true",
+             "--set", "train.eval_every=1")
     return runs / "fsdp"
 
 
@@ -196,7 +197,8 @@ def length_switch_model(tok, marker: str = "~"):
 def test_ranks_with_unequal_responses_do_not_hang(layout, tmp_path, tiny_world, write_recipe):
     """Rank 0's prompts (the first domain's, by the mixer's order) all end at once; rank 1's all run to
     max_new_tokens, in more micro-batches. Under fsdp every forward is a collective: decoding and the update
-    must not wait for each other across ranks. Checkpoints (gathered) in between."""
+    must not wait for each other across ranks. With the frozen models sharded too, each rank scores with the
+    other domain's teacher without a row of that domain. Checkpoints (gathered) in between."""
     import yaml
 
     from merge_distill.models import load_tokenizer, save_model
@@ -206,8 +208,11 @@ def test_ranks_with_unequal_responses_do_not_hang(layout, tmp_path, tiny_world, 
     (tmp_path / "short.jsonl").write_text("".join(json.dumps({"prompt": "~" * (5 + i)}) + "\n" for i in range(4)))
     (tmp_path / "long.jsonl").write_text("".join(json.dumps({"prompt": "ab" * (3 + i)}) + "\n" for i in range(4)))
     recipe = {"student": str(tmp_path / "switch"), "reward_scale": 1.0, "parallel": layout,
-              "experts": [{"name": name, "teacher": str(tmp_path / "switch"), "prompts": str(tmp_path / f"{name}.jsonl")}
-                          for name in ("short", "long")],
+              "placement": {"shard_frozen": layout == "fsdp"},
+              # two teachers of different shapes: a rank scoring with one while the other scores with the other
+              # would pair mismatched collectives
+              "experts": [{"name": name, "teacher": str(teacher), "prompts": str(tmp_path / f"{name}.jsonl")}
+                          for name, teacher in (("short", tmp_path / "switch"), ("long", tiny_world / "math_teacher"))],
               "train": {"steps": 2, "prompts_per_step": 4, "max_new_tokens": 24, "max_tokens_per_micro_batch": 80,
                         "checkpoint_every": 1, "lr": 1e-3},
               "output_dir": str(tmp_path / "run")}

@@ -66,9 +66,10 @@ class Method:
     objective: ClassVar[str]
     trains: ClassVar[bool] = True           # False: a weight-space method (`combine`), no training loop
     needs_teachers: ClassVar[bool] = True   # every expert must name a teacher
-    # True: frozen models are reached only through `Setup.score` (the recipe's scoring engine, e.g. vLLM);
-    # False: the method also loads them into the trainer (`Setup.frozen`), e.g. to sample or for full
-    # distributions (memory planning counts them there)
+    # True: frozen models are reached only through `Setup.score` (the recipe's scoring engine, e.g. vLLM), for
+    # every expert on every rank, in the recipes' order, even with no rows (so they can be sharded over the ranks:
+    # `placement.shard_frozen`); False: the method also loads them into the trainer (`Setup.frozen`), e.g. to
+    # sample or for full distributions (memory planning counts them there)
     frozen_via_scorer: ClassVar[bool] = True
     curves: ClassVar[tuple[str, ...]] = ("loss", "response_length")  # training_curves.png, per domain if logged so
     progress: ClassVar[tuple[str, str] | None] = None  # (per-domain metric, label) for the progress line

@@ -55,8 +55,8 @@ class GOPD(PolicyGradientMethod):
         for row, p in enumerate(batch):
             by_expert[p.expert].append(row)
         old_logprobs = run.old_logprobs(rollouts)
-        for i, rows in by_expert.items():
-            expert = recipe.experts[i]
+        for i, expert in enumerate(recipe.experts):  # every expert, in order, on every rank (`frozen_via_scorer`)
+            rows = by_expert.get(i, [])
             sub = rollouts.select(rows)
             lam = recipe.scale_of(expert)
             student_lp = old_logprobs[rows]
@@ -69,6 +69,8 @@ class GOPD(PolicyGradientMethod):
                 a = gopd_advantages_clipped(student_lp, teacher_lp, reference_lp, lam, clip)
             a = a * sub.response_mask
             adv[rows] = a
+            if not rows:
+                continue
             m, name = sub.response_mask, expert.name
             metrics[f"{name}/reward"] = float(objective.masked_mean(a, m))
             metrics[f"{name}/reverse_kl_teacher"] = float(objective.masked_mean(objective.kl_k1(student_lp, teacher_lp), m))
