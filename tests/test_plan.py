@@ -216,6 +216,9 @@ def test_component_arithmetic(tiny):
     assert set(p.phases) == {"sample", "score", "update", "backward end", "all-reduce"}
     fsdp = plan(load_recipe(path, ["parallel=fsdp"]), gpus=2, gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28)
     assert fsdp.components["AdamW m + v (fp32)"] == 4 * P and "all-reduce" not in fsdp.phases
+    shared = plan(load_recipe(path, ["parallel=fsdp", "placement.shard_frozen=true"]), gpus=2, gpu_memory_bytes=GiB,
+                  device="cuda", prompt_tokens=28)
+    assert shared.components["frozen teacher math (float32)"] == 4 * P // 2  # over the 2 GPUs
     capped = plan(load_recipe(path, ["train.max_rollout_tokens=256"]), gpus=2, gpu_memory_bytes=GiB, device="cuda",
                   prompt_tokens=28)
     assert capped.components["KV cache (2 rows x 128 tokens)"] == 2 * 128 * 3 * 2 * 2 * 16 * 4
