@@ -137,20 +137,20 @@ def shard(n: int, rank: int, size: int) -> tuple[int, int]:
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks (in place on a copy); the value itself alone."""
-    if not active():
-        return value
-    out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    """The sum over ranks (on a copy); the value itself alone."""
+    return _all_reduce(value, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
-    """The largest value over ranks; the value itself alone."""
+    """The largest value over ranks (on a copy); the value itself alone."""
+    return _all_reduce(value, dist.ReduceOp.MAX)
+
+
+def _all_reduce(value: torch.Tensor, op) -> torch.Tensor:
     if not active():
         return value
     out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    dist.all_reduce(out, op=op)
     return out
 
 
