@@ -72,8 +72,20 @@ def _resolved(recipe_path: Path, overrides: list[str], progress):
     distributed.init(recipe.device)
     with distributed.main_first():
         resolved = resolve(recipe, progress=progress, log=console.print)
+        _convert_gguf_files(resolved)
     variants = {name: resolve(r, build=False) for name, r in variant_recipes(recipe_path, overrides, recipe).items()}
     return resolved, variants
+
+
+def _convert_gguf_files(recipe) -> None:
+    """Convert the recipe's .gguf models once, before any rank loads them (`models.gguf_folder`): under torchrun
+    rank 0 converts while the others wait, instead of every rank dequantising the same file at once."""
+    from merge_distill.models import gguf_folder
+
+    paths = [recipe.student] + [p for e in recipe.experts for p in (e.teacher, e.reference) if p]
+    for path in dict.fromkeys(paths):
+        if str(path).endswith(".gguf") and Path(path).is_file():
+            gguf_folder(path, log=console.print)
 
 
 @app.command()

@@ -15,6 +15,11 @@ from typing import Any, Callable, Iterator
 from merge_distill.errors import UserError
 
 
+def cache_root() -> Path:
+    """Where this project keeps what it builds or fetches once (the zoo, converted GGUF files, ...)."""
+    return Path(os.environ.get("MERGE_DISTILL_CACHE", Path.home() / ".cache" / "merge-distill"))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; on success it replaces `path` in one rename."""

@@ -2,6 +2,8 @@
 
 Every model is an ordinary Hugging Face causal LM folder (config + safetensors + tokenizer), so what
 this project saves `AutoModelForCausalLM.from_pretrained` loads, and what users bring we load the same way.
+A single `.gguf` file is converted once into such a folder (`gguf_folder`: dequantised, kept in the cache)
+and loaded from there.
 """
 
 from __future__ import annotations
@@ -76,19 +78,94 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / "config.json").is_file() or p.is_file() and p.suffix == ".gguf"
 
 
-def _source(path: str | os.PathLike) -> tuple[str, dict]:
-    """(from_pretrained location, extra kwargs): a model folder, or a single GGUF file (dequantised on load)."""
+# Bump when the conversion below changes what it writes: older converted folders are then made again.
+GGUF_CONVERSION = 1
+
+
+def gguf_folder(path: str | os.PathLike, *, what: str = "model", log=None) -> Path:
+    """The model folder a `.gguf` file converts to: made once per file (path, size and mtime) and per version
+    of transformers and gguf, under `$MERGE_DISTILL_CACHE/gguf/`, then reused.
+
+    transformers reads the file's metadata (config, tokenizer, chat template) and dequantises its weights into
+    float32 (for most architectures through the `gguf` package: F16, BF16, Q4_0 ... Q8_0, the K and IQ quants);
+    the folder holds them as an ordinary model (config.json, model.safetensors, tokenizer files), without the
+    quantizer transformers attaches to GGUF models (whose `save_pretrained` refuses). transformers parses the
+    whole metadata on every read of a GGUF (5-10 s for SmolLM2-135M, its 49k-token vocabulary included), and a
+    run reads each model several times (tokenizer, config, weights, per role): converted once, each later load
+    is a plain safetensors load.
+    """
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+    import shutil
+    import sys
+    import tempfile
+
+    import transformers
+
+    from merge_distill.io import cache_root
+
+    p = Path(path).resolve()
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"{what} '{path}': loading a .gguf file needs {' and '.join(missing)}: "
+                        "pip install 'merge-distill[gguf]'")
+    st = p.stat()
+    stamp = (f"{p}|{st.st_size}|{st.st_mtime_ns}|transformers {transformers.__version__}|"
+             f"gguf {importlib.metadata.version('gguf')}|{GGUF_CONVERSION}")
+    out = cache_root() / "gguf" / f"{p.stem}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+    if (out / "complete").is_file():
+        return out
+    (log or (lambda m: print(m, file=sys.stderr)))(f"converting {p.name} once (dequantised) into {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+            model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32,
+                                                         **_dequantized())
+            quantizer = getattr(model, "hf_quantizer", None)
+            if quantizer is not None:  # the weights are plain tensors now; drop GGUF's unserializable quantizer
+                quantizer.remove_quantization_config(model)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        except Exception as e:  # noqa: BLE001 - an unsupported architecture or quantisation type: one line
+            raise UserError(f"{what} '{path}': cannot convert the GGUF file ({type(e).__name__}: {e})") from e
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(p), "stamp": stamp}, indent=1) + "\n")
+        (tmp / "complete").write_text("")
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process converted it first (or a stale, incomplete folder is in the way)
+            if not (out / "complete").is_file():
+                shutil.rmtree(out, ignore_errors=True)
+                os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _dequantized() -> dict:
+    """from_pretrained kwargs that unpack every GGUF weight (transformers >= 5.24 otherwise keeps a supported
+    architecture's weights in GGUF blocks when its `kernels` package is installed: not trainable)."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantise
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _source(path: str | os.PathLike, *, what: str = "model") -> str:
+    """The from_pretrained location: a model folder, or the converted folder of a `.gguf` file."""
     p = Path(path)
-    if p.suffix == ".gguf":
-        return str(p.parent), {"gguf_file": p.name}
-    return str(p), {}
+    return str(gguf_folder(p, what=what)) if p.suffix == ".gguf" else str(p)
 
 
 def load_tokenizer(path: str | os.PathLike, *, what: str = "model") -> PreTrainedTokenizerBase:
     check_model_dir(path, what=what)
     try:
-        where, extra = _source(path)
-        return AutoTokenizer.from_pretrained(where, **extra)
+        return AutoTokenizer.from_pretrained(_source(path, what=what))
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - surfaced as a one-line user error
         raise UserError(f"{what} '{path}': cannot load its tokenizer ({type(e).__name__}: {e})") from e
 
@@ -97,8 +174,9 @@ def load_model(path: str | os.PathLike, *, what: str = "model", dtype: torch.dty
                trainable: bool = False) -> torch.nn.Module:
     check_model_dir(path, what=what)
     try:
-        where, extra = _source(path)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
+        model = AutoModelForCausalLM.from_pretrained(_source(path, what=what), dtype=dtype)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{what} '{path}': cannot load as a causal LM ({type(e).__name__}: {e})") from e
     model.train(trainable)
@@ -127,14 +205,8 @@ class ModelInfo:
 
 def model_info(path: str | os.PathLike, *, what: str = "model") -> ModelInfo:
     tok = load_tokenizer(path, what=what)
-    if Path(path).suffix == ".gguf":
-        from transformers import AutoConfig
-
-        where, extra = _source(path)
-        config = AutoConfig.from_pretrained(where, **extra).to_dict()
-    else:
-        with open(Path(path) / "config.json") as f:
-            config = json.load(f)
+    with open(Path(_source(path, what=what)) / "config.json") as f:
+        config = json.load(f)
     vocab_size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     return ModelInfo(str(path), tok.get_vocab(), int(vocab_size or len(tok)), tok.chat_template)
 

@@ -13,7 +13,6 @@ Deterministic given (preset, seed). `zoo:NAME` paths in recipes resolve into thi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from merge_distill.errors import UserError
-from merge_distill.io import atomic_dir, atomic_write_json, write_jsonl
+from merge_distill.io import atomic_dir, atomic_write_json, cache_root, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -66,10 +65,6 @@ PRESETS: dict[str, ZooPreset] = {
                        small_size=ModelSize(hidden=16, layers=1, heads=2)),
 }
 BASE_STAGES = ("data", "base")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MERGE_DISTILL_CACHE", Path.home() / ".cache" / "merge-distill"))
 
 
 def zoo_dir(preset: str, seed: int, directory: str | None = None) -> Path:
