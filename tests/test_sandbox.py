@@ -528,6 +528,16 @@ def test_fallback_reaps_escaped_daemons(fallback):
     assert r.status == "ok"
 
 
+def test_fallback_removes_what_a_retired_worker_left_behind():
+    # Without a private tmpfs, a tree too deep for the worker to delete stays in the host folder until close().
+    sb = Sandbox(1, isolation="rlimits")
+    r = run_one(sb, "import os\nfor i in range(3000):\n    os.mkdir('d')\n    os.chdir('d')", timeout_s=5)
+    assert r.status == "ok"
+    host = Path(sb._host_tmp)
+    sb.close()
+    assert not host.exists()
+
+
 @pytest.mark.skipif(not ROOT, reason="the uid drop applies when the host runs as root")
 def test_fallback_cannot_kill_its_worker_or_read_home(fallback):
     r = run_one(fallback, "import os\nos.kill(os.getppid(), 9)", timeout_s=1.0)

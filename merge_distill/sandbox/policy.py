@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -181,7 +182,7 @@ class Sandbox:
             if self._host_tmp is None:
                 self._host_tmp = tempfile.mkdtemp(prefix="merge-distill-sandbox-")
                 os.chmod(self._host_tmp, 0o711)  # uid 65534 may enter its own run dir, not list
-                self._tmp_finalizer = weakref.finalize(self, shutil.rmtree, self._host_tmp, True)
+                self._tmp_finalizer = weakref.finalize(self, _remove_tree, self._host_tmp)
             base = self._host_tmp
         return {
             "pid_namespace": level == "bubblewrap",
@@ -245,6 +246,15 @@ class Sandbox:
             self.close()
         except Exception:
             pass
+
+
+def _remove_tree(path: str) -> None:
+    """Remove an rlimits sandbox's host directory, whatever its programs left there (a worker that could not
+    clean up after a program retires, leaving it, e.g. directories nested deeper than Python's recursion limit)."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except RecursionError:
+        subprocess.run(["/bin/rm", "-rf", "--", path], check=False, capture_output=True)
 
 
 def _spawn_sandbox_worker(level: str, cfg: dict, disk_mb: int) -> FramedWorker:
