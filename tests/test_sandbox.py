@@ -512,7 +512,7 @@ def test_close_is_idempotent_and_restartable():
     sb.close()
 
 
-# --------------------------------------------------------------------------- fallback isolation
+# ------------------------------------------------------------- rlimits isolation (the opt-out)
 
 
 @pytest.fixture(scope="module")

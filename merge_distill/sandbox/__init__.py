@@ -38,7 +38,7 @@ Programs see only the standard library (no site-packages: nothing of a virtualen
 project is mounted). Other known limits: ``RLIMIT_NPROC`` counts every process of uid 65534 on
 the host, so one fork bomb can starve threads in programs running beside it; as root the sandbox
 has no user namespace, so a program may still create one of its own (it gains nothing outside);
-in the fallback without root, programs run as the caller's uid.
+under rlimits without root, programs run as the caller's uid.
 
 What counts as success
 ----------------------
