@@ -58,22 +58,45 @@ def _guard(fn):
 
 
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key, e.g. --set train.steps=10")]
+Isolation = Annotated[Optional[str], typer.Option(
+    help="how model-written code is isolated: bubblewrap (the default; nothing runs where it is missing) or "
+         "rlimits (your opt-out: no namespaces, programs can read your files and reach the network)")]
+RecipeIsolation = Annotated[Optional[str], typer.Option(
+    help="how model-written code is isolated, overriding the recipe's `isolation:`: bubblewrap (the default; "
+         "nothing runs where it is missing) or rlimits (your opt-out: no namespaces)")]
 
 
-def _resolved(recipe_path: Path, overrides: list[str], progress):
+def _isolation(value: str | None) -> str | None:
+    """A --isolation value, checked (one line when it is neither level)."""
+    from merge_distill.sandbox import LEVELS
+
+    if value is not None and value not in LEVELS:
+        raise UserError(f"--isolation {value!r}: expected {' or '.join(LEVELS)}")
+    return value
+
+
+def _with_isolation(overrides: list[str] | None, isolation: str | None) -> list[str]:
+    """--isolation on a recipe command is the recipe key `isolation` (so `compare:` variants get it too)."""
+    return [*(overrides or []), *([f"isolation={isolation}"] if _isolation(isolation) else [])]
+
+
+def _resolved(recipe_path: Path, overrides: list[str], progress, evaluate: bool):
     """The edge: the recipe and its `compare:` variants with `zoo:` paths resolved into plain paths (rank 0
-    builds the zoo members they name, the other ranks then find them)."""
+    builds the zoo members they name, the other ranks then find them). First, where any of them will grade by
+    running code, its isolation is checked (one line, before anything is built or trained)."""
     from merge_distill import distributed
     from merge_distill.recipe import load_recipe
-    from merge_distill.run import variant_recipes
+    from merge_distill.run import check_isolation, variant_recipes
     from merge_distill.toyworld.zoo import resolve
 
     recipe = load_recipe(recipe_path, overrides)
+    loaded = variant_recipes(recipe_path, overrides, recipe)
+    check_isolation([recipe, *loaded.values()], evaluate_after=evaluate)
     distributed.init(recipe.device)
     with distributed.main_first():
         resolved = resolve(recipe, progress=progress, log=console.print)
         _convert_gguf_files(resolved)
-    variants = {name: resolve(r, build=False) for name, r in variant_recipes(recipe_path, overrides, recipe).items()}
+    variants = {name: resolve(r, build=False) for name, r in loaded.items()}
     return resolved, variants
 
 
@@ -91,19 +114,21 @@ def _convert_gguf_files(recipe) -> None:
 @app.command()
 def run(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides: Sets = None,
         resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in output_dir")] = False,
-        evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate after training")] = True):
+        evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate after training")] = True,
+        isolation: RecipeIsolation = None):
     """Distill the recipe's experts into its student, then evaluate and write a report."""
 
     def body():
         from merge_distill import distributed
         from merge_distill import run as pipeline
         from merge_distill.evaluation.report import rich_table
+        from merge_distill.sandbox import isolation_note
 
         if not distributed.launched().main:  # under torchrun, rank 0 alone shows progress and results
             console.quiet = True
         with progress_bar() as progress:
             t0 = time.perf_counter()
-            resolved, variants = _resolved(recipe, overrides or [], progress)
+            resolved, variants = _resolved(recipe, _with_isolation(overrides, isolation), progress, evaluate)
             zoo_s = time.perf_counter() - t0
             students, evaluated, t = pipeline.run_recipe(resolved, variants, resume=resume, evaluate_after=evaluate,
                                                          progress=progress)
@@ -113,6 +138,8 @@ def run(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides: 
         if evaluated:
             result, paired, paths = evaluated
             console.print(rich_table(pipeline.headline_rows(result.rows), title=f"{recipe.name}: students vs teachers"))
+            if result.isolation:
+                console.print(isolation_note(result.isolation), highlight=False)
             for p in paired:
                 console.print("  " + p.format())
             console.print(f"report: {paths['md']}  {paths['json']}  ({sum(t.values()):.0f} s in all: "
@@ -217,6 +244,7 @@ def eval_cmd(
     zoo_dir: Annotated[Optional[Path], typer.Option(help="zoo folder for zoo-* suites (overrides --zoo)")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("eval_results"),
     device: Annotated[str, typer.Option(help="torch device for the models, e.g. cpu or cuda")] = "cpu",
+    isolation: Isolation = None,
 ):
     """Score models side by side: a table, results.json/.md/.png and per-sample generations (resumable)."""
 
@@ -232,8 +260,10 @@ def eval_cmd(
         from merge_distill.evaluation.runner import ModelSpec, evaluate
         from merge_distill.evaluation.suites import load_suite
         from merge_distill.models import check_model_dir
-        from merge_distill.sandbox import isolation_level
+        from merge_distill.sandbox import isolation_note
         from merge_distill.toyworld.zoo import Zoo
+
+        level = _isolation(isolation) or "bubblewrap"
 
         specs = []
         for m in model:
@@ -249,7 +279,7 @@ def eval_cmd(
             suites = [replace(s, records=s.records[:max_problems]) for s in suites]
         with progress_bar() as progress:
             result = evaluate(specs, suites, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                              seed=seed, out_dir=out, progress=progress, device=device)
+                              seed=seed, out_dir=out, progress=progress, device=device, isolation=level)
         pairs = [(a.name, b.name) for i, a in enumerate(specs) for b in specs[i + 1:]]
         per_problem = {}
         for (m, s), est in result.per_problem.items():
@@ -257,9 +287,11 @@ def eval_cmd(
         metrics = {s.name: (next(r.metric for r in result.rows if r.suite == s.name), None) for s in suites}
         paired = paired_rows(per_problem, pairs, metrics) if pairs else []
         paths = write_results(result.rows, out, {"paired_differences": [p.to_dict() for p in paired],
-                                                 "sandbox_isolation": isolation_level(),
+                                                 "sandbox_isolation": result.isolation,
                                                  "samples_per_second": round(result.samples_per_second, 1)})
         console.print(rich_table(result.rows))
+        if result.isolation:
+            console.print(isolation_note(result.isolation), highlight=False)
         for p in paired:
             console.print("  " + p.format())
         console.print(f"{result.samples_per_second:.1f} samples/s; wrote {paths['md']}, {paths['json']}, {paths['png']}")
@@ -270,15 +302,19 @@ def eval_cmd(
 @app.command()
 def grade(file: Annotated[Path, typer.Argument(help="JSONL: task records with a completion")],
           out: Annotated[Path, typer.Option(help="verdicts JSONL (resumed if it exists)")] = Path("verdicts.jsonl"),
-          timeout: Annotated[Optional[float], typer.Option(help="seconds per program / math item")] = None):
+          timeout: Annotated[Optional[float], typer.Option(help="seconds per program / math item")] = None,
+          isolation: Isolation = None):
     """Grade completions produced elsewhere (HumanEval-shape code, math with an answer, or a record whose
     'domain' names any registered grader)."""
 
     def body():
         from merge_distill.graders.grade_file import grade_file, summary_table
+        from merge_distill.sandbox import isolation_note
 
-        summary = grade_file(file, out, timeout_s=timeout)
+        summary = grade_file(file, out, timeout_s=timeout, isolation=_isolation(isolation) or "bubblewrap")
         console.print(summary_table(summary))
+        if summary["isolation"]:
+            console.print(isolation_note(summary["isolation"]), highlight=False)
         console.print(f"verdicts: {out}")
 
     _guard(body)
@@ -286,16 +322,20 @@ def grade(file: Annotated[Path, typer.Argument(help="JSONL: task records with a 
 
 @app.command()
 def sweep(recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
-          overrides: Annotated[list[str], typer.Option("--set", help="KEY=v1,v2,... is swept; KEY=v is fixed")]):
+          overrides: Annotated[list[str], typer.Option("--set", help="KEY=v1,v2,... is swept; KEY=v is fixed")],
+          isolation: RecipeIsolation = None):
     """Run a recipe over a grid (e.g. --set reward_scale=0,0.5,1,1.25,1.5) and plot score and length."""
 
     def body():
+        from merge_distill.sandbox import isolation_note
         from merge_distill.sweep import sweep as run_sweep
         from merge_distill.toyworld.zoo import resolve
 
         with progress_bar() as progress:
-            root = run_sweep(recipe, overrides, resolve=resolve, progress=progress, log=console.print)
-        points = json.loads((root / "sweep.json").read_text())["points"]
+            root = run_sweep(recipe, _with_isolation(overrides, isolation), resolve=resolve, progress=progress,
+                             log=console.print)
+        data = json.loads((root / "sweep.json").read_text())
+        points = data["points"]
         from rich.table import Table
 
         table = Table(title="sweep")
@@ -305,6 +345,8 @@ def sweep(recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
             table.add_row(p["variant"], f"{p['suite']} {p['metric']}@{p['k']}",
                           f"{100 * p['score']:.1f} ± {100 * p['stderr']:.1f}", f"{p['response_length']:.1f}")
         console.print(table)
+        if data.get("sandbox_isolation"):
+            console.print(isolation_note(data["sandbox_isolation"]), highlight=False)
         console.print(f"wrote {root / 'sweep.json'} and {root / 'sweep.png'}")
 
     _guard(body)
@@ -313,14 +355,18 @@ def sweep(recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
 @zoo_app.command("build")
 def zoo_build(preset: Annotated[str, typer.Option(help="default, hard or smoke")] = "default", seed: int = 0,
               members: Annotated[Optional[list[str]], typer.Option("--member", help="only these (e.g. large_math_expert)")] = None,
-              directory: Annotated[Optional[str], typer.Option("--dir", help="where (default: the cache)")] = None):
+              directory: Annotated[Optional[str], typer.Option("--dir", help="where (default: the cache)")] = None,
+              isolation: Isolation = None):
     """Build (or reuse) the CPU expert zoo: data, base, and RL experts."""
 
     def body():
+        from merge_distill.graders import sandbox_level
         from merge_distill.toyworld.zoo import Zoo
 
+        level = _isolation(isolation) or "bubblewrap"
         with progress_bar() as progress:
-            z = Zoo(preset, seed, directory, progress=progress, log=console.print)
+            z = Zoo(preset, seed, directory, progress=progress, log=console.print, isolation=level)
+            sandbox_level(z.graders_to_build(members), level)  # the code expert's GRPO grades code
             z.ensure(members)
         console.print(f"zoo ready: {z.dir}")
 

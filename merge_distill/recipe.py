@@ -184,6 +184,12 @@ class Recipe(Strict):
                            "fully_shard), computing in `dtype` (MixedPrecisionPolicy). One process: no effect")
     placement: Placement = Field(default_factory=Placement)
     backend: Backend = Field(default_factory=Backend)
+    isolation: Literal["bubblewrap", "rlimits"] = Field(
+        "bubblewrap", description="how model-written code is isolated wherever this run grades it: GRPO's rewards, "
+                                  "periodic and final evaluation, building the zoo's experts. bubblewrap: namespaces "
+                                  "(the run stops before it starts where bubblewrap is missing); rlimits: the opt-out, "
+                                  "resource limits alone (programs can read this user's files and reach the network). "
+                                  "`--isolation` on the command line overrides it")
 
     @field_validator("experts")
     @classmethod

@@ -118,7 +118,7 @@ def evaluate_recipe(recipe: Recipe, students: dict[str, str], out_dir: Path, *, 
     suites = eval_suites(recipe)
     result = evaluate(model_specs(recipe, students, suites), suites, samples=cfg.samples, temperature=cfg.temperature,
                       max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens, seed=cfg.seed,
-                      out_dir=out_dir, progress=progress, device=recipe.device)
+                      out_dir=out_dir, progress=progress, device=recipe.device, isolation=recipe.isolation)
     return result, paired_differences(recipe, result, suites, tuple(students))
 
 
@@ -137,6 +137,47 @@ def variant_recipes(recipe_path: Path, overrides: list[str], recipe: Recipe) -> 
     return out
 
 
+def graders_to_run(recipe: Recipe, *, evaluate_after: bool) -> set[str]:
+    """The graders a run of `recipe` uses: building the zoo members it names (GRPO experts), its own training
+    when graders reward it (GRPO), and its periodic and final evaluation. Works before the zoo is built."""
+    from merge_distill.methods import method_of
+    from merge_distill.toyworld.zoo import graders_to_build, resolve
+
+    names = set(graders_to_build(recipe))
+    method = method_of(recipe)
+    if method.trains and not method.needs_teachers:
+        names |= {e.grader_name for e in recipe.experts}
+    if recipe.eval and (evaluate_after or recipe.train.eval_every):
+        resolved = resolve(recipe, build=False)  # zoo paths and default suites, nothing built
+        zoo_dir = resolved.zoo.dir if resolved.zoo else None
+        suites = resolved.eval.suites or [e.eval_suite for e in resolved.experts if e.eval_suite]
+        names |= {g for g in (_suite_grader(n, zoo_dir) for n in suites) if g}
+    return names
+
+
+def _suite_grader(name: str, zoo_dir: str | None) -> str | None:
+    """The grader of a suite, or None where it cannot be loaded yet (the run says why when it gets there)."""
+    from merge_distill.evaluation.suites import load_suite
+
+    if name.startswith("zoo-") and not Path(name).exists() and not (
+            zoo_dir and (Path(zoo_dir) / "data" / f"{name[4:]}_test.jsonl").is_file()):
+        return name[4:]  # a zoo not built yet: its suites are graded by their domain's grader
+    try:
+        return load_suite(name, zoo_dir=zoo_dir).grader
+    except UserError:
+        return None
+
+
+def check_isolation(recipes, *, evaluate_after: bool) -> str | None:
+    """Before a run builds, trains or evaluates anything: where any of its recipes (the recipe and its `compare:`
+    variants) grades by running code, that its `isolation` works here (``IsolationUnavailable``, one line,
+    where bubblewrap is asked for and missing). Returns the level code will run under, None when no code runs."""
+    from merge_distill.graders import sandbox_level
+
+    levels = [sandbox_level(graders_to_run(r, evaluate_after=evaluate_after), r.isolation) for r in recipes]
+    return next((lvl for lvl in levels if lvl), None)
+
+
 def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, evaluate_after: bool, progress):
     """Train every variant (`variant_recipes`), evaluate them side by side, write the report. Recipes have plain
     paths (zoo recipes are resolved at the edge); returns (students, (result, paired, paths) or None, timings)."""
@@ -147,6 +188,7 @@ def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, eva
     from merge_distill.train import train
 
     t0 = time.perf_counter()
+    check_isolation([recipe, *variants.values()], evaluate_after=evaluate_after)  # before anything trains
     world = distributed.init(recipe.device)  # under torchrun: every rank trains, rank 0 alone evaluates
     out = Path(recipe.output_dir)
     students = {}
@@ -200,9 +242,7 @@ def training_curves_png(metrics_path: Path, out_path: Path, recipe: Recipe) -> N
 
 
 def write_report(recipe: Recipe, result: EvalResult, paired: list[PairedDifference], out_dir: Path) -> dict:
-    from merge_distill.sandbox import isolation_level
-
-    extra = {"paired_differences": [p.to_dict() for p in paired], "sandbox_isolation": isolation_level(),
+    extra = {"paired_differences": [p.to_dict() for p in paired], "sandbox_isolation": result.isolation,
              "reward_scales": {e.name: recipe.scale_of(e) for e in recipe.experts},
              "eval_samples_per_second": round(result.samples_per_second, 1)}
     return write_results(result.rows, out_dir, extra, stem="report")
@@ -212,9 +252,11 @@ def write_report(recipe: Recipe, result: EvalResult, paired: list[PairedDifferen
 def periodic_eval(recipe: Recipe, out_dir: Path):
     """A callback for `train`: the live student (through the run's own `Sampler`) on each suite, one sample
     per problem."""
+    from merge_distill.graders import sandbox_level
     from merge_distill.models import load_tokenizer
 
     suites, tokenizer, cfg = eval_suites(recipe), load_tokenizer(recipe.student), recipe.eval
+    sandbox_level([s.grader for s in suites], recipe.isolation)  # before training starts, not at its first eval
 
     def on_eval(sampler, step: int) -> dict:
         metrics = {}
@@ -223,7 +265,7 @@ def periodic_eval(recipe: Recipe, out_dir: Path):
                                         temperature=cfg.temperature,
                                         max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens,
                                         seed=cfg.seed, out_dir=out_dir / "evals" / f"step-{step}",
-                                        sampler=sampler, tokenizer=tokenizer)
+                                        sampler=sampler, tokenizer=tokenizer, isolation=recipe.isolation)
             metrics[f"eval/{suite.name}"] = score_rows("student", suite, graded, 1, cfg.temperature)[0][0].score
         return metrics
 

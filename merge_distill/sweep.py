@@ -42,18 +42,21 @@ def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_
     into one of plain paths (the CLI passes the toy world's, which builds the zoo a recipe names)."""
     from merge_distill.evaluation.runner import ModelSpec, evaluate
     from merge_distill.recipe import load_recipe
-    from merge_distill.run import eval_suites
+    from merge_distill.run import check_isolation, eval_suites
     from merge_distill.train import train
 
     fixed, grid = parse_grid(overrides)
-    base = resolve(load_recipe(recipe_path, fixed), progress=progress, log=log)
-    if base.eval is None:
+    loaded = load_recipe(recipe_path, fixed)
+    if loaded.eval is None:
         raise UserError(f"{recipe_path}: a sweep needs an eval: section")
+    check_isolation([loaded], evaluate_after=True)  # before the zoo is built or anything trains
+    base = resolve(loaded, progress=progress, log=log)
     root = Path(base.output_dir) / "sweep"
     suites = eval_suites(base)
     cfg = base.eval
     common = dict(samples=cfg.samples, temperature=cfg.temperature, seed=cfg.seed,
-                  max_new_tokens=cfg.max_new_tokens or base.train.max_new_tokens, progress=progress)
+                  max_new_tokens=cfg.max_new_tokens or base.train.max_new_tokens, progress=progress,
+                  isolation=base.isolation)
     teachers = [ModelSpec(e.name, e.teacher) for e in base.experts if e.teacher]
     reference = evaluate([ModelSpec("base", base.student), *teachers], suites, out_dir=root / "baselines", **common)
     points = []
@@ -73,7 +76,8 @@ def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_
                                "stderr": row.stderr, "response_length": lengths, "n_problems": row.n_problems,
                                "n_samples": row.n_samples})
     baselines = [r.to_dict() for r in reference.rows if r.subset is None]
-    atomic_write_json(root / "sweep.json", {"swept": list(grid), "points": points, "baselines": baselines})
+    atomic_write_json(root / "sweep.json", {"swept": list(grid), "points": points, "baselines": baselines,
+                                            "sandbox_isolation": reference.isolation})
     plot(points, baselines, list(grid)[0], root / "sweep.png")
     return root
 

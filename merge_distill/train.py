@@ -153,6 +153,11 @@ def load_prompts(recipe: Recipe, tokenizer) -> list[list[Prompt]]:
 
 
 def setup(recipe: Recipe) -> Setup:
+    rewarded = not method_of(recipe).needs_teachers  # rewarded by graders instead of teachers
+    if rewarded:  # a grader that runs code needs its isolation before any model loads
+        from merge_distill.graders import sandbox_level
+
+        sandbox_level([e.grader_name for e in recipe.experts], recipe.isolation)
     check_models(recipe)
     tokenizer = load_tokenizer(recipe.student, what="student")
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
@@ -169,10 +174,10 @@ def setup(recipe: Recipe) -> Setup:
                         offload=recipe.placement.offload, max_tokens=recipe.train.max_tokens_per_micro_batch,
                         shard=parallel.shard_frozen if recipe.placement.shard_frozen and distributed.active() else None)
     graders = {}
-    if not method_of(recipe).needs_teachers:  # rewarded by graders instead
+    if rewarded:
         from merge_distill.graders import get_grader
 
-        graders = {i: get_grader(e.grader_name) for i, e in enumerate(recipe.experts)}
+        graders = {i: get_grader(e.grader_name, isolation=recipe.isolation) for i, e in enumerate(recipe.experts)}
     return Setup(recipe, method_of(recipe), tokenizer, student, parallel.wrap_student(student, recipe),
                  make_sampler(recipe, student), frozen, mixer, graders)
 

@@ -107,6 +107,29 @@ def _write_recipe(path: Path, world: Path, output_dir: Path, **train) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def isolation() -> str:
+    """The isolation level a test that grades code opts in to: bubblewrap where it works (what a user gets by
+    default), rlimits where it does not (a CI machine that could not install bubblewrap), so those tests still grade
+    code either way. The refusal to run code without bubblewrap is tested on its own (`no_bwrap`)."""
+    from merge_distill.sandbox import isolation_level
+
+    return isolation_level()
+
+
+@pytest.fixture
+def no_bwrap(tmp_path, monkeypatch):
+    """This process as on a machine without bubblewrap: PATH holds no `bwrap` and the probe starts afresh (the
+    sandbox finds bwrap through PATH). Returns that PATH, for subprocesses."""
+    from merge_distill.sandbox import policy
+
+    empty = tmp_path / "no-bwrap-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setattr(policy, "_LEVEL_CACHE", {})
+    return str(empty)
+
+
 # Fixtures backed by subprocesses (sandbox workers, math-verify pools, a plugin venv, torchrun): a test that
 # uses one is slow, whatever its own marks say. `pytest -m "not slow"` is the fast loop.
 SUBPROCESS_FIXTURES = {"sandbox", "fallback", "math_grader", "code_grader", "units_plugin", "runs"}

@@ -17,11 +17,17 @@ def _eval_args(world, out, *extra):
 
 
 @pytest.mark.slow
-def test_two_models_on_two_suites(tiny_world, tmp_path):
+def test_two_models_on_two_suites(tiny_world, tmp_path, isolation):
     out = tmp_path / "ev"
-    result = runner.invoke(app, _eval_args(tiny_world, out))
+    result = runner.invoke(app, _eval_args(tiny_world, out, "--isolation", isolation))
     assert result.exit_code == 0, result.output
     assert "base" in result.output and "math" in result.output and "samples/s" in result.output
+    # the table has code results: the level they ran under is printed right under it, and recorded
+    lines = result.output.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"isolation: {isolation}"))
+    assert "score ± stderr" in "".join(lines[at - 3: at]), result.output  # right after the table's caption
+    assert json.loads((out / "results.json").read_text())["sandbox_isolation"] == isolation
+    assert f"_isolation: {isolation}" in (out / "results.md").read_text()
     rows = json.loads((out / "results.json").read_text())["rows"]
     whole = [r for r in rows if r["subset"] is None]
     assert {(r["model"], r["suite"]) for r in whole} == {
@@ -35,11 +41,11 @@ def test_two_models_on_two_suites(tiny_world, tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_eval_resumes_without_regenerating(tiny_world, tmp_path, monkeypatch):
+def test_interrupted_eval_resumes_without_regenerating(tiny_world, tmp_path, monkeypatch, isolation):
     from merge_distill.engines import TransformersSampler
 
     out = tmp_path / "ev"
-    assert runner.invoke(app, _eval_args(tiny_world, out)).exit_code == 0
+    assert runner.invoke(app, _eval_args(tiny_world, out, "--isolation", isolation)).exit_code == 0
     gen = out / "generations" / "base__math_test.jsonl"
     lines = gen.read_text().splitlines()
     # a kill mid-write: 10 finished samples and half a line
@@ -52,7 +58,7 @@ def test_interrupted_eval_resumes_without_regenerating(tiny_world, tmp_path, mon
         return real_sample(self, prompts, **kw)
 
     monkeypatch.setattr(TransformersSampler, "sample", counting)
-    assert runner.invoke(app, _eval_args(tiny_world, out)).exit_code == 0
+    assert runner.invoke(app, _eval_args(tiny_world, out, "--isolation", isolation)).exit_code == 0
     assert generated == [14]  # only the missing samples of the one cut file, nothing else
     resumed = [json.loads(l) for l in gen.read_text().splitlines() if l.strip().endswith("}")]
     assert [json.dumps(r) for r in resumed[:10]] == [json.dumps(json.loads(l)) for l in lines[:10]]

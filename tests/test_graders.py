@@ -28,8 +28,8 @@ def math_grader():
 
 
 @pytest.fixture(scope="module")
-def code_grader():
-    with CodeGrader(timeout_s=3.0) as g:
+def code_grader(isolation):
+    with CodeGrader(timeout_s=3.0, isolation=isolation) as g:
         yield g
 
 
@@ -199,7 +199,7 @@ def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_grade_file_round_trip_and_resume(tmp_path):
+def test_grade_file_round_trip_and_resume(tmp_path, isolation):
     rows = [
         {"task_id": "m1", "answer": "85", "completion": r"\boxed{85}"},
         {"task_id": "m1", "answer": "85", "completion": r"\boxed{86}"},  # a second sample, same task
@@ -211,19 +211,22 @@ def test_grade_file_round_trip_and_resume(tmp_path):
     _write_jsonl(src, rows[:2] + [{}][:0] + rows[2:])
     src.write_text(src.read_text().replace("\n", "\n\n", 1))  # a blank line is skipped, numbering kept
 
-    summary = grade_file(src, out, timeout_s=3, workers=1)
+    summary = grade_file(src, out, timeout_s=3, workers=1, isolation=isolation)
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(x["line"], x["task_id"], x["domain"], x["verdict"]) for x in lines] == [
         (1, "m1", "math", "pass"), (3, "m1", "math", "fail"), (4, "mbpp/1", "code", "pass"),
         (5, "he/1", "code", "fail"), (6, "m2", "math", "pass")]
+    # code lines say what they ran under; math lines ran no code
+    assert [x.get("isolation") for x in lines] == [None, None, isolation, isolation, None]
     assert summary["total"] == 5 and summary["graded"] == 5 and summary["resumed"] == 0
+    assert summary["isolation"] == isolation
     assert summary["domains"]["math"] == {"n": 3, "pass": 2, "pass_rate": 2 / 3, "verdicts": {"pass": 2, "fail": 1}}
     assert summary["domains"]["code"]["verdicts"] == {"pass": 1, "fail": 1}
 
     # Interrupted run: two lines kept and a torn third; the rerun grades only what is missing.
     kept = out.read_text().splitlines(True)[:2]
     out.write_text("".join(kept) + '{"line": 4, "task_')
-    summary2 = grade_file(src, out)
+    summary2 = grade_file(src, out, isolation=isolation)
     assert summary2["resumed"] == 2 and summary2["graded"] == 3
     assert [json.loads(x) for x in out.read_text().splitlines()] == lines
     assert {k: v for k, v in summary2.items() if k not in ("graded", "resumed")} == \
@@ -348,10 +351,11 @@ def test_entry_point_graders_are_discovered(tmp_path, monkeypatch):
 
 
 def test_graders_pickle_and_verdicts_validate():
-    for grader in (MathGrader(timeout_s=3), CodeGrader(timeout_s=2)):
+    for grader in (MathGrader(timeout_s=3), CodeGrader(timeout_s=2, isolation="rlimits")):
         clone = pickle.loads(pickle.dumps(grader))
         assert clone.timeout_s == grader.timeout_s
         clone.close()
+    assert clone.sandbox.requested_isolation == "rlimits"  # the opt-out travels with the grader
     with pytest.raises(ValueError):
         Verdict("great", 1.0)
     assert Verdict.of("timeout", "x" * 500).detail.endswith("...")

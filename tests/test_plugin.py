@@ -128,6 +128,7 @@ def test_a_recipe_runs_with_the_plugin_grader(units_plugin, units_recipe, tmp_pa
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((Path(recipe["output_dir"]) / "report.json").read_text())
+    assert report["sandbox_isolation"] is None and "isolation:" not in result.stdout  # no code ran, none isolated
     rows = [r for r in report["rows"] if r["suite"] == "units_test" and r["subset"] is None]
     assert rows and rows[0]["model"] == "student" and rows[0]["n_problems"] == 12
     graded = (Path(recipe["output_dir"]) / "eval" / "generations" / "student__units_test.jsonl").read_text()

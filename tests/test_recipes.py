@@ -19,10 +19,11 @@ def run_cli(*args, env=None, cwd=None):
 
 
 @pytest.mark.slow
-def test_smoke_recipe_end_to_end(tmp_path):
+def test_smoke_recipe_end_to_end(tmp_path, isolation):
     env = {"MERGE_DISTILL_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "run"
-    proc = run_cli("run", str(ROOT / "recipes" / "smoke.yaml"), "--set", f"output_dir={out}", env=env)
+    proc = run_cli("run", str(ROOT / "recipes" / "smoke.yaml"), "--set", f"output_dir={out}", "--isolation", isolation,
+                   env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     rows = report["rows"]
@@ -38,23 +39,25 @@ def test_smoke_recipe_end_to_end(tmp_path):
     assert all(r["n_problems"] == 64 for r in rows if r["subset"] is None)
     assert all(0 < r["n_problems"] < 64 for r in rows if r["subset"] is not None)
     assert {r["subset"] for r in rows} >= {None, "misconception", "plain"}
-    assert report["sandbox_isolation"] in ("bubblewrap", "rlimits")
+    assert report["sandbox_isolation"] == isolation  # the level the code suites ran under
+    assert f"isolation: {isolation}" in proc.stdout and f"_isolation: {isolation}" in (out / "report.md").read_text()
     for name in ("report.md", "report.png", "training_curves.png", "metrics.jsonl", "manifest.json"):
         assert (out / name).is_file(), name
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert load_file(out / "final" / "model.safetensors")
     # the zoo is cached: a second run reuses it (and a finished run is not silently overwritten)
     again = run_cli("run", str(ROOT / "recipes" / "smoke.yaml"), "--no-eval", "--set", f"output_dir={tmp_path / 'run2'}",
-                    env=env)
+                    "--isolation", isolation, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "zoo: built" not in again.stdout
-    clash = run_cli("run", str(ROOT / "recipes" / "smoke.yaml"), "--no-eval", "--set", f"output_dir={out}", env=env)
+    clash = run_cli("run", str(ROOT / "recipes" / "smoke.yaml"), "--no-eval", "--set", f"output_dir={out}",
+                    "--isolation", isolation, env=env)
     assert clash.returncode == 1 and "already holds a run" in clash.stderr
 
     # a lam sweep on the same zoo: one student per value, sweep.json with a point per value and suite, the plot
     sweep_dir = tmp_path / "sweep"
     proc = run_cli("sweep", str(ROOT / "recipes" / "smoke.yaml"), "--set", "reward_scale=1.0,1.5",
-                   "--set", "train.steps=2", "--set", f"output_dir={sweep_dir}", env=env)
+                   "--set", "train.steps=2", "--set", f"output_dir={sweep_dir}", "--isolation", isolation, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((sweep_dir / "sweep" / "sweep.json").read_text())
     assert data["swept"] == ["reward_scale"]

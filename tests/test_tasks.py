@@ -277,7 +277,7 @@ def _graders_ready() -> bool:
 
 
 @pytest.mark.skipif(not _graders_ready(), reason="merge_distill.graders.get_grader not built yet")
-def test_through_real_graders(splits):  # pragma: no cover - depends on the graders module
+def test_through_real_graders(splits, isolation):  # pragma: no cover - depends on the graders module
     """Correct responses pass and misconceived / randomly wrong ones fail the real graders."""
     from merge_distill.graders import get_grader
 
@@ -290,7 +290,7 @@ def test_through_real_graders(splits):  # pragma: no cover - depends on the grad
             records.append(r), completions.append(family.random_error(r, rng)), expect.append(False)
             if r["subset"] == "misconception":
                 records.append(r), completions.append(family.misconception(r)), expect.append(False)
-        grader = get_grader(domain)
+        grader = get_grader(domain, isolation=isolation)
         try:
             verdicts = grader.grade_many(records, completions)
         finally:

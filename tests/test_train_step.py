@@ -209,11 +209,11 @@ def test_progress_line_names_each_domains_metric():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_grpo_trains_on_cuda(tiny_world, tmp_path, write_recipe):
+def test_grpo_trains_on_cuda(tiny_world, tmp_path, write_recipe, isolation):
     """Rewards are graded on the CPU and the advantages live on the rollouts' device."""
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
                         max_new_tokens=12, rollouts_per_prompt=4)
-    final = train(load_recipe(path, ["method=grpo", "device=cuda"]))
+    final = train(load_recipe(path, ["method=grpo", "device=cuda", f"isolation={isolation}"]))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["math/accuracy"] <= 1 for r in rows)
     assert (final / "model.safetensors").is_file()

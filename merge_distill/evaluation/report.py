@@ -210,9 +210,15 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def results_markdown(rows: Sequence[RowLike], extra: Mapping[str, Any] | None = None) -> str:
-    """results.md: the table, its caption, paired differences and any other scalar extras."""
+    """results.md: the table, its caption (and, under it, ``sandbox_isolation``: the isolation code results
+    ran under), paired differences and any other scalar extras."""
     extra = dict(extra or {})
     parts = ["# Evaluation results", "", markdown_table(rows), "", f"_{caption(rows)}_"]
+    isolation = extra.pop("sandbox_isolation", None)
+    if isolation:
+        from merge_distill.sandbox import isolation_note
+
+        parts += ["", f"_{isolation_note(isolation)}_"]
     paired = extra.pop("paired_differences", None)
     if paired:
         parts += ["", "## Paired differences", ""]

@@ -48,6 +48,7 @@ class EvalResult:
     # (model, suite) -> task_id -> per-problem estimate, for paired differences
     per_problem: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     samples_per_second: float = 0.0
+    isolation: str | None = None  # the sandbox level code suites were graded under; None when no suite ran code
 
     def paired(self, a: str, b: str, suite: str) -> tuple[float, float, int]:
         return paired_difference(self.per_problem[(a, suite)], self.per_problem[(b, suite)])
@@ -76,12 +77,12 @@ def _load(name: str, path: str, device: str = "cpu"):
 
 def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperature: float, max_new_tokens: int,
                        seed: int, out_dir: Path, batch_size: int = 256, sampler=None, tokenizer=None,
-                       grader=None, progress=None, load=None) -> list[dict]:
+                       grader=None, progress=None, load=None, isolation: str = "bubblewrap") -> list[dict]:
     """All (task, sample) generations for one model on one suite, graded; resumes from its JSONL file.
 
     The responses come from `sampler` (any `merge_distill.engines.Sampler`: the same engines serve training
     and evaluation); without one, the model is loaded (by `load()`, else from `spec`) only if some
-    generations are missing."""
+    generations are missing. Without a `grader`, the suite's is made, with `isolation` if it runs code."""
     from merge_distill.graders import get_grader
 
     path = out_dir / "generations" / f"{_safe(spec.name)}__{_safe(suite.name)}.jsonl"
@@ -99,7 +100,7 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
     if todo:
         if sampler is None:
             sampler, tokenizer = load() if load else _load(spec.name, spec.path_for(suite.name))
-        grader = grader or get_grader(suite.grader)
+        grader = grader or get_grader(suite.grader, isolation=isolation)
         task = progress.add_task(f"eval {spec.name} on {suite.name}", total=len(todo)) if progress else None
         prompt_cache: dict[str, list[int]] = {}
 
@@ -161,18 +162,22 @@ def score_rows(spec_name: str, suite: Suite, graded: list[dict], samples: int, t
 
 def evaluate(models: list[ModelSpec], suites: list[Suite], *, samples: int = 1, temperature: float = 1.0,
              max_new_tokens: int = 256, seed: int = 1234, out_dir: str | Path, batch_size: int = 256,
-             progress=None, device: str = "cpu") -> EvalResult:
+             progress=None, device: str = "cpu", isolation: str = "bubblewrap") -> EvalResult:
     """Every model on every suite. Greedy (temperature 0) takes one sample per problem.
-    A model is loaded (once, on `device`) only if it has generations left to make."""
+    A model is loaded (once, on `device`) only if it has generations left to make.
+
+    Suites whose grader runs code are graded in the sandbox at `isolation` ("bubblewrap", checked here
+    before any model loads: ``IsolationUnavailable`` where it does not work; or the opt-out "rlimits")."""
+    from merge_distill.graders import get_grader, sandbox_level
+
     if samples < 1:
         raise UserError("--samples must be at least 1")
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise UserError(f"model names must be unique (got {', '.join(names)})")
     out_dir = Path(out_dir)
-    result = EvalResult(rows=[])
+    result = EvalResult(rows=[], isolation=sandbox_level([s.grader for s in suites], isolation))
     n_generated, t0 = 0, time.perf_counter()
-    from merge_distill.graders import get_grader
 
     graders = {}
     try:
@@ -184,7 +189,7 @@ def evaluate(models: list[ModelSpec], suites: list[Suite], *, samples: int = 1, 
                 temp = temperature if spec.temperature is None else spec.temperature
                 k = 1 if temp == 0 else samples
                 if suite.grader not in graders:
-                    graders[suite.grader] = get_grader(suite.grader)
+                    graders[suite.grader] = get_grader(suite.grader, isolation=isolation)
                 path = spec.path_for(suite.name)
 
                 def load(path=path, loaded=loaded, name=spec.name):

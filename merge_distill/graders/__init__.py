@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from merge_distill.errors import UserError
 from merge_distill.graders.base import VERDICTS, Grader, Verdict
@@ -69,9 +69,14 @@ def _factory(name: str) -> Callable[..., Grader]:
         raise UserError(f"grader {name!r} ({eps[name].value}) failed to load: {exc}") from exc
 
 
-def get_grader(name: str, **options: Any) -> Grader:
-    """A new grader instance. Lookup order: registered, built-in, entry point."""
+def get_grader(name: str, *, isolation: str | None = None, **options: Any) -> Grader:
+    """A new grader instance. Lookup order: registered, built-in, entry point.
+
+    `isolation` ("bubblewrap" or "rlimits") goes to graders that run code (``runs_code``), and is dropped for
+    the others; without it such a grader uses its own default (bubblewrap for the built-in code grader)."""
     factory = _factory(name)
+    if isolation is not None and getattr(factory, "runs_code", False):
+        options["isolation"] = isolation
     try:
         return factory(**options)
     except TypeError as exc:
@@ -89,4 +94,26 @@ def grader_metric(name: str) -> str:
     return getattr(factory, "metric", "avg")
 
 
-__all__ = ["VERDICTS", "Grader", "Verdict", "available_graders", "get_grader", "grader_metric", "register_grader"]
+def grader_runs_code(name: str) -> bool:
+    """Whether the grader runs model-written code (its factory's ``runs_code``), read from the factory without
+    making a grader; False where `name` is unknown or fails to load (get_grader reports that)."""
+    try:
+        factory = _factory(name)
+    except UserError:
+        return False
+    return bool(getattr(factory, "runs_code", False))
+
+
+def sandbox_level(names: Iterable[str], isolation: str) -> str | None:
+    """The isolation level model-written code will run under when any of the graders `names` runs code, else
+    None (no code runs). Checked now, before anything runs: bubblewrap missing or failing its self-test raises
+    ``IsolationUnavailable``, one line saying how to install it and how to opt out."""
+    if not any(grader_runs_code(n) for n in set(names)):
+        return None
+    from merge_distill.sandbox import require_isolation
+
+    return require_isolation(isolation)
+
+
+__all__ = ["VERDICTS", "Grader", "Verdict", "available_graders", "get_grader", "grader_metric", "grader_runs_code",
+           "register_grader", "sandbox_level"]

@@ -43,7 +43,12 @@ class Grader(Protocol):
 
     Optional: a class attribute ``metric``, "avg" (avg@k, the default where absent) or "pass" (pass@k):
     the metric of suites graded by it that do not name one (``merge_distill.graders.grader_metric``).
-    Not a protocol member, so graders without it still satisfy ``isinstance(g, Grader)``."""
+    Not a protocol member, so graders without it still satisfy ``isinstance(g, Grader)``.
+
+    Optional: a class attribute ``runs_code = True`` for a grader that runs model-written code. Such a
+    grader's factory takes an ``isolation`` option ("bubblewrap" or "rlimits"), which ``get_grader`` fills in
+    with the run's level, and the commands check that level before anything runs
+    (``merge_distill.graders.sandbox_level``)."""
 
     name: str
 
@@ -57,6 +62,7 @@ class GraderBase:
 
     name = "base"
     metric = "avg"
+    runs_code = False
 
     def grade_many(self, records: list[dict], completions: list[str]) -> list[Verdict]:  # pragma: no cover
         raise NotImplementedError

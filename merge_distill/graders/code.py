@@ -99,17 +99,21 @@ class CodeGrader(GraderBase):
 
     Options: ``timeout_s`` wall-clock seconds per program (3 s suits zoo-sized tasks and
     HumanEval), ``memory_mb`` address space per program, ``workers`` sandbox workers (default: CPU
-    count), ``isolation`` ("auto", "bubblewrap", "rlimits"). The sandbox starts on first use and is
-    reused across calls; ``close()`` (or ``with``) stops it, and it is stopped at exit anyway.
+    count), ``isolation`` ("bubblewrap", the default, or "rlimits" when the user asks for it; see
+    :func:`merge_distill.sandbox.require_isolation`). The sandbox starts on first use and is reused across
+    calls; ``close()`` (or ``with``) stops it, and it is stopped at exit anyway.
     """
 
     name = "code"
     metric = "pass"  # suites of code tasks report pass@k unless they say otherwise
+    runs_code = True  # get_grader passes it the run's isolation level
 
     def __init__(self, timeout_s: float = 3.0, memory_mb: int = 1024, workers: int | None = None,
-                 isolation: str = "auto"):
+                 isolation: str = "bubblewrap"):
         if timeout_s <= 0:
             raise UserError(f"code grader: timeout_s must be positive, got {timeout_s}")
+        if isolation not in ("bubblewrap", "rlimits", "auto"):
+            raise UserError(f"code grader: isolation must be bubblewrap or rlimits, got {isolation!r}")
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
         self.sandbox = Sandbox(workers, isolation=isolation)

@@ -5,7 +5,8 @@ name of the grader for that line, any registered one (``available_graders()``: m
 When ``domain`` is absent it is inferred: ``answer`` -> math, ``test``/``test_list`` -> code.
 
 Output: one line per graded input line, in input order:
-``{"line", "task_id", "domain", "verdict", "score", "detail"}``. ``line`` is the 1-based input
+``{"line", "task_id", "domain", "verdict", "score", "detail"}``, plus ``"isolation"`` (the sandbox's
+level, bubblewrap or rlimits) on lines whose grader ran the completion as code. ``line`` is the 1-based input
 line number; together with ``task_id`` it identifies a graded sample (a task id repeats when
 several samples of one task are graded). On a rerun, lines already in the output are kept and
 skipped, and a torn last line (a kill mid-write) is dropped. Lines are graded in chunks and each
@@ -21,7 +22,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from merge_distill.errors import UserError
-from merge_distill.graders import available_graders, get_grader
+from merge_distill.graders import available_graders, get_grader, grader_runs_code, sandbox_level
 from merge_distill.graders.base import VERDICTS, Grader, short
 
 
@@ -95,12 +96,16 @@ def _read_input(in_path: Path) -> list[tuple[int, dict, str]]:
 
 
 def grade_file(in_path, out_path, *, timeout_s: float | None = None, workers: int | None = None,
-               chunk_size: int = 64) -> dict:
+               chunk_size: int = 64, isolation: str = "bubblewrap") -> dict:
     """Grade every line of `in_path` into `out_path` (see module docstring); return a summary.
 
-    The summary: ``{"in_path", "out_path", "total", "graded", "resumed",
+    `isolation` is the sandbox level for lines graded by running code: bubblewrap (the default; nothing is
+    graded, and ``IsolationUnavailable`` is raised, when it does not work here) or rlimits (the user's opt-out).
+
+    The summary: ``{"in_path", "out_path", "total", "graded", "resumed", "isolation",
     "domains": {domain: {"n", "pass", "pass_rate", "verdicts": {verdict: count}}}}`` over all lines
-    of the output, resumed ones included.
+    of the output, resumed ones included; ``isolation`` names the levels the code lines ran under
+    (None when no line is code).
     """
     in_path, out_path = Path(in_path), Path(out_path)
     items = _read_input(in_path)
@@ -112,18 +117,19 @@ def grade_file(in_path, out_path, *, timeout_s: float | None = None, workers: in
     try:
         for n, record, domain in todo:  # validate everything before spending time on grading
             if not isinstance(domain, str) or domain not in graders:
-                graders[domain] = get_grader(domain, **options)
+                graders[domain] = get_grader(domain, isolation=isolation, **options)
             try:
                 check = getattr(graders[domain], "check_record", None)
                 if check is not None:
                     check(record)
             except UserError as exc:
                 raise UserError(f"{in_path}:{n}: {exc}") from None
+        level = sandbox_level(graders, isolation)  # before any line is graded
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with open(out_path, "a", encoding="utf-8") as out:
             for start in range(0, len(todo), max(1, chunk_size)):
                 chunk = todo[start: start + chunk_size]
-                rows = _grade_chunk(chunk, graders)
+                rows = _grade_chunk(chunk, graders, level)
                 for row in rows:
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
                     done[(row["line"], str(row["task_id"]))] = row
@@ -143,7 +149,7 @@ def grade_file(in_path, out_path, *, timeout_s: float | None = None, workers: in
     return summary
 
 
-def _grade_chunk(chunk, graders) -> list[dict]:
+def _grade_chunk(chunk, graders, level: str | None) -> list[dict]:
     by_domain: dict[str, list[int]] = defaultdict(list)
     for i, (_, _, domain) in enumerate(chunk):
         by_domain[domain].append(i)
@@ -152,18 +158,27 @@ def _grade_chunk(chunk, graders) -> list[dict]:
         got = graders[domain].grade_many([chunk[i][1] for i in idx], [chunk[i][1]["completion"] for i in idx])
         for i, v in zip(idx, got):
             verdicts[i] = v
-    return [
-        {"line": n, "task_id": record.get("task_id"), "domain": domain, "verdict": v.verdict,
-         "score": v.score, "detail": short(v.detail)}
-        for (n, record, domain), v in zip(chunk, verdicts)
-    ]
+    rows = []
+    for (n, record, domain), v in zip(chunk, verdicts):
+        row = {"line": n, "task_id": record.get("task_id"), "domain": domain, "verdict": v.verdict,
+               "score": v.score, "detail": short(v.detail)}
+        if getattr(graders[domain], "runs_code", False):
+            row["isolation"] = level
+        rows.append(row)
+    return rows
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per-domain counts of verdict rows."""
+    """Per-domain counts of verdict rows, and the isolation levels code rows ran under ("unrecorded" for lines
+    written before verdicts recorded it)."""
     per: dict[str, Counter] = defaultdict(Counter)
+    levels = set()
     for row in rows:
         per[row.get("domain", "?")][row["verdict"]] += 1
+        if row.get("isolation"):
+            levels.add(row["isolation"])
+        elif grader_runs_code(str(row.get("domain"))):
+            levels.add("unrecorded")
     domains = {}
     for domain in sorted(per):
         counts = per[domain]
@@ -174,7 +189,7 @@ def summarize(rows: list[dict]) -> dict:
             "pass_rate": counts["pass"] / n if n else 0.0,
             "verdicts": {v: counts[v] for v in VERDICTS if counts[v]},
         }
-    return {"total": len(rows), "domains": domains}
+    return {"total": len(rows), "domains": domains, "isolation": ", ".join(sorted(levels)) or None}
 
 
 def summary_table(summary: dict):

@@ -25,16 +25,20 @@ real uid 65534: it cannot signal the worker, and ``RLIMIT_NPROC`` is enforced. O
 a user namespace (one uid) and a program *can* kill its own worker; that is detected, the program is
 reported ``killed`` and the worker restarted.
 
-Where bwrap is missing or fails its self-test the sandbox falls back to ``"rlimits"`` isolation:
-the same worker and child protocol as plain processes (setsid, rlimits, uid 65534 when root,
-subreaper cleanup) but no namespaces: the network and the file system stay visible to the
-extent the uid allows. :func:`isolation_level` says which is in force.
+Where bwrap is missing or fails its self-test, a sandbox that asks for bubblewrap (the default) runs
+nothing: it raises :class:`IsolationUnavailable`, one line saying how to install bubblewrap and how to
+opt out. The opt-out is ``"rlimits"`` isolation, only ever used when asked for (``--isolation rlimits``,
+``isolation: rlimits`` in a recipe, ``Sandbox(isolation="rlimits")``): the same worker and child
+protocol as plain processes (setsid, rlimits, uid 65534 when root, subreaper cleanup) but no
+namespaces: the network and the file system stay visible to the extent the uid allows.
+:func:`isolation_level` says what works here; :func:`require_isolation` checks a level before any
+program runs.
 
 Programs see only the standard library (no site-packages: nothing of a virtualenv or the
 project is mounted). Other known limits: ``RLIMIT_NPROC`` counts every process of uid 65534 on
 the host, so one fork bomb can starve threads in programs running beside it; as root the sandbox
 has no user namespace, so a program may still create one of its own (it gains nothing outside);
-in the fallback without root, programs run as the caller's uid.
+under rlimits without root, programs run as the caller's uid.
 
 What counts as success
 ----------------------
@@ -48,8 +52,17 @@ it to the status descriptor), and code that changes the meaning of the tests' ow
 reward-hacking behaviours to look for in samples; no in-process harness prevents them.
 """
 
-from merge_distill.sandbox.policy import STATUSES, RunResult, Sandbox, isolation_level
+from merge_distill.sandbox.policy import (
+    LEVELS,
+    STATUSES,
+    IsolationUnavailable,
+    RunResult,
+    Sandbox,
+    isolation_level,
+    isolation_note,
+    require_isolation,
+)
 from merge_distill.sandbox.pool import FramedWorker, WorkerPool, read_frame, write_frame
 
-__all__ = ["STATUSES", "FramedWorker", "RunResult", "Sandbox", "WorkerPool", "isolation_level",
-           "read_frame", "write_frame"]
+__all__ = ["LEVELS", "STATUSES", "FramedWorker", "IsolationUnavailable", "RunResult", "Sandbox", "WorkerPool",
+           "isolation_level", "isolation_note", "read_frame", "require_isolation", "write_frame"]

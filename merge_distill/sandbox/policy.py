@@ -10,18 +10,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import weakref
 from dataclasses import dataclass
 
+from merge_distill.errors import UserError
 from merge_distill.sandbox import child as _child
 from merge_distill.sandbox import framing as _framing
 from merge_distill.sandbox import worker as _worker
 from merge_distill.sandbox.pool import FramedWorker, WorkerPool
 
 STATUSES = ("ok", "error", "timeout", "memory", "killed", "sandbox_error")
+LEVELS = ("bubblewrap", "rlimits")  # the isolation levels a user may ask for (see `require_isolation`)
+INSTALL_HINT = "apt-get install -y bubblewrap"
+OPT_OUT_HINT = "--isolation rlimits (in a recipe: isolation: rlimits)"
+
+
+class IsolationUnavailable(UserError):
+    """Bubblewrap isolation was asked for (the default) but does not work here. One line: why, how to install
+    bubblewrap, and how to opt out."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,7 @@ def _worker_source() -> str:
 
 
 _LEVEL_CACHE: dict[str, str] = {}
+_NOT_FOUND = "bwrap not found"
 
 
 class Sandbox:
@@ -133,15 +144,16 @@ class Sandbox:
     ...     [r.status for r in sb.run(["assert 1 + 1 == 2", "assert False"], timeout_s=2)]
     ['ok', 'error']
 
-    ``isolation``: "auto" (bubblewrap when it works, else rlimits), "bubblewrap" (error if it does
-    not work) or "rlimits". Limits that apply to every program: ``output_limit`` bytes kept of
-    stdout and of stderr, ``max_procs`` processes/threads of uid 65534 (RLIMIT_NPROC),
+    ``isolation``: "bubblewrap" (the default: :class:`IsolationUnavailable` when it does not work here),
+    "rlimits" (no namespaces; asked for explicitly) or "auto" (bubblewrap when it works, else rlimits: for
+    callers that report the level they got, such as the sandbox's own tests and benchmark). Limits that
+    apply to every program: ``output_limit`` bytes kept of stdout and of stderr, ``max_procs`` processes/threads of uid 65534 (RLIMIT_NPROC),
     ``file_size_mb`` per written file, ``max_files`` open descriptors, ``disk_mb`` for the whole
     private /tmp of a worker (bubblewrap only). Per call: wall-clock ``timeout_s`` and ``memory_mb``
     of address space. Cheap to construct and picklable; workers start on first use.
     """
 
-    def __init__(self, workers: int | None = None, *, isolation: str = "auto", output_limit: int = 64 * 1024,
+    def __init__(self, workers: int | None = None, *, isolation: str = "bubblewrap", output_limit: int = 64 * 1024,
                  max_procs: int = 64, file_size_mb: int = 16, max_files: int = 64, disk_mb: int = 256):
         if isolation not in ("auto", "bubblewrap", "rlimits"):
             raise ValueError(f"isolation must be auto, bubblewrap or rlimits, not {isolation!r}")
@@ -167,10 +179,8 @@ class Sandbox:
         if self._level is None:
             if self.requested_isolation == "auto":
                 self._level = isolation_level()
-            elif self.requested_isolation == "bubblewrap" and isolation_level() != "bubblewrap":
-                raise RuntimeError(f"bubblewrap isolation requested but unavailable: {_LEVEL_CACHE.get('why')}")
             else:
-                self._level = self.requested_isolation
+                self._level = require_isolation(self.requested_isolation)
         return self._level
 
     def _worker_config(self, level: str) -> dict:
@@ -181,7 +191,7 @@ class Sandbox:
             if self._host_tmp is None:
                 self._host_tmp = tempfile.mkdtemp(prefix="merge-distill-sandbox-")
                 os.chmod(self._host_tmp, 0o711)  # uid 65534 may enter its own run dir, not list
-                self._tmp_finalizer = weakref.finalize(self, shutil.rmtree, self._host_tmp, True)
+                self._tmp_finalizer = weakref.finalize(self, _remove_tree, self._host_tmp)
             base = self._host_tmp
         return {
             "pid_namespace": level == "bubblewrap",
@@ -247,6 +257,15 @@ class Sandbox:
             pass
 
 
+def _remove_tree(path: str) -> None:
+    """Remove an rlimits sandbox's host directory, whatever its programs left there (a worker that could not
+    clean up after a program retires, leaving it, e.g. directories nested deeper than Python's recursion limit)."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except RecursionError:
+        subprocess.run(["/bin/rm", "-rf", "--", path], check=False, capture_output=True)
+
+
 def _spawn_sandbox_worker(level: str, cfg: dict, disk_mb: int) -> FramedWorker:
     exe, _ = _python_install()
     tail = ["-I", "-S", "-c", _worker_source(), "--sandbox-worker", json.dumps(cfg)]
@@ -267,7 +286,7 @@ def isolation_level() -> str:
     """
     if "level" in _LEVEL_CACHE:
         return _LEVEL_CACHE["level"]
-    level, why = "rlimits", "bwrap not found"
+    level, why = "rlimits", _NOT_FOUND
     if sys.platform.startswith("linux") and shutil.which("bwrap"):
         probe = Sandbox(1, isolation="rlimits")
         probe._level = "bubblewrap"
@@ -279,10 +298,49 @@ def isolation_level() -> str:
             if result.status == "ok" and "sandbox-ok" in result.stdout:
                 level, why = "bubblewrap", ""
             else:
-                why = f"bwrap self-test failed: {result.status} {result.stderr[-500:]}"
+                why = f"bwrap self-test failed: {result.status} {_last_line(result.stderr)}".rstrip()
         except Exception as exc:  # noqa: BLE001 - any failure means: not usable
-            why = f"bwrap self-test failed: {exc}"
+            why = f"bwrap self-test failed: {_last_line(str(exc)) or type(exc).__name__}"
         finally:
             probe.close()
     _LEVEL_CACHE.update(level=level, why=why)
     return level
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def unavailable_reason() -> str:
+    """Why bubblewrap is not usable here ("" when it is); probes like :func:`isolation_level`."""
+    isolation_level()
+    return _LEVEL_CACHE.get("why", "")
+
+
+def require_isolation(level: str, opt_out: str = OPT_OUT_HINT) -> str:
+    """`level` ("bubblewrap" or "rlimits") when model-written code may run under it here.
+
+    Asking for bubblewrap where it is missing or fails its self-test raises :class:`IsolationUnavailable`,
+    one line that says why, how to install it and how to opt out (`opt_out` names the switch); rlimits
+    is always available, and is only ever used when asked for.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"isolation must be {' or '.join(LEVELS)}, not {level!r}")
+    if level == "bubblewrap" and isolation_level() != "bubblewrap":
+        why = unavailable_reason()
+        fix = (f"install it ({INSTALL_HINT})" if why == _NOT_FOUND else
+               f"make it work (it needs unprivileged user namespaces unless run as root; {INSTALL_HINT} installs it)")
+        raise IsolationUnavailable(
+            f"model-written code runs only inside bubblewrap, which is not usable here ({why}): "
+            f"{fix}, or opt out with {opt_out} to run code under rlimits alone "
+            "(no namespaces: programs can read what this user can and reach the network)")
+    return level
+
+
+def isolation_note(level: str) -> str:
+    """The line printed under a table with code results: the isolation the code ran under."""
+    if level == "rlimits":
+        return ("isolation: rlimits (asked for: no namespaces, programs could read this user's files and reach "
+                "the network)")
+    return f"isolation: {level}"

@@ -79,10 +79,11 @@ def get_preset(name: str) -> ZooPreset:
 
 class Zoo:
     def __init__(self, preset: str = "default", seed: int = 0, directory: str | None = None, progress=None,
-                 log=print):
+                 log=print, isolation: str = "bubblewrap"):
         self.name, self.preset, self.seed = preset, get_preset(preset), seed
         self.dir = zoo_dir(preset, seed, directory)
         self.progress, self.log = progress, log
+        self.isolation = isolation  # of the code its GRPO experts' graders run (the recipe key `isolation`)
 
     # -------------------------------------------------------------------------------- public API
     def path(self, member: str) -> Path:
@@ -90,10 +91,18 @@ class Zoo:
 
     def ensure(self, members: list[str] | None = None) -> Path:
         """Build whatever the named members need (default: data, base and every domain expert)."""
-        wanted = members or ["data", "base", *[f"{d}_expert" for d in self.preset.domains]]
-        for m in wanted:
-            self._build(m.split("/")[0])
+        for m in self._wanted(members):
+            self._build(m)
         return self.dir
+
+    def _wanted(self, members: list[str] | None) -> list[str]:
+        return [m.split("/")[0] for m in members or ["data", "base", *[f"{d}_expert" for d in self.preset.domains]]]
+
+    def graders_to_build(self, members: list[str] | None = None) -> set[str]:
+        """The graders that building the named members (as `ensure`) would run: each unbuilt expert is a GRPO
+        run rewarded by its domain's grader."""
+        return {m.removeprefix("large_").removesuffix("_expert") for m in self._wanted(members)
+                if m.endswith("_expert") and not self.path(m).exists()}
 
     # ---------------------------------------------------------------------------------- stages
     def _build(self, member: str) -> None:
@@ -177,7 +186,8 @@ class Zoo:
             experts=[Expert(name=domain, prompts=str(self.path("data") / f"{domain}_train.jsonl"))],
             train=Train(steps=p.grpo_steps, prompts_per_step=p.grpo_prompts,
                         rollouts_per_prompt=p.grpo_rollouts, max_new_tokens=p.max_new_tokens[domain],
-                        lr=p.grpo_lr, seed=self.seed, grad_clip=1.0))
+                        lr=p.grpo_lr, seed=self.seed, grad_clip=1.0),
+            isolation=self.isolation)
         final = train(recipe, progress=self.progress)
         with atomic_dir(self.path(name)) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
@@ -188,7 +198,7 @@ class Zoo:
 def zoo_for(recipe) -> Zoo | None:
     if recipe.zoo is None:
         return None
-    return Zoo(recipe.zoo.preset, recipe.zoo.seed, recipe.zoo.dir)
+    return Zoo(recipe.zoo.preset, recipe.zoo.seed, recipe.zoo.dir, isolation=recipe.isolation)
 
 
 def resolve(recipe, *, build: bool = True, progress=None, log=print):
@@ -215,6 +225,15 @@ def resolve(recipe, *, build: bool = True, progress=None, log=print):
                                     "eval_suite": e.eval_suite or f"zoo-{e.name}"}) for e in recipe.experts]
     return recipe.model_copy(update={"student": fix(recipe.student), "experts": experts,
                                      "zoo": recipe.zoo.model_copy(update={"dir": str(zoo.dir)})})
+
+
+def graders_to_build(recipe) -> set[str]:
+    """The graders that building the zoo members the recipe names would run (none without a zoo)."""
+    zoo = zoo_for(recipe)
+    if zoo is None:
+        return set()
+    paths = [recipe.student] + [p for e in recipe.experts for p in (e.teacher, e.reference, e.prompts)]
+    return zoo.graders_to_build([p.removeprefix("zoo:") for p in paths if isinstance(p, str) and p.startswith("zoo:")])
 
 
 def unbuilt(recipe) -> str | None:
