@@ -5,9 +5,10 @@
   `sync_weights(model)`, after each optimizer step, for an engine that holds its own copy of the student.
 - `Scorer`: exact log-probs of given responses under one frozen model (a teacher or a reference).
 
-The transformers implementations are built in (`TransformersSampler`, `TransformersScorer`); the vLLM ones
-(`merge_distill.backends.vllm`, `pip install 'merge-distill[vllm]'`, CUDA only) are chosen by a recipe's
-`backend:` section through `make_sampler` / `make_scorer`. Pass recipes whose `zoo:` paths are resolved.
+The transformers implementations are built in: `TransformersSampler` (padded, KV-cached batches),
+`PagedSampler` (continuous batching over a paged KV cache, `merge_distill.paged`) and `TransformersScorer`. The
+vLLM ones (`merge_distill.backends.vllm`, `pip install 'merge-distill[vllm]'`, CUDA only) are chosen by a
+recipe's `backend:` section through `make_sampler` / `make_scorer`. Pass recipes whose `zoo:` paths are resolved.
 """
 
 from __future__ import annotations
@@ -56,6 +57,34 @@ class TransformersSampler:
     def sample(self, prompts, *, max_new_tokens, temperature, eos_token_id, pad_token_id, seeds) -> Rollouts:
         return sample(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, seeds=seeds)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict())
+
+
+class PagedSampler:
+    """Continuous batching over a paged KV cache (`merge_distill.paged.sample_paged`): finished rows free their
+    pages, waiting rows take them, and no forward carries a finished row. The same rollouts as
+    `TransformersSampler` from the same seeds (up to the rounding of the logits).
+
+    Built on the student module itself, it shares the trainer's weights: there is nothing to sync. It computes in
+    the weights' dtype (autocast off), so its log-probs are the trainer's own only when the trainer computes in
+    that dtype too: pass `trainer_logprobs=False` otherwise. `max_cache_tokens` bounds the KV cache (rows wait
+    for pages instead of being chunked by the caller)."""
+
+    def __init__(self, model: torch.nn.Module, *, trainer_logprobs: bool = True, max_cache_tokens: int | None = None,
+                 config=None):
+        from merge_distill.paged import PagedConfig
+
+        self.model, self.trainer_logprobs = model, trainer_logprobs
+        self.config = config or PagedConfig(max_cache_tokens=max_cache_tokens)
+
+    def sample(self, prompts, *, max_new_tokens, temperature, eos_token_id, pad_token_id, seeds) -> Rollouts:
+        from merge_distill.paged import sample_paged
+
+        return sample_paged(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id, seeds=seeds, config=self.config)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         if model is not self.model:
