@@ -205,6 +205,8 @@ def eval_cmd(
     zoo_dir: Annotated[Optional[Path], typer.Option(help="zoo folder for zoo-* suites (overrides --zoo)")] = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("eval_results"),
     device: Annotated[str, typer.Option(help="torch device for the models, e.g. cpu or cuda")] = "cpu",
+    sampler: Annotated[str, typer.Option(help="transformers (padded batches) or paged (continuous batching); "
+                                              "the same samples from the same seeds")] = "transformers",
 ):
     """Score models side by side: a table, results.json/.md/.png and per-sample generations (resumable)."""
 
@@ -237,7 +239,7 @@ def eval_cmd(
             suites = [replace(s, records=s.records[:max_problems]) for s in suites]
         with progress_bar() as progress:
             result = evaluate(specs, suites, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                              seed=seed, out_dir=out, progress=progress, device=device)
+                              seed=seed, out_dir=out, progress=progress, device=device, sampler=sampler)
         pairs = [(a.name, b.name) for i, a in enumerate(specs) for b in specs[i + 1:]]
         per_problem = {}
         for (m, s), est in result.per_problem.items():

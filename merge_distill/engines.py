@@ -106,10 +106,21 @@ def make_sampler(recipe: Recipe, student: torch.nn.Module) -> Sampler:
     with one seed per row (`merge_distill.sampling.row_seeds`) and `sync_weights(student)` after every update."""
     if recipe.backend.rollout == "transformers":
         return TransformersSampler(student)
+    if recipe.backend.rollout == "paged":  # the student's weights are float32; the trainer computes in recipe.dtype
+        return PagedSampler(student, trainer_logprobs=recipe.dtype == "float32",
+                            max_cache_tokens=recipe.train.max_rollout_tokens)
     from merge_distill.backends.vllm import VLLMSampler
 
     return VLLMSampler(recipe.student, dtype=recipe.dtype, seed=recipe.train.seed,
                        gpu_memory_utilization=recipe.backend.gpu_memory_utilization)
+
+
+def frozen_sampler(recipe: Recipe, model: torch.nn.Module) -> Sampler:
+    """The engine that samples from a frozen model (e.g. SFT's teachers): paged when the student's rollouts are,
+    else padded (a vLLM recipe's frozen samplers stay in transformers)."""
+    if recipe.backend.rollout == "paged":
+        return PagedSampler(model, trainer_logprobs=False, max_cache_tokens=recipe.train.max_rollout_tokens)
+    return TransformersSampler(model)
 
 
 def make_scorer(recipe: Recipe, path: str, cache: ModelCache) -> Scorer:
