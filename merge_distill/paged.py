@@ -13,8 +13,8 @@ global generator it reseeds) is not used. Our continuous-batching logits process
 every row that gets a token in a forward, which row and which response position that token is; the slot
 `row * width + position` reaches it through the engine's per-request argument tensor. It draws the token by
 inverse CDF from that row's own uniform for that position (`sampling.row_uniforms`, `sampling.draw`), records the
-token and its log-prob, and hands the engine logits where that token is the only choice, so the engine's argmax
-takes it. A row's response therefore depends only on its prompt, its seed and the model. The padded sampler and
+token and its log-prob, and hands the engine back the logits with that token's set to +inf, so the engine's
+argmax takes it. A row's response therefore depends only on its prompt, its seed and the model. The padded sampler and
 this one give the same responses for the same seeds. Any two batch shapes, in either engine, round the logits a
 little differently; a draw can change only when its uniform falls within that rounding of a CDF boundary.
 
@@ -115,7 +115,7 @@ class _RowDraws(ContinuousBatchingLogitsProcessor):
             tok = scaled.argmax(-1)
         self.tokens[slot] = tok
         self.logprobs[slot] = scaled.gather(1, tok[:, None]).squeeze(1)
-        return scores.fill_(-math.inf).scatter_(1, tok[:, None], 0.0)
+        return scores.scatter_(1, tok[:, None], math.inf)  # the only +inf: the engine's argmax takes it
 
 
 class _QuietCPUMemoryProbe(logging.Filter):
