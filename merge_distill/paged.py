@@ -153,7 +153,8 @@ def sample_paged(model: torch.nn.Module, prompts: list[list[int]], *, max_new_to
         page_size=page, num_blocks=pages, max_requests_per_batch=rows,
         max_batch_tokens=config.max_batch_tokens or max(rows, 256),
         use_async_batching=False, use_cuda_graph=False, return_logprobs=False,
-        auto_switch_to_flash=False, scheduler_type="fifo")
+        auto_switch_to_flash=False, scheduler_type="fifo",
+        disable_nccl_graph_mixing=False)  # else, under torchrun, it sets NCCL_GRAPH_MIXING_SUPPORT=0 for the process
     gen = GenerationConfig(do_sample=False, max_new_tokens=width, eos_token_id=eos_token_id,
                            pad_token_id=pad_token_id)
 
