@@ -171,3 +171,24 @@ def test_evaluation_through_the_paged_sampler(tiny_world, tmp_path):
         assert result.rows and result.rows[0].n_problems == len(suite.records)
         files[engine] = (out / "generations" / "base__math_test.jsonl").read_text()
     assert files["paged"] == files["transformers"]
+
+
+def test_sft_samples_its_teachers_through_the_paged_engine(tiny_world, tmp_path, write_recipe, monkeypatch):
+    """Frozen teachers (bfloat16 here) sample through the recipe's engine: paged, with the padded samples."""
+    from merge_distill import train as train_module
+    from merge_distill.recipe import load_recipe
+
+    engines, losses = [], {}
+    original = train_module.frozen_sampler
+    monkeypatch.setattr(train_module, "frozen_sampler",
+                        lambda recipe, model: engines.append(type(original(recipe, model)).__name__)
+                        or original(recipe, model))
+    for engine in ("transformers", "paged"):
+        recipe = load_recipe(write_recipe(tmp_path / f"{engine}.yaml", tiny_world, tmp_path / engine, steps=1,
+                                          prompts_per_step=6, max_new_tokens=12),
+                             [f"backend.rollout={engine}", "method=sft", "dtype=bfloat16"])
+        train_module.train(recipe)
+        row = json.loads((tmp_path / engine / "metrics.jsonl").read_text().splitlines()[0])
+        losses[engine] = (row["loss"], row["response_length"])
+    assert set(engines) == {"TransformersSampler", "PagedSampler"}
+    assert losses["paged"] == pytest.approx(losses["transformers"], rel=1e-4)
