@@ -13,20 +13,29 @@ global generator it reseeds) is not used. Our continuous-batching logits process
 every row that gets a token in a forward, which row and which response position that token is; the slot
 `row * width + position` reaches it through the engine's per-request argument tensor. It draws the token by
 inverse CDF from that row's own uniform for that position (`sampling.row_uniforms`, `sampling.draw`), records the
-token and its log-prob, and hands the engine back the logits with that token's set to +inf, so the engine's
-argmax takes it. A row's response therefore depends only on its prompt, its seed and the model. The padded sampler and
-this one give the same responses for the same seeds. Any two batch shapes, in either engine, round the logits a
-little differently; a draw can change only when its uniform falls within that rounding of a CDF boundary.
+token and its log-prob, and hands the engine back the logits with that token's set to +inf, so that the engine's
+argmax takes it. A row's response therefore depends only on its prompt, its seed and the model, also when rows
+wait for pages or are evicted and recomputed: data-parallel ranks, chunkings and resumed runs sample what one
+uninterrupted batch would. The padded sampler and this one give the same responses for the same seeds. Any two
+batch shapes, in either engine, round the logits a little differently; a draw can change only when its uniform
+falls within that rounding of a CDF boundary.
 
-What this sampler does not do:
+Where it departs from the engine's defaults, and what that costs:
 - It computes in the weights' dtype. The cache and its attention mask take the model's dtype, so autocast is
   switched off inside it. When the trainer computes in another dtype (recipe `dtype: bfloat16` over float32
   weights), the recorded log-probs are not the trainer's own. `PagedSampler.trainer_logprobs` then says so, and
   the trainer recomputes pi_old.
 - It runs the engine's loop in the calling thread, not in the engine's background thread. The loop then sees
-  the caller's no_grad and device, and an error raises here. This uses one private method,
-  `ContinuousBatchingManager._run_generation_loop`.
+  the caller's no_grad and device, and an error raises here. This uses the private
+  `ContinuousBatchingManager._run_generation_loop`. The processor reads `RequestState._true_initial_tokens` (the
+  original prompt's length, once an evicted row's tokens have been folded into its prompt). `_check` fails loudly if a transformers version no longer
+  keeps the tokens drawn.
 - It saves and restores the global RNG. The engine reseeds it each time it starts.
+- Each call builds and drops an engine: about 0.2-0.3 s on a CPU, most of it the `gc.collect()` in the engine's
+  teardown, so short rollouts stay faster padded. Without flash attention (on the CPU), sdpa attends over the
+  KV of every live row at once under a block-diagonal mask (`[tokens in the forward, cached tokens]`): per
+  token it costs the live rows' total length, where the padded batch costs its longest row's length.
+  `benchmarks/rollouts.py` measures the net effect.
 """
 
 from __future__ import annotations
