@@ -75,8 +75,13 @@ class PagedSampler:
 
     def __init__(self, model: torch.nn.Module, *, trainer_logprobs: bool = True, max_cache_tokens: int | None = None,
                  config=None):
-        from merge_distill.paged import PagedConfig
+        try:
+            from merge_distill.paged import PagedConfig
+        except ImportError as e:  # the engine's API as of transformers 5.24
+            from merge_distill.errors import UserError
 
+            raise UserError(f"the paged sampler needs transformers' continuous batching as in transformers 5.24 "
+                            f"({type(e).__name__}: {e})") from None
         self.model, self.trainer_logprobs = model, trainer_logprobs
         self.config = config or PagedConfig(max_cache_tokens=max_cache_tokens)
 
