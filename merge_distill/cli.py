@@ -245,6 +245,8 @@ def eval_cmd(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("eval_results"),
     device: Annotated[str, typer.Option(help="torch device for the models, e.g. cpu or cuda")] = "cpu",
     isolation: Isolation = None,
+    sampler: Annotated[str, typer.Option(help="transformers (padded batches) or paged (continuous batching); "
+                                              "the same samples from the same seeds")] = "transformers",
 ):
     """Score models side by side: a table, results.json/.md/.png and per-sample generations (resumable)."""
 
@@ -279,7 +281,8 @@ def eval_cmd(
             suites = [replace(s, records=s.records[:max_problems]) for s in suites]
         with progress_bar() as progress:
             result = evaluate(specs, suites, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                              seed=seed, out_dir=out, progress=progress, device=device, isolation=level)
+                              seed=seed, out_dir=out, progress=progress, device=device, isolation=level,
+                              sampler=sampler)
         pairs = [(a.name, b.name) for i, a in enumerate(specs) for b in specs[i + 1:]]
         per_problem = {}
         for (m, s), est in result.per_problem.items():

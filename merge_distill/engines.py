@@ -5,9 +5,10 @@
   `sync_weights(model)`, after each optimizer step, for an engine that holds its own copy of the student.
 - `Scorer`: exact log-probs of given responses under one frozen model (a teacher or a reference).
 
-The transformers implementations are built in (`TransformersSampler`, `TransformersScorer`); the vLLM ones
-(`merge_distill.backends.vllm`, `pip install 'merge-distill[vllm]'`, CUDA only) are chosen by a recipe's
-`backend:` section through `make_sampler` / `make_scorer`. Pass recipes whose `zoo:` paths are resolved.
+The transformers implementations are built in: `TransformersSampler` (padded, KV-cached batches),
+`PagedSampler` (continuous batching over a paged KV cache, `merge_distill.paged`) and `TransformersScorer`. The
+vLLM ones (`merge_distill.backends.vllm`, `pip install 'merge-distill[vllm]'`, CUDA only) are chosen by a
+recipe's `backend:` section through `make_sampler` / `make_scorer`. Pass recipes whose `zoo:` paths are resolved.
 """
 
 from __future__ import annotations
@@ -62,6 +63,39 @@ class TransformersSampler:
             self.model.load_state_dict(model.state_dict())
 
 
+class PagedSampler:
+    """Continuous batching over a paged KV cache (`merge_distill.paged.sample_paged`): finished rows free their
+    pages, waiting rows take them, and no forward carries a finished row. The same rollouts as
+    `TransformersSampler` from the same seeds (up to the rounding of the logits).
+
+    Built on the student module itself, it shares the trainer's weights: there is nothing to sync. It computes in
+    the weights' dtype (autocast off), so its log-probs are the trainer's own only when the trainer computes in
+    that dtype too: pass `trainer_logprobs=False` otherwise. `max_cache_tokens` bounds the KV cache (rows wait
+    for pages instead of being chunked by the caller)."""
+
+    def __init__(self, model: torch.nn.Module, *, trainer_logprobs: bool = True, max_cache_tokens: int | None = None,
+                 config=None):
+        try:
+            from merge_distill.paged import PagedConfig
+        except ImportError as e:  # the engine's API as of transformers 5.24
+            from merge_distill.errors import UserError
+
+            raise UserError(f"the paged sampler needs transformers' continuous batching as in transformers 5.24 "
+                            f"({type(e).__name__}: {e})") from None
+        self.model, self.trainer_logprobs = model, trainer_logprobs
+        self.config = config or PagedConfig(max_cache_tokens=max_cache_tokens)
+
+    def sample(self, prompts, *, max_new_tokens, temperature, eos_token_id, pad_token_id, seeds) -> Rollouts:
+        from merge_distill.paged import sample_paged
+
+        return sample_paged(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id, seeds=seeds, config=self.config)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict())
+
+
 class TransformersScorer:
     """A frozen model of a `ModelCache` (loaded once per checkpoint, offloaded between uses if asked)."""
 
@@ -77,10 +111,21 @@ def make_sampler(recipe: Recipe, student: torch.nn.Module) -> Sampler:
     with one seed per row (`merge_distill.sampling.row_seeds`) and `sync_weights(student)` after every update."""
     if recipe.backend.rollout == "transformers":
         return TransformersSampler(student)
+    if recipe.backend.rollout == "paged":  # the student's weights are float32; the trainer computes in recipe.dtype
+        return PagedSampler(student, trainer_logprobs=recipe.dtype == "float32",
+                            max_cache_tokens=recipe.train.max_rollout_tokens)
     from merge_distill.backends.vllm import VLLMSampler
 
     return VLLMSampler(recipe.student, dtype=recipe.dtype, seed=recipe.train.seed,
                        gpu_memory_utilization=recipe.backend.gpu_memory_utilization)
+
+
+def frozen_sampler(recipe: Recipe, model: torch.nn.Module) -> Sampler:
+    """The engine that samples from a frozen model (e.g. SFT's teachers): paged when the student's rollouts are,
+    else padded (a vLLM recipe's frozen samplers stay in transformers)."""
+    if recipe.backend.rollout == "paged":
+        return PagedSampler(model, trainer_logprobs=False, max_cache_tokens=recipe.train.max_rollout_tokens)
+    return TransformersSampler(model)
 
 
 def make_scorer(recipe: Recipe, path: str, cache: ModelCache) -> Scorer:

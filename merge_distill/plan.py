@@ -183,7 +183,17 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     phases: dict[str, list[str]] = {}
 
     sample = [grads]  # one sampling call's KV cache (inside the engine with vLLM)
-    if not vllm_rollout:
+    if recipe.backend.rollout == "paged":  # merge_distill.paged: the engine computes in the weights' float32
+        tokens = rows * width if cfg.max_rollout_tokens is None else max(width, min(rows * width,
+                                                                                 cfg.max_rollout_tokens))
+        forward = max(rows, 256)  # tokens per forward (PagedConfig.max_batch_tokens)
+        sample += [add(f"paged KV cache ({tokens:,} tokens, float32)",
+                       tokens * m.layers * m.kv_heads * m.head_dim * 4 * 2),
+                   add(f"paged attention mask ({forward} x {tokens + forward:,}, float32)",
+                       forward * (tokens + forward) * 4),
+                   add("sampling logits and prefill chunk", rows * m.vocab * 16 + scoring_bytes(m, 4, 1, forward, 1,
+                                                                                              chunk))]
+    elif not vllm_rollout:
         n = rows_within(cfg.max_rollout_tokens)
         kv = n * width * m.layers * m.kv_heads * m.head_dim * ((4 if autocast else c) + c)
         sample += [add(f"KV cache ({_rows(n, width)})", kv), add("sampling logits and prefill",

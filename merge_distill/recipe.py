@@ -83,7 +83,8 @@ class Train(Strict):
                           "alone); default no budget")
     max_rollout_tokens: Annotated[int, Field(ge=1)] | None = Field(
         None, description="KV-cache budget of one sampling call, in tokens: rollouts are sampled in row chunks of at "
-                          "most this / (longest prompt + max_new_tokens) rows (per-row seeds: the same responses)")
+                          "most this / (longest prompt + max_new_tokens) rows (per-row seeds: the same responses); "
+                          "with backend.rollout paged, the paged cache's capacity (rows wait for free pages)")
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward pass (non-reentrant): "
                            "activation memory per token per layer falls ~20x for ~1/3 more update compute")
@@ -152,7 +153,12 @@ class Backend(Strict):
     `pip install 'merge-distill[vllm]'` (CUDA only); the trainer gets its engines from
     `merge_distill.engines.make_sampler(recipe, student)` / `make_scorer(recipe, path, cache)`."""
 
-    rollout: Literal["transformers", "vllm"] = "transformers"
+    rollout: Literal["transformers", "paged", "vllm"] = Field(
+        "transformers", description="transformers: padded KV-cached batches (every row stays until the longest "
+                                    "ends); paged: transformers' continuous batching over a paged KV cache (a "
+                                    "finished row frees its pages for a waiting one; the same responses from the "
+                                    "same seeds; also used for evaluation and for sampling frozen teachers); "
+                                    "vllm: the optional vLLM engine")
     scoring: Literal["transformers", "vllm"] = "transformers"
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
         0.5, description="share of GPU memory each vLLM engine may take (the sampler and each vLLM scorer)")
@@ -224,6 +230,14 @@ class Recipe(Strict):
             raise ValueError(f"backend.scoring vllm scores at temperature 1 only (prompt log-probs skip vLLM's "
                              f"sampling processors), but train.temperature is {self.train.temperature}, at which "
                              "teachers and references must score; use backend.scoring: transformers")
+        return self
+
+    @model_validator(mode="after")
+    def _paged_without_fsdp(self) -> "Recipe":
+        if self.backend.rollout == "paged" and self.parallel == "fsdp":
+            raise ValueError("backend.rollout paged runs transformers' continuous batching, which does not take "
+                             "FSDP-sharded models (and its cache takes the weights' dtype, not fsdp's param_dtype); "
+                             "use parallel: ddp or backend.rollout: transformers")
         return self
 
     @model_validator(mode="after")

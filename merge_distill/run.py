@@ -118,7 +118,8 @@ def evaluate_recipe(recipe: Recipe, students: dict[str, str], out_dir: Path, *, 
     suites = eval_suites(recipe)
     result = evaluate(model_specs(recipe, students, suites), suites, samples=cfg.samples, temperature=cfg.temperature,
                       max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens, seed=cfg.seed,
-                      out_dir=out_dir, progress=progress, device=recipe.device, isolation=recipe.isolation)
+                      out_dir=out_dir, progress=progress, device=recipe.device, isolation=recipe.isolation,
+                      sampler="paged" if recipe.backend.rollout == "paged" else "transformers")
     return result, paired_differences(recipe, result, suites, tuple(students))
 
 

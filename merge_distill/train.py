@@ -20,7 +20,7 @@ import torch
 from merge_distill import distributed, parallel
 from merge_distill.checkpoint import MetricsLog, check_manifest, holding, resume_from, save_checkpoint, save_final
 from merge_distill.data import DomainMixer, Prompt, load_records, render_prompt, user_message
-from merge_distill.engines import Sampler, Scorer, TransformersSampler, make_sampler, make_scorer
+from merge_distill.engines import PagedSampler, Sampler, Scorer, frozen_sampler, make_sampler, make_scorer
 from merge_distill.errors import TrainingDiverged, UserError
 from merge_distill.methods import Method, method_of
 from merge_distill.models import check_compatible, load_model, load_tokenizer, model_info
@@ -69,14 +69,15 @@ class Setup:
 
     def sample_frozen(self, path: str, batch: list[Prompt], seeds: list[int], *, what: str) -> Rollouts:
         with self.frozen.using(path, what=what) as model:
-            return self._sample(TransformersSampler(model), batch, seeds)
+            return self._sample(frozen_sampler(self.recipe, model), batch, seeds)
 
     def _sample(self, sampler: Sampler, batch: list[Prompt], seeds: list[int]) -> Rollouts:
         """One response per row, in row chunks whose KV cache stays within `train.max_rollout_tokens` (per-row
-        seeds: the same responses whatever the chunking)."""
+        seeds: the same responses whatever the chunking). A paged sampler takes every row at once: the budget
+        is its cache's capacity, and rows wait for free pages."""
         cfg, pad = self.recipe.train, self.tokenizer.pad_token_id
         rows = len(batch)
-        if cfg.max_rollout_tokens is not None:
+        if cfg.max_rollout_tokens is not None and not isinstance(sampler, PagedSampler):
             rows = max(1, cfg.max_rollout_tokens // (max(len(p.token_ids) for p in batch) + cfg.max_new_tokens))
         parts = [sampler.sample([list(p.token_ids) for p in batch[lo:lo + rows]], max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.temperature, eos_token_id=self.tokenizer.eos_token_id,

@@ -222,6 +222,12 @@ def test_component_arithmetic(tiny):
     capped = plan(load_recipe(path, ["train.max_rollout_tokens=256"]), gpus=2, gpu_memory_bytes=GiB, device="cuda",
                   prompt_tokens=28)
     assert capped.components["KV cache (2 rows x 128 tokens)"] == 2 * 128 * 3 * 2 * 2 * 16 * 4
+    # backend.rollout paged: the budget is the cache's capacity, in float32, plus sdpa's mask over the cache
+    paged = plan(load_recipe(path, ["backend.rollout=paged", "train.max_rollout_tokens=300"]), gpus=2,
+                 gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28).components
+    assert paged["paged KV cache (300 tokens, float32)"] == 300 * 3 * 2 * 2 * 16 * 4
+    assert paged["paged attention mask (256 x 556, float32)"] == 256 * 556 * 4
+    assert not any(k.startswith("KV cache") for k in paged)
     ckpt = plan(load_recipe(path, ["train.gradient_checkpointing=true"]), gpus=2, gpu_memory_bytes=GiB,
                 device="cuda", prompt_tokens=28)
     a = next(v for k, v in c.items() if k.startswith("activations"))

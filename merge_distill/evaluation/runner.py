@@ -62,17 +62,22 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:6], "little")
 
 
-def _load(name: str, path: str, device: str = "cpu"):
-    """(Sampler, tokenizer) of a model folder, or of a closed-form spec (`merge_distill.closed_form`)."""
+SAMPLERS = ("transformers", "paged")  # the engines evaluation can load a model folder into
+
+
+def _load(name: str, path: str, device: str = "cpu", sampler: str = "transformers"):
+    """(Sampler, tokenizer) of a model folder, or of a closed-form spec (`merge_distill.closed_form`; it mixes
+    several models per token, so it always samples through the padded `TransformersSampler`)."""
     from merge_distill import closed_form
-    from merge_distill.engines import TransformersSampler
+    from merge_distill.engines import PagedSampler, TransformersSampler
     from merge_distill.models import load_model, load_tokenizer
 
     if closed_form.is_spec(path):
         source, tokenizer = closed_form.load(path, device=device)
         return TransformersSampler(source), tokenizer
     model = load_model(path, what=f"model '{name}'").to(device)
-    return TransformersSampler(model), load_tokenizer(path, what=f"model '{name}'")
+    engine = PagedSampler(model) if sampler == "paged" else TransformersSampler(model)
+    return engine, load_tokenizer(path, what=f"model '{name}'")
 
 
 def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperature: float, max_new_tokens: int,
@@ -162,9 +167,11 @@ def score_rows(spec_name: str, suite: Suite, graded: list[dict], samples: int, t
 
 def evaluate(models: list[ModelSpec], suites: list[Suite], *, samples: int = 1, temperature: float = 1.0,
              max_new_tokens: int = 256, seed: int = 1234, out_dir: str | Path, batch_size: int = 256,
-             progress=None, device: str = "cpu", isolation: str = "bubblewrap") -> EvalResult:
+             progress=None, device: str = "cpu", isolation: str = "bubblewrap",
+             sampler: str = "transformers") -> EvalResult:
     """Every model on every suite. Greedy (temperature 0) takes one sample per problem.
-    A model is loaded (once, on `device`) only if it has generations left to make.
+    A model is loaded (once, on `device`, into the `sampler` engine: transformers or paged) only if it has
+    generations left to make.
 
     Suites whose grader runs code are graded in the sandbox at `isolation` ("bubblewrap", checked here
     before any model loads: ``IsolationUnavailable`` where it does not work; or the opt-out "rlimits")."""
@@ -172,6 +179,8 @@ def evaluate(models: list[ModelSpec], suites: list[Suite], *, samples: int = 1, 
 
     if samples < 1:
         raise UserError("--samples must be at least 1")
+    if sampler not in SAMPLERS:
+        raise UserError(f"sampler '{sampler}': expected one of {', '.join(SAMPLERS)}")
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise UserError(f"model names must be unique (got {', '.join(names)})")
@@ -195,7 +204,7 @@ def evaluate(models: list[ModelSpec], suites: list[Suite], *, samples: int = 1, 
                 def load(path=path, loaded=loaded, name=spec.name):
                     if path not in loaded:
                         loaded.clear()  # one model in memory at a time
-                        loaded[path] = _load(name, path, device)
+                        loaded[path] = _load(name, path, device, sampler)
                     return loaded[path]
 
                 graded = generate_and_grade(spec, suite, samples=k, temperature=temp, max_new_tokens=max_new_tokens,

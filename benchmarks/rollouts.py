@@ -1,0 +1,206 @@
+"""Rollouts at a realistic spread of lengths: the paged sampler (continuous batching) against today's padded one.
+
+    python benchmarks/rollouts.py                          # the default: a few minutes on a shared 2-core CPU
+    python benchmarks/rollouts.py --rows 64 --reps 5       # larger
+    python benchmarks/rollouts.py --config merge_distill/configs/qwen3-0.6b --device cuda --dtype bfloat16 \\
+        --vocabs 151936 --max-new 2048 --median-new 512 --rows 64
+
+The workload: `rows` prompts of 16..48 random tokens, each with a response length drawn from a lognormal
+(median `--median-new`, sigma `--sigma`), clipped to [`--min-new`, `--max-new`]. The models are random tiny
+Qwen3s (hidden 64, 2 layers; or a shipped config's shape with `--config`), at each vocabulary in `--vocabs`
+(default 260 and Qwen3's 151,936). A random model does not end its responses on its own, so the lengths are
+forced, each sampler the way it allows, and both do the same work as they would if a trained model drew EOS
+at those lengths:
+- padded (`merge_distill.sampling.sample`): the row's EOS is forced at its length (and masked before it). The
+  row stays in the batch until the longest row ends, as with a real EOS.
+- paged (`merge_distill.paged.sample_paged`): each row is capped at its length, with no EOS, and frees its
+  pages there, as at a real EOS. The cache is sized for every row at `--max-new` (what it takes when lengths
+  are not known in advance), unless `--cache-tokens` gives a budget.
+
+tokens/s counts the real response tokens: the sum of the lengths, divided by the call's wall time. That time
+includes the paged engine's setup and teardown. Peak is the memory the call adds:
+`torch.cuda.max_memory_allocated` on CUDA. On the CPU it is the process's high-water RSS, reset just before the
+call, after the heap's free memory is handed back (`malloc_trim`). It counts what glibc's heap grows by during
+the call, fragmentation included: the padded sampler's per-step `cat` of a growing cache, between vocab-sized
+logits, can grow the heap far beyond its live tensors. The line above the table gives the KV each one holds.
+Repetitions alternate the samplers and the vocabularies in one run. The last line is `ratio: X`: paged
+over padded in tokens/s at the largest vocabulary, the median over repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from _workloads import peak_rss_added  # noqa: E402
+
+
+def _trim() -> None:
+    """Hand the heap's free memory back to the OS (glibc `malloc_trim`), so that the RSS before a call is what is
+    live, and the call's peak is not hidden in memory a previous call left in the heap."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def lengths(rows: int, median: float, sigma: float, lo: int, hi: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma)))) for _ in range(rows)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=16, help="responses per call (prompts x rollouts)")
+    p.add_argument("--min-new", type=int, default=16)
+    p.add_argument("--max-new", type=int, default=1024)
+    p.add_argument("--median-new", type=float, default=160, help="median of the lognormal response lengths")
+    p.add_argument("--sigma", type=float, default=1.0, help="sigma of the lognormal (its log's std)")
+    p.add_argument("--vocabs", default="260,151936")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--config", default=None, help="a folder with a config.json (e.g. merge_distill/configs/qwen3-0.6b): "
+                                                  "a random model of that shape instead (its vocabulary wins)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="the weights' dtype (both samplers compute in it)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cache-tokens", type=int, default=None, help="paged: the KV cache's capacity (default: every "
+                                                                  "row at --max-new)")
+    p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+
+    import torch
+
+    from merge_distill.models import tiny_qwen3
+    from merge_distill.paged import PagedConfig, sample_paged
+    from merge_distill.sampling import LogitsSource, ModelLogits, row_seeds, sample
+
+    torch.set_num_threads(a.threads)
+    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+
+    class ForcedLengths(LogitsSource):
+        """The model's log-probs, with row b's EOS forced at its `length[b]`-th token and impossible before."""
+
+        def __init__(self, model, length: list[int], eos: int):
+            self.inner, self.device, self.eos = ModelLogits(model), device, eos
+            self.last = torch.tensor(length, device=device) - 1
+
+        def start(self, batch_size: int):
+            self.t = 0
+            return self.inner.start(batch_size)
+
+        def next_logprobs(self, state, *args):
+            lp = self.inner.next_logprobs(state, *args)
+            end = self.last == self.t
+            self.t += 1
+            lp[:, self.eos] = -math.inf
+            lp[end] = torch.where(torch.arange(lp.shape[1], device=device) == self.eos, 0.0, -math.inf)
+            return lp
+
+    def build(vocab: int):
+        if a.config:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = AutoConfig.from_pretrained(a.config)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(a.seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            model = tiny_qwen3(vocab, hidden=a.hidden, layers=a.layers, heads=a.heads, seed=a.seed,
+                               max_positions=a.max_new + 64)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def measure(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize(device)
+            return (torch.cuda.max_memory_allocated(device) - before) / 2**20, time.perf_counter() - t0
+        _trim()
+        return peak_rss_added(fn)
+
+    vocabs = [int(v) for v in a.vocabs.split(",")]
+    if a.config:  # one model, of the config's vocabulary
+        model = build(0)
+        vocabs, models = [model.config.vocab_size], {model.config.vocab_size: model}
+    else:
+        models = {v: build(v) for v in vocabs}
+    g = torch.Generator().manual_seed(a.seed)
+    length = lengths(a.rows, a.median_new, a.sigma, a.min_new, a.max_new, a.seed)
+    prompts = [torch.randint(0, min(vocabs) - 1, (int(n),), generator=g).tolist()
+               for n in torch.randint(16, 49, (a.rows,), generator=g)]
+    seeds = row_seeds(a.seed, a.rows)
+    worst = sum(len(q) + a.max_new for q in prompts)
+    paged_config = PagedConfig(max_cache_tokens=a.cache_tokens or worst,
+                               **({"page_size": a.page_size} if a.page_size else {}))
+    tokens = sum(length)
+
+    def padded(model, prompts=prompts, length=length, seeds=seeds):
+        eos = model.config.vocab_size - 1
+        with torch.no_grad():
+            r = sample(ForcedLengths(model, length, eos), prompts, max_new_tokens=a.max_new, temperature=1.0,
+                       eos_token_id=eos, pad_token_id=0, seeds=seeds)
+        assert r.lengths.tolist() == length
+
+    def paged(model, prompts=prompts, length=length, seeds=seeds):
+        r = sample_paged(model, prompts, max_new_tokens=length, temperature=1.0, eos_token_id=-1, pad_token_id=0,
+                         seeds=seeds, config=paged_config)
+        assert r.lengths.tolist() == length
+
+    where = f"{a.device}, {a.dtype}, {a.threads} thread{'s' * (a.threads != 1)}"
+    shape = a.config or f"hidden {a.hidden}, {a.layers} layers"
+    print(f"{a.rows} rows, prompts 16..48 tokens, responses {min(length)}..{max(length)} (median "
+          f"{statistics.median(length):.0f}, sum {tokens:,}, longest {max(length)}); {shape}; {where}")
+    print(f"paged cache: {paged_config.max_cache_tokens:,} tokens, pages of {paged_config.page_size}; padded grid: "
+          f"{a.rows} x {max(length)} = {a.rows * max(length):,} row-steps for {tokens:,} tokens")
+    cfg = next(iter(models.values())).config
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * getattr(
+        cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) * dtype.itemsize
+    grid = a.rows * (max(len(q) for q in prompts) + max(length))
+    forward = max(a.rows, 256)  # the paged engine's tokens per forward (PagedConfig.max_batch_tokens)
+    print(f"KV: padded {grid:,} tokens = {grid * per_token / 2**20:,.1f} MiB at the end (rebuilt by a cat each "
+          f"step); paged {paged_config.max_cache_tokens:,} tokens = "
+          f"{paged_config.max_cache_tokens * per_token / 2**20:,.1f} MiB from the start, and its attention mask "
+          f"{forward * (paged_config.max_cache_tokens + forward) * dtype.itemsize / 2**20:,.1f} MiB")
+    for model in models.values():  # warm-up: first-call costs of either path
+        padded(model, prompts[:2], [2, 3], seeds[:2])
+        paged(model, prompts[:2], [2, 3], seeds[:2])
+    print(f"{'vocab':>8} {'rep':>4} {'sampler':>8} {'seconds':>9} {'tokens/s':>10} {'peak MiB':>9}")
+    results: dict[tuple[int, str], list[float]] = {}
+    for rep in range(a.reps):
+        for vocab in vocabs:
+            order = (("padded", padded), ("paged", paged))
+            for name, fn in order if rep % 2 == 0 else order[::-1]:
+                mib, seconds = measure(lambda fn=fn: fn(models[vocab]))
+                results.setdefault((vocab, name), []).append(tokens / seconds)
+                print(f"{vocab:>8,} {rep:>4} {name:>8} {seconds:>9.2f} {tokens / seconds:>10,.0f} {mib:>9,.0f}",
+                      flush=True)
+    for vocab in vocabs:
+        ratios = [pg / pd for pg, pd in zip(results[(vocab, "paged")], results[(vocab, "padded")])]
+        print(f"vocab {vocab:,}: padded {statistics.median(results[(vocab, 'padded')]):,.0f} tokens/s, paged "
+              f"{statistics.median(results[(vocab, 'paged')]):,.0f} tokens/s; paged/padded per repetition "
+              + ", ".join(f"{r:.2f}" for r in ratios))
+    top = max(vocabs)
+    ratios = [pg / pd for pg, pd in zip(results[(top, "paged")], results[(top, "padded")])]
+    print(f"ratio: {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
