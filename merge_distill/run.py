@@ -90,7 +90,7 @@ def _paired(recipe: Recipe, result: EvalResult, suites, student: str, matched: s
     else the expert at every temperature) and minus base everywhere (not when matched)."""
     out = []
     by_domain = {s.domain: s for s in suites}
-    names = {m for m, _ in result.per_problem}
+    names = list(dict.fromkeys(m for m, _ in result.per_problem))  # in evaluation order (a set would vary by run)
     # the headline row of each (model, suite): avg@k, or pass@1 for pass suites
     metric_of = {}
     for r in result.rows:
