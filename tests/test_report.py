@@ -150,8 +150,12 @@ def test_students_are_scored_and_paired_at_the_teachers_temperatures(tmp_path):
                 continue  # sharpened teachers on their own suite only
             per_problem[(m, s)] = {f"p{i}": v + (0.01 * i if s == "zoo-code" else 0) for i in range(4)}
             rows.append(ResultRow(m, s, s[4:], "avg", 1, v, 0.0, 4, 4))
-    diffs = {(d.suite, d.a, d.b): round(d.diff, 6)
-             for d in paired_differences(recipe, EvalResult(rows, per_problem), suites)}
+    paired = paired_differences(recipe, EvalResult(rows, per_problem), suites)
+    diffs = {(d.suite, d.a, d.b): round(d.diff, 6) for d in paired}
+    # in evaluation order, the same in every process
+    assert [(d.a, d.b) for d in paired if d.suite == "zoo-math"] == [
+        ("student", "math"), ("student", "math@T0.8"), ("student", "math@greedy"), ("student", "base"),
+        ("student@T0.8", "math@T0.8"), ("student@greedy", "math@greedy")]
     assert diffs[("zoo-math", "student@T0.8", "math@T0.8")] == 1.7
     assert diffs[("zoo-code", "student@greedy", "code@greedy")] == 2.4
     assert diffs[("zoo-math", "student", "math")] == 0.9 and diffs[("zoo-code", "student", "base")] == 1.0
