@@ -7,8 +7,9 @@
 
 The transformers implementations are built in: `TransformersSampler` (padded, KV-cached batches),
 `PagedSampler` (continuous batching over a paged KV cache, `merge_distill.paged`) and `TransformersScorer`. The
-vLLM ones (`merge_distill.backends.vllm`, `pip install 'merge-distill[vllm]'`, CUDA only) are chosen by a
-recipe's `backend:` section through `make_sampler` / `make_scorer`. Pass recipes whose `zoo:` paths are resolved.
+vLLM sampler (`merge_distill.backends.vllm`, `pip install 'merge-distill[vllm]'`, CUDA only) is chosen by a
+recipe's `backend.rollout` through `make_sampler`; frozen models always score through `TransformersScorer`. Pass
+recipes whose `zoo:` paths are resolved.
 """
 
 from __future__ import annotations
@@ -129,10 +130,6 @@ def frozen_sampler(recipe: Recipe, model: torch.nn.Module) -> Sampler:
 
 
 def make_scorer(recipe: Recipe, path: str, cache: ModelCache) -> Scorer:
-    """A frozen scorer (a teacher or reference at `path`) per `recipe.backend.scoring`."""
-    if recipe.backend.scoring == "transformers":
-        return TransformersScorer(cache, path)
-    from merge_distill.backends.vllm import VLLMScorer
-
-    return VLLMScorer(path, dtype=recipe.dtype, seed=recipe.train.seed,
-                      gpu_memory_utilization=recipe.backend.gpu_memory_utilization)
+    """A frozen scorer (a teacher or reference at `path`): the trainer's chunked scorer, whatever samples the
+    student (one vLLM engine per rank is the most a run builds: see docs/scale_out.md)."""
+    return TransformersScorer(cache, path)

@@ -168,12 +168,10 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
         resident.append(add("process baseline (python, torch, tokenizer)", CPU_BASELINE + CPU_PER_VOCAB * m.vocab))
     vllm_rollout = recipe.backend.rollout == "vllm"
     engine = recipe.backend.gpu_memory_utilization * gpu_memory_bytes
-    in_engines = recipe.backend.scoring == "vllm" and method.frozen_via_scorer
-    resident += [add(f"vLLM engine: {label}", engine) for label in
-                 ["student rollouts"] * vllm_rollout + [label for label, _ in frozen.values()] * in_engines]
+    resident += [add("vLLM engine: student rollouts", engine)] * vllm_rollout
     here = (recipe.placement.frozen_device or device).split(":")[0] == device or device == "cpu"
     shards = gpus if recipe.placement.shard_frozen else 1  # each frozen model sharded over the ranks
-    per_frozen = {label: sh.params() * c / shards for label, sh in frozen.values()} if here and not in_engines else {}
+    per_frozen = {label: sh.params() * c / shards for label, sh in frozen.values()} if here else {}
     visiting = []
     if recipe.placement.offload and device != "cpu" and per_frozen:
         visiting = [add("frozen model visiting from the host (offload)", max(per_frozen.values()))]
@@ -235,11 +233,10 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     result = Plan(device, parallel, gpus, int(gpu_memory_bytes), comp, phases, notes=notes)
     if not here:
         result.notes.append(f"frozen models on {recipe.placement.frozen_device}: not counted on {device}")
-    if vllm_rollout or in_engines:
-        small = [label for label, sh in frozen.values() if sh.params() * c > engine]
-        result.notes.append(f"vLLM engines take gpu_memory_utilization {recipe.backend.gpu_memory_utilization} of "
-                            "the device each (weights and their KV cache)"
-                            + (f"; too small for the weights of: {', '.join(small)}" if small else ""))
+    if vllm_rollout:
+        result.notes.append(f"the vLLM sampler takes gpu_memory_utilization {recipe.backend.gpu_memory_utilization} "
+                            "of the device (its weights and KV cache)"
+                            + ("; too small for the student's weights" if m.params() * c > engine else ""))
     if suggest and not result.fits:
         result.suggestions = suggestions(recipe, options, rows, width)
     return result
@@ -276,14 +273,13 @@ def suggestions(recipe, options: dict, rows: int, width: int) -> list[str]:
              "parallel=fsdp": (recipe.parallel == "ddp" and options["gpus"] > 1, "recipe", {"parallel": "fsdp"}),
              "placement.shard_frozen=true": (
                  not recipe.placement.shard_frozen and options["gpus"] > 1 and method_of(recipe).frozen_via_scorer
-                 and recipe.backend.scoring != "vllm" and not recipe.placement.offload, "placement",
+                 and not recipe.placement.offload, "placement",
                  {"shard_frozen": True}),
              "parallel=fsdp + placement.offload_optimizer=true": (
                  not recipe.placement.offload_optimizer and options["gpus"] > 1 and (options["device"] or recipe.device)
                  != "cpu", "recipe",
                  {"parallel": "fsdp", "placement": recipe.placement.model_copy(update={"offload_optimizer": True})}),
              "placement.offload=true": (not recipe.placement.offload, "placement", {"offload": True}),
-             "backend.scoring=transformers": (recipe.backend.scoring == "vllm", "backend", {"scoring": "transformers"}),
              f"--gpus {2 * options['gpus']}": (True, "option", {"gpus": 2 * options["gpus"]})}
     candidates = [(lambda done, k=k, v=v: (k, v[1:])) for k, v in fixed.items() if v[0]]
     candidates[1:1] = [tokens("max_tokens_per_micro_batch")] + [tokens("max_rollout_tokens")] * (not vllm)

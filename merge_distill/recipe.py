@@ -151,7 +151,8 @@ class Zoo(Strict):
 class Backend(Strict):
     """Inference engines for the student's rollouts and the frozen scorers. "vllm" is the optional extra
     `pip install 'merge-distill[vllm]'` (CUDA only); the trainer gets its engines from
-    `merge_distill.engines.make_sampler(recipe, student)` / `make_scorer(recipe, path, cache)`."""
+    `merge_distill.engines.make_sampler(recipe, student)` / `make_scorer(recipe, path, cache)`. Teachers and
+    references always score through the trainer's own chunked scorer (`merge_distill.scoring`)."""
 
     rollout: Literal["transformers", "paged", "vllm"] = Field(
         "transformers", description="transformers: padded KV-cached batches (every row stays until the longest "
@@ -159,9 +160,20 @@ class Backend(Strict):
                                     "finished row frees its pages for a waiting one; the same responses from the "
                                     "same seeds; also used for evaluation and for sampling frozen teachers); "
                                     "vllm: the optional vLLM engine")
-    scoring: Literal["transformers", "vllm"] = "transformers"
+    scoring: Literal["transformers"] = Field(
+        "transformers", description="teachers and references: the trainer's chunked scorer (the only one)")
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
-        0.5, description="share of GPU memory each vLLM engine may take (the sampler and each vLLM scorer)")
+        0.5, description="share of GPU memory the vLLM sampler may take while it samples")
+
+    @field_validator("scoring", mode="before")
+    @classmethod
+    def _scoring_vllm_removed(cls, value):
+        if value == "vllm":
+            raise ValueError("backend.scoring vllm was removed: teachers and references score through the trainer's "
+                             "chunked scorer (extra vLLM engines held their own share of the GPU, and prompt "
+                             "log-probs materialise [tokens, vocab] logits vLLM's memory profiling leaves out); "
+                             "delete the line (docs/scale_out.md)")
+        return value
 
 
 class Recipe(Strict):
@@ -225,14 +237,6 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
-    def _vllm_scores_at_temperature_one(self) -> "Recipe":
-        if self.backend.scoring == "vllm" and self.train.temperature != 1.0:
-            raise ValueError(f"backend.scoring vllm scores at temperature 1 only (prompt log-probs skip vLLM's "
-                             f"sampling processors), but train.temperature is {self.train.temperature}, at which "
-                             "teachers and references must score; use backend.scoring: transformers")
-        return self
-
-    @model_validator(mode="after")
     def _paged_without_fsdp(self) -> "Recipe":
         if self.backend.rollout == "paged" and self.parallel == "fsdp":
             raise ValueError("backend.rollout paged runs transformers' continuous batching, which does not take "
@@ -248,9 +252,8 @@ class Recipe(Strict):
             if not method_of(self).frozen_via_scorer:
                 raise ValueError(f"placement.shard_frozen: method {self.method} loads its frozen models into the "
                                  "trainer whole (it samples from them or takes full distributions)")
-            if self.placement.offload or self.backend.scoring == "vllm":
-                raise ValueError("placement.shard_frozen does not combine with placement.offload or backend.scoring "
-                                 "vllm")
+            if self.placement.offload:
+                raise ValueError("placement.shard_frozen does not combine with placement.offload")
         if self.placement.offload_optimizer and (self.parallel != "fsdp" or not self.device.startswith("cuda")):
             raise ValueError(f"placement.offload_optimizer moves fsdp's shards from the GPU to the host: it needs "
                              f"parallel: fsdp and a cuda device (parallel is {self.parallel}, device {self.device})")

@@ -145,11 +145,9 @@ def _static_checks(recipe: Recipe, graders: list[str]) -> list[str]:
             raise UserError(f"experts.{i} ({e.name}): no grader named '{e.grader_name}'; {hint}")
     scales = ", ".join(f"{e.name}={recipe.scale_of(e)}" for e in recipe.experts)
     lines = [f"reward scales: {scales}"]
-    engines = {"rollout": recipe.backend.rollout, "scoring": recipe.backend.scoring}
-    if "vllm" in engines.values():
-        on = ", ".join(k for k, v in engines.items() if v == "vllm")
+    if recipe.backend.rollout == "vllm":
         found = importlib.util.find_spec("vllm") is not None
-        lines.append(f"backend: vllm for {on}, gpu_memory_utilization {recipe.backend.gpu_memory_utilization} per engine; "
+        lines.append(f"backend: vllm for rollout, gpu_memory_utilization {recipe.backend.gpu_memory_utilization}; "
                      + ("vllm is installed" if found else
                         "vllm is not installed here (pip install 'merge-distill[vllm]' where it runs)"))
     for e in recipe.experts:

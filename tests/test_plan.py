@@ -16,8 +16,7 @@ from merge_distill.recipe import load_recipe
 
 runner = CliRunner()
 PAPER = ["recipes/qwen3_4b_math_code.yaml", "--assume-config", "qwen3-4b", "--gpus", "8", "--gpu-memory", "80"]
-DDP = [*PAPER, "--set", "parallel=ddp", "--set", "backend.scoring=vllm",  # the recipe as first shipped
-       "--set", "train.gradient_checkpointing=false"]
+DDP = [*PAPER, "--set", "parallel=ddp", "--set", "train.gradient_checkpointing=false"]
 VERDICT = re.compile(r"peak per device: \d+\.\d GiB of \d+\.\d GiB: (fits|does not fit)")
 
 
@@ -64,16 +63,18 @@ def test_paper_recipe_does_not_fit_under_ddp_without_checkpointing():
 
 def test_paper_recipe_components():
     """Per GPU under ddp: fp32 weights 15, gradients 15, AdamW 30, bf16 autocast copies ~7, flat all-reduce 15 GiB;
-    its four vLLM engines (sampler, two teachers, and the reference: lam 1.25 scores the student's initial
-    weights too) take gpu_memory_utilization 0.25 of the GPU each."""
+    one vLLM engine (the sampler) takes gpu_memory_utilization 0.25 of the GPU; the two teachers and the reference
+    (lam 1.25 scores the student's initial weights too) are the trainer's, in bf16."""
     c = plan_json(*DDP)["components"]
     assert round(c["student weights (fp32 master)"] / GiB, 1) == 15.0 == round(c["gradients (fp32)"] / GiB, 1)
     assert round(c["AdamW m + v (fp32)"] / GiB, 1) == 30.0
     assert round(c["all-reduce buffer (flat fp32 gradients)"] / GiB, 1) == 15.0
     assert 6.5 * GiB < c["bfloat16 autocast copies of the weights"] < 7.5 * GiB  # 192 MiB a layer, 36 layers
-    assert sorted(k for k in c if k.startswith("vLLM engine")) == [
-        "vLLM engine: reference math (student's initial weights)", "vLLM engine: student rollouts",
-        "vLLM engine: teacher code", "vLLM engine: teacher math"]
+    assert [k for k in c if k.startswith("vLLM engine")] == ["vLLM engine: student rollouts"]
+    assert round(c["vLLM engine: student rollouts"] / GiB, 1) == 20.0
+    assert sorted(k for k in c if k.startswith("frozen")) == [
+        "frozen reference math (student's initial weights) (bfloat16)", "frozen teacher code (bfloat16)",
+        "frozen teacher math (bfloat16)"]
     fsdp = plan_json(*PAPER)["components"]
     assert round(fsdp["student weights (fp32 master)"] / GiB, 2) == 1.87 and "all-reduce buffer" not in str(fsdp)
     frozen = plan_json(*PAPER)["components"]

@@ -51,9 +51,8 @@ def test_paper_recipes_list_every_missing_input(recipe, tmp_path, monkeypatch):
     # the checks that need no weights still ran
     assert "reward scales: math=1.25" in out
     assert "eval suites: champ (270 problems)" in out
-    # the 4B recipe scores teachers with the trainer's chunked scorer (FSDP leaves room for them)
-    assert ("backend: vllm for rollout, gpu_memory" if recipe == "qwen3_4b_math_code.yaml"
-            else "backend: vllm for rollout, scoring") in out
+    # both sample with vLLM; teachers and references score through the trainer's chunked scorer
+    assert "backend: vllm for rollout, gpu_memory_utilization 0.25; vllm is" in out
 
 
 def test_inputs_that_exist_are_checked_and_not_listed(tmp_path, monkeypatch):

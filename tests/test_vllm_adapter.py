@@ -141,35 +141,6 @@ def test_rollouts_reject_mismatched_outputs():
         vb.rollouts_from_outputs(PROMPTS, outputs, eos_token_id=EOS, pad_token_id=PAD)
 
 
-def prompt_logprob_outputs(rollouts: Rollouts, table, flat: bool):
-    """What `prompt_logprobs=0` returns: position 0 None, position i {token i: its log-prob} (a top-1 entry
-    of another token added where it differs, as vLLM's dict holds the actual token plus the top-k)."""
-    outs = []
-    for seq in vb.scoring_requests(rollouts):
-        pairs = [None] + [{t: table(i, t), **({98: -0.001} if t != 98 else {})} for i, t in enumerate(seq) if i > 0]
-        outs.append(RequestOutput("s", None, seq, positions(pairs, flat), [completion([0], [0.0], flat=flat, finish_reason="length")]))
-    return outs
-
-
-@pytest.mark.parametrize("flat", [False, True])
-def test_scores_from_prompt_logprobs(flat):
-    r = vb.rollouts_from_outputs(PROMPTS, generate_outputs(flat), eos_token_id=EOS, pad_token_id=PAD)
-    assert vb.scoring_requests(r) == [p + ids for p, (ids, _, _) in zip(PROMPTS, RESPONSES)]
-
-    def table(i, t):  # a distinct value per (position, token)
-        return -(i * 100 + t) / 1000
-
-    scores = vb.scores_from_outputs(r, prompt_logprob_outputs(r, table, flat))
-    expected = torch.zeros(r.response_ids.shape)
-    for b, (p, (ids, _, _)) in enumerate(zip(PROMPTS, RESPONSES)):
-        for t, tok in enumerate(ids):
-            expected[b, t] = table(len(p) + t, tok)
-    assert torch.equal(scores, expected)
-    assert (scores[r.response_mask == 0] == 0).all()
-    with pytest.raises(ValueError, match="different sequence"):
-        vb.scores_from_outputs(r, prompt_logprob_outputs(r, table, flat)[::-1])
-
-
 # ------------------------------------------- the engine wrappers, driven by a fake `vllm` module and LLM
 
 # Some SamplingParams fields of vLLM 0.33 (vllm/sampling_params.py) and their defaults there.
@@ -192,8 +163,7 @@ def fake_vllm():
 
 class FakeLLM:
     """`LLM.generate` / `collective_rpc` / `reset_prefix_cache` over a tiny HF model, with vLLM's semantics:
-    the sampled token's processed (tempered) log-prob, per-request seeds, EOS kept, prompt log-probs with
-    position 0 = None."""
+    the sampled token's processed (tempered) log-prob, per-request seeds, EOS kept."""
 
     def __init__(self, model):
         self.model, self.calls = model, []
@@ -208,11 +178,6 @@ class FakeLLM:
         outs = []
         for prompt, sp in zip(prompts, params):
             ids = list(prompt["prompt_token_ids"])
-            prompt_lp = None
-            if sp.prompt_logprobs is not None:
-                full = self._logprobs(ids)
-                pairs = [None] + [{t: float(full[i - 1, t])} for i, t in enumerate(ids) if i > 0]
-                prompt_lp = positions(pairs, sp.flat_logprobs)
             gen = torch.Generator().manual_seed(sp.seed or 0)
             seq, toks, lps = list(ids), [], []
             for _ in range(sp.max_tokens):
@@ -224,7 +189,7 @@ class FakeLLM:
                 if tok in (sp.stop_token_ids or []):
                     break
             finish = "stop" if toks[-1] in (sp.stop_token_ids or []) else "length"
-            outs.append(RequestOutput("r", None, ids, prompt_lp,
+            outs.append(RequestOutput("r", None, ids, None,
                                       [completion(toks, lps, flat=sp.flat_logprobs, finish_reason=finish)]))
         return outs
 
@@ -252,7 +217,7 @@ def wrapped(cls, llm):
     return obj
 
 
-def test_sampler_and_scorer_match_the_transformers_backend(monkeypatch, tiny_model):
+def test_sampler_matches_the_transformers_backend(monkeypatch, tiny_model):
     from merge_distill.scoring import response_logprobs
 
     monkeypatch.setattr(vb, "import_vllm", fake_vllm)
@@ -269,9 +234,6 @@ def test_sampler_and_scorer_match_the_transformers_backend(monkeypatch, tiny_mod
     assert alone.response_token_lists()[0] == r.response_token_lists()[2]
     # the recorded log-probs are those of the tempered distribution, as the transformers backend records them
     assert torch.allclose(r.sampler_logprobs, response_logprobs(tiny_model, r, temperature=0.7), atol=1e-5)
-    # scoring via prompt log-probs equals the transformers scorer token for token (position alignment)
-    scorer = wrapped(vb.VLLMScorer, llm)
-    assert torch.allclose(scorer.score(r), response_logprobs(tiny_model, r), atol=1e-5)
     with pytest.raises(ValueError, match="one seed per row"):
         sampler.sample(prompts, max_new_tokens=2, temperature=1.0, eos_token_id=EOS, pad_token_id=PAD, seeds=[1])
 
@@ -296,11 +258,18 @@ def test_missing_vllm_is_one_clear_line(monkeypatch):
     with pytest.raises(UserError) as e:
         vb.import_vllm()
     assert "pip install 'merge-distill[vllm]'" in str(e.value) and len(str(e.value).splitlines()) == 1
-    recipe = Recipe.model_validate({**RECIPE, "backend": {"rollout": "vllm", "scoring": "vllm"}})
+    recipe = Recipe.model_validate({**RECIPE, "backend": {"rollout": "vllm"}})
     with pytest.raises(UserError, match=r"merge-distill\[vllm\]"):
         make_sampler(recipe, None)
-    with pytest.raises(UserError, match=r"merge-distill\[vllm\]"):
-        make_scorer(recipe, "t", None)
+
+
+def test_scoring_through_vllm_is_refused_with_the_reason():
+    """Teachers and references score through the trainer's chunked scorer, whatever samples the student."""
+    with pytest.raises(Exception, match="backend.scoring vllm was removed: teachers and references score through "
+                                        "the trainer's chunked scorer"):
+        Recipe.model_validate({**RECIPE, "backend": {"rollout": "vllm", "scoring": "vllm"}})
+    recipe = Recipe.model_validate({**RECIPE, "backend": {"rollout": "vllm"}})
+    assert isinstance(make_scorer(recipe, "t", None), TransformersScorer)
 
 
 def test_backend_defaults_to_transformers():
@@ -319,9 +288,9 @@ def test_left_pad_is_the_shared_layout():
 
 
 @pytest.mark.slow
-def test_trainer_samples_and_scores_through_the_backend(monkeypatch, tiny_world, tmp_path, write_recipe):
-    """The trainer's side of the backend (no real vLLM here): rollouts come from the engine, frozen models
-    score through theirs, and the engine gets the student's weights after every update."""
+def test_trainer_samples_through_the_backend(monkeypatch, tiny_world, tmp_path, write_recipe):
+    """The trainer's side of the backend (no real vLLM here): rollouts come from the engine, which gets the
+    student's weights after every update; frozen models score in the trainer, never in an engine."""
     from merge_distill.models import load_model
     from merge_distill.recipe import load_recipe
     from merge_distill.train import train
@@ -336,13 +305,11 @@ def test_trainer_samples_and_scores_through_the_backend(monkeypatch, tiny_world,
     monkeypatch.setattr(vb, "_engine", engine)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
                                       max_new_tokens=6),
-                         ["backend.rollout=vllm", "backend.scoring=vllm", "experts.code.reward_scale=1.0"])
+                         ["backend.rollout=vllm", "experts.code.reward_scale=1.0"])
     train(recipe)
-    # the student's sampler first, then one scorer per distinct frozen model (base = math's reference, lam 1.25)
-    assert engines[0][0] == "base" and sorted(n for n, _ in engines[1:]) == ["base", "code_teacher", "math_teacher"]
+    assert [n for n, _ in engines] == ["base"]  # the student's sampler, and no engine for a frozen model
     syncs = [c for c in engines[0][1].calls if c[0] == "reload_weights"]
     assert len(syncs) == 2  # one after each of the two updates
-    assert all(not llm.calls for _, llm in engines[1:])  # frozen engines are never reloaded
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["math/n_sequences"] > 0 for r in rows)
 

@@ -1,3 +1,3 @@
 """Optional inference engines beside the built-in transformers ones. `merge_distill.backends.vllm` (`pip install
-'merge-distill[vllm]'`, CUDA only) implements the `Sampler` and `Scorer` protocols of `merge_distill.engines`,
-which picks an engine per a recipe's `backend:` section (`make_sampler`, `make_scorer`)."""
+'merge-distill[vllm]'`, CUDA only) implements the `Sampler` protocol of `merge_distill.engines`, which picks the
+student's rollout engine per a recipe's `backend.rollout` (`make_sampler`)."""

@@ -1,21 +1,18 @@
-"""vLLM backend (optional extra: `pip install 'merge-distill[vllm]'`, CUDA only): student rollouts and
-exact-token scoring, returning the same tensors as the transformers backend.
+"""vLLM backend (optional extra: `pip install 'merge-distill[vllm]'`, CUDA only): student rollouts, returning
+the same tensors as the transformers backend. Teachers and references score through the trainer's own chunked
+scorer (`merge_distill.scoring`), not through vLLM.
 
 Written against the source of vLLM 0.33.0 (`vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl`); the calls:
 
 - `vllm.LLM(model, tokenizer, dtype, seed, gpu_memory_utilization, logprobs_mode="processed_logprobs",
   max_model_len)`. `processed_logprobs` makes the sampled token's log-prob that of the distribution sampled
-  from (after temperature), as `merge_distill.sampling` records it for the importance ratio; prompt
-  log-probs are the same in every mode (prompt tokens skip the sampling processors).
+  from (after temperature), as `merge_distill.sampling` records it for the importance ratio.
 - `LLM.generate([TokensPrompt(prompt_token_ids=...)], [SamplingParams(...) per row], use_tqdm=False)`:
   outputs come back in input order. Rollouts: `n=1, seed=<row's seed>, temperature, top_p=1, top_k=0,
   max_tokens, logprobs=0` (0 = only the sampled token's log-prob), `ignore_eos=True,
   stop_token_ids=[eos]` (only our EOS stops, as in the transformers backend, not also the extra EOS ids
   of the model's generation_config), `detokenize=False`, `flat_logprobs=True`. A stop token is kept as
   the last element of `CompletionOutput.token_ids`.
-- Scoring: `prompt_logprobs=0, max_tokens=1` on prompt ++ response ids. `RequestOutput.prompt_logprobs`
-  has one entry per prompt position; entry 0 is None (nothing predicts the first token) and entry i maps
-  the actual token i (always present, whatever its rank) plus the top-k (k = 0 here) to a `Logprob`.
 - Log-probs come as `list[dict[int, Logprob]]` or, with `flat_logprobs=True`, as `FlatLogprobs`
   (fields `start_indices, end_indices, token_ids, logprobs, ...`); both are read here.
 - Weight sync (colocated, one GPU, tensor_parallel_size 1): `LLM.collective_rpc("reload_weights",
@@ -26,12 +23,11 @@ Written against the source of vLLM 0.33.0 (`vllm-0.33.0-cp38-abi3-manylinux_2_28
   engine is built (vLLM caches its environment after that, so it holds for every engine in the process).
 
 What is exercised by tests (tests/test_vllm_adapter.py, on CPU, without vLLM installed): the pure helpers
-`token_logprobs`, `rollouts_from_outputs`, `scoring_requests`, `scores_from_outputs` (padding, masks,
-EOS, truncation, log-prob selection, both log-prob layouts) on fake objects with the attribute names of
-vLLM 0.33's `RequestOutput`/`CompletionOutput`/`Logprob`/`FlatLogprobs`, and the missing-vLLM error.
-What is NOT exercised anywhere: everything that touches a real engine (`VLLMSampler`, `VLLMScorer`:
-construction, `generate`, `collective_rpc("reload_weights")`, `reset_prefix_cache`), and several engines
-(sampler plus scorers) sharing one process and GPU. No real vLLM has run this code.
+`token_logprobs`, `rollouts_from_outputs` (padding, masks, EOS, truncation, log-prob selection, both log-prob
+layouts) on fake objects with the attribute names of vLLM 0.33's `RequestOutput`/`CompletionOutput`/`Logprob`/
+`FlatLogprobs`, and the missing-vLLM error. What is NOT exercised anywhere: everything that touches a real
+engine (construction, `generate`, `collective_rpc("reload_weights")`, `reset_prefix_cache`). No real vLLM has
+run this code.
 """
 
 from __future__ import annotations
@@ -128,39 +124,6 @@ def rollouts_from_outputs(prompts: Sequence[Sequence[int]], outputs: Sequence[An
                     truncated=torch.tensor(truncated, dtype=torch.bool))
 
 
-def _rows(rollouts: Rollouts) -> list[tuple[list[int], list[int]]]:
-    """(unpadded prompt ids, response ids) of each row."""
-    out = []
-    for ids, mask, resp in zip(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_token_lists()):
-        out.append((ids[mask.bool()].tolist(), resp))
-    return out
-
-
-def scoring_requests(rollouts: Rollouts) -> list[list[int]]:
-    """The token ids to score for each row: its prompt (padding removed) followed by its response."""
-    rows = []
-    for b, (prompt, response) in enumerate(_rows(rollouts)):
-        if not prompt:
-            raise ValueError(f"row {b}: empty prompt; the first token has no log-prob to score from")
-        rows.append(prompt + response)
-    return rows
-
-
-def scores_from_outputs(rollouts: Rollouts, outputs: Sequence[Any]) -> Tensor:
-    """`[B, L]` log-probs of exactly the response tokens, read from `RequestOutput.prompt_logprobs` of
-    requests built by `scoring_requests`; 0 on padding (the layout of `scoring.response_logprobs`)."""
-    rows = _rows(rollouts)
-    if len(outputs) != len(rows):
-        raise ValueError(f"{len(outputs)} outputs for {len(rows)} rows")
-    scores = torch.zeros(rollouts.response_ids.shape)
-    for b, ((prompt, response), out) in enumerate(zip(rows, outputs)):
-        if out.prompt_token_ids is not None and list(out.prompt_token_ids) != prompt + response:
-            raise ValueError(f"row {b}: output is for a different sequence (outputs out of order?)")
-        if response:
-            scores[b, :len(response)] = torch.tensor(token_logprobs(out.prompt_logprobs, response, start=len(prompt)))
-    return scores
-
-
 # ------------------------------------------------------------------------- engines (not exercised)
 
 
@@ -210,24 +173,3 @@ class VLLMSampler:
         weights = full_tensors(model)  # one tensor at a time; under fsdp each gathered as the engine takes it
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
-
-
-class VLLMScorer:
-    """Exact-token log-probs of sampled responses under a frozen model (a teacher or a reference)."""
-
-    def __init__(self, model: str, *, dtype: str = "bfloat16", seed: int = 0, gpu_memory_utilization: float = 0.5,
-                 max_model_len: int | None = None, **llm_kwargs):
-        self.llm = _engine(model, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                           max_model_len=max_model_len, **llm_kwargs)
-
-    def score(self, rollouts: Rollouts, *, temperature: float = 1.0) -> Tensor:
-        """`[B, L]` log p(y_t | x, y_<t) at temperature 1 of each response token, 0 on padding (`engines.Scorer`).
-        Prompt log-probs skip vLLM's sampling processors, so temperature 1 is the only one it scores at."""
-        if temperature != 1.0:
-            raise UserError(f"backend.scoring vllm scores at temperature 1 only (asked for {temperature})")
-        vllm = import_vllm()
-        params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
-                                     flat_logprobs=True)
-        requests = [vllm.TokensPrompt(prompt_token_ids=ids) for ids in scoring_requests(rollouts)]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return scores_from_outputs(rollouts, outputs)
