@@ -37,6 +37,12 @@ class Sampler(Protocol):
 
     def sync_weights(self, model: torch.nn.Module) -> None: ...
 
+    # Optional, for an engine with its own copy of the weights (vLLM): `awake()`, a context in which it holds
+    # its memory and the trainer's current weights, entered by every rank together; the trainer wraps each
+    # sampling phase and periodic evaluation in it (`train.Setup.decoding`). And `schedules_rows = True` for an
+    # engine that schedules rows within its own memory (continuous batching): the trainer then passes every
+    # row at once instead of chunks within `train.max_rollout_tokens`.
+
 
 class Scorer(Protocol):
     def score(self, rollouts: Rollouts, *, temperature: float) -> Tensor:
@@ -74,6 +80,8 @@ class PagedSampler:
     that dtype too: pass `trainer_logprobs=False` otherwise. `max_cache_tokens` bounds the KV cache (rows wait
     for pages instead of being chunked by the caller)."""
 
+    schedules_rows = True  # rows wait for free pages: the trainer passes every row at once
+
     def __init__(self, model: torch.nn.Module, *, trainer_logprobs: bool = True, max_cache_tokens: int | None = None,
                  config=None):
         try:
@@ -107,17 +115,22 @@ class TransformersScorer:
         return self.cache.score(self.path, rollouts, temperature=temperature)
 
 
-def make_sampler(recipe: Recipe, student: torch.nn.Module) -> Sampler:
+def make_sampler(recipe: Recipe, student: torch.nn.Module, *, max_model_len: int | None = None) -> Sampler:
     """The student's rollout engine per `recipe.backend.rollout`. The trainer calls `sample(..., seeds=...)`
-    with one seed per row (`merge_distill.sampling.row_seeds`) and `sync_weights(student)` after every update."""
+    with one seed per row (`merge_distill.sampling.row_seeds`) and `sync_weights(student)` after every update.
+    vLLM needs `max_model_len`: the most prompt + response tokens one request of the run takes."""
     if recipe.backend.rollout == "transformers":
         return TransformersSampler(student)
     if recipe.backend.rollout == "paged":  # the student's weights are float32; the trainer computes in recipe.dtype
         return PagedSampler(student, trainer_logprobs=recipe.dtype == "float32",
                             max_cache_tokens=recipe.train.max_rollout_tokens)
-    from merge_distill.backends.vllm import VLLMSampler
+    from merge_distill.backends.vllm import VLLMSampler, import_vllm
 
-    return VLLMSampler(recipe.student, dtype=recipe.dtype, seed=recipe.train.seed,
+    import_vllm()  # the missing extra first
+    if max_model_len is None:
+        raise ValueError("backend.rollout vllm: make_sampler needs max_model_len (longest prompt + max_new_tokens)")
+    return VLLMSampler(recipe.student, student, max_model_len=max_model_len, device=recipe.device,
+                       dtype=recipe.dtype, seed=recipe.train.seed, sleep_level=recipe.backend.sleep_level,
                        gpu_memory_utilization=recipe.backend.gpu_memory_utilization)
 
 

@@ -164,6 +164,10 @@ class Backend(Strict):
         "transformers", description="teachers and references: the trainer's chunked scorer (the only one)")
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
         0.5, description="share of GPU memory the vLLM sampler may take while it samples")
+    sleep_level: Literal[0, 1, 2] = Field(
+        2, description="the vLLM sampler between rollouts (vLLM's sleep mode, as TRL and verl colocate it): 2 frees "
+                       "its weights and KV cache (it reloads the trainer's weights at each wake); 1 frees the KV "
+                       "cache and offloads the weights to host memory; 0 keeps both on the GPU")
 
     @field_validator("scoring", mode="before")
     @classmethod

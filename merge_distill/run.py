@@ -259,17 +259,24 @@ def periodic_eval(recipe: Recipe, out_dir: Path):
     suites, tokenizer, cfg = eval_suites(recipe), load_tokenizer(recipe.student), recipe.eval
     sandbox_level([s.grader for s in suites], recipe.isolation)  # before training starts, not at its first eval
 
+    max_new_tokens = cfg.max_new_tokens or recipe.train.max_new_tokens
+
     def on_eval(sampler, step: int) -> dict:
         metrics = {}
         for suite in suites:
             graded = generate_and_grade(ModelSpec("student", recipe.student), suite, samples=1,
-                                        temperature=cfg.temperature,
-                                        max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens,
+                                        temperature=cfg.temperature, max_new_tokens=max_new_tokens,
                                         seed=cfg.seed, out_dir=out_dir / "evals" / f"step-{step}",
                                         sampler=sampler, tokenizer=tokenizer, isolation=recipe.isolation)
             metrics[f"eval/{suite.name}"] = score_rows("student", suite, graded, 1, cfg.temperature)[0][0].score
         return metrics
 
+    on_eval.max_tokens = 0  # the longest request's prompt + response tokens: sizes the vLLM sampler (train.setup)
+    if recipe.backend.rollout == "vllm":
+        from merge_distill.data import render_prompt
+
+        on_eval.max_tokens = max_new_tokens + max(len(render_prompt(tokenizer, s.render_prompt(r), s.system_prompt))
+                                                  for s in suites for r in s.records)
     return on_eval
 
 

@@ -20,7 +20,7 @@ import torch
 from merge_distill import distributed, parallel
 from merge_distill.checkpoint import MetricsLog, check_manifest, holding, resume_from, save_checkpoint, save_final
 from merge_distill.data import DomainMixer, Prompt, load_records, render_prompt, user_message
-from merge_distill.engines import PagedSampler, Sampler, Scorer, frozen_sampler, make_sampler, make_scorer
+from merge_distill.engines import Sampler, Scorer, frozen_sampler, make_sampler, make_scorer
 from merge_distill.errors import TrainingDiverged, UserError
 from merge_distill.methods import Method, method_of
 from merge_distill.models import check_compatible, load_model, load_tokenizer, model_info
@@ -60,7 +60,13 @@ class Setup:
         return getattr(self.student_logprobs, "no_sync", contextlib.nullcontext)()
 
     def decoding(self, fn):
-        """`fn()` with the student's weights in place for decoding (under fsdp every rank calls this)."""
+        """`fn()` with the student's weights in place for decoding (under fsdp every rank calls this): the
+        student's shards gathered, or, for an engine with its own copy of the weights (vLLM), that engine awake
+        with the trainer's current weights (the student stays sharded)."""
+        awake = getattr(self.sampler, "awake", None)
+        if awake is not None:
+            with awake():
+                return fn()
         return parallel.decoding(self.student_logprobs, lambda _: fn())
 
     def sample_student(self, batch: list[Prompt], seeds: list[int]) -> Rollouts:
@@ -73,11 +79,11 @@ class Setup:
 
     def _sample(self, sampler: Sampler, batch: list[Prompt], seeds: list[int]) -> Rollouts:
         """One response per row, in row chunks whose KV cache stays within `train.max_rollout_tokens` (per-row
-        seeds: the same responses whatever the chunking). A paged sampler takes every row at once: the budget
-        is its cache's capacity, and rows wait for free pages."""
+        seeds: the same responses whatever the chunking). An engine that schedules rows itself (paged, vLLM)
+        takes every row at once: rows wait for free pages of its cache."""
         cfg, pad = self.recipe.train, self.tokenizer.pad_token_id
         rows = len(batch)
-        if cfg.max_rollout_tokens is not None and not isinstance(sampler, PagedSampler):
+        if cfg.max_rollout_tokens is not None and not getattr(sampler, "schedules_rows", False):
             rows = max(1, cfg.max_rollout_tokens // (max(len(p.token_ids) for p in batch) + cfg.max_new_tokens))
         parts = [sampler.sample([list(p.token_ids) for p in batch[lo:lo + rows]], max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.temperature, eos_token_id=self.tokenizer.eos_token_id,
@@ -153,7 +159,9 @@ def load_prompts(recipe: Recipe, tokenizer) -> list[list[Prompt]]:
     return pools
 
 
-def setup(recipe: Recipe) -> Setup:
+def setup(recipe: Recipe, *, eval_tokens: int = 0) -> Setup:
+    """`eval_tokens`: the most prompt + response tokens a periodic evaluation request takes (it sizes a vLLM
+    engine's `max_model_len`, with the longest training prompt + `train.max_new_tokens`)."""
     rewarded = not method_of(recipe).needs_teachers  # rewarded by graders instead of teachers
     if rewarded:  # a grader that runs code needs its isolation before any model loads
         from merge_distill.graders import sandbox_level
@@ -170,7 +178,10 @@ def setup(recipe: Recipe) -> Setup:
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    mixer = DomainMixer(load_prompts(recipe, tokenizer), [e.weight for e in recipe.experts], recipe.train.seed)
+    pools = load_prompts(recipe, tokenizer)
+    mixer = DomainMixer(pools, [e.weight for e in recipe.experts], recipe.train.seed)
+    longest = max((len(p.token_ids) for pool in pools for p in pool), default=0)
+    max_model_len = max(longest + recipe.train.max_new_tokens, eval_tokens)
     frozen = ModelCache(dtype=dtype, device=recipe.placement.frozen_device or recipe.device,
                         offload=recipe.placement.offload, max_tokens=recipe.train.max_tokens_per_micro_batch,
                         shard=parallel.shard_frozen if recipe.placement.shard_frozen and distributed.active() else None)
@@ -180,7 +191,7 @@ def setup(recipe: Recipe) -> Setup:
 
         graders = {i: get_grader(e.grader_name, isolation=recipe.isolation) for i, e in enumerate(recipe.experts)}
     return Setup(recipe, method_of(recipe), tokenizer, student, parallel.wrap_student(student, recipe),
-                 make_sampler(recipe, student), frozen, mixer, graders)
+                 make_sampler(recipe, student, max_model_len=max_model_len), frozen, mixer, graders)
 
 
 # ----------------------------------------------------------------------------------------------- step
@@ -323,7 +334,7 @@ def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eva
         return final
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    s = setup(recipe)
+    s = setup(recipe, eval_tokens=getattr(on_eval, "max_tokens", 0))
     optimizer, scheduler = make_optimizer(s)
     start = resume_from(s, optimizer, scheduler) if resume else 0
     log = MetricsLog(output_dir, start) if world.main else None

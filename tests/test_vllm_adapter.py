@@ -4,7 +4,9 @@ converted to the tensors the transformers backend returns. Nothing here runs a r
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -147,9 +149,14 @@ def test_rollouts_reject_mismatched_outputs():
 SAMPLING_DEFAULTS = {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None,
                      "stop_token_ids": None, "ignore_eos": False, "max_tokens": 16, "logprobs": None,
                      "prompt_logprobs": None, "detokenize": True, "flat_logprobs": False, "skip_special_tokens": True}
+# Arguments of vLLM 0.33's `LLM` / `EngineArgs` (vllm/entrypoints/llm.py, vllm/engine/arg_utils.py) the adapter passes.
+ENGINE_ARGS = {"model", "tokenizer", "dtype", "seed", "gpu_memory_utilization", "max_model_len",
+               "distributed_executor_backend", "tensor_parallel_size", "enable_sleep_mode", "logprobs_mode"}
+# What vLLM's external launcher reads (vllm/v1/executor/uniproc_executor.py: ExecutorWithExternalLauncher).
+LAUNCH_KEYS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING"}
 
 
-def fake_vllm():
+def fake_vllm(make_llm):
     def SamplingParams(**kw):  # mirrors the vLLM class name
         assert set(kw) <= set(SAMPLING_DEFAULTS), set(kw) - set(SAMPLING_DEFAULTS)
         return SimpleNamespace(**{**SAMPLING_DEFAULTS, **kw})
@@ -158,26 +165,44 @@ def fake_vllm():
         assert set(kw) == {"prompt_token_ids"}
         return dict(kw)
 
-    return SimpleNamespace(SamplingParams=SamplingParams, TokensPrompt=TokensPrompt, __version__="0.33.0")
+    return SimpleNamespace(SamplingParams=SamplingParams, TokensPrompt=TokensPrompt, LLM=make_llm, __version__="0.33.0")
 
 
 class FakeLLM:
-    """`LLM.generate` / `collective_rpc` / `reset_prefix_cache` over a tiny HF model, with vLLM's semantics:
-    the sampled token's processed (tempered) log-prob, per-request seeds, EOS kept."""
+    """vLLM 0.33's `LLM` as the adapter drives it, over a tiny HF model `net` (None: none to run or load into).
 
-    def __init__(self, model):
-        self.model, self.calls = model, []
+    - `generate`: the sampled token's processed (tempered) log-prob, per-request seeds, EOS kept.
+    - Sleep mode, as vllm/v1/worker/gpu_worker.py does it: `sleep(1)` offloads the weights to the host,
+      `sleep(2)` discards them, both free the KV cache; `wake_up(["weights"])` maps the weights' memory again
+      (restored after level 1, garbage after level 2), `wake_up(["kv_cache"])` the KV cache.
+    - `collective_rpc("reload_weights", kwargs={"weights_iterator", "is_checkpoint_format"})`: takes the weights
+      one at a time, as vLLM's in-place reload does, into its own model.
+    Every call goes to `calls` (and `log`, shared with the test); a call where real vLLM would fail or compute
+    garbage (generating from discarded weights or without a KV cache, loading into unmapped memory) fails."""
+
+    def __init__(self, net=None, log=None, **kwargs):
+        assert set(kwargs) <= ENGINE_ARGS, set(kwargs) - ENGINE_ARGS
+        self.net, self.kwargs, self.calls, self.log = net, kwargs, [], log if log is not None else []
+        self.weights, self.kv_cache = "valid", True  # weights: valid | offloaded | discarded | garbage
+        self.loaded = []  # per reload: [(name, dtype, sum)] of what the engine took
+
+    def _call(self, what, **detail):
+        self.calls.append((what, detail))
+        self.log.append(what)
 
     def _logprobs(self, ids):
         with torch.no_grad():
-            logits = self.model(input_ids=torch.tensor([ids])).logits[0].float()
+            logits = self.net(input_ids=torch.tensor([ids])).logits[0].float()
         return torch.log_softmax(logits, -1)
 
     def generate(self, prompts, params, use_tqdm=True):
+        assert self.weights == "valid" and self.kv_cache, (self.weights, self.kv_cache)
         params = params if isinstance(params, list) else [params] * len(prompts)
+        self._call("generate", rows=len(prompts))
         outs = []
         for prompt, sp in zip(prompts, params):
             ids = list(prompt["prompt_token_ids"])
+            assert len(ids) + sp.max_tokens <= self.kwargs["max_model_len"]
             gen = torch.Generator().manual_seed(sp.seed or 0)
             seq, toks, lps = list(ids), [], []
             for _ in range(sp.max_tokens):
@@ -193,15 +218,46 @@ class FakeLLM:
                                       [completion(toks, lps, flat=sp.flat_logprobs, finish_reason=finish)]))
         return outs
 
+    def sleep(self, level=1, mode="abort"):
+        assert self.kwargs["enable_sleep_mode"] and self.weights == "valid" and self.kv_cache
+        self._call(f"sleep({level})")
+        self.weights, self.kv_cache = {1: "offloaded", 2: "discarded"}[level], False
+
+    def wake_up(self, tags=None):
+        self._call(f"wake_up({','.join(tags)})")
+        if "weights" in tags:
+            self.weights = {"offloaded": "valid", "discarded": "garbage"}.get(self.weights, self.weights)
+        if "kv_cache" in tags:
+            self.kv_cache = True
+        return self.weights == "valid" and self.kv_cache
+
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        kwargs["weights_iterator"] = [name for name, _ in kwargs["weights_iterator"]]
-        self.calls.append((method, kwargs))
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"] is True
+        assert self.weights in ("valid", "garbage"), f"loading into {self.weights} weights"
+        weights = kwargs["weights_iterator"]
+        assert inspect.isgenerator(weights), type(weights)  # streamed, not a materialised state dict
+        self._call("reload_weights")
+        own = self.net.state_dict() if self.net is not None else {}
+        self.loaded.append([])
+        for name, tensor in weights:
+            self.log.append(("load", name))
+            self.loaded[-1].append((name, tensor.dtype, float(tensor.float().sum())))
+            if name in own:
+                own[name].copy_(tensor)
+        self.weights = "valid"
         return [None]
 
     def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
-        self.calls.append(("reset_prefix_cache", {}))
+        self._call("reset_prefix_cache")
         return True
+
+
+@pytest.fixture
+def launcher_env(monkeypatch):
+    """This process's environment without the launcher's variables; what the sampler sets stays in the test."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_KEYS}
+    monkeypatch.setattr(os, "environ", env)
+    return env
 
 
 @pytest.fixture
@@ -211,18 +267,22 @@ def tiny_model():
     return tiny_qwen3(16, hidden=16, layers=1, heads=2, seed=0).eval()
 
 
-def wrapped(cls, llm):
-    obj = cls.__new__(cls)
-    obj.llm = llm
-    return obj
+def vllm_sampler(monkeypatch, model, student=None, *, log=None, **kw):
+    """A `VLLMSampler` over a `FakeLLM` of `model`, built as the trainer builds it (one process, on the CPU)."""
+    monkeypatch.setattr(vb, "import_vllm", lambda: fake_vllm(lambda **args: FakeLLM(model, log, **args)))
+    kw = {"max_model_len": 64, "device": "cpu", "dtype": "float32", **kw}
+    return vb.VLLMSampler("checkpoints/student", model if student is None else student, **kw)
 
 
-def test_sampler_matches_the_transformers_backend(monkeypatch, tiny_model):
+def sample(sampler, prompts=((1, 2, 3), (4,)), seeds=(3, 4), **kw):
+    kw = {"max_new_tokens": 4, "temperature": 1.0, "eos_token_id": EOS, "pad_token_id": PAD, **kw}
+    return sampler.sample([list(p) for p in prompts], seeds=list(seeds), **kw)
+
+
+def test_sampler_matches_the_transformers_backend(monkeypatch, launcher_env, tiny_model):
     from merge_distill.scoring import response_logprobs
 
-    monkeypatch.setattr(vb, "import_vllm", fake_vllm)
-    llm = FakeLLM(tiny_model)
-    sampler = wrapped(vb.VLLMSampler, llm)
+    sampler = vllm_sampler(monkeypatch, tiny_model)
     prompts, eos = [[1, 2, 3], [4], [5, 6], [1, 2, 3]], 14  # a token this random model samples often
     r = sampler.sample(prompts, max_new_tokens=6, temperature=0.7, eos_token_id=eos, pad_token_id=PAD, seeds=[3, 4, 5, 3])
     assert r.truncated.tolist() == [False, True, False, False] and r.lengths.tolist() == [4, 6, 1, 4]
@@ -236,15 +296,153 @@ def test_sampler_matches_the_transformers_backend(monkeypatch, tiny_model):
     assert torch.allclose(r.sampler_logprobs, response_logprobs(tiny_model, r, temperature=0.7), atol=1e-5)
     with pytest.raises(ValueError, match="one seed per row"):
         sampler.sample(prompts, max_new_tokens=2, temperature=1.0, eos_token_id=EOS, pad_token_id=PAD, seeds=[1])
+    with pytest.raises(UserError, match="a prompt of 3 tokens \\+ 62 new tokens exceeds the vLLM engine's max_model_len 64"):
+        sample(sampler, max_new_tokens=62)
 
 
-def test_sync_weights_reloads_in_place_and_drops_the_prefix_cache(tiny_model):
-    llm = FakeLLM(tiny_model)
-    wrapped(vb.VLLMSampler, llm).sync_weights(tiny_model)
-    (method, kwargs), (reset, _) = llm.calls
-    assert method == "reload_weights" and kwargs["is_checkpoint_format"] is True
-    assert kwargs["weights_iterator"] == list(tiny_model.state_dict())
-    assert reset == "reset_prefix_cache"
+def test_one_engine_per_rank_through_the_external_launcher(monkeypatch, launcher_env, tiny_model):
+    """Under torchrun each rank builds its own engine with vLLM's external launcher: it takes that rank's RANK /
+    LOCAL_RANK (its GPU) from the environment torchrun set, and its own seed. Alone, rank 0 of a world of one on
+    the recipe's GPU. Never every engine on cuda:0."""
+    from merge_distill.distributed import World
+
+    for rank in range(4):
+        torchrun = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.1",
+                    "MASTER_PORT": "29500"}
+        launcher_env.clear()
+        launcher_env.update(torchrun)
+        monkeypatch.setattr(vb.distributed, "world", lambda rank=rank: World(rank, 4, rank))
+        sampler = vllm_sampler(monkeypatch, tiny_model, seed=7, max_model_len=1000, gpu_memory_utilization=0.25,
+                               device=f"cuda:{rank}", dtype="bfloat16")
+        assert sampler.llm.kwargs == {
+            "model": "checkpoints/student", "tokenizer": "checkpoints/student", "dtype": "bfloat16", "seed": 7 + rank,
+            "gpu_memory_utilization": 0.25, "max_model_len": 1000, "distributed_executor_backend": "external_launcher",
+            "tensor_parallel_size": 1, "enable_sleep_mode": True, "logprobs_mode": "processed_logprobs"}
+        # torchrun's values are kept; the engine core runs in this process (the external launcher requires it)
+        assert launcher_env == {**torchrun, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    launcher_env.clear()
+    monkeypatch.setattr(vb.distributed, "world", lambda: World())
+    vllm_sampler(monkeypatch, tiny_model, device="cuda:1")
+    assert {k: launcher_env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "0", "LOCAL_RANK": "1", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    assert int(launcher_env["MASTER_PORT"]) > 0
+
+
+def labels(llm):
+    return [what for what, _ in llm.calls]
+
+
+WAKE = ["wake_up(weights)", "reload_weights", "reset_prefix_cache", "wake_up(kv_cache)"]
+
+
+def test_sleep_level_2_frees_everything_and_reloads_the_trainer_weights_at_each_wake(monkeypatch, launcher_env,
+                                                                                     tiny_model):
+    """TRL's and verl's sequence: asleep (level 2) from construction; to sample, wake the weights, load the trainer's
+    (level 2 discarded them: vLLM issue #29341), wake the KV cache, generate, sleep. The fake fails a generate
+    from discarded weights, so leaving out the reload fails this test."""
+    sampler = vllm_sampler(monkeypatch, tiny_model)
+    llm = sampler.llm
+    assert llm.kwargs["enable_sleep_mode"] is True and labels(llm) == ["sleep(2)"]
+    sample(sampler)
+    assert labels(llm) == ["sleep(2)", *WAKE, "generate", "sleep(2)"]
+    sampler.sync_weights(tiny_model)  # after an update: taken at the next wake, not now (the engine sleeps)
+    assert labels(llm)[-1] == "sleep(2)"
+    llm.calls.clear()
+    with sampler.awake():  # one wake for several calls (the trainer's sampling phase, or an evaluation)
+        sample(sampler)
+        sample(sampler)
+    assert labels(llm) == [*WAKE, "generate", "generate", "sleep(2)"]
+    llm.calls.clear()
+    with sampler.awake():
+        sampler.sync_weights(tiny_model)  # awake: loaded at once
+    assert labels(llm) == [*WAKE, "reload_weights", "reset_prefix_cache", "sleep(2)"]
+
+
+def test_sleep_levels_1_and_0(monkeypatch, launcher_env, tiny_model):
+    """Level 1 keeps the weights on the host: a wake without an update in between loads nothing. Level 0 never
+    sleeps: the weights are loaded at the first use after an update."""
+    one = vllm_sampler(monkeypatch, tiny_model, sleep_level=1)
+    sample(one)
+    assert labels(one.llm) == ["sleep(1)", "wake_up(weights)", "wake_up(kv_cache)", "generate", "sleep(1)"]
+    one.sync_weights(tiny_model)
+    one.llm.calls.clear()
+    sample(one)
+    assert labels(one.llm) == [*WAKE, "generate", "sleep(1)"]
+    zero = vllm_sampler(monkeypatch, tiny_model, sleep_level=0)
+    assert zero.llm.kwargs["enable_sleep_mode"] is False
+    sample(zero)
+    zero.sync_weights(tiny_model)
+    sample(zero)
+    assert labels(zero.llm) == ["generate", "reload_weights", "reset_prefix_cache", "generate"]
+
+
+class Shard:
+    """An FSDP2 parameter as `parallel.full_tensors` sees it (a DTensor): `to` casts this rank's piece,
+    `full_tensor()` gathers the whole (logged)."""
+
+    def __init__(self, name, tensor, log):
+        self.name, self.tensor, self.log = name, tensor, log
+
+    def detach(self):
+        return self
+
+    def is_floating_point(self):
+        return self.tensor.is_floating_point()
+
+    def to(self, device=None, dtype=None):
+        return Shard(self.name, self.tensor.to(device=device, dtype=dtype), self.log)
+
+    def full_tensor(self):
+        self.log.append(("gather", self.name))
+        return self.tensor.clone()
+
+
+class Sharded(torch.nn.Module):
+    def __init__(self, model, log):
+        super().__init__()
+        self.model, self.log = model, log
+
+    def state_dict(self, *args, **kwargs):
+        return {name: Shard(name, t, self.log) for name, t in self.model.state_dict().items()}
+
+
+def test_weights_stream_one_gathered_tensor_at_a_time(monkeypatch, launcher_env, tiny_model):
+    """The engine takes each parameter as it is gathered, in the engine's dtype: gather, load, gather, load...,
+    never the whole state dict first (a generator, not a dict)."""
+    log = []
+    sampler = vllm_sampler(monkeypatch, tiny_model, Sharded(tiny_model, log), log=log, dtype="bfloat16")
+    log.clear()
+    sample(sampler)
+    names = list(tiny_model.state_dict())
+    steps = [e for e in log if isinstance(e, tuple)]
+    assert steps == [step for name in names for step in (("gather", name), ("load", name))]
+    (loaded,) = sampler.llm.loaded
+    assert [(n, d) for n, d, _ in loaded] == [(n, torch.bfloat16) for n in names]
+
+
+def test_full_tensors_gathers_fsdp2_shards_one_by_one(tmp_path, tiny_model):
+    """The same with torch's own FSDP2 (one rank, gloo): each DTensor shard cast, then gathered to a plain tensor."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from merge_distill.parallel import decoder_layers, full_tensors
+
+    expected = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        for layer in decoder_layers(tiny_model):
+            fully_shard(layer)
+        fully_shard(tiny_model)
+        assert all(hasattr(t, "full_tensor") for t in tiny_model.state_dict().values())
+        stream = full_tensors(tiny_model, dtype=torch.bfloat16)
+        assert inspect.isgenerator(stream)
+        got = list(stream)
+    finally:
+        dist.destroy_process_group()
+    assert [n for n, _ in got] == list(expected)
+    for name, tensor in got:
+        assert not hasattr(tensor, "full_tensor") and tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, expected[name].to(torch.bfloat16))
 
 
 # ------------------------------------------------------------------------ missing vLLM, recipe switch
@@ -287,42 +485,97 @@ def test_left_pad_is_the_shared_layout():
     assert torch.equal(ids, r.prompt_ids) and torch.equal(mask, r.prompt_mask)
 
 
-@pytest.mark.slow
-def test_trainer_samples_through_the_backend(monkeypatch, tiny_world, tmp_path, write_recipe):
-    """The trainer's side of the backend (no real vLLM here): rollouts come from the engine, which gets the
-    student's weights after every update; frozen models score in the trainer, never in an engine."""
+def trainer_engines(monkeypatch, engine=FakeLLM):
+    """Route the trainer's vLLM engines to fakes over the checkpoint each is built from; returns them."""
     from merge_distill.models import load_model
-    from merge_distill.recipe import load_recipe
-    from merge_distill.train import train
 
     engines = []
 
-    def engine(model, **kw):
-        engines.append((Path(model).name, FakeLLM(load_model(model).eval())))
-        return engines[-1][1]
+    def make(**kwargs):
+        engines.append(engine(load_model(kwargs["model"]).eval(), **kwargs))
+        return engines[-1]
 
-    monkeypatch.setattr(vb, "import_vllm", fake_vllm)
-    monkeypatch.setattr(vb, "_engine", engine)
+    monkeypatch.setattr(vb, "import_vllm", lambda: fake_vllm(make))
+    return engines
+
+
+@pytest.mark.slow
+def test_trainer_samples_through_the_backend(monkeypatch, launcher_env, tiny_world, tmp_path, write_recipe):
+    """The trainer's side (no real vLLM here): one engine, the student's; its max_model_len is the longest
+    training prompt + max_new_tokens; each step wakes it once, loads the trainer's current weights, samples
+    every row in one call (it pages its own cache: no chunks within max_rollout_tokens), and puts it to sleep
+    for scoring and the update. The student is not gathered for decoding (under fsdp it stays sharded while
+    the engine samples). Frozen models score in the trainer, never in an engine."""
+    from merge_distill.models import load_model, load_tokenizer
+    from merge_distill.recipe import load_recipe
+    from merge_distill.train import load_prompts, train
+
+    from merge_distill import parallel
+
+    def gathered(*a, **kw):
+        raise AssertionError("the student's shards gathered for decoding: the engine holds its own weights")
+
+    monkeypatch.setattr(parallel, "decoding", gathered)
+    engines = trainer_engines(monkeypatch)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
-                                      max_new_tokens=6),
+                                      max_new_tokens=6, max_rollout_tokens=16),
                          ["backend.rollout=vllm", "experts.code.reward_scale=1.0"])
     train(recipe)
-    assert [n for n, _ in engines] == ["base"]  # the student's sampler, and no engine for a frozen model
-    syncs = [c for c in engines[0][1].calls if c[0] == "reload_weights"]
-    assert len(syncs) == 2  # one after each of the two updates
+    (llm,) = engines  # the student's sampler, and no engine for a frozen model
+    longest = max(len(p.token_ids) for pool in load_prompts(recipe, load_tokenizer(recipe.student)) for p in pool)
+    assert llm.kwargs["model"] == recipe.student and llm.kwargs["max_model_len"] == longest + 6
+    step = [*WAKE, "generate", "sleep(2)"]
+    assert labels(llm) == ["sleep(2)", *step, *step]
+    assert [d["rows"] for what, d in llm.calls if what == "generate"] == [4, 4]
+    # the first wake loads the initial weights (level 2 discarded the engine's own), the second the updated ones
+    base = load_model(tiny_world / "base").state_dict()
+    first, second = llm.loaded
+    assert [n for n, _, _ in first] == list(base) and [n for n, _, _ in second] == list(base)
+    assert all(abs(total - float(base[n].sum())) < 1e-3 for n, _, total in first)
+    assert any(abs(a[2] - b[2]) > 1e-6 for a, b in zip(first, second))
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["math/n_sequences"] > 0 for r in rows)
 
 
 @pytest.mark.slow
-def test_engine_noise_stays_out_of_the_reward(monkeypatch, tiny_world, tmp_path, write_recipe):
+def test_periodic_evaluation_samples_in_its_own_wake(monkeypatch, launcher_env, tiny_world, tmp_path, write_recipe):
+    """Periodic evaluation samples through the same engine, inside one wake with the updated weights, and the
+    engine's max_model_len covers the evaluation's prompts and max_new_tokens too."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from merge_distill.cli import app
+    from merge_distill.data import render_prompt
+    from merge_distill.evaluation.suites import load_suite
+    from merge_distill.models import load_tokenizer
+
+    engines = trainer_engines(monkeypatch)
+    path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
+                        max_new_tokens=6, eval_every=1)
+    recipe = yaml.safe_load(path.read_text())
+    suite = str(tiny_world / "math_test.jsonl")
+    recipe["eval"] = {"suites": [suite], "max_problems": 4, "max_new_tokens": 40}
+    recipe["backend"] = {"rollout": "vllm"}
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["run", str(path), "--no-eval"])
+    assert result.exit_code == 0, result.output
+    (llm,) = engines
+    step = [*WAKE, "generate", "sleep(2)"]
+    assert labels(llm) == ["sleep(2)", *step, *step, *step]  # step 1, evaluation after it, step 2
+    tokenizer = load_tokenizer(recipe["student"])
+    loaded = load_suite(suite)
+    longest = max(len(render_prompt(tokenizer, loaded.render_prompt(r), loaded.system_prompt)) for r in loaded.records)
+    assert llm.kwargs["max_model_len"] >= longest + 40
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("eval/") == 1
+
+
+@pytest.mark.slow
+def test_engine_noise_stays_out_of_the_reward(monkeypatch, launcher_env, tiny_world, tmp_path, write_recipe):
     """The engine's log-probs (bf16, its own kernels) differ from the trainer's. As in the official G-OPD code,
     the advantage's pi_old term is the trainer's recomputed log-prob; the engine's serves only in the
     importance weight pi_theta / pi_engine."""
     from merge_distill import objective
-    from merge_distill.models import load_model
     from merge_distill.recipe import load_recipe
-    from merge_distill.scoring import response_logprobs
     from merge_distill.train import train
 
     noise = 0.3
@@ -334,9 +587,7 @@ def test_engine_noise_stays_out_of_the_reward(monkeypatch, tiny_world, tmp_path,
                 out.outputs[0].logprobs.logprobs = [lp - noise for lp in out.outputs[0].logprobs.logprobs]
             return outs
 
-    student = load_model(tiny_world / "base").eval()
-    monkeypatch.setattr(vb, "import_vllm", fake_vllm)
-    monkeypatch.setattr(vb, "_engine", lambda model, **kw: NoisyLLM(student))
+    trainer_engines(monkeypatch, NoisyLLM)
     seen = []
     original = objective.gopd_advantages
 

@@ -1,43 +1,53 @@
-"""vLLM backend (optional extra: `pip install 'merge-distill[vllm]'`, CUDA only): student rollouts, returning
-the same tensors as the transformers backend. Teachers and references score through the trainer's own chunked
-scorer (`merge_distill.scoring`), not through vLLM.
+"""vLLM backend (optional extra: `pip install 'merge-distill[vllm]'`, CUDA only): the student's rollouts, as
+the same tensors the transformers samplers return. Teachers and references score in the trainer's own chunked
+scorer (`merge_distill.scoring`), never in vLLM.
 
-Written against the source of vLLM 0.33.0 (`vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl`); the calls:
+Colocated the way TRL's GRPO trainer (vllm_mode "colocate") and verl's hybrid engine run it, written against
+the source of vLLM 0.33.0 (wheel `vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl`; docs/scale_out.md has the
+call-by-call table):
 
-- `vllm.LLM(model, tokenizer, dtype, seed, gpu_memory_utilization, logprobs_mode="processed_logprobs",
-  max_model_len)`. `processed_logprobs` makes the sampled token's log-prob that of the distribution sampled
-  from (after temperature), as `merge_distill.sampling` records it for the importance ratio.
-- `LLM.generate([TokensPrompt(prompt_token_ids=...)], [SamplingParams(...) per row], use_tqdm=False)`:
-  outputs come back in input order. Rollouts: `n=1, seed=<row's seed>, temperature, top_p=1, top_k=0,
-  max_tokens, logprobs=0` (0 = only the sampled token's log-prob), `ignore_eos=True,
-  stop_token_ids=[eos]` (only our EOS stops, as in the transformers backend, not also the extra EOS ids
-  of the model's generation_config), `detokenize=False`, `flat_logprobs=True`. A stop token is kept as
-  the last element of `CompletionOutput.token_ids`.
-- Log-probs come as `list[dict[int, Logprob]]` or, with `flat_logprobs=True`, as `FlatLogprobs`
-  (fields `start_indices, end_indices, token_ids, logprobs, ...`); both are read here.
-- Weight sync (colocated, one GPU, tensor_parallel_size 1): `LLM.collective_rpc("reload_weights",
-  kwargs={"weights_iterator": ..., "is_checkpoint_format": True})` (the GPU worker's in-place reload
-  through the model's own `load_weights`, so HF parameter names work), then `LLM.reset_prefix_cache()`
-  so no KV block computed with the old weights is reused. Passing tensors through `collective_rpc`
-  requires the engine core in this process: `VLLM_ENABLE_V1_MULTIPROCESSING=0` is set before the first
-  engine is built (vLLM caches its environment after that, so it holds for every engine in the process).
+- One engine per rank, in the trainer's process: `distributed_executor_backend="external_launcher"`,
+  `tensor_parallel_size=1`. The engine takes its rank and GPU from torchrun's RANK / LOCAL_RANK (`env://`)
+  and reuses the trainer's process group; one process gets rank 0 of a world of one on the recipe's GPU
+  (`launch_env`). Its seed is the recipe's plus the rank. The engine core runs in-process
+  (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which the external launcher requires), so weights reach it through
+  `collective_rpc` as tensors, with no serialisation.
+- `max_model_len` = the longest prompt the run sends (training, and periodic evaluation) + its
+  `max_new_tokens`, not the model's 262,144-token context (whose KV cache alone overflows the engine's share).
+- Sleep mode (`enable_sleep_mode=True`): the engine holds GPU memory only while it samples. `awake()` wakes
+  the weights (`wake_up(tags=["weights"])`), loads the trainer's current weights if the engine lacks them,
+  then wakes the KV cache; on leaving, `sleep(level=2)` frees both, so scoring and the update have the GPU.
+  Level 2 discards the weights, so every wake loads them again from the trainer, as TRL and verl do (the
+  reload that vLLM issue #29341 asks for after a level-2 wake). `backend.sleep_level` 1 offloads them to
+  host memory instead; 0 keeps the engine resident.
+- Weights: `collective_rpc("reload_weights", kwargs={"weights_iterator": <generator>,
+  "is_checkpoint_format": True})`, vLLM's in-place reload through the model's own `load_weights` (HF names;
+  a tied `lm_head` is skipped by the model), then `reset_prefix_cache()`. The generator is
+  `parallel.full_tensors`: one parameter at a time, cast to the engine's dtype and, under fsdp, gathered
+  (`full_tensor()`) as the engine takes it; no state dict is materialised.
+- `generate([TokensPrompt(prompt_token_ids=...)], [SamplingParams(n=1, seed=<row's>, temperature, top_p=1,
+  top_k=0, max_tokens, logprobs=0, ignore_eos=True, stop_token_ids=[eos], detokenize=False,
+  flat_logprobs=True)], use_tqdm=False)`: outputs in input order; only our EOS stops (kept as the last
+  token); `logprobs_mode="processed_logprobs"` makes the sampled token's log-prob that of the tempered
+  distribution it was drawn from. Log-probs come as `list[dict[int, Logprob]]` or `FlatLogprobs`; both are read.
 
-What is exercised by tests (tests/test_vllm_adapter.py, on CPU, without vLLM installed): the pure helpers
-`token_logprobs`, `rollouts_from_outputs` (padding, masks, EOS, truncation, log-prob selection, both log-prob
-layouts) on fake objects with the attribute names of vLLM 0.33's `RequestOutput`/`CompletionOutput`/`Logprob`/
-`FlatLogprobs`, and the missing-vLLM error. What is NOT exercised anywhere: everything that touches a real
-engine (construction, `generate`, `collective_rpc("reload_weights")`, `reset_prefix_cache`). No real vLLM has
-run this code.
+Exercised by tests/test_vllm_adapter.py (CPU, no vLLM installed), against fakes with vLLM 0.33's names: the
+output conversion; the engine's arguments on each rank; the call sequence (sleep after construction; wake
+weights, load, wake KV cache, generate, sleep; the weights one tensor at a time in the engine's dtype); the
+trainer driving it. Not exercised anywhere: a real engine. No real vLLM has run this code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from merge_distill import distributed
 from merge_distill.errors import UserError
 from merge_distill.sampling import Rollouts, left_pad
 
@@ -124,29 +134,101 @@ def rollouts_from_outputs(prompts: Sequence[Sequence[int]], outputs: Sequence[An
                     truncated=torch.tensor(truncated, dtype=torch.bool))
 
 
-# ------------------------------------------------------------------------- engines (not exercised)
+# ------------------------------------------------------------------------------------------ the engine
 
 
-def _engine(model: str, *, dtype: str, seed: int, gpu_memory_utilization: float, max_model_len: int | None,
-            **kwargs):
-    vllm = import_vllm()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see the module docstring (weight sync)
-    extra = {"max_model_len": max_model_len} if max_model_len else {}
-    return vllm.LLM(model=str(model), tokenizer=str(model), dtype=dtype, seed=seed,
-                    gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="processed_logprobs",
-                    **extra, **kwargs)
+def launch_env(world: distributed.World, device: str) -> dict[str, str]:
+    """What the external launcher reads (vLLM's `env://` rendezvous): torchrun's values for each rank; alone, rank
+    0 of a world of one on the recipe's GPU (`cuda:1` -> LOCAL_RANK 1). Values already set win (`setdefault`)."""
+    env = {"RANK": str(world.rank), "WORLD_SIZE": str(world.size), "MASTER_ADDR": "127.0.0.1",
+           "LOCAL_RANK": str(world.local_rank if world.size > 1 else torch.device(device).index or 0)}
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(s.getsockname()[1])
+    return env
+
+
+def engine_kwargs(model: str, *, rank: int, dtype: str, seed: int, gpu_memory_utilization: float,
+                  max_model_len: int, sleep_level: int, **extra) -> dict:
+    """`vllm.LLM`'s arguments for this rank's engine."""
+    return dict(model=str(model), tokenizer=str(model), dtype=dtype, seed=seed + rank,
+                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+                enable_sleep_mode=sleep_level > 0, logprobs_mode="processed_logprobs", **extra)
+
+
+def _engine(**kwargs):
+    return import_vllm().LLM(**kwargs)
 
 
 class VLLMSampler:
-    """Student rollouts from a vLLM engine that holds a copy of the student's weights (`engines.Sampler`).
-    Its log-probs come from other kernels in bf16: the trainer recomputes pi_old for the advantage."""
+    """Student rollouts from this rank's vLLM engine, which holds its own copy of the student's weights
+    (`engines.Sampler`). Its log-probs come from other kernels in bf16: the trainer recomputes pi_old for the
+    advantage. Every rank builds one, enters `awake()` together and samples inside it (the trainer wraps each
+    sampling phase and periodic evaluation in it); `sample` outside it wakes the engine for that call."""
 
     trainer_logprobs = False
+    schedules_rows = True  # vLLM pages its KV cache itself: the trainer passes every row at once
 
-    def __init__(self, model: str, *, dtype: str = "bfloat16", seed: int = 0, gpu_memory_utilization: float = 0.5,
-                 max_model_len: int | None = None, **llm_kwargs):
-        self.llm = _engine(model, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                           max_model_len=max_model_len, **llm_kwargs)
+    def __init__(self, path: str, student: torch.nn.Module, *, max_model_len: int, device: str = "cuda",
+                 dtype: str = "bfloat16", seed: int = 0, gpu_memory_utilization: float = 0.5, sleep_level: int = 2,
+                 **llm_kwargs):
+        import_vllm()
+        world = distributed.world()
+        for key, value in {**launch_env(world, device), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
+            os.environ.setdefault(key, value)
+        self.llm = _engine(**engine_kwargs(path, rank=world.rank, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                                           gpu_memory_utilization=gpu_memory_utilization, sleep_level=sleep_level,
+                                           **llm_kwargs))
+        self.model, self.device, self.dtype, self.sleep_level = student, device, getattr(torch, dtype), sleep_level
+        self.max_model_len = max_model_len
+        self._depth, self._asleep, self._stale = 0, False, False  # built from `path`: the student's initial weights
+        if sleep_level:
+            self._sleep()
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """After each update: the engine takes `model`'s weights at its next wake (at once when awake)."""
+        self.model, self._stale = model, True
+        if self._depth:
+            self._load()
+
+    @contextlib.contextmanager
+    def awake(self):
+        """The engine with its memory and the trainer's current weights; asleep again on leaving (sleep mode).
+        Every rank enters it together: under fsdp loading the weights gathers each parameter over the ranks."""
+        outer = not self._depth
+        if outer and self._asleep:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the trainer's cached blocks, for vLLM's own allocator
+            self.llm.wake_up(tags=["weights"])
+        if outer and self._stale:
+            self._load()
+        if outer and self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            if outer and self.sleep_level:
+                self._sleep()
+
+    def _sleep(self) -> None:
+        self.llm.sleep(level=self.sleep_level)
+        self._asleep = True
+        self._stale = self._stale or self.sleep_level == 2  # level 2 discards the weights
+
+    @torch.no_grad()
+    def _load(self) -> None:
+        from merge_distill.parallel import full_tensors
+
+        # a generator: each parameter cast, gathered under fsdp, and handed over as the engine takes it
+        weights = full_tensors(self.model, dtype=self.dtype, device=self.device)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()  # no KV block computed with the old weights is reused
+        self._stale = False
 
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, eos_token_id: int,
                pad_token_id: int, seeds: list[int]) -> Rollouts:
@@ -156,20 +238,16 @@ class VLLMSampler:
         The draws differ from the transformers backend's for the same seed; the distribution is the same."""
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per row")
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + max_new_tokens > self.max_model_len:  # vLLM would refuse the prompt or cut the response short
+            raise UserError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the vLLM engine's "
+                            f"max_model_len {self.max_model_len} (the longest prompt it was built for + max_new_tokens)")
         vllm = import_vllm()
         params = [vllm.SamplingParams(n=1, seed=int(s), temperature=temperature, top_p=1.0, top_k=0,
                                       max_tokens=max_new_tokens, logprobs=0, ignore_eos=True,
                                       stop_token_ids=[eos_token_id], detokenize=False, flat_logprobs=True)
                   for s in seeds]
         requests = [vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        with self.awake():
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         return rollouts_from_outputs(prompts, outputs, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-
-    @torch.no_grad()
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Load the trainer's current weights (HF names) into the engine, in place; call after each update."""
-        from merge_distill.parallel import full_tensors
-
-        weights = full_tensors(model)  # one tensor at a time; under fsdp each gathered as the engine takes it
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        self.llm.reset_prefix_cache()
