@@ -168,7 +168,9 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
         resident.append(add("process baseline (python, torch, tokenizer)", CPU_BASELINE + CPU_PER_VOCAB * m.vocab))
     vllm_rollout = recipe.backend.rollout == "vllm"
     engine = recipe.backend.gpu_memory_utilization * gpu_memory_bytes
-    resident += [add("vLLM engine: student rollouts", engine)] * vllm_rollout
+    asleep = recipe.backend.sleep_level > 0  # the engine frees its memory after sampling (vLLM's sleep mode)
+    engine_label = "vLLM engine: student rollouts" + (" (asleep after sampling)" if asleep else "")
+    resident += [add(engine_label, engine)] * (vllm_rollout and not asleep)
     here = (recipe.placement.frozen_device or device).split(":")[0] == device or device == "cpu"
     shards = gpus if recipe.placement.shard_frozen else 1  # each frozen model sharded over the ranks
     per_frozen = {label: sh.params() * c / shards for label, sh in frozen.values()} if here else {}
@@ -180,7 +182,7 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     autocast, copies = c < 4 and parallel == "ddp", m.layers * m.layer_linear_params() * c
     phases: dict[str, list[str]] = {}
 
-    sample = [grads]  # one sampling call's KV cache (inside the engine with vLLM)
+    sample = [grads] + [add(engine_label, engine)] * (vllm_rollout and asleep)  # vLLM: the KV cache is inside
     if recipe.backend.rollout == "paged":  # merge_distill.paged: the engine computes in the weights' float32
         tokens = rows * width if cfg.max_rollout_tokens is None else max(width, min(rows * width,
                                                                                  cfg.max_rollout_tokens))
@@ -236,6 +238,8 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     if vllm_rollout:
         result.notes.append(f"the vLLM sampler takes gpu_memory_utilization {recipe.backend.gpu_memory_utilization} "
                             "of the device (its weights and KV cache)"
+                            + (" while it samples; sleep level " f"{recipe.backend.sleep_level} frees it for scoring and "
+                               "the update" if asleep else ", in every phase (sleep_level 0)")
                             + ("; too small for the student's weights" if m.params() * c > engine else ""))
     if suggest and not result.fits:
         result.suggestions = suggestions(recipe, options, rows, width)
