@@ -147,7 +147,8 @@ def _static_checks(recipe: Recipe, graders: list[str]) -> list[str]:
     lines = [f"reward scales: {scales}"]
     if recipe.backend.rollout == "vllm":
         found = importlib.util.find_spec("vllm") is not None
-        lines.append(f"backend: vllm for rollout, gpu_memory_utilization {recipe.backend.gpu_memory_utilization}; "
+        lines.append(f"backend: vllm for rollout, gpu_memory_utilization {recipe.backend.gpu_memory_utilization}, "
+                     f"sleep level {recipe.backend.sleep_level}; "
                      + ("vllm is installed" if found else
                         "vllm is not installed here (pip install 'merge-distill[vllm]' where it runs)"))
     for e in recipe.experts:

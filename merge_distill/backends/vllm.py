@@ -22,7 +22,7 @@ call-by-call table):
   host memory instead; 0 keeps the engine resident.
 - Weights: `collective_rpc("reload_weights", kwargs={"weights_iterator": <generator>,
   "is_checkpoint_format": True})`, vLLM's in-place reload through the model's own `load_weights` (HF names;
-  a tied `lm_head` is skipped by the model), then `reset_prefix_cache()`. The generator is
+  a tied `lm_head` is skipped by vLLM's loader), then `reset_prefix_cache()`. The generator is
   `parallel.full_tensors`: one parameter at a time, cast to the engine's dtype and, under fsdp, gathered
   (`full_tensor()`) as the engine takes it; no state dict is materialised.
 - `generate([TokensPrompt(prompt_token_ids=...)], [SamplingParams(n=1, seed=<row's>, temperature, top_p=1,
