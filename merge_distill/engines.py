@@ -70,14 +70,14 @@ class TransformersSampler:
             self.model.load_state_dict(model.state_dict())
 
 
-class PagedSampler:
+class PagedSampler(TransformersSampler):
     """Continuous batching over a paged KV cache (`merge_distill.paged.sample_paged`): finished rows free their
     pages, waiting rows take them, and no forward carries a finished row. The same rollouts as
     `TransformersSampler` from the same seeds (up to the rounding of the logits).
 
-    Built on the student module itself, it shares the trainer's weights: there is nothing to sync. It computes in
-    the weights' dtype (autocast off), so its log-probs are the trainer's own only when the trainer computes in
-    that dtype too: pass `trainer_logprobs=False` otherwise. `max_cache_tokens` bounds the KV cache (rows wait
+    Built on the student module itself, it shares the trainer's weights (`sync_weights` as the padded one's). It
+    computes in the weights' dtype (autocast off), so its log-probs are the trainer's own only when the trainer
+    computes in that dtype too: pass `trainer_logprobs=False` otherwise. `max_cache_tokens` bounds the KV cache (rows wait
     for pages instead of being chunked by the caller)."""
 
     schedules_rows = True  # rows wait for free pages: the trainer passes every row at once
@@ -99,10 +99,6 @@ class PagedSampler:
 
         return sample_paged(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                             eos_token_id=eos_token_id, pad_token_id=pad_token_id, seeds=seeds, config=self.config)
-
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        if model is not self.model:
-            self.model.load_state_dict(model.state_dict())
 
 
 class TransformersScorer:

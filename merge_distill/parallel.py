@@ -40,7 +40,16 @@ from torch.distributed.checkpoint.state_dict import (
 
 from merge_distill import distributed
 from merge_distill.errors import UserError
-from merge_distill.scoring import ModelLogprobs, _split, check_reproduces_logits
+from merge_distill.sampling import Rollouts
+from merge_distill.scoring import (
+    ModelLogprobs,
+    _split,
+    check_reproduces_logits,
+    row_lengths,
+    token_budget_chunks,
+)
+
+Tensor = torch.Tensor
 
 
 def wrap_student(student: torch.nn.Module, recipe) -> torch.nn.Module:
@@ -123,6 +132,27 @@ def agreed_chunks(chunks: list[list[int]]) -> list[tuple[list[int], bool]]:
     collective)."""
     n = int(distributed.all_reduce_max(torch.tensor(len(chunks))))
     return [(rows, True) for rows in chunks] + [(chunks[0][:1] if chunks else [], False)] * (n - len(chunks))
+
+
+def logprobs_in_passes(module: torch.nn.Module, rollouts: Rollouts, temperature: float,
+                       max_tokens: int | None) -> Tensor:
+    """`[B, L]` log-probs of `rollouts` through `module` (a `ModelLogprobs` in any layout: the student inside DDP or
+    FSDP, a frozen model sharded over the ranks), without gradients, in passes of at most `max_tokens` padded
+    tokens (`scoring.token_budget_chunks`), as many on every rank (`agreed_chunks`; a rank without a row passes a
+    placeholder)."""
+    out = torch.zeros(rollouts.response_ids.shape, device=rollouts.response_ids.device)
+    with torch.no_grad():
+        for rows, real in agreed_chunks(token_budget_chunks(row_lengths(rollouts), max_tokens)):
+            lp = module(rollouts.select(rows) if rows else _placeholder(out.device), temperature)
+            if real:
+                out[rows] = lp.float()
+    return out
+
+
+def _placeholder(device: torch.device) -> Rollouts:
+    """One row of one prompt token and one response token: a pass of a rank that has no row to score."""
+    one = torch.ones(1, 1, dtype=torch.long, device=device)
+    return Rollouts(one * 0, one, one * 0, one.float(), one.float() * 0, torch.zeros(1, dtype=torch.bool, device=device))
 
 
 def total_norm(norm: torch.Tensor) -> torch.Tensor:

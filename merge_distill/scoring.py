@@ -355,18 +355,9 @@ class ModelCache:
             if not isinstance(model, ModelLogprobs):
                 return response_logprobs_chunked(model, rollouts.to(self.device), temperature=temperature,
                                                  max_tokens=self.max_tokens).to(rollouts.response_ids.device)
-            from merge_distill.parallel import agreed_chunks
+            from merge_distill.parallel import logprobs_in_passes
 
-            x = rollouts.to(self.device)  # sharded: the same passes on every rank, a placeholder row for none
-            out = torch.zeros(x.response_ids.shape, device=rollouts.response_ids.device)
-            for rows, real in agreed_chunks(token_budget_chunks(row_lengths(x), self.max_tokens)):
-                lp = model(x.select(rows) if rows else _placeholder(self.device), temperature)
-                if real:
-                    out[rows] = lp.float().to(out.device)
-            return out
+            # sharded over the ranks: the same passes on every rank
+            lp = logprobs_in_passes(model, rollouts.to(self.device), temperature, self.max_tokens)
+            return lp.to(rollouts.response_ids.device)
 
-
-def _placeholder(device: torch.device) -> Rollouts:
-    """One row of one prompt token and one response token: a pass of a rank that has no row to score."""
-    one = torch.ones(1, 1, dtype=torch.long, device=device)
-    return Rollouts(one * 0, one, one * 0, one.float(), one.float() * 0, torch.zeros(1, dtype=torch.bool, device=device))

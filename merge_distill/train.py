@@ -112,14 +112,9 @@ class Setup:
         """
         if self.sampler.trainer_logprobs:
             return rollouts.sampler_logprobs
-        out = torch.zeros(rollouts.response_ids.shape, device=rollouts.response_ids.device)
-        chunks = token_budget_chunks(row_lengths(rollouts), self.recipe.train.max_tokens_per_micro_batch)
-        with torch.no_grad(), self.autocast():
-            for rows, real in parallel.agreed_chunks(chunks):
-                lp = self.student_logprobs(rollouts.select(rows), self.recipe.train.temperature)
-                if real:
-                    out[rows] = lp.float()
-        return out
+        with self.autocast():
+            return parallel.logprobs_in_passes(self.student_logprobs, rollouts, self.recipe.train.temperature,
+                                               self.recipe.train.max_tokens_per_micro_batch)
 
     def reference_path(self, expert) -> str:
         return reference_path(self.recipe, expert)
