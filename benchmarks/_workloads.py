@@ -36,12 +36,81 @@ class Workload:
     prompt_min: int = 16      # words of user text per prompt (the chat template adds 5 tokens)
     prompt_max: int = 48
     seed: int = 0
+    # A spread of lengths: each prompt's response has a length drawn from a lognormal (median `median_new`,
+    # sigma `sigma`) clipped to [min_new, new_tokens], forced per row (`forced_lengths`); None = every row runs
+    # to new_tokens unless it samples EOS (random models rarely do)
+    median_new: int | None = None
+    sigma: float = 1.0
+    min_new: int = 16
 
 
 WORKLOADS = {
     "S": Workload("S", vocab=260, hidden=128, layers=3, heads=4, batch=32, new_tokens=16),
     "L": Workload("L", vocab=151_936, hidden=256, layers=3, heads=4, batch=16, new_tokens=128),
+    # responses of 16..1,024 tokens, lognormal around 160 (the spread of real rollouts); a 16k vocabulary keeps
+    # TRL's full-vocabulary logits of [batch, 1,077, vocab] within this machine's memory
+    "V": Workload("V", vocab=16_384, hidden=256, layers=3, heads=4, batch=16, new_tokens=1024, median_new=160),
 }
+
+
+def lognormal_lengths(rows: int, median: float, sigma: float, lo: int, hi: int, seed: int) -> list[int]:
+    """`rows` lengths from a lognormal (median, sigma), rounded and clipped to [lo, hi]."""
+    import math
+
+    rng = random.Random(seed)
+    return [min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma)))) for _ in range(rows)]
+
+
+def response_lengths(w: Workload) -> list[int]:
+    """The forced response length (tokens, EOS included) of each prompt of `prompt_texts(w)`, or [] (none)."""
+    if w.median_new is None:
+        return []
+    return lognormal_lengths(w.batch, w.median_new, w.sigma, w.min_new, w.new_tokens, w.seed + 1)
+
+
+def prompt_key(ids) -> tuple[int, ...]:
+    """A prompt's identity from its token ids, whoever rendered it: its word tokens (`t0`, `t1`, ...) in order;
+    pads, chat markers and role words dropped."""
+    first_word = len(SPECIALS) + len(WORDS)
+    return tuple(int(i) for i in ids if int(i) >= first_word)
+
+
+class ForcedEOS:
+    """Per-row response lengths forced on a sampler that has no per-row caps: row b's EOS is impossible before
+    its `length[b]`-th response token and certain at it. `at(t)` edits log-probs or logits (rows x vocab) for
+    response position t (0-based) in place."""
+
+    def __init__(self, length: list[int], eos: int):
+        import torch
+
+        self.last, self.eos = torch.tensor(length) - 1, eos
+
+    def at(self, t: int, scores):
+        end = (self.last == t).to(scores.device)
+        scores[:, self.eos] = float("-inf")
+        scores[end] = float("-inf")
+        scores[end, self.eos] = 0.0
+        return scores
+
+
+def forced_logits(model, length: list[int], eos: int):
+    """`merge_distill.sampling`'s padded sampler source for `model`, with `ForcedEOS(length, eos)` applied."""
+    from merge_distill.sampling import LogitsSource, ModelLogits
+
+    class Forced(LogitsSource):
+        def __init__(self):
+            self.inner, self.forced = ModelLogits(model), ForcedEOS(length, eos)
+
+        def start(self, batch_size: int):
+            self.t = 0
+            return self.inner.start(batch_size)
+
+        def next_logprobs(self, state, *args):
+            lp = self.forced.at(self.t, self.inner.next_logprobs(state, *args))
+            self.t += 1
+            return lp
+
+    return Forced()
 
 
 def make_tokenizer(vocab: int):
@@ -84,11 +153,13 @@ def build(w: Workload, root: Path) -> Path:
     tok = make_tokenizer(w.vocab)
     for name, seed in (("student", w.seed), ("teacher", w.seed + 1)):
         model = tiny_qwen3(w.vocab, hidden=w.hidden, layers=w.layers, heads=w.heads, seed=seed,
-                           max_positions=1024, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                           max_positions=max(1024, w.prompt_max + 5 + w.new_tokens), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
         save_model(model.to(torch.float32), tok, out / name)
-    (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_texts(w)))
+    lengths = response_lengths(w) or [None] * w.batch
+    (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, **({"length": n} if n else {})}) + "\n"
+                                               for p, n in zip(prompt_texts(w), lengths)))
     (out / "done.json").write_text(json.dumps(asdict(w)))
     return out
 

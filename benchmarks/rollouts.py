@@ -30,7 +30,6 @@ over padded in tokens/s at the largest vocabulary, the median over repetitions.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from _workloads import peak_rss_added  # noqa: E402
+from _workloads import forced_logits, lognormal_lengths, peak_rss_added  # noqa: E402
 
 
 def _trim() -> None:
@@ -51,13 +50,6 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def lengths(rows: int, median: float, sigma: float, lo: int, hi: int, seed: int) -> list[int]:
-    import random
-
-    rng = random.Random(seed)
-    return [min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma)))) for _ in range(rows)]
 
 
 def main() -> None:
@@ -87,29 +79,10 @@ def main() -> None:
 
     from merge_distill.models import tiny_qwen3
     from merge_distill.paged import PagedConfig, sample_paged
-    from merge_distill.sampling import LogitsSource, ModelLogits, row_seeds, sample
+    from merge_distill.sampling import row_seeds, sample
 
     torch.set_num_threads(a.threads)
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
-
-    class ForcedLengths(LogitsSource):
-        """The model's log-probs, with row b's EOS forced at its `length[b]`-th token and impossible before."""
-
-        def __init__(self, model, length: list[int], eos: int):
-            self.inner, self.device, self.eos = ModelLogits(model), device, eos
-            self.last = torch.tensor(length, device=device) - 1
-
-        def start(self, batch_size: int):
-            self.t = 0
-            return self.inner.start(batch_size)
-
-        def next_logprobs(self, state, *args):
-            lp = self.inner.next_logprobs(state, *args)
-            end = self.last == self.t
-            self.t += 1
-            lp[:, self.eos] = -math.inf
-            lp[end] = torch.where(torch.arange(lp.shape[1], device=device) == self.eos, 0.0, -math.inf)
-            return lp
 
     def build(vocab: int):
         if a.config:
@@ -143,7 +116,7 @@ def main() -> None:
     else:
         models = {v: build(v) for v in vocabs}
     g = torch.Generator().manual_seed(a.seed)
-    length = lengths(a.rows, a.median_new, a.sigma, a.min_new, a.max_new, a.seed)
+    length = lognormal_lengths(a.rows, a.median_new, a.sigma, a.min_new, a.max_new, a.seed)
     prompts = [torch.randint(0, min(vocabs) - 1, (int(n),), generator=g).tolist()
                for n in torch.randint(16, 49, (a.rows,), generator=g)]
     seeds = row_seeds(a.seed, a.rows)
@@ -155,7 +128,7 @@ def main() -> None:
     def padded(model, prompts=prompts, length=length, seeds=seeds):
         eos = model.config.vocab_size - 1
         with torch.no_grad():
-            r = sample(ForcedLengths(model, length, eos), prompts, max_new_tokens=a.max_new, temperature=1.0,
+            r = sample(forced_logits(model, length, eos), prompts, max_new_tokens=a.max_new, temperature=1.0,
                        eos_token_id=eos, pad_token_id=0, seeds=seeds)
         assert r.lengths.tolist() == length
 

@@ -43,12 +43,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-from _workloads import WORKLOADS, Workload, build, time_floor  # noqa: E402
+from _workloads import (WORKLOADS, ForcedEOS, Workload, build, forced_logits, prompt_key,  # noqa: E402
+                        time_floor)
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))  # --threads sets it for the child processes
 TRL_VARIANTS = ("gkd_best", "gkd_default", "iwopd_best", "distill_best")
 BEST = ("gkd_best", "iwopd_best", "distill_best")
-LABELS = {"ours": "merge-distill", "floor": "floor (plain PyTorch)", "gkd_best": "TRL GKD best",
+LABELS = {"ours": "merge-distill", "ours_padded": "merge-distill padded", "floor": "floor (plain PyTorch)",
+          "gkd_best": "TRL GKD best",
           "gkd_default": "TRL GKD defaults", "iwopd_best": "TRL IW-OPD best",
           "distill_best": "TRL Distillation best"}
 
@@ -69,7 +71,22 @@ def _threads():
     torch.manual_seed(0)
 
 
-def child_ours(w: Workload, d: Path, warmup: int, steps: int, floor_pairs: int) -> dict:
+def forced_lengths(d: Path, tokenizer) -> dict[tuple[int, ...], int]:
+    """prompt_key -> forced response length, for a workload with a spread of lengths (else empty)."""
+    records = [json.loads(line) for line in (d / "prompts.jsonl").read_text().splitlines()]
+    return {prompt_key(tokenizer(r["prompt"], add_special_tokens=False).input_ids): r["length"]
+            for r in records if "length" in r}
+
+
+def lengths_of(table: dict, prompts) -> list[int]:
+    keys = [prompt_key(p) for p in prompts]
+    missing = [k for k in keys if k not in table]
+    if missing:
+        raise SystemExit(f"a prompt the workload does not know: {missing[0][:8]}...")
+    return [table[k] for k in keys]
+
+
+def child_ours(w: Workload, d: Path, warmup: int, steps: int, floor_pairs: int, rollout: str) -> dict:
     _threads()
 
     from merge_distill.recipe import Recipe
@@ -81,8 +98,21 @@ def child_ours(w: Workload, d: Path, warmup: int, steps: int, floor_pairs: int) 
         "experts": [{"name": "synthetic", "teacher": str(d / "teacher"), "prompts": str(d / "prompts.jsonl")}],
         "train": {"steps": warmup + steps, "prompts_per_step": w.batch, "max_new_tokens": w.new_tokens,
                   "temperature": 1.0, "lr": 1e-5, "seed": 0},
-        "output_dir": str(out_dir)})
+        "backend": {"rollout": rollout}, "output_dir": str(out_dir)})
     s = setup(recipe)
+    table = forced_lengths(d, s.tokenizer)
+    if table:  # the spread: each row ends at its length, each sampler the way it allows (same work as a real EOS)
+        inner = s.sampler.sample
+        if rollout == "paged":  # a per-row cap: the row leaves the batch and frees its pages there
+            def sample(prompts, *, max_new_tokens, **kw):
+                return inner(prompts, max_new_tokens=lengths_of(table, prompts), **kw)
+        else:  # EOS forced at the row's length; the row stays in the padded batch until the longest ends
+            from merge_distill.sampling import sample as padded_sample
+
+            def sample(prompts, *, max_new_tokens, eos_token_id, **kw):
+                source = forced_logits(s.sampler.model, lengths_of(table, prompts), eos_token_id)
+                return padded_sample(source, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, **kw)
+        s.sampler.sample = sample
     s.frozen.get(recipe.experts[0].teacher)
     optimizer, scheduler = make_optimizer(s)
     rss_ready = _rss_mb()
@@ -100,7 +130,7 @@ def child_ours(w: Workload, d: Path, warmup: int, steps: int, floor_pairs: int) 
         dt, m = ours_step()
         if i >= warmup:
             times.append(dt)
-            tokens.append(m["response_length"] * w.batch)
+            tokens.append(round(m["response_length"] * w.batch))
             parts.append({k.removeprefix("time/").removesuffix("_s"): m[k] for k in m if k.startswith("time/")})
     rss_peak = _rss_mb()
 
@@ -136,11 +166,23 @@ def child_trl(variant: str, w: Workload, d: Path, warmup: int, steps: int) -> di
     counted: list[int] = []
     original_generate = student.generate
     eos = tok.eos_token_id
+    table = forced_lengths(d, tok)
 
     def counting_generate(*args, **kwargs):
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        width = input_ids.shape[1]
+        if table:  # the spread: EOS forced at each row's length (HF generate keeps the row until all end)
+            from transformers import LogitsProcessor, LogitsProcessorList
+
+            forced = ForcedEOS(lengths_of(table, input_ids.tolist()), eos)
+
+            class AtLength(LogitsProcessor):
+                def __call__(self, ids, scores):
+                    return forced.at(ids.shape[1] - width, scores)
+
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), AtLength()])
         out = original_generate(*args, **kwargs)
         seqs = out.sequences if hasattr(out, "sequences") else out
-        width = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else args[0].shape[1]
         comp = seqs[:, width:]
         is_eos = comp == eos
         lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, comp.shape[1])
@@ -206,8 +248,10 @@ def child_main(a) -> None:
     if a.child == "build":
         build(w, Path(a.dir))
         result = {"built": str(d)}
-    elif a.child == "ours":
-        result = child_ours(w, d, a.warmup, a.steps, a.floor_pairs)
+    elif a.child in ("ours", "ours_padded"):
+        # ours: the recommended sampler (paged where lengths spread); ours_padded: the padded one
+        rollout = "paged" if a.child == "ours" and w.median_new else "transformers"
+        result = child_ours(w, d, a.warmup, a.steps, a.floor_pairs if not w.median_new else 0, rollout)
     else:
         result = child_trl(a.child, w, d, a.warmup, a.steps)
     print("RESULT " + json.dumps(result), flush=True)
@@ -217,11 +261,13 @@ def child_main(a) -> None:
 
 
 def _workload(name: str, quick: bool) -> Workload:
+    from dataclasses import replace
+
     w = WORKLOADS[name]
     if quick and name == "L":
-        from dataclasses import replace
-
         w = replace(w, batch=8, new_tokens=32)
+    if quick and name == "V":
+        w = replace(w, batch=6, new_tokens=96, median_new=24)
     return w
 
 
