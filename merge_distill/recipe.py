@@ -192,6 +192,9 @@ class Recipe(Strict):
     merge: Merge = Field(default_factory=Merge)
     compare: list[Variant] | None = Field(None, description="run these variants of the recipe and evaluate them "
                                                              "side by side (e.g. sft, expo, ties, opd, exopd)")
+    compare_against: str | None = Field(
+        None, description="a compare: variant's name: every other variant is also reported minus it (paired, on "
+                          "every suite), e.g. exopd - opd")
     output_dir: str
     zoo: Zoo | None = None
     allow_chat_template_mismatch: bool = False
@@ -261,6 +264,14 @@ class Recipe(Strict):
         if self.placement.offload_optimizer and (self.parallel != "fsdp" or not self.device.startswith("cuda")):
             raise ValueError(f"placement.offload_optimizer moves fsdp's shards from the GPU to the host: it needs "
                              f"parallel: fsdp and a cuda device (parallel is {self.parallel}, device {self.device})")
+        return self
+
+    @model_validator(mode="after")
+    def _compare_against_a_variant(self) -> "Recipe":
+        names = [v.name for v in self.compare or []]
+        if self.compare_against is not None and self.compare_against not in names:
+            raise ValueError(f"compare_against '{self.compare_against}' is not a compare: variant "
+                             f"({', '.join(names) or 'there are none'})")
         return self
 
     @model_validator(mode="after")

@@ -78,10 +78,21 @@ def model_specs(recipe: Recipe, students: dict[str, str], suites) -> list[ModelS
 
 def paired_differences(recipe: Recipe, result: EvalResult, suites, students=("student",)) -> list[PairedDifference]:
     """Each student minus each expert (at each of the expert's temperatures) on that expert's own suite, and
-    minus base everywhere; then each student at each extra temperature minus each expert at the same one."""
+    minus base everywhere; then each student at each extra temperature minus each expert at the same one; then,
+    with `compare_against`, each other student minus that one on every suite."""
     temps = recipe.eval.teacher_temperatures if recipe.eval else []
+    against = recipe.compare_against
+    between = [PairedDifference(s.name, st, against, row.metric, row.k, *result.paired(st, against, s.name))
+               for st in students if against in students and st != against for s in suites
+               for row in [_headline(result, st, s.name)]]
     return ([d for st in students for d in _paired(recipe, result, suites, st)]
-            + [d for st in students for t in temps for d in _paired(recipe, result, suites, at(st, t), at("", t))])
+            + [d for st in students for t in temps for d in _paired(recipe, result, suites, at(st, t), at("", t))]
+            + between)
+
+
+def _headline(result: EvalResult, model: str, suite: str):
+    """The headline row of (model, suite): its first whole-suite row (avg@k, or pass@1 for pass suites)."""
+    return next(r for r in result.rows if r.subset is None and r.model == model and r.suite == suite)
 
 
 def _paired(recipe: Recipe, result: EvalResult, suites, student: str, matched: str | None = None
@@ -133,7 +144,7 @@ def variant_recipes(recipe_path: Path, overrides: list[str], recipe: Recipe) -> 
     for v in recipe.compare:
         sets = [f"{k}={json.dumps(x)}" for k, x in v.set.items()]
         r = load_recipe(recipe_path, overrides + sets + [f"output_dir={Path(recipe.output_dir) / 'variants' / v.name}",
-                                                         "compare=null"])
+                                                         "compare=null", "compare_against=null"])
         out[v.name] = r
     return out
 

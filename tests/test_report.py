@@ -162,3 +162,31 @@ def test_students_are_scored_and_paired_at_the_teachers_temperatures(tmp_path):
     # matched pairs only: no student@T0.8 against the T=1 expert or against greedy, none on the other suite
     assert ("zoo-math", "student@T0.8", "math") not in diffs and ("zoo-math", "student@T0.8", "math@greedy") not in diffs
     assert not any(k[1] != "student" and k[2] in ("base", "code@T0.8") and k[0] == "zoo-math" for k in diffs)
+
+
+def test_compare_against_pairs_each_variant_with_the_named_one(tmp_path):
+    """`compare_against: opd`: exopd - opd and corrected - opd on every suite, paired per problem (the
+    per-problem differences vary, so a crossed pair or a wrong sign gives another mean and standard error)."""
+    from merge_distill.evaluation.runner import EvalResult
+    from merge_distill.recipe import Recipe
+    from merge_distill.run import paired_differences
+
+    recipe = Recipe.model_validate({
+        "student": "base", "output_dir": str(tmp_path), "eval": {},
+        "experts": [{"name": "math", "teacher": "m", "prompts": "m.jsonl"}],
+        "compare": [{"name": "opd"}, {"name": "exopd"}, {"name": "corrected"}], "compare_against": "opd"})
+    suites = [type("S", (), {"name": n, "domain": d}) for n, d in (("zoo-math", "math"), ("zoo-code", "code"))]
+    base = {"opd": [0, 0, 1, 1], "exopd": [1, 0, 1, 1], "corrected": [1, 1, 1, 0], "math": [0, 1, 0, 1]}
+    per_problem, rows = {}, []
+    for m, v in base.items():
+        for s in ("zoo-math", "zoo-code"):
+            per_problem[(m, s)] = {f"p{i}": x for i, x in enumerate(v)}
+            rows.append(ResultRow(m, s, s[4:], "avg", 1, sum(v) / 4, 0.0, 4, 1))
+    paired = paired_differences(recipe, EvalResult(rows, per_problem), suites, ("opd", "exopd", "corrected"))
+    between = {(d.suite, d.a): (d.diff, round(d.stderr, 6), d.n_problems) for d in paired if d.b == "opd"}
+    se_exopd = round(math.sqrt(((1 - 0.25) ** 2 + 3 * 0.25 ** 2) / 3 / 4), 6)  # differences 1, 0, 0, 0
+    se_corr = round(math.sqrt((2 * 0.75 ** 2 + 0.25 ** 2 + 1.25 ** 2) / 3 / 4), 6)  # differences 1, 1, 0, -1
+    assert between == {("zoo-math", "exopd"): (0.25, se_exopd, 4), ("zoo-code", "exopd"): (0.25, se_exopd, 4),
+                       ("zoo-math", "corrected"): (0.25, se_corr, 4), ("zoo-code", "corrected"): (0.25, se_corr, 4)}
+    with pytest.raises(ValueError, match="compare_against 'sft' is not a compare: variant"):
+        Recipe.model_validate({**recipe.model_dump(), "compare_against": "sft"})
