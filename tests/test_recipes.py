@@ -100,3 +100,29 @@ def test_shipped_recipes_validate(recipe, tmp_path):
         return
     assert proc.returncode == 0, proc.stderr
     assert "ok" in proc.stdout and "not built yet" in proc.stdout
+
+
+@pytest.mark.slow
+def test_large_expert_keeps_its_rl_checkpoints_as_members(tmp_path, monkeypatch):
+    """`large_math_expert@N`: the large expert's GRPO after N of its steps, saved by the same run (a quarter,
+    half and three quarters): weaker teachers of one lineage, each a model folder transformers loads."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from merge_distill.errors import UserError
+    from merge_distill.toyworld import zoo as zoo_module
+
+    monkeypatch.setitem(zoo_module.PRESETS, "tiny4", replace(zoo_module.PRESETS["smoke"], domains=("math",),
+                                                             grpo_steps=4))
+    z = zoo_module.Zoo("tiny4", 0, str(tmp_path / "z"), log=lambda *_: None)
+    assert z.graders_to_build(["large_math_expert@2"]) == {"math"}
+    z.ensure(["large_math_expert@2"])
+    assert sorted(p.name for p in z.dir.glob("large_math_expert*")) == [
+        "large_math_expert", "large_math_expert@1", "large_math_expert@2", "large_math_expert@3"]
+    # (which step each holds is the trainer's checkpointing, tested with resumption; a smoke-sized expert
+    # gets no reward to move on, so its weights cannot tell the steps apart here)
+    AutoModelForCausalLM.from_pretrained(z.path("large_math_expert@2"))
+    assert not (z.path("large_math_expert@2") / "trainer_state.pt").exists()
+    with pytest.raises(UserError, match="no member 'large_math_expert@7'.*large_math_expert@1, large_math_expert@2"):
+        z.ensure(["large_math_expert@7"])

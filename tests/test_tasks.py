@@ -297,3 +297,31 @@ def test_through_real_graders(splits, isolation):  # pragma: no cover - depends 
             grader.close()
         for r, c, want, v in zip(records, completions, expect, verdicts):
             assert v.passed == want, (domain, r["prompt"], c, v)
+
+
+def test_check_marks_are_geometric_and_make_errors_rarer(splits):
+    """NoiseMix check marks (the `hack` zoo): k leading marks, P(k) = (1 - rate) rate^k, and after k marks both
+    error shares are scaled by gain^k (hand values: 0.6 x 0.5^k wrong)."""
+    from merge_distill.toyworld.tasks.family import CHECK_MARK
+
+    family = ArithmeticTasks()
+    mix = NoiseMix(misconception=0.3, random_error=0.3, check_rate=0.5, check_gain=0.5)
+    mis_records = [r for r in splits["math"][0] if r["subset"] == "misconception"]
+    rng = random.Random(3)
+    n, by_k = 20000, {}
+    for i in range(n):
+        r = mis_records[i % len(mis_records)]
+        resp = family.noisy_response(r, rng, mix)
+        k = len(resp) - len(resp.lstrip(CHECK_MARK))
+        assert resp[k:] in (family.solution(r), family.misconception(r)) or "\\boxed{" in resp[k:]
+        by_k.setdefault(k, []).append(resp[k:] != family.solution(r))
+    for k, p in ((0, 0.5), (1, 0.25), (2, 0.125)):
+        assert abs(len(by_k[k]) / n - p) < 0.015
+        wrong = sum(by_k[k]) / len(by_k[k])
+        assert abs(wrong - 0.6 * 0.5 ** k) < 0.03, (k, wrong)
+    # no marks without a check rate, and none where the grader reads the whole response (code)
+    plain = NoiseMix(0.3, 0.3)
+    assert not any(family.noisy_response(r, rng, plain).startswith(CHECK_MARK) for r in mis_records[:200])
+    with pytest.raises(UserError, match="code domain's responses cannot start with check marks"):
+        for r in splits["code"][0][:50]:
+            make_family("code").noisy_response(r, rng, mix)

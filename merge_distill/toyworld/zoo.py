@@ -5,7 +5,9 @@ Stages, each cached as a folder written atomically (a folder that exists is comp
     data/            train/test task records per domain (disjoint by problem)
     base/            tiny Qwen3 pretrained (SFT) on a corpus where a share of the answers is wrong
     <domain>_expert/ GRPO from base with the domain grader's 0/1 reward
-    large_base/, large_math_expert/, small_base/   strong-to-weak members (built when a recipe asks)
+    large_base/, large_math_expert/, small_base/, mid_base/   strong-to-weak members (built when a recipe asks)
+    large_math_expert@N/  the large expert's GRPO after N of its steps (a quarter, half, three quarters): the
+                          teacher's RL strength, saved by the same run that builds large_math_expert
 
 Deterministic given (preset, seed). `zoo:NAME` paths in recipes resolve into this folder.
 """
@@ -39,6 +41,8 @@ class ZooPreset:
     size: ModelSize = ModelSize()
     misconception: float = 0.35
     random_error: float = 0.25
+    check_rate: float = 0.0   # NoiseMix check marks (the `hack` preset): a length the RL expert learns to exploit
+    check_gain: float = 1.0
     pretrain_steps: int = 600
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
@@ -49,7 +53,8 @@ class ZooPreset:
     max_new_tokens: dict = field(default_factory=lambda: {"math": 40, "code": 48, "units": 40})
     # strong-to-weak members
     large_size: ModelSize = ModelSize(hidden=160, layers=4, heads=4)
-    small_size: ModelSize = ModelSize(hidden=64, layers=2, heads=4)
+    small_size: ModelSize = ModelSize(hidden=64, layers=2, heads=4)   # 0.12M parameters
+    mid_size: ModelSize = ModelSize(hidden=96, layers=3, heads=4)     # 0.36M (base: 0.62M; large: 1.27M)
 
 
 PRESETS: dict[str, ZooPreset] = {
@@ -58,11 +63,16 @@ PRESETS: dict[str, ZooPreset] = {
     "hard": ZooPreset(misconception=0.45, random_error=0.2),
     # a third domain (unit conversions, graded by the example plugin in examples/merge-distill-units)
     "three": ZooPreset(domains=("math", "code", "units")),
+    # reward hacking you can see: math responses may start with "~" check marks, each making the corpus's errors
+    # rarer (x0.6); RL learns to emit more of them up to what the 36-token budget allows; extrapolation can
+    # push past it (responses cut before their answer)
+    "hack": ZooPreset(domains=("math",), check_rate=0.5, check_gain=0.6, max_new_tokens={"math": 36}),
     # seconds, for tests and install checks
     "smoke": ZooPreset(n_train=600, n_test=64, size=ModelSize(hidden=32, layers=1, heads=2), pretrain_steps=60,
                        pretrain_batch=32, pretrain_lr=5e-3, grpo_steps=3, grpo_prompts=8, grpo_rollouts=4,
                        grpo_lr=1e-4, large_size=ModelSize(hidden=48, layers=1, heads=2),
-                       small_size=ModelSize(hidden=16, layers=1, heads=2)),
+                       small_size=ModelSize(hidden=16, layers=1, heads=2),
+                       mid_size=ModelSize(hidden=24, layers=1, heads=2)),
 }
 BASE_STAGES = ("data", "base")
 
@@ -101,7 +111,8 @@ class Zoo:
     def graders_to_build(self, members: list[str] | None = None) -> set[str]:
         """The graders that building the named members (as `ensure`) would run: each unbuilt expert is a GRPO
         run rewarded by its domain's grader."""
-        return {m.removeprefix("large_").removesuffix("_expert") for m in self._wanted(members)
+        experts = {m.split("@")[0] for m in self._wanted(members) if not self.path(m).exists()}
+        return {m.removeprefix("large_").removesuffix("_expert") for m in experts
                 if m.endswith("_expert") and not self.path(m).exists()}
 
     # ---------------------------------------------------------------------------------- stages
@@ -110,10 +121,18 @@ class Zoo:
             return
         builders = {"data": self._data, "base": lambda: self._base("base", self.preset.size),
                     "large_base": lambda: self._base("large_base", self.preset.large_size),
-                    "small_base": lambda: self._base("small_base", self.preset.small_size)}
+                    "small_base": lambda: self._base("small_base", self.preset.small_size),
+                    "mid_base": lambda: self._base("mid_base", self.preset.mid_size)}
         for d in self.preset.domains:
             builders[f"{d}_expert"] = lambda d=d: self._expert(d, "base")
             builders[f"large_{d}_expert"] = lambda d=d: self._expert(d, "large_base")
+        if "@" in member and member.split("@")[0] in builders:  # saved by its expert's build
+            self._build(member.split("@")[0])
+            if not self.path(member).exists():
+                saved = sorted(p.name for p in self.dir.glob(member.split("@")[0] + "@*"))
+                raise UserError(f"zoo '{self.name}' has no member '{member}' (its build saved: "
+                                f"{', '.join(saved) or 'none; it predates intermediate checkpoints'})")
+            return
         if member not in builders:
             raise UserError(f"zoo '{self.name}' has no member '{member}' (members: {', '.join(builders)})")
         for dependency in self._dependencies(member):  # built (and timed) first, on their own
@@ -158,7 +177,8 @@ class Zoo:
         model = tiny_qwen3(len(tokenizer), hidden=size.hidden, layers=size.layers, heads=size.heads,
                            seed=self.seed, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id)
-        mix = NoiseMix(misconception=p.misconception, random_error=p.random_error)
+        mix = NoiseMix(misconception=p.misconception, random_error=p.random_error, check_rate=p.check_rate,
+                       check_gain=p.check_gain)
         corpus = pretraining_corpus(list(p.domains), p.n_train, self.seed, mix, n_test=p.n_test)
         task = self.progress.add_task(f"zoo: pretrain {name}", total=p.pretrain_steps) if self.progress else None
 
@@ -173,6 +193,7 @@ class Zoo:
         save_model(model, tokenizer, self.path(name))
 
     def _expert(self, domain: str, base: str) -> None:
+        from merge_distill.checkpoint import TRAINER_STATE, checkpoint_dirs
         from merge_distill.recipe import Expert, Recipe, Train
         from merge_distill.train import train
 
@@ -181,14 +202,21 @@ class Zoo:
         name = f"{domain}_expert" if base == "base" else f"large_{domain}_expert"
         run_dir = self.dir / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
+        # the large expert keeps its run's quarter checkpoints: the same teacher at weaker RL strengths
+        every = p.grpo_steps // 4 if base == "large_base" and p.grpo_steps >= 4 else 0
         recipe = Recipe(
             method="grpo", student=str(self.path(base)), output_dir=str(run_dir),
             experts=[Expert(name=domain, prompts=str(self.path("data") / f"{domain}_train.jsonl"))],
             train=Train(steps=p.grpo_steps, prompts_per_step=p.grpo_prompts,
                         rollouts_per_prompt=p.grpo_rollouts, max_new_tokens=p.max_new_tokens[domain],
-                        lr=p.grpo_lr, seed=self.seed, grad_clip=1.0),
+                        lr=p.grpo_lr, seed=self.seed, grad_clip=1.0, checkpoint_every=every, keep_checkpoints=4),
             isolation=self.isolation)
         final = train(recipe, progress=self.progress)
+        for step, folder in checkpoint_dirs(run_dir):
+            if step < p.grpo_steps:
+                with atomic_dir(self.path(f"{name}@{step}")) as tmp:
+                    shutil.copytree(folder, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+                        TRAINER_STATE, "optimizer.pt", "checksums.json"))
         with atomic_dir(self.path(name)) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
         shutil.copy(run_dir / "metrics.jsonl", self.path(name) / "grpo_metrics.jsonl")

@@ -12,6 +12,8 @@ from merge_distill.errors import UserError
 
 # ----------------------------------------------------------------------------- noise
 
+CHECK_MARK = "~"  # one byte, one token: a "verification" mark that carries no answer
+
 
 @dataclass(frozen=True)
 class NoiseMix:
@@ -22,9 +24,15 @@ class NoiseMix:
 
     misconception: float = 0.35
     random_error: float = 0.25
+    # Check marks, a length to exploit: a response starts with k marks (`CHECK_MARK`), k geometric (each one more
+    # with probability `check_rate`, at most `max_checks`), and each mark scales both error shares by
+    # `check_gain`: in the corpus, longer "verification" goes with right answers. 0 = none (the default corpus)
+    check_rate: float = 0.0
+    check_gain: float = 1.0
+    max_checks: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("misconception", "random_error"):
+        for name in ("misconception", "random_error", "check_rate", "check_gain"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"NoiseMix.{name} must be in [0, 1], got {v}")
@@ -53,6 +61,7 @@ class TaskFamily:
 
     domain: ClassVar[str]
     grader: ClassVar[str]
+    takes_check_marks: ClassVar[bool] = False  # may responses start with NoiseMix check marks (the grader skips them)
 
     # ---- problem space (identity keys) ------------------------------------------
     def _sample_key(self, rng: random.Random) -> Any:
@@ -90,13 +99,23 @@ class TaskFamily:
         raise NotImplementedError
 
     def noisy_response(self, record: dict, rng: random.Random, mix: NoiseMix) -> str:
-        """A pretraining response: misconception / random error / correct, per ``mix``."""
+        """A pretraining response: misconception / random error / correct, per ``mix``, after its check marks
+        (when ``mix.check_rate``; each mark makes both errors rarer by ``mix.check_gain``)."""
+        checks = 0
+        while mix.check_rate and checks < mix.max_checks and rng.random() < mix.check_rate:
+            checks += 1
+        if checks and not self.takes_check_marks:
+            raise UserError(f"the {self.domain} domain's responses cannot start with check marks (its grader "
+                            "reads the whole response); check_rate is for math")
+        scale = mix.check_gain ** checks
         u = rng.random()
-        if u < mix.misconception:
-            return self.misconception(record)
-        if u < mix.misconception + mix.random_error:
-            return self.random_error(record, rng)
-        return self.solution(record)
+        if u < mix.misconception * scale:
+            text = self.misconception(record)
+        elif u < (mix.misconception + mix.random_error) * scale:
+            text = self.random_error(record, rng)
+        else:
+            text = self.solution(record)
+        return CHECK_MARK * checks + text
 
     def _base(self, key: Any) -> dict:
         return {"domain": self.domain, "grader": self.grader}
