@@ -75,10 +75,11 @@ def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_
                                "domain": row.domain, "metric": row.metric, "k": row.k, "score": row.score,
                                "stderr": row.stderr, "response_length": lengths, "n_problems": row.n_problems,
                                "n_samples": row.n_samples})
-    baselines = [r.to_dict() for r in reference.rows if r.subset is None]
+    baselines = [{**r.to_dict(), "response_length": _mean_length(root / "baselines", r.model, r.suite)}
+                 for r in reference.rows if r.subset is None]
     atomic_write_json(root / "sweep.json", {"swept": list(grid), "points": points, "baselines": baselines,
                                             "sandbox_isolation": reference.isolation})
-    plot(points, baselines, list(grid)[0], root / "sweep.png")
+    plot(points, baselines, list(grid), root / "sweep.png")
     return root
 
 
@@ -97,36 +98,50 @@ def _mean_length(eval_dir: Path, model: str, suite: str) -> float:
     return sum(r["n_tokens"] for r in rows) / max(1, len(rows))
 
 
-def plot(points: list[dict], baselines: list[dict], key: str, out: Path) -> None:
+def plot(points: list[dict], baselines: list[dict], swept: list[str], out: Path) -> None:
+    """Score (top) and mean response length (bottom) against the first swept key, one line per value of the
+    others (e.g. reward_scale with and without train.log_ratio_clip); baselines dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key, rest = swept[0], swept[1:]
     suites = sorted({p["suite"] for p in points})
     fig, axes = plt.subplots(2, len(suites), figsize=(4.5 * len(suites), 6), squeeze=False)
     colours: dict[str, str] = {"base": "gray"}
     others = itertools.cycle(f"C{i}" for i in range(10))
     for j, suite in enumerate(suites):
-        pts = sorted((p for p in points if p["suite"] == suite and p["k"] == min(
-            q["k"] for q in points if q["suite"] == suite)), key=lambda p: p[key])
-        xs = [p[key] for p in pts]
-        axes[0][j].errorbar(xs, [100 * p["score"] for p in pts], yerr=[100 * p["stderr"] for p in pts],
-                            marker="o", capsize=3, color="black", label="student", zorder=3)
+        k_head = min(q["k"] for q in points if q["suite"] == suite)
+        pts = [p for p in points if p["suite"] == suite and p["k"] == k_head]
+        series = list(dict.fromkeys(tuple(p[r] for r in rest) for p in pts))
+        lengths = []
+        for n, values in enumerate(series):
+            line = sorted((p for p in pts if tuple(p[r] for r in rest) == values), key=lambda p: p[key])
+            label = ", ".join(f"{r.split('.')[-1]}={v}" for r, v in zip(rest, values)) or "student"
+            style = dict(marker="os^vD"[n % 5], color="black" if n == 0 else f"C{9 - n % 10}", label=label)
+            xs = [p[key] for p in line]
+            axes[0][j].errorbar(xs, [100 * p["score"] for p in line], yerr=[100 * p["stderr"] for p in line],
+                                capsize=3, zorder=3, **style)
+            axes[1][j].plot(xs, [p["response_length"] for p in line], **style)
+            lengths += [p["response_length"] for p in line]
         for b in baselines:  # one colour per baseline model, the same in every panel
-            if b["suite"] == suite and b["k"] == pts[0]["k"]:
+            if b["suite"] == suite and b["k"] == k_head:
                 if b["model"] not in colours:
                     colours[b["model"]] = next(others)
                 axes[0][j].axhline(100 * b["score"], linestyle="--", linewidth=1, color=colours[b["model"]],
                                    label=f"{b['model']} {100 * b['score']:.1f}")
-        axes[0][j].set_title(f"{suite} ({pts[0]['metric']}@{pts[0]['k']})")
+                if "response_length" in b:
+                    axes[1][j].axhline(b["response_length"], linestyle="--", linewidth=1, color=colours[b["model"]],
+                                       label=f"{b['model']} {b['response_length']:.1f}")
+                    lengths.append(b["response_length"])
+        axes[0][j].set_title(f"{suite} ({pts[0]['metric']}@{k_head})")
         axes[0][j].set_ylabel("score (%)")
         axes[0][j].legend(fontsize=7)
-        lengths = [p["response_length"] for p in pts]
-        axes[1][j].plot(xs, lengths, marker="o", color="black")
         axes[1][j].set_ylim(0, 1.15 * max(lengths + [1.0]))  # from 0: a 0.1-token wobble must not look like growth
         axes[1][j].set_ylabel("response length (tokens)")
         axes[1][j].set_xlabel(key)
+        axes[1][j].legend(fontsize=7)
     fig.tight_layout()
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -63,10 +63,11 @@ PRESETS: dict[str, ZooPreset] = {
     "hard": ZooPreset(misconception=0.45, random_error=0.2),
     # a third domain (unit conversions, graded by the example plugin in examples/merge-distill-units)
     "three": ZooPreset(domains=("math", "code", "units")),
-    # reward hacking you can see: math responses may start with "~" check marks, each making the corpus's errors
-    # rarer (x0.6); RL learns to emit more of them up to what the 36-token budget allows; extrapolation can
-    # push past it (responses cut before their answer)
-    "hack": ZooPreset(domains=("math",), check_rate=0.5, check_gain=0.6, max_new_tokens={"math": 36}),
+    # reward hacking you can see: math responses may start with "~" check marks, each making the corpus's
+    # errors rarer (x0.3; its errors are common: 50% misconception, 30% random), so its RL expert learns to emit
+    # them, as many as its 34-token budget allows; extrapolation can push past it (answers cut off)
+    "hack": ZooPreset(domains=("math",), misconception=0.5, random_error=0.3, check_rate=0.5, check_gain=0.3,
+                      max_new_tokens={"math": 34}),
     # seconds, for tests and install checks
     "smoke": ZooPreset(n_train=600, n_test=64, size=ModelSize(hidden=32, layers=1, heads=2), pretrain_steps=60,
                        pretrain_batch=32, pretrain_lr=5e-3, grpo_steps=3, grpo_prompts=8, grpo_rollouts=4,
