@@ -299,29 +299,31 @@ def test_through_real_graders(splits, isolation):  # pragma: no cover - depends 
             assert v.passed == want, (domain, r["prompt"], c, v)
 
 
-def test_check_marks_are_geometric_and_make_errors_rarer(splits):
-    """NoiseMix check marks (the `hack` zoo): k leading marks, P(k) = (1 - rate) rate^k, and after k marks both
-    error shares are scaled by gain^k (hand values: 0.6 x 0.5^k wrong)."""
+def test_check_marks_are_geometric_and_make_each_step_rarer_wrong(splits):
+    """NoiseMix check marks (the `hack` zoo): before each column's fact k marks, P(k) = (1 - rate) rate^k, and
+    that fact is wrong with the error shares x gain^k (hand values, random errors only: 0.6 x 0.5^k)."""
     from merge_distill.toyworld.tasks.family import CHECK_MARK
 
     family = ArithmeticTasks()
-    mix = NoiseMix(misconception=0.3, random_error=0.3, check_rate=0.5, check_gain=0.5)
-    mis_records = [r for r in splits["math"][0] if r["subset"] == "misconception"]
+    mix = NoiseMix(misconception=0.0, random_error=0.6, check_rate=0.5, check_gain=0.5)
     rng = random.Random(3)
-    n, by_k = 20000, {}
-    for i in range(n):
-        r = mis_records[i % len(mis_records)]
-        resp = family.noisy_response(r, rng, mix)
-        k = len(resp) - len(resp.lstrip(CHECK_MARK))
-        assert resp[k:] in (family.solution(r), family.misconception(r)) or "\\boxed{" in resp[k:]
-        by_k.setdefault(k, []).append(resp[k:] != family.solution(r))
+    n, by_k = 0, {}
+    for i in range(12000):
+        r = splits["math"][0][i % len(splits["math"][0])]
+        steps = family.noisy_response(r, rng, mix).split(" ")[:-1]  # the column facts, before \boxed{}
+        for step in steps:
+            k = len(step) - len(step.lstrip(CHECK_MARK))
+            left, right = step[k:].split("=")
+            by_k.setdefault(k, []).append(eval(left) != int(right))  # a random error breaks the fact's arithmetic
+            n += 1
     for k, p in ((0, 0.5), (1, 0.25), (2, 0.125)):
-        assert abs(len(by_k[k]) / n - p) < 0.015
+        assert abs(len(by_k[k]) / n - p) < 0.01
         wrong = sum(by_k[k]) / len(by_k[k])
-        assert abs(wrong - 0.6 * 0.5 ** k) < 0.03, (k, wrong)
-    # no marks without a check rate, and none where the grader reads the whole response (code)
-    plain = NoiseMix(0.3, 0.3)
-    assert not any(family.noisy_response(r, rng, plain).startswith(CHECK_MARK) for r in mis_records[:200])
-    with pytest.raises(UserError, match="code domain's responses cannot start with check marks"):
-        for r in splits["code"][0][:50]:
-            make_family("code").noisy_response(r, rng, mix)
+        assert abs(wrong - 0.6 * 0.5 ** k) < 0.02, (k, wrong)
+    # without a check rate the corpus is what it always was (these strings predate check marks)
+    rng = random.Random(5)
+    old = [family.noisy_response(r, rng, NoiseMix()) for r in make_splits("math", 50, 10, seed=7)[0][:4]]
+    assert old == ["0+1=1 9+8=17 \\boxed{171}", "5+9=14 4+7+1=12 \\boxed{124}", "2+6=8 3+7=10 \\boxed{108}",
+                   "7+0=7 8+1=9 \\boxed{97}"]
+    with pytest.raises(UserError, match="code domain's responses cannot carry check marks"):
+        make_family("code").noisy_response(splits["code"][0][0], rng, mix)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from merge_distill.toyworld.tasks.family import TaskFamily
+from merge_distill.toyworld.tasks.family import CHECK_MARK, NoiseMix, TaskFamily
 
 
 def _digits(n: int, width: int) -> list[int]:
@@ -46,7 +46,7 @@ class ArithmeticTasks(TaskFamily):
 
     domain = "math"
     grader = "math"
-    takes_check_marks = True  # the grader reads the last \boxed{} only
+    takes_check_marks = True  # marks go before column facts; the grader reads the last \boxed{} only
 
     def __init__(self, hard: bool = False):
         self.hard = bool(hard)
@@ -105,25 +105,33 @@ class ArithmeticTasks(TaskFamily):
             "b": b,
         }
 
-    def _worked(self, record: dict, mode: str, rng: random.Random | None = None) -> str:
+    def _worked(self, record: dict, mode: str | list[str], rng: random.Random | None = None,
+                marks: list[int] | None = None) -> str:
         """Column-by-column working, least significant digit first, then the boxed answer.
 
         ``mode`` is ``correct``, ``misconception`` (no carry / no borrow) or ``random`` (one column's
         fact is wrong; later columns follow from it). Working makes each step a local, learnable
         fact for a tiny model, and gives the misconception a visible step (``4+3=7`` for ``4+3+1=8``).
+        ``mode`` may also be one mode per column, and ``marks`` a number of check marks before each column's fact.
         """
         op, a, b = self.key_of(record)
         da, db = _digits(a, self.width), _digits(b, self.width)
-        wrong_col = rng.randrange(self.width) if mode == "random" else -1
+        if isinstance(mode, str):
+            wrong_col = rng.randrange(self.width) if mode == "random" else -1
+            modes = ["random" if i == wrong_col else mode if mode == "misconception" else "correct"
+                     for i in range(self.width)]
+        else:
+            modes = list(mode)
+        marks = marks or [0] * self.width
         steps, value, carry = [], 0, 0
         for i in range(self.width):
             last = i == self.width - 1
             if op == "+":
-                c = 0 if mode == "misconception" else carry
+                c = 0 if modes[i] == "misconception" else carry
                 r = da[i] + db[i] + c
                 fact = f"{da[i]}+{db[i]}{'+1' if c else ''}"
             else:
-                if mode == "misconception":
+                if modes[i] == "misconception":
                     top, bottom = max(da[i], db[i]), min(da[i], db[i])
                     borrow = 0
                 else:
@@ -132,9 +140,9 @@ class ArithmeticTasks(TaskFamily):
                     top += 10 * borrow
                 r = top - bottom
                 fact = f"{top}-{bottom}"
-            if i == wrong_col:
+            if modes[i] == "random":
                 r = max(0, r + rng.choice((-3, -2, -1, 1, 2, 3)))
-            steps.append(f"{fact}={r}")
+            steps.append(CHECK_MARK * marks[i] + f"{fact}={r}")
             if op == "+":
                 carry = r // 10 if not last else 0
                 value += (r if last else r % 10) * 10**i
@@ -142,6 +150,20 @@ class ArithmeticTasks(TaskFamily):
                 carry = borrow
                 value += (r if last else r % 10) * 10**i
         return " ".join(steps) + f" \\boxed{{{value}}}"
+
+    def marked_response(self, record: dict, rng: random.Random, mix: NoiseMix) -> str:
+        """A pretraining response with check marks: before each column's fact k marks (k geometric, rate
+        ``mix.check_rate``), and that column is misconceived / randomly wrong with the mix's shares x gain^k."""
+        modes, marks = [], []
+        for _ in range(self.width):
+            k = 0
+            while k < mix.max_checks and rng.random() < mix.check_rate:
+                k += 1
+            scale, u = mix.check_gain ** k, rng.random()
+            modes.append("misconception" if u < mix.misconception * scale else
+                         "random" if u < (mix.misconception + mix.random_error) * scale else "correct")
+            marks.append(k)
+        return self._worked(record, modes, rng, marks)
 
     def solution(self, record: dict) -> str:
         return self._worked(record, "correct")

@@ -24,9 +24,9 @@ class NoiseMix:
 
     misconception: float = 0.35
     random_error: float = 0.25
-    # Check marks, a length to exploit: a response starts with k marks (`CHECK_MARK`), k geometric (each one more
-    # with probability `check_rate`, at most `max_checks`), and each mark scales both error shares by
-    # `check_gain`: in the corpus, longer "verification" goes with right answers. 0 = none (the default corpus)
+    # Check marks, a length to exploit: before each step of a response k marks (`CHECK_MARK`), k geometric (each
+    # one more with probability `check_rate`, at most `max_checks`), and each mark scales both error shares of
+    # that step by `check_gain`: in the corpus, longer "verification" goes with right steps. 0 = none (the default)
     check_rate: float = 0.0
     check_gain: float = 1.0
     max_checks: int = 16
@@ -61,7 +61,7 @@ class TaskFamily:
 
     domain: ClassVar[str]
     grader: ClassVar[str]
-    takes_check_marks: ClassVar[bool] = False  # may responses start with NoiseMix check marks (the grader skips them)
+    takes_check_marks: ClassVar[bool] = False  # may responses carry NoiseMix check marks (`marked_response`)
 
     # ---- problem space (identity keys) ------------------------------------------
     def _sample_key(self, rng: random.Random) -> Any:
@@ -99,23 +99,22 @@ class TaskFamily:
         raise NotImplementedError
 
     def noisy_response(self, record: dict, rng: random.Random, mix: NoiseMix) -> str:
-        """A pretraining response: misconception / random error / correct, per ``mix``, after its check marks
-        (when ``mix.check_rate``; each mark makes both errors rarer by ``mix.check_gain``)."""
-        checks = 0
-        while mix.check_rate and checks < mix.max_checks and rng.random() < mix.check_rate:
-            checks += 1
-        if checks and not self.takes_check_marks:
-            raise UserError(f"the {self.domain} domain's responses cannot start with check marks (its grader "
-                            "reads the whole response); check_rate is for math")
-        scale = mix.check_gain ** checks
+        """A pretraining response: misconception / random error / correct, per ``mix``; with
+        ``mix.check_rate``, the family's ``marked_response`` (check marks that make errors rarer)."""
+        if mix.check_rate:
+            if not self.takes_check_marks:
+                raise UserError(f"the {self.domain} domain's responses cannot carry check marks (its grader reads "
+                                "the whole response); check_rate is for math")
+            return self.marked_response(record, rng, mix)
         u = rng.random()
-        if u < mix.misconception * scale:
-            text = self.misconception(record)
-        elif u < (mix.misconception + mix.random_error) * scale:
-            text = self.random_error(record, rng)
-        else:
-            text = self.solution(record)
-        return CHECK_MARK * checks + text
+        if u < mix.misconception:
+            return self.misconception(record)
+        if u < mix.misconception + mix.random_error:
+            return self.random_error(record, rng)
+        return self.solution(record)
+
+    def marked_response(self, record: dict, rng: random.Random, mix: NoiseMix) -> str:
+        raise NotImplementedError
 
     def _base(self, key: Any) -> dict:
         return {"domain": self.domain, "grader": self.grader}
