@@ -1,7 +1,7 @@
 """Rollouts at a realistic spread of lengths: the paged sampler (continuous batching) against today's padded one.
 
-    python benchmarks/rollouts.py                          # the default: a few minutes on a shared 2-core CPU
-    python benchmarks/rollouts.py --rows 64 --reps 5       # larger
+    python benchmarks/rollouts.py                          # the default: ~15 minutes on one core
+    python benchmarks/rollouts.py --rows 16 --kv-rows 16   # one batch, no memory budget
     python benchmarks/rollouts.py --config merge_distill/configs/qwen3-0.6b --device cuda --dtype bfloat16 \\
         --vocabs 151936 --max-new 2048 --median-new 512 --rows 64
 
@@ -14,8 +14,13 @@ at those lengths:
 - padded (`merge_distill.sampling.sample`): the row's EOS is forced at its length (and masked before it). The
   row stays in the batch until the longest row ends, as with a real EOS.
 - paged (`merge_distill.paged.sample_paged`): each row is capped at its length, with no EOS, and frees its
-  pages there, as at a real EOS. The cache is sized for every row at `--max-new` (what it takes when lengths
-  are not known in advance), unless `--cache-tokens` gives a budget.
+  pages there, as at a real EOS.
+
+Both get the same KV memory: `--kv-rows` rows at the longest prompt + `--max-new` (what a row may take when
+lengths are not known in advance; default 16 of the 64 rows), as a run's `train.max_rollout_tokens` gives them.
+The padded sampler then samples the rows in chunks of that many, each chunk until its longest row ends (what the
+trainer does); the paged engine gets that many tokens of cache, and admits rows while pages are free, so short
+rows make room for waiting ones. `--cache-tokens` sets the paged cache alone.
 
 tokens/s counts the real response tokens: the sum of the lengths, divided by the call's wall time. That time
 includes the paged engine's setup and teardown. Peak is the memory the call adds:
@@ -54,7 +59,9 @@ def _trim() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=16, help="responses per call (prompts x rollouts)")
+    p.add_argument("--rows", type=int, default=64, help="responses per call (prompts x rollouts)")
+    p.add_argument("--kv-rows", type=int, default=16, help="the KV budget of both samplers, in rows at the longest "
+                                                           "prompt + --max-new (default 16)")
     p.add_argument("--min-new", type=int, default=16)
     p.add_argument("--max-new", type=int, default=1024)
     p.add_argument("--median-new", type=float, default=160, help="median of the lognormal response lengths")
@@ -120,17 +127,20 @@ def main() -> None:
     prompts = [torch.randint(0, min(vocabs) - 1, (int(n),), generator=g).tolist()
                for n in torch.randint(16, 49, (a.rows,), generator=g)]
     seeds = row_seeds(a.seed, a.rows)
-    worst = sum(len(q) + a.max_new for q in prompts)
-    paged_config = PagedConfig(max_cache_tokens=a.cache_tokens or worst,
+    kv_rows = min(a.kv_rows, a.rows)
+    budget = kv_rows * (max(len(q) for q in prompts) + a.max_new)
+    paged_config = PagedConfig(max_cache_tokens=a.cache_tokens or budget,
                                **({"page_size": a.page_size} if a.page_size else {}))
     tokens = sum(length)
 
     def padded(model, prompts=prompts, length=length, seeds=seeds):
         eos = model.config.vocab_size - 1
-        with torch.no_grad():
-            r = sample(forced_logits(model, length, eos), prompts, max_new_tokens=a.max_new, temperature=1.0,
-                       eos_token_id=eos, pad_token_id=0, seeds=seeds)
-        assert r.lengths.tolist() == length
+        for lo in range(0, len(prompts), kv_rows):  # the trainer's chunks under train.max_rollout_tokens
+            hi = lo + kv_rows
+            with torch.no_grad():
+                r = sample(forced_logits(model, length[lo:hi], eos), prompts[lo:hi], max_new_tokens=a.max_new,
+                           temperature=1.0, eos_token_id=eos, pad_token_id=0, seeds=seeds[lo:hi])
+            assert r.lengths.tolist() == length[lo:hi]
 
     def paged(model, prompts=prompts, length=length, seeds=seeds):
         r = sample_paged(model, prompts, max_new_tokens=length, temperature=1.0, eos_token_id=-1, pad_token_id=0,
@@ -141,19 +151,22 @@ def main() -> None:
     shape = a.config or f"hidden {a.hidden}, {a.layers} layers"
     print(f"{a.rows} rows, prompts 16..48 tokens, responses {min(length)}..{max(length)} (median "
           f"{statistics.median(length):.0f}, sum {tokens:,}, longest {max(length)}); {shape}; {where}")
-    print(f"paged cache: {paged_config.max_cache_tokens:,} tokens, pages of {paged_config.page_size}; padded grid: "
-          f"{a.rows} x {max(length)} = {a.rows * max(length):,} row-steps for {tokens:,} tokens")
+    chunks = [length[lo:lo + kv_rows] for lo in range(0, a.rows, kv_rows)]
+    steps = sum(len(c) * max(c) for c in chunks)
+    print(f"KV budget: {kv_rows} rows at the longest prompt + {a.max_new} = {budget:,} tokens. Paged cache: "
+          f"{paged_config.max_cache_tokens:,} tokens, pages of {paged_config.page_size}; padded: {len(chunks)} chunks "
+          f"of {kv_rows} rows, {steps:,} row-steps for {tokens:,} tokens")
     cfg = next(iter(models.values())).config
     per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * getattr(
         cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) * dtype.itemsize
-    grid = a.rows * (max(len(q) for q in prompts) + max(length))
+    grid = kv_rows * (max(len(q) for q in prompts) + max(length))
     forward = max(a.rows, 256)  # the paged engine's tokens per forward (PagedConfig.max_batch_tokens)
     print(f"KV: padded {grid:,} tokens = {grid * per_token / 2**20:,.1f} MiB at the end (rebuilt by a cat each "
           f"step); paged {paged_config.max_cache_tokens:,} tokens = "
           f"{paged_config.max_cache_tokens * per_token / 2**20:,.1f} MiB from the start, and its attention mask "
           f"{forward * (paged_config.max_cache_tokens + forward) * dtype.itemsize / 2**20:,.1f} MiB")
     for model in models.values():  # warm-up: first-call costs of either path
-        padded(model, prompts[:2], [2, 3], seeds[:2])
+        padded(model, prompts[:2], [2, 3], seeds[:2])  # (one chunk)
         paged(model, prompts[:2], [2, 3], seeds[:2])
     print(f"{'vocab':>8} {'rep':>4} {'sampler':>8} {'seconds':>9} {'tokens/s':>10} {'peak MiB':>9}")
     results: dict[tuple[int, str], list[float]] = {}
