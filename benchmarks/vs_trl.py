@@ -3,12 +3,20 @@
     python benchmarks/vs_trl.py                  # both workloads, alternating repetitions (~45 min on 2 cores)
     python benchmarks/vs_trl.py --quick          # smoke run: one repetition, one timed step, a smaller L
     python benchmarks/vs_trl.py --workloads L --reps 5 --variants ours,gkd_best
+    python benchmarks/vs_trl.py --workloads V --variants ours,ours_padded,gkd_best,iwopd_best,distill_best \
+        --reps 3 --steps 1 --threads 1      # the spread of lengths (~25 min on one core)
 
 One step of on-policy distillation: the student samples a response to every prompt of the batch (temperature
 1, no top-k/top-p), the teacher scores it, the student takes one AdamW step on a reverse-KL objective.
 
 - `ours`: `merge_distill.train.train_step` on a `Setup` built by `merge_distill.train.setup` from a recipe
-  (method gopd, lam 1 = on-policy distillation: the sampled-token reverse-KL policy gradient).
+  (method gopd, lam 1 = on-policy distillation: the sampled-token reverse-KL policy gradient), with the padded
+  sampler, or the paged one on a workload with a spread of lengths; `ours_padded`: always the padded one.
+- workload V: responses of 16..1,024 tokens (lognormal, median 160), each prompt's length fixed in
+  prompts.jsonl and forced in every trainer where its sampler allows: TRL through a logits processor added to
+  `generate` (EOS impossible before the row's length, certain at it; HF keeps the finished row until the batch
+  ends, as with a real EOS), merge-distill's paged sampler through per-row caps (the row leaves and frees its
+  pages), its padded sampler through the same forced EOS. Every trainer samples the same number of tokens.
 - `gkd_best` / `gkd_default`: TRL's `GKDTrainer` with lmbda=1 (always on-policy), beta=1 (full-vocabulary
   reverse KL), temperature 1; best = gradient checkpointing off and fp32, default = TRL's defaults
   (gradient checkpointing on, which also turns the KV cache off in generation; bf16 autocast).
