@@ -63,10 +63,11 @@ PRESETS: dict[str, ZooPreset] = {
     "hard": ZooPreset(misconception=0.45, random_error=0.2),
     # a third domain (unit conversions, graded by the example plugin in examples/merge-distill-units)
     "three": ZooPreset(domains=("math", "code", "units")),
-    # reward hacking you can see: each step of a math response may follow "~" check marks, each making that
-    # step's errors rarer in the corpus (x0.3; its errors are common: 50% misconception, 30% random), so its RL
-    # expert learns to emit them, as many as its 34-token budget allows; extrapolation can push past it
-    "hack": ZooPreset(domains=("math",), misconception=0.5, random_error=0.3, check_rate=0.5, check_gain=0.3,
+    # reward hacking you can see: each step of a math response may follow "~" check marks; in the corpus an
+    # unmarked step is always wrong (the misconception or a random error; the misconception is right where no
+    # carry or borrow bites) and each mark makes that step's error rarer (x0.3), so the RL expert's lever is
+    # to emit marks, as many as its 34-token budget allows; extrapolation can push past it (answers cut off)
+    "hack": ZooPreset(domains=("math",), misconception=0.5, random_error=0.5, check_rate=0.5, check_gain=0.3,
                       max_new_tokens={"math": 34}),
     # seconds, for tests and install checks
     "smoke": ZooPreset(n_train=600, n_test=64, size=ModelSize(hidden=32, layers=1, heads=2), pretrain_steps=60,
