@@ -6,6 +6,8 @@ student sizes, teacher RL strengths and training steps.
         --set train.steps=200 --set train.eval_every=25                  # the size and step sweep
     python benchmarks/strong_to_weak.py --seeds 0 \\
         --teachers large_math_expert@20,large_math_expert@40,large_math_expert   # the teacher's RL strength
+    python benchmarks/strong_to_weak.py --decompose --seeds 0 --students small_base,mid_base,base \
+        --teachers large_math_expert@20,large_math_expert   # what log T/R_student is made of (a minute)
 
 Each cell is one `merge-distill run recipes/strong_to_weak.yaml` (its three arms, trained and evaluated side by
 side on the same held-out problems with the same per-(problem, sample) seeds) with the student, teacher and zoo
@@ -92,6 +94,40 @@ def cell(seed: int, student: str, teacher: str, sets: list[str], out_root: Path,
             "mean_length": lengths, "steps": step_curves(out)}
 
 
+def decomposition(seed: int, students: list[str], teacher: str, rows: int = 512) -> dict:
+    """What ExOPD extrapolates, measured on the teacher's own samples of training prompts: per response token,
+    log T/R_student = log T/B (what the teacher's RL changed; B = its pre-RL base, `large_base`) + log B/S0 (the
+    capacity gap: the large base against the student's initial weights). Mean and standard deviation over
+    tokens; `gap_share` = var(log B/S0) / (var(log T/B) + var(log B/S0))."""
+    import torch
+
+    from merge_distill.data import render_prompt
+    from merge_distill.models import load_model, load_tokenizer
+    from merge_distill.sampling import row_seeds, sample
+    from merge_distill.scoring import response_logprobs
+    from merge_distill.toyworld.zoo import Zoo
+
+    zoo = Zoo("default", seed)
+    tok = load_tokenizer(zoo.path(teacher))
+    records = [json.loads(line) for line in (zoo.path("data") / "math_train.jsonl").read_text().splitlines()][:rows]
+    prompts = [render_prompt(tok, r["prompt"]) for r in records]
+    with torch.no_grad():
+        t_model = load_model(zoo.path(teacher)).eval()
+        rollouts = sample(t_model, prompts, max_new_tokens=48, temperature=1.0, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, seeds=row_seeds(seed, len(prompts)))
+        mask = rollouts.response_mask.bool()
+        lp = {name: response_logprobs(load_model(zoo.path(name)).eval(), rollouts)[mask]
+              for name in dict.fromkeys(["large_base", *students])}
+        lp_t = response_logprobs(t_model, rollouts)[mask]
+    out = {}
+    for st in students:
+        rl, gap = lp_t - lp["large_base"], lp["large_base"] - lp[st]
+        out[st] = {"rl_mean": rl.mean().item(), "rl_std": rl.std().item(), "gap_mean": gap.mean().item(),
+                   "gap_std": gap.std().item(), "gap_share": (gap.var() / (rl.var() + gap.var())).item(),
+                   "tokens": int(mask.sum())}
+    return out
+
+
 def pts(d: dict) -> str:
     return f"{100 * d['diff']:+.1f} ± {100 * d['stderr']:.1f}"
 
@@ -104,7 +140,19 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="recipe overrides for every cell")
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "strong_to_weak.yaml"))
     p.add_argument("--out", default="runs/strong_to_weak_study")
+    p.add_argument("--decompose", action="store_true",
+                   help="only measure log T/R_student = log T/B + log B/S0 on the teacher's samples, per student")
     a = p.parse_args()
+    if a.decompose:
+        print("per response token of the teacher's own samples (512 training prompts): nats")
+        print(f"{'seed':>4} {'teacher':<22} {'student':<10} {'log T/B mean':>13} {'sd':>6} {'log B/S0 mean':>14} "
+              f"{'sd':>6} {'gap share of variance':>22}")
+        for seed in a.seeds.split(","):
+            for teacher in a.teachers.split(","):
+                for st, d in decomposition(int(seed), a.students.split(","), teacher).items():
+                    print(f"{seed:>4} {teacher:<22} {st:<10} {d['rl_mean']:>13.3f} {d['rl_std']:>6.3f} "
+                          f"{d['gap_mean']:>14.3f} {d['gap_std']:>6.3f} {d['gap_share']:>22.2f}")
+        return
     out_root = Path(a.out)
     cells = [cell(int(seed), student, teacher, a.set, out_root, a.recipe)
              for seed in a.seeds.split(",") for student in a.students.split(",") for teacher in a.teachers.split(",")]
