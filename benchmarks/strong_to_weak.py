@@ -73,7 +73,8 @@ def step_curves(out: Path) -> list[dict]:
 
 
 def cell(seed: int, student: str, teacher: str, sets: list[str], out_root: Path, recipe: str) -> dict:
-    name = f"seed{seed}-{student}-{teacher.replace('@', '-rl')}"
+    name = f"seed{seed}-{student}-{teacher.replace('@', '-rl')}" + "".join(
+        "-" + x.split(".")[-1].replace("=", "") for x in sets)  # e.g. seed0-base-large_math_expert-steps200
     out = out_root / name
     cmd = [sys.executable, "-m", "merge_distill", "run", recipe, "--resume",
            "--set", f"zoo.seed={seed}", "--set", f"student=zoo:{student}",
