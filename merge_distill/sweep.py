@@ -40,6 +40,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_
           log=print) -> Path:
     """Train and evaluate one student per grid point. `resolve(recipe, progress=, log=)` turns a loaded recipe
     into one of plain paths (the CLI passes the toy world's, which builds the zoo a recipe names)."""
+    from merge_distill.evaluation.metrics import paired_difference
     from merge_distill.evaluation.runner import ModelSpec, evaluate
     from merge_distill.recipe import load_recipe
     from merge_distill.run import check_isolation, eval_suites
@@ -71,10 +72,14 @@ def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_
         for row in result.rows:
             if row.subset is None:
                 lengths = _mean_length(root / name / "eval", name, row.suite)
+                # minus each baseline on the same problems and samples (common seeds): paired
+                paired = {m: dict(zip(("diff", "stderr", "n_problems"), paired_difference(
+                    result.per_problem[(name, row.suite)], reference.per_problem[(m, s)])))
+                    for m, s in reference.per_problem if s == row.suite}
                 points.append({**{k: _number(x) for k, x in v.items()}, "variant": name, "suite": row.suite,
                                "domain": row.domain, "metric": row.metric, "k": row.k, "score": row.score,
                                "stderr": row.stderr, "response_length": lengths, "n_problems": row.n_problems,
-                               "n_samples": row.n_samples})
+                               "n_samples": row.n_samples, "minus": paired})
     baselines = [{**r.to_dict(), "response_length": _mean_length(root / "baselines", r.model, r.suite)}
                  for r in reference.rows if r.subset is None]
     atomic_write_json(root / "sweep.json", {"swept": list(grid), "points": points, "baselines": baselines,

@@ -65,6 +65,15 @@ def test_smoke_recipe_end_to_end(tmp_path, isolation):
     assert points == {(lam, s) for lam in (1.0, 1.5) for s in ("zoo-math", "zoo-code")}
     assert all(p["n_problems"] == 64 and p["response_length"] > 0 and 0 <= p["score"] <= 1 for p in data["points"])
     assert {b["model"] for b in data["baselines"]} == {"base", "math", "code"}
+    # each point minus each baseline, paired on its suite: on the same problems the mean difference is the
+    # difference of the scores
+    base_score = {(b["model"], b["suite"]): b["score"] for b in data["baselines"] if b["k"] == 1 or b["metric"] == "avg"}
+    for p in data["points"]:
+        assert set(p["minus"]) == {"base", "math", "code"}
+        for m, d in p["minus"].items():
+            if (m, p["suite"]) in base_score and p["metric"] == "avg":
+                assert d["diff"] == pytest.approx(p["score"] - base_score[(m, p["suite"])], abs=1e-9)
+                assert d["n_problems"] == 64 and d["stderr"] >= 0
     assert (sweep_dir / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert (sweep_dir / "sweep" / "reward_scale=1.5" / "final" / "model.safetensors").is_file()
 
