@@ -2,11 +2,12 @@
 student sizes, teacher RL strengths and training steps.
 
     python benchmarks/strong_to_weak.py                                  # the shipped preset on zoo seeds 0, 1, 2
-    python benchmarks/strong_to_weak.py --seeds 0 --students small_base,mid_base,base \\
-        --set train.steps=200 --set train.eval_every=25                  # the size and step sweep
-    python benchmarks/strong_to_weak.py --seeds 0 \\
-        --teachers large_math_expert@20,large_math_expert@40,large_math_expert   # the teacher's RL strength
-    python benchmarks/strong_to_weak.py --decompose --seeds 0 --students small_base,mid_base,base \
+    python benchmarks/strong_to_weak.py --set train.steps=100 --set train.eval_every=25     # the preset at 100 steps
+    python benchmarks/strong_to_weak.py --seeds 0 --students small_base,mid_base \\
+        --set train.steps=100 --set train.eval_every=25                  # the student's size
+    python benchmarks/strong_to_weak.py --seeds 0 --teachers large_math_expert@20 \\
+        --set train.steps=100 --set train.eval_every=25                  # the teacher's RL strength
+    python benchmarks/strong_to_weak.py --decompose --seeds 0 --students small_base,mid_base,base \\
         --teachers large_math_expert@20,large_math_expert   # what log T/R_student is made of (a minute)
 
 Each cell is one `merge-distill run recipes/strong_to_weak.yaml` (its three arms, trained and evaluated side by
