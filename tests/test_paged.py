@@ -12,6 +12,7 @@ from merge_distill.models import load_model, load_tokenizer
 from merge_distill.paged import PagedConfig, sample_paged
 from merge_distill.sampling import row_seeds, sample
 from merge_distill.scoring import response_logprobs
+from sampled import assert_same_rows
 
 QUESTIONS = ("12+34=", "What is 5+7?", "1+1", "Compute 98-45 carefully.")
 
@@ -78,12 +79,7 @@ def test_a_row_samples_the_same_alone_in_any_batch_or_a_small_cache(teacher, mon
             (list(range(12)), PagedConfig(page_size=8, max_cache_tokens=64, max_rows=3, max_batch_tokens=16))]
     for order, config in runs:
         apart = sample_paged(model, [prompts[i] for i in order], seeds=[seeds[i] for i in order], config=config, **kw)
-        for j, i in enumerate(order):
-            n = int(together.lengths[i])
-            assert int(apart.lengths[j]) == n
-            assert apart.response_ids[j, :n].tolist() == together.response_ids[i, :n].tolist()
-            torch.testing.assert_close(apart.sampler_logprobs[j, :n], together.sampler_logprobs[i, :n],
-                                       rtol=1e-4, atol=1e-5)
+        assert_same_rows(apart, together, order)
     assert recomputed  # the small cache evicted rows, and they sampled the same tokens again
     assert sample_paged(model, prompts, seeds=seeds, **kw).response_ids.tolist() == together.response_ids.tolist()
     other = sample_paged(model, prompts, seeds=row_seeds(4, len(prompts)), **kw)

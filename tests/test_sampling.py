@@ -5,6 +5,7 @@ import torch
 from merge_distill.data import render_prompt
 from merge_distill.models import load_model, load_tokenizer
 from merge_distill.sampling import draw, row_seeds, row_uniforms, sample
+from sampled import assert_same_rows
 
 
 def test_draw_matches_the_distribution():
@@ -32,12 +33,7 @@ def test_a_row_samples_the_same_response_alone_or_in_any_batch(tiny_world):
     together = sample(model, prompts, seeds=seeds, **kw)
     for order in ([2, 0], [3], [1, 3, 0, 2]):
         apart = sample(model, [prompts[i] for i in order], seeds=[seeds[i] for i in order], **kw)
-        for j, i in enumerate(order):
-            n = int(together.lengths[i])
-            assert int(apart.lengths[j]) == n
-            assert apart.response_ids[j, :n].tolist() == together.response_ids[i, :n].tolist()
-            torch.testing.assert_close(apart.sampler_logprobs[j, :n], together.sampler_logprobs[i, :n],
-                                       rtol=1e-4, atol=1e-5)
+        assert_same_rows(apart, together, order)
     other = sample(model, prompts, seeds=row_seeds(4, len(prompts)), **kw)
     assert other.response_ids.tolist() != together.response_ids.tolist()
 
