@@ -82,17 +82,18 @@ def paired_differences(recipe: Recipe, result: EvalResult, suites, students=("st
     with `compare_against`, each other student minus that one on every suite."""
     temps = recipe.eval.teacher_temperatures if recipe.eval else []
     against = recipe.compare_against
-    between = [PairedDifference(s.name, st, against, row.metric, row.k, *result.paired(st, against, s.name))
-               for st in students if against in students and st != against for s in suites
-               for row in [_headline(result, st, s.name)]]
+    between = [_difference(result, s.name, st, against)
+               for st in students if against in students and st != against for s in suites]
     return ([d for st in students for d in _paired(recipe, result, suites, st)]
             + [d for st in students for t in temps for d in _paired(recipe, result, suites, at(st, t), at("", t))]
             + between)
 
 
-def _headline(result: EvalResult, model: str, suite: str):
-    """The headline row of (model, suite): its first whole-suite row (avg@k, or pass@1 for pass suites)."""
-    return next(r for r in result.rows if r.subset is None and r.model == model and r.suite == suite)
+def _difference(result: EvalResult, suite: str, a: str, b: str) -> PairedDifference:
+    """`a - b` on `suite`, paired per problem, labelled with a's headline metric: its first whole-suite row
+    (avg@k, or pass@1 for pass suites)."""
+    row = next(r for r in result.rows if r.subset is None and r.model == a and r.suite == suite)
+    return PairedDifference(suite, a, b, row.metric, row.k, *result.paired(a, b, suite))
 
 
 def _paired(recipe: Recipe, result: EvalResult, suites, student: str, matched: str | None = None
@@ -102,24 +103,14 @@ def _paired(recipe: Recipe, result: EvalResult, suites, student: str, matched: s
     out = []
     by_domain = {s.domain: s for s in suites}
     names = list(dict.fromkeys(m for m, _ in result.per_problem))  # in evaluation order (a set would vary by run)
-    # the headline row of each (model, suite): avg@k, or pass@1 for pass suites
-    metric_of = {}
-    for r in result.rows:
-        if r.subset is None and (r.model, r.suite) not in metric_of:
-            metric_of[(r.model, r.suite)] = r
     for e in recipe.experts:
         suite = by_domain.get(e.name) or next((s for s in suites if s.name == e.eval_suite), None)
         others = [e.name + matched] if matched else [e.name] + [n for n in names if n.startswith(f"{e.name}@")]
         for other in others:
             if suite and (other, suite.name) in result.per_problem and (student, suite.name) in result.per_problem:
-                d, se, n = result.paired(student, other, suite.name)
-                row = metric_of[(student, suite.name)]
-                out.append(PairedDifference(suite.name, student, other, row.metric, row.k, d, se, n))
+                out.append(_difference(result, suite.name, student, other))
     if "base" in names and not matched:
-        for s in suites:
-            d, se, n = result.paired(student, "base", s.name)
-            row = metric_of[(student, s.name)]
-            out.append(PairedDifference(s.name, student, "base", row.metric, row.k, d, se, n))
+        out += [_difference(result, s.name, student, "base") for s in suites]
     return out
 
 
