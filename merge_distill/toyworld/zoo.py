@@ -113,7 +113,7 @@ class Zoo:
     def graders_to_build(self, members: list[str] | None = None) -> set[str]:
         """The graders that building the named members (as `ensure`) would run: each unbuilt expert is a GRPO
         run rewarded by its domain's grader."""
-        experts = {m.split("@")[0] for m in self._wanted(members) if not self.path(m).exists()}
+        experts = {m.split("@")[0] for m in self._wanted(members)}  # `X@N` is saved by X's build
         return {m.removeprefix("large_").removesuffix("_expert") for m in experts
                 if m.endswith("_expert") and not self.path(m).exists()}
 
@@ -195,7 +195,7 @@ class Zoo:
         save_model(model, tokenizer, self.path(name))
 
     def _expert(self, domain: str, base: str) -> None:
-        from merge_distill.checkpoint import TRAINER_STATE, checkpoint_dirs
+        from merge_distill.checkpoint import CHECKSUMS, OPTIMIZER_STATE, TRAINER_STATE, checkpoint_dirs
         from merge_distill.recipe import Expert, Recipe, Train
         from merge_distill.train import train
 
@@ -218,7 +218,7 @@ class Zoo:
             if step < p.grpo_steps:
                 with atomic_dir(self.path(f"{name}@{step}")) as tmp:
                     shutil.copytree(folder, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
-                        TRAINER_STATE, "optimizer.pt", "checksums.json"))
+                        TRAINER_STATE, OPTIMIZER_STATE, CHECKSUMS))
         with atomic_dir(self.path(name)) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
         shutil.copy(run_dir / "metrics.jsonl", self.path(name) / "grpo_metrics.jsonl")

@@ -46,7 +46,6 @@ class ArithmeticTasks(TaskFamily):
 
     domain = "math"
     grader = "math"
-    takes_check_marks = True  # marks go before column facts; the grader reads the last \boxed{} only
 
     def __init__(self, hard: bool = False):
         self.hard = bool(hard)
@@ -153,7 +152,8 @@ class ArithmeticTasks(TaskFamily):
 
     def marked_response(self, record: dict, rng: random.Random, mix: NoiseMix) -> str:
         """A pretraining response with check marks: before each column's fact k marks (k geometric, rate
-        ``mix.check_rate``), and that column is misconceived / randomly wrong with the mix's shares x gain^k."""
+        ``mix.check_rate``), and that column is misconceived / randomly wrong with the mix's shares x gain^k.
+        The math grader reads the last \\boxed{} only, so marks never change a verdict."""
         modes, marks = [], []
         for _ in range(self.width):
             k = 0

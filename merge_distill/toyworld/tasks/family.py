@@ -61,7 +61,6 @@ class TaskFamily:
 
     domain: ClassVar[str]
     grader: ClassVar[str]
-    takes_check_marks: ClassVar[bool] = False  # may responses carry NoiseMix check marks (`marked_response`)
 
     # ---- problem space (identity keys) ------------------------------------------
     def _sample_key(self, rng: random.Random) -> Any:
@@ -102,9 +101,6 @@ class TaskFamily:
         """A pretraining response: misconception / random error / correct, per ``mix``; with
         ``mix.check_rate``, the family's ``marked_response`` (check marks that make errors rarer)."""
         if mix.check_rate:
-            if not self.takes_check_marks:
-                raise UserError(f"the {self.domain} domain's responses cannot carry check marks (its grader reads "
-                                "the whole response); check_rate is for math")
             return self.marked_response(record, rng, mix)
         u = rng.random()
         if u < mix.misconception:
@@ -114,7 +110,9 @@ class TaskFamily:
         return self.solution(record)
 
     def marked_response(self, record: dict, rng: random.Random, mix: NoiseMix) -> str:
-        raise NotImplementedError
+        """A response carrying check marks: only families whose grader skips them define it (math)."""
+        raise UserError(f"the {self.domain} domain's responses cannot carry check marks (its grader reads the "
+                        "whole response); check_rate is for math")
 
     def _base(self, key: Any) -> dict:
         return {"domain": self.domain, "grader": self.grader}
