@@ -153,7 +153,8 @@ def build(w: Workload, root: Path) -> Path:
     tok = make_tokenizer(w.vocab)
     for name, seed in (("student", w.seed), ("teacher", w.seed + 1)):
         model = tiny_qwen3(w.vocab, hidden=w.hidden, layers=w.layers, heads=w.heads, seed=seed,
-                           max_positions=max(1024, w.prompt_max + 5 + w.new_tokens), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                           max_positions=max(1024, w.prompt_max + 5 + w.new_tokens),
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
         save_model(model.to(torch.float32), tok, out / name)

@@ -47,11 +47,6 @@ def per_problem(path: Path) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
-def mean_length(path: Path) -> float:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return sum(r["n_tokens"] for r in rows) / len(rows)
-
-
 def step_curves(out: Path) -> list[dict]:
     """Per periodic-evaluation step: each arm's score and each arm minus opd (paired)."""
     from merge_distill.evaluation.metrics import paired_difference
@@ -74,6 +69,8 @@ def step_curves(out: Path) -> list[dict]:
 
 
 def cell(seed: int, student: str, teacher: str, sets: list[str], out_root: Path, recipe: str) -> dict:
+    from merge_distill.sweep import mean_response_length
+
     name = f"seed{seed}-{student}-{teacher.replace('@', '-rl')}" + "".join(
         "-" + x.split(".")[-1].replace("=", "") for x in sets)  # e.g. seed0-base-large_math_expert-steps200
     out = out_root / name
@@ -88,7 +85,7 @@ def cell(seed: int, student: str, teacher: str, sets: list[str], out_root: Path,
     report = json.loads((out / "report.json").read_text())
     whole = {r["model"]: r for r in report["rows"] if r["suite"] == SUITE and r["subset"] is None}
     paired = {f"{p['a']}-{p['b']}": p for p in report["paired_differences"] if p["suite"] == SUITE}
-    lengths = {arm: mean_length(out / "eval" / "generations" / f"{arm}__{SUITE}.jsonl") for arm in ARMS}
+    lengths = {arm: mean_response_length(out / "eval", arm, SUITE) for arm in ARMS}
     return {"name": name, "seed": seed, "student": student, "teacher": teacher, "sets": sets,
             "scores": {m: {"score": r["score"], "stderr": r["stderr"], "n_problems": r["n_problems"],
                            "n_samples": r["n_samples"]} for m, r in whole.items()},

@@ -58,8 +58,7 @@ THREADS = int(os.environ.get("BENCH_THREADS", "2"))  # --threads sets it for the
 TRL_VARIANTS = ("gkd_best", "gkd_default", "iwopd_best", "distill_best")
 BEST = ("gkd_best", "iwopd_best", "distill_best")
 LABELS = {"ours": "merge-distill", "ours_padded": "merge-distill padded", "floor": "floor (plain PyTorch)",
-          "gkd_best": "TRL GKD best",
-          "gkd_default": "TRL GKD defaults", "iwopd_best": "TRL IW-OPD best",
+          "gkd_best": "TRL GKD best", "gkd_default": "TRL GKD defaults", "iwopd_best": "TRL IW-OPD best",
           "distill_best": "TRL Distillation best"}
 
 

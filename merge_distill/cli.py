@@ -356,7 +356,8 @@ def sweep(recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
 
 
 @zoo_app.command("build")
-def zoo_build(preset: Annotated[str, typer.Option(help="default, hard, three, hack or smoke (merge_distill.toyworld.zoo.PRESETS)")] = "default", seed: int = 0,
+def zoo_build(preset: Annotated[str, typer.Option(help="default, hard, three, hack or smoke")] = "default",
+              seed: int = 0,
               members: Annotated[Optional[list[str]], typer.Option("--member", help="only these (e.g. large_math_expert)")] = None,
               directory: Annotated[Optional[str], typer.Option("--dir", help="where (default: the cache)")] = None,
               isolation: Isolation = None):

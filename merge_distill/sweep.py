@@ -71,7 +71,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_
         result = evaluate([ModelSpec(name, str(final))], suites, out_dir=root / name / "eval", **common)
         for row in result.rows:
             if row.subset is None:
-                lengths = _mean_length(root / name / "eval", name, row.suite)
+                lengths = mean_response_length(root / name / "eval", name, row.suite)
                 # minus each baseline on the same problems and samples (common seeds): paired
                 paired = {m: dict(zip(("diff", "stderr", "n_problems"), paired_difference(
                     result.per_problem[(name, row.suite)], reference.per_problem[(m, s)])))
@@ -80,7 +80,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_
                                "domain": row.domain, "metric": row.metric, "k": row.k, "score": row.score,
                                "stderr": row.stderr, "response_length": lengths, "n_problems": row.n_problems,
                                "n_samples": row.n_samples, "minus": paired})
-    baselines = [{**r.to_dict(), "response_length": _mean_length(root / "baselines", r.model, r.suite)}
+    baselines = [{**r.to_dict(), "response_length": mean_response_length(root / "baselines", r.model, r.suite)}
                  for r in reference.rows if r.subset is None]
     atomic_write_json(root / "sweep.json", {"swept": list(grid), "points": points, "baselines": baselines,
                                             "sandbox_isolation": reference.isolation})
@@ -95,7 +95,8 @@ def _number(x: str):
         return x
 
 
-def _mean_length(eval_dir: Path, model: str, suite: str) -> float:
+def mean_response_length(eval_dir: Path, model: str, suite: str) -> float:
+    """Mean response tokens of (model, suite) over its generations file in `eval_dir`."""
     from merge_distill.evaluation.runner import _safe
 
     path = eval_dir / "generations" / f"{_safe(model)}__{_safe(suite)}.jsonl"
@@ -136,10 +137,9 @@ def plot(points: list[dict], baselines: list[dict], swept: list[str], out: Path)
                     colours[b["model"]] = next(others)
                 axes[0][j].axhline(100 * b["score"], linestyle="--", linewidth=1, color=colours[b["model"]],
                                    label=f"{b['model']} {100 * b['score']:.1f}")
-                if "response_length" in b:
-                    axes[1][j].axhline(b["response_length"], linestyle="--", linewidth=1, color=colours[b["model"]],
-                                       label=f"{b['model']} {b['response_length']:.1f}")
-                    lengths.append(b["response_length"])
+                axes[1][j].axhline(b["response_length"], linestyle="--", linewidth=1, color=colours[b["model"]],
+                                   label=f"{b['model']} {b['response_length']:.1f}")
+                lengths.append(b["response_length"])
         axes[0][j].set_title(f"{suite} ({pts[0]['metric']}@{k_head})")
         axes[0][j].set_ylabel("score (%)")
         axes[0][j].legend(fontsize=7)
