@@ -65,7 +65,7 @@ def main() -> None:
             ro = Rollouts(prompt_ids=torch.randint(0, vocab, (a.batch, 16), generator=g),
                           prompt_mask=torch.ones(a.batch, 16, dtype=torch.long),
                           response_ids=torch.randint(0, vocab, (a.batch, length), generator=g),
-                          response_mask=torch.ones(a.batch, length),
+                          response_mask=torch.ones(a.batch, length, dtype=torch.bool),
                           sampler_logprobs=torch.zeros(a.batch, length), truncated=torch.ones(a.batch, dtype=torch.bool))
             logits_mib = a.batch * length * vocab * 4 / 2**20
             too_big = logits_mib > a.plain_limit_gb * 1024

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from merge_distill import distributed, parallel
+from merge_distill.parallel import collectives
 from merge_distill.errors import UserError
 from merge_distill.io import atomic_dir, atomic_write_json
 
@@ -60,7 +61,7 @@ def save_checkpoint(s, optimizer, scheduler, step: int) -> Path:
     if distributed.is_main():
         for _, old in checkpoint_dirs(Path(s.recipe.output_dir))[: -s.recipe.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
+    collectives.barrier()
     return out
 
 
@@ -70,7 +71,7 @@ def save_final(s, folder: Path) -> None:
         parallel.save_student(s.student, tmp)
         if tmp is not None:
             s.tokenizer.save_pretrained(tmp)
-    distributed.barrier()
+    collectives.barrier()
 
 
 def resume_from(s, optimizer, scheduler) -> int:
@@ -84,7 +85,7 @@ def resume_from(s, optimizer, scheduler) -> int:
     if not found:
         return 0
     main = distributed.is_main()
-    step, path = distributed.gather(newest_intact(found) if main else None)[0]  # rank 0 checks the files
+    step, path = collectives.gather(newest_intact(found) if main else None)[0]  # rank 0 checks the files
     if not (path / OPTIMIZER_STATE).is_file():
         raise UserError(f"{path}: no {OPTIMIZER_STATE}: written by an older merge-distill, whose checkpoints held "
                         "the optimizer state by position; resume it with that version, or start a new run")

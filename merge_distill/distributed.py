@@ -8,7 +8,8 @@ token mean over the global batch, so each rank weights its tokens by 1 / (global
 gradients are summed across ranks by torch's engines, `DistributedDataParallel` or FSDP2's `fully_shard`, as
 `Recipe.parallel` says (`merge_distill.parallel`); every rank then clips by the same global norm and takes the
 same optimizer step. Rank 0 alone writes metrics, checkpoints (full, gathered state: a run resumes on any
-number of ranks and in either layout) and the final model; the others wait at a barrier.
+number of ranks and in either layout) and the final model; the others wait at a barrier. The loop's own
+collectives (counts, flags, metrics) are in `merge_distill.parallel.collectives`.
 
 Without the launcher's environment (WORLD_SIZE unset or 1) everything here is a no-op for one process.
 """
@@ -76,17 +77,37 @@ def device_for(device: str) -> str:
     return device
 
 
+# The group's backend for the accelerator's tensors, by device type. Host tensors and objects always go over gloo.
+ACCELERATOR_BACKENDS = {"cuda": "nccl", "xpu": "xccl"}
+# A CPU rehearsal of an accelerator's group: set to a device type (`cuda`), a CPU run builds the group that device's
+# run would build, with gloo standing in for its backend (`cpu:gloo,cuda:gloo`): a collective on a device the
+# group has no backend for then fails here as it fails on the GPU. The distributed tests run under it.
+REHEARSE = "MERGE_DISTILL_REHEARSE_GROUP_OF"
+
+
+def group_backends(device_type: str) -> str:
+    """The process group's `device:backend` pairs for a run on `device_type`, as torchtitan builds them: `cpu:gloo`
+    always (the loop's host-side counts and flags, pickled objects, shards offloaded to the host) and, on an
+    accelerator, its own backend for its tensors (`cpu:gloo,cuda:nccl`)."""
+    accelerator = ACCELERATOR_BACKENDS.get(device_type)
+    return "cpu:gloo" + (f",{device_type}:{accelerator}" if accelerator else "")
+
+
 def init(device: str = "cpu") -> World:
-    """Join the launcher's process group (gloo for CPU, nccl for CUDA); idempotent, a no-op alone."""
+    """Join the launcher's process group (`group_backends`: gloo for host tensors, nccl for CUDA ones, bound to
+    this rank's GPU); idempotent, a no-op alone."""
     w = launched()
     if _local_depth or w.size <= 1 or dist.is_initialized():
         return world()
-    if torch.device(device).type == "cuda":
+    kind = torch.device(device).type
+    if kind == "cuda":
         torch.cuda.set_device(w.local_rank)
-        backend = "nccl"
+        dist.init_process_group(group_backends(kind), timeout=TIMEOUT, device_id=torch.device("cuda", w.local_rank))
     else:
-        backend = "gloo"
-    dist.init_process_group(backend, timeout=TIMEOUT)
+        rehearsed = os.environ.get(REHEARSE)
+        spec = group_backends(rehearsed).replace(f":{ACCELERATOR_BACKENDS[rehearsed]}", ":gloo") if rehearsed \
+            else group_backends(kind)
+        dist.init_process_group(spec, timeout=TIMEOUT)
     return world()
 
 
@@ -95,11 +116,6 @@ def shutdown() -> None:
     if active():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()
 
 
 @contextlib.contextmanager
@@ -134,33 +150,6 @@ def shard(n: int, rank: int, size: int) -> tuple[int, int]:
     base, extra = divmod(n, size)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (rank < extra)
-
-
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks (on a copy); the value itself alone."""
-    return _all_reduce(value, dist.ReduceOp.SUM)
-
-
-def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
-    """The largest value over ranks (on a copy); the value itself alone."""
-    return _all_reduce(value, dist.ReduceOp.MAX)
-
-
-def _all_reduce(value: torch.Tensor, op) -> torch.Tensor:
-    if not active():
-        return value
-    out = value.detach().clone()
-    dist.all_reduce(out, op=op)
-    return out
-
-
-def gather(obj) -> list:
-    """Every rank's `obj` (picklable), in rank order; `[obj]` alone."""
-    if not active():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ------------------------------------------------------------------------------------ metrics

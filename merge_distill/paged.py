@@ -204,7 +204,7 @@ def sample_paged(model: torch.nn.Module, prompts: list[list[int]], *, max_new_to
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
     return Rollouts(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-        response_ids=torch.where(alive, tokens, pad_token_id), response_mask=alive.float(),
+        response_ids=torch.where(alive, tokens, pad_token_id), response_mask=alive,
         sampler_logprobs=torch.where(alive, logprobs, 0.0), truncated=last != eos_token_id,
     )
 

@@ -25,13 +25,14 @@ class Rollouts:
     prompt_ids: Tensor        # [B, P] long, left-padded
     prompt_mask: Tensor       # [B, P] long
     response_ids: Tensor      # [B, L] long, right-padded with pad_token_id
-    response_mask: Tensor     # [B, L] float, 1 on real response tokens (EOS included)
+    response_mask: Tensor     # [B, L] bool, True on real response tokens (EOS included)
     sampler_logprobs: Tensor  # [B, L] float, log-prob of each sampled token under the sampler, 0 on pads
     truncated: Tensor         # [B] bool, the response hit max_new_tokens without EOS
 
     @property
     def lengths(self) -> Tensor:
-        return self.response_mask.sum(-1)
+        """`[B]` long: each row's response tokens, counted as integers (exact at any length, in any dtype policy)."""
+        return self.response_mask.sum(-1, dtype=torch.long)
 
     def select(self, rows: Tensor | list[int]) -> "Rollouts":
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.prompt_ids.device)
@@ -58,7 +59,7 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         prompt_ids=torch.cat([pad(r.prompt_ids, P, pad_token_id, True) for r in parts]),
         prompt_mask=torch.cat([pad(r.prompt_mask, P, 0, True) for r in parts]),
         response_ids=torch.cat([pad(r.response_ids, L, pad_token_id, False) for r in parts]),
-        response_mask=torch.cat([pad(r.response_mask, L, 0.0, False) for r in parts]),
+        response_mask=torch.cat([pad(r.response_mask, L, False, False) for r in parts]),
         sampler_logprobs=torch.cat([pad(r.sampler_logprobs, L, 0.0, False) for r in parts]),
         truncated=torch.cat([r.truncated for r in parts]),
     )
@@ -190,6 +191,6 @@ def _sample(source: LogitsSource, prompts, max_new_tokens, temperature, eos_toke
 
     return Rollouts(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-        response_ids=torch.stack(tokens, 1), response_mask=torch.stack(alive_cols, 1).float(),
+        response_ids=torch.stack(tokens, 1), response_mask=torch.stack(alive_cols, 1),
         sampler_logprobs=torch.stack(token_logprobs, 1), truncated=~finished,
     )

@@ -101,7 +101,7 @@ def response_logprobs(model: torch.nn.Module, rollouts: Rollouts, *, temperature
         return _gather_logprobs(logits.float() / temperature, rollouts.response_ids) * rollouts.response_mask
     check_reproduces_logits(model, backbone, head)
     prompt_lens = rollouts.prompt_mask.sum(-1).long()
-    response_lens = rollouts.response_mask.sum(-1).long()
+    response_lens = rollouts.lengths
     hs, ts, where = [], [], []
     for rows in length_buckets((prompt_lens + response_lens).tolist(), max_buckets=max_buckets):
         idx = torch.as_tensor(rows, device=rollouts.prompt_ids.device)
@@ -200,7 +200,7 @@ def response_logprobs_chunked(model: torch.nn.Module, rollouts: Rollouts, *, tem
 
 def row_lengths(rollouts: Rollouts) -> list[int]:
     """Each row's prompt + response length: the tokens a forward pass over it computes (see `_packed`)."""
-    return (rollouts.prompt_mask.sum(-1) + rollouts.response_mask.sum(-1)).long().tolist()
+    return (rollouts.prompt_mask.sum(-1) + rollouts.lengths).tolist()
 
 
 def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
@@ -268,54 +268,14 @@ def _probe(model: torch.nn.Module, backbone: torch.nn.Module, head: OutputHead) 
     return float((ours - expected).abs().max()), 1e-4 + 4 * eps * float(logits.float().abs().max())
 
 
-class ModelLogprobs(torch.nn.Module):
-    """A causal LM as one module whose `forward` gives its log-probs of given responses (`[B, L]` at the sampled
-    tokens, or `[B, L, V]` with `vocab=True`, the dense objective) and whose `decode(fn)` runs rollouts: the
-    student as the trainer uses it, or a frozen model sharded across ranks. A data-parallel wrapper around it
-    (`merge_distill.parallel`) sees the whole computation, backbone and fused head alike, so its hooks run.
-    `max_buckets`: backbone forwards per call at most (`length_buckets`)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.max_buckets = 4
-
-    def forward(self, rollouts: Rollouts, temperature: float, vocab: bool = False) -> Tensor:
-        if vocab:
-            from merge_distill.dense import response_vocab_logprobs
-
-            return response_vocab_logprobs(self.model, rollouts, temperature=temperature)
-        return response_logprobs(self.model, rollouts, temperature=temperature, max_buckets=self.max_buckets)
-
-    def decode(self, fn):
-        """`fn(student)`, e.g. sampling. When this module is FSDP-sharded (`merge_distill.parallel`), every rank
-        calls it: it is registered as an FSDP forward method, so the root's hooks gather the root's own shards
-        (embeddings, final norm, head) around it, and each layer's shards are gathered here once and freed at the
-        end, so the ranks' decode loops run no collective and may stop after different numbers of tokens. The
-        root's own shards stay gathered after it (as after any root forward): `parallel.decoding` frees them."""
-        from torch.distributed.fsdp import FSDPModule
-
-        if not isinstance(self, FSDPModule):
-            return fn(self.model)
-        layers = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
-        for m in layers:
-            m.set_reshard_after_forward(False, recurse=False)
-            m.unshard()
-        try:
-            return fn(self.model)
-        finally:
-            for m in layers:
-                m.reshard()
-                m.set_reshard_after_forward(True, recurse=False)
-
-
 class ModelCache:
     """Frozen models by resolved path: a checkpoint several experts share is loaded once.
 
     With `offload`, models rest on the CPU and visit `device` only while they score (less device memory,
     one host-to-device copy per use); `max_tokens` bounds each scoring forward (`token_budget_chunks`). With
     `shard(model, what)` (`parallel.shard_frozen`) each model is sharded over the ranks as it loads; every rank
-    must then score with each model the same number of times (an empty batch too), and the passes are agreed."""
+    must then score with each model the same number of times (an empty batch too): the sharded model's own
+    `score(rollouts, temperature, max_tokens)` agrees the passes (`parallel.layout.ModelLogprobs.score`)."""
 
     def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", offload: bool = False,
                  max_tokens: int | None = None, shard=None):
@@ -352,12 +312,10 @@ class ModelCache:
     def score(self, path: str | os.PathLike, rollouts: Rollouts, *, temperature: float = 1.0) -> Tensor:
         """`[B, L]` log-probs of the response tokens under the model at `path`, its logits divided by `temperature`."""
         with self.using(path) as model:
-            if not isinstance(model, ModelLogprobs):
-                return response_logprobs_chunked(model, rollouts.to(self.device), temperature=temperature,
-                                                 max_tokens=self.max_tokens).to(rollouts.response_ids.device)
-            from merge_distill.parallel import logprobs_in_passes
-
-            # sharded over the ranks: the same passes on every rank
-            lp = logprobs_in_passes(model, rollouts.to(self.device), temperature, self.max_tokens)
+            if self.shard:  # sharded over the ranks: the same passes on every rank
+                lp = model.score(rollouts.to(self.device), temperature, self.max_tokens)
+            else:
+                lp = response_logprobs_chunked(model, rollouts.to(self.device), temperature=temperature,
+                                               max_tokens=self.max_tokens)
             return lp.to(rollouts.response_ids.device)
 

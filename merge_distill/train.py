@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from merge_distill import distributed, parallel
+from merge_distill.parallel import collectives
 from merge_distill.checkpoint import MetricsLog, check_manifest, holding, resume_from, save_checkpoint, save_final
 from merge_distill.data import DomainMixer, Prompt, load_records, render_prompt, user_message
 from merge_distill.engines import Sampler, Scorer, frozen_sampler, make_sampler, make_scorer
@@ -69,9 +70,15 @@ class Setup:
                 return fn()
         return parallel.decoding(self.student_logprobs, lambda _: fn())
 
+    @property
+    def device(self) -> torch.device:
+        """This rank's compute device, the recipe's: where rollouts live and the forward runs. Not the student's
+        parameters' device: with `placement.offload_optimizer` those are shards on the host."""
+        return torch.device(self.recipe.device)
+
     def sample_student(self, batch: list[Prompt], seeds: list[int]) -> Rollouts:
         with self.autocast():
-            return self.decoding(lambda: self._sample(self.sampler, batch, seeds)).to(self.student.device)
+            return self.decoding(lambda: self._sample(self.sampler, batch, seeds)).to(self.device)
 
     def sample_frozen(self, path: str, batch: list[Prompt], seeds: list[int], *, what: str) -> Rollouts:
         with self.frozen.using(path, what=what) as model:
@@ -194,13 +201,15 @@ def setup(recipe: Recipe, *, eval_tokens: int = 0) -> Setup:
 
 def _sync(s: Setup) -> None:
     """Wait for queued GPU work, so the phase timings are honest."""
-    if s.student.device.type == "cuda":
-        torch.cuda.synchronize(s.student.device)
+    if s.device.type == "cuda":
+        torch.cuda.synchronize(s.device)
 
 
 def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     cfg, method = s.recipe.train, s.method
     metrics: dict = {"step": step + 1}
+    if s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
     t0 = time.perf_counter()
     world = distributed.world()
     prompts = s.mixer.next_batch(cfg.prompts_per_step)  # the global batch, the same on every rank
@@ -219,27 +228,26 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     s.student.train()
     optimizer.zero_grad(set_to_none=True)
     # the token mean over the global batch: every rank divides by the global count, gradients are summed
-    total_tokens = distributed.all_reduce_sum(rollouts.response_mask.sum()).clamp(min=1)
+    total_tokens = int(collectives.all_reduce_sum(rollouts.lengths.sum()).clamp(min=1))
     loss_sum, ratios = 0.0, []
     # the same number of passes on every rank (a rank with fewer rows runs some that weigh nothing)
-    chunks = parallel.agreed_chunks(token_budget_chunks(row_lengths(rollouts), cfg.max_tokens_per_micro_batch,
+    chunks = collectives.agreed_chunks(token_budget_chunks(row_lengths(rollouts), cfg.max_tokens_per_micro_batch,
                                                         cfg.micro_batch_size))
     for j, (rows, real) in enumerate(chunks):
         sub = rollouts.select(rows)
         with s.no_sync() if j < len(chunks) - 1 else contextlib.nullcontext():  # gradients sync in the last one
             loss, logprobs = method.loss(s, sub, None if targets is None else targets[rows])
-            loss = loss * (sub.response_mask.sum() / total_tokens if real else 0.0)
-            # DDP and FSDP average over ranks; the global token mean is the sum of every rank's share
-            (loss * world.size if world.size > 1 else loss).backward()
+            loss = loss * (int(sub.lengths.sum()) / total_tokens if real else 0.0)
+            # the global token mean is the sum of every rank's share (`parallel.gradient_scale`: DDP averages)
+            (loss * parallel.gradient_scale(s.student_logprobs)).backward()
         if real:
             loss_sum += float(loss.detach())
-            ratios.append(torch.exp(logprobs - sub.sampler_logprobs)[sub.response_mask.bool()])
+            ratios.append(torch.exp(logprobs - sub.sampler_logprobs)[sub.response_mask])
     # every rank now holds the same summed gradients (or its shard of them), so all clip by the same global norm
     grad_norm = parallel.total_norm(torch.nn.utils.clip_grad_norm_(s.student.parameters(),
                                                                    cfg.grad_clip or float("inf")))
     # a non-finite loss or gradient on any rank: no rank steps, so weights and optimizer state stay finite
-    nonfinite = torch.tensor(float(not (math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm)))))
-    skipped = bool(distributed.all_reduce_sum(nonfinite) > 0)
+    skipped = collectives.any_rank(not (math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))))
     if skipped:  # the step only moves the data on
         optimizer.zero_grad(set_to_none=True)
     else:
@@ -256,22 +264,23 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     for i, e in enumerate(s.recipe.experts):
         rows = [r for r, p in enumerate(batch) if p.expert == i]
         if rows:
-            metrics[f"{e.name}/response_length"] = float(lengths[rows].mean())
+            metrics[f"{e.name}/response_length"] = float(lengths[rows].float().mean())
             metrics[f"{e.name}/truncation_rate"] = float(rollouts.truncated[rows].float().mean())
             metrics[f"{e.name}/n_sequences"] = len(rows)
             weights.update({f"{e.name}/tokens": float(lengths[rows].sum()), f"{e.name}/sequences": len(rows)})
     metrics.update({
         "loss": loss_sum, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
         "skipped": int(skipped), "skipped_steps": s.skipped_steps,
-        "response_length": float(lengths.mean()), "truncation_rate": float(rollouts.truncated.float().mean()),
+        "response_length": float(lengths.float().mean()), "truncation_rate": float(rollouts.truncated.float().mean()),
         "importance_ratio/mean": float(ratio.mean()), "importance_ratio/min": float(ratio.min()),
         "importance_ratio/max": float(ratio.max()),
         "time/sample_s": t1 - t0, "time/score_s": t2 - t1 - metrics.get("time/grade_s", 0.0),
         "time/update_s": t3 - t2, "time/step_s": t3 - t0,
     })
-    if torch.cuda.is_available() and s.student.device.type == "cuda":
-        metrics["memory/gpu_peak_gib"] = torch.cuda.max_memory_allocated(s.student.device) / 2**30
-    return distributed.reduce_metrics(distributed.gather((metrics, weights)))
+    if s.device.type == "cuda":  # this step's peaks (reset at the step's start): allocated, and what the caching
+        metrics["memory/gpu_peak_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30  # allocator reserved
+        metrics["memory/gpu_reserved_peak_gib"] = torch.cuda.max_memory_reserved(s.device) / 2**30
+    return distributed.reduce_metrics(collectives.gather((metrics, weights)))
 
 
 def make_optimizer(s: Setup):
@@ -325,7 +334,7 @@ def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eva
         if world.main:
             check_models(recipe)
             final = Path(method.combine(recipe))
-        distributed.barrier()
+        collectives.barrier()
         return final
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)

@@ -52,10 +52,10 @@ def rollouts() -> Rollouts:
                                        PAD)
     lengths = [6, 3, 1, 4]
     response_ids = torch.full((4, 6), PAD)
-    response_mask = torch.zeros(4, 6)
+    response_mask = torch.zeros(4, 6, dtype=torch.bool)
     for row, n in enumerate(lengths):
         response_ids[row, :n] = torch.randint(3, VOCAB, (n,), generator=g)
-        response_mask[row, :n] = 1
+        response_mask[row, :n] = True
         if n < 6:
             response_ids[row, n - 1] = EOS
     return Rollouts(prompt_ids, prompt_mask, response_ids, response_mask, sampler_logprobs=torch.zeros(4, 6),

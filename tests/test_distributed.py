@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge_distill.distributed import reduce_metrics, shard
+from merge_distill.distributed import REHEARSE, reduce_metrics, shard
 from merge_distill.recipe import load_recipe
 from merge_distill.train import train
 
@@ -38,8 +38,10 @@ STEPS = dict(steps=4, prompts_per_step=10, max_new_tokens=16, micro_batch_size=3
 def torchrun(*args: str, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
     """`merge-distill ARGS` on `nproc` gloo ranks. A run still going after `timeout` s (a hang) fails the test:
     the launcher is stopped (it stops its workers, which run in sessions of their own), and a collective
-    left waiting gives up after MERGE_DISTILL_DIST_TIMEOUT_S."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MERGE_DISTILL_DIST_TIMEOUT_S": "120"}
+    left waiting gives up after MERGE_DISTILL_DIST_TIMEOUT_S. The ranks build the process group a CUDA run
+    builds (`distributed.REHEARSE`): a collective on a host tensor that NCCL alone would refuse fails here too."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MERGE_DISTILL_DIST_TIMEOUT_S": "120",
+           REHEARSE: "cuda"}  # the process group built as on CUDA (`cpu:gloo,cuda:<gloo for nccl>`)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "merge_distill", *args]

@@ -35,7 +35,7 @@ def test_paged_rollouts_are_the_padded_samplers(teacher):
     padded, paged = sample(model, prompts, **kw), sample_paged(model, prompts, **kw)
     for field in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "truncated"):
         assert torch.equal(getattr(paged, field), getattr(padded, field)), field
-    assert paged.response_mask.dtype == torch.float32 and paged.truncated.dtype == torch.bool
+    assert paged.response_mask.dtype == torch.bool and paged.truncated.dtype == torch.bool
     torch.testing.assert_close(paged.sampler_logprobs, padded.sampler_logprobs, rtol=1e-4, atol=1e-5)
     ended = ~paged.truncated
     assert 0 < int(ended.sum()) < len(prompts)  # some rows end by EOS, some by the cap

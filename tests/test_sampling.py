@@ -51,7 +51,7 @@ def test_eos_ends_a_response_inside_its_mask_and_tempered_logprobs_are_recorded(
     for b, prompt in enumerate(prompts):
         ids = r.response_ids[b].tolist()
         n = ids.index(eos) + 1 if eos in ids else max_new
-        assert r.response_mask[b].tolist() == [1.0] * n + [0.0] * (len(ids) - n)
+        assert r.response_mask[b].tolist() == [True] * n + [False] * (len(ids) - n)
         assert bool(r.truncated[b]) == (eos not in ids)
         ended += eos in ids
         with torch.no_grad():

@@ -122,12 +122,12 @@ def rollouts_from_outputs(prompts: Sequence[Sequence[int]], outputs: Sequence[An
     prompt_ids, prompt_mask = left_pad([list(p) for p in prompts], pad_token_id)
     width = max(1, max(len(r) for r in responses))
     response_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(prompts), width))
+    response_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
     sampler_logprobs = torch.zeros((len(prompts), width))
     for b, (ids, lp) in enumerate(zip(responses, lps)):
         n = len(ids)
         response_ids[b, :n] = torch.tensor(ids, dtype=torch.long)
-        response_mask[b, :n] = 1.0
+        response_mask[b, :n] = True
         sampler_logprobs[b, :n] = torch.tensor(lp)
     return Rollouts(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
                     response_mask=response_mask, sampler_logprobs=sampler_logprobs,
