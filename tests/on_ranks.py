@@ -64,6 +64,36 @@ def bf16_long_rows(out: Path) -> None:
     distributed.shutdown()
 
 
+def offload_step(out: Path) -> None:
+    """One fsdp training step with the shards, gradients and AdamW state on the host (`offload_optimizer`), and the
+    same step with them beside the compute: gradient clipping over the ranks' host shards, the optimizer step and
+    the gathered optimizer state must agree. Rank 0 writes both runs' full weights and AdamW moments."""
+    from merge_distill.parallel import state
+
+    world = distributed.init("cpu")
+    rollouts = long_rollouts()
+    mine = rollouts.select(list(range(*distributed.shard(len(LONG_LENGTHS), world.rank, world.size))))
+    results = {}
+    for offload in (False, True):
+        recipe = SimpleNamespace(device="cpu", parallel="fsdp", dtype="float32", student="random two-layer Qwen3",
+                                 placement=SimpleNamespace(offload_optimizer=offload))
+        model = long_model()
+        wrapped = layout.wrap_student(model, recipe)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        total = int(collectives.all_reduce_sum(mine.lengths.sum()))
+        (-(wrapped(mine, 1.0) * mine.response_mask).sum() / total).backward()
+        norm = layout.total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05))
+        optimizer.step()
+        weights = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        moments = state.optimizer_state(wrapped, optimizer).get("state", {})  # whole on rank 0 alone
+        results[offload] = {"norm": float(norm), "device": str(next(model.parameters()).device),
+                            "weights": {k: v.tolist() for k, v in weights.items()},
+                            "exp_avg": {k: v["exp_avg"].tolist() for k, v in moments.items()}}
+    if world.main:
+        (out / "result.json").write_text(json.dumps({"plain": results[False], "offload": results[True]}))
+    distributed.shutdown()
+
+
 def group_rehearsal(out: Path) -> None:
     """The run's process group (`distributed.init`, rehearsed as on CUDA) carries every loop collective; a group
     keyed to the accelerator alone (what `init_process_group("nccl")` gives) refuses a host tensor."""
@@ -90,4 +120,4 @@ def group_rehearsal(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    {"bf16_long_rows": bf16_long_rows, "group_rehearsal": group_rehearsal}[sys.argv[1]](Path(sys.argv[2]))
+    {"bf16_long_rows": bf16_long_rows, "group_rehearsal": group_rehearsal, "offload_step": offload_step}[sys.argv[1]](Path(sys.argv[2]))

@@ -89,3 +89,19 @@ def test_fsdp_bf16_scores_every_token_of_rows_past_256_like_one_process_fp32(tmp
             assert bool((got[r, n:] == 0).all()), f"{key}, row {r}: a pad after EOS scored"
         torch.testing.assert_close(got, expected, rtol=0, atol=0.1)  # bf16 logits of ~4 nats: rounding ~0.03
         assert float((got - expected).abs().max()) > 1e-4  # computed in bf16 indeed, not in fp32
+
+
+def test_fsdp_with_shards_on_the_host_takes_the_step_of_shards_beside_the_compute(tmp_path):
+    """`placement.offload_optimizer`: host shards, host gradients, AdamW on the host. Clipping reduces the norm over
+    the ranks' host shards (over the group's host backend, which a group of NCCL alone lacks) and the optimizer
+    state gathers from the host: one step equals the same step without offload."""
+    torchrun("offload_step", str(tmp_path), script=ON_RANKS, timeout=180)
+    got = json.loads((tmp_path / "result.json").read_text())
+    plain, offload = got["plain"], got["offload"]
+    assert offload["device"] == "cpu" and plain["norm"] > 0.05, plain["norm"]  # clipped
+    assert offload["norm"] == pytest.approx(plain["norm"], rel=1e-5)
+    for key in ("weights", "exp_avg"):
+        assert offload[key].keys() == plain[key].keys()
+        for name in plain[key]:
+            torch.testing.assert_close(torch.tensor(offload[key][name]), torch.tensor(plain[key][name]),
+                                       rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{key} {n}: {m}")

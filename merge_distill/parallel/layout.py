@@ -85,7 +85,8 @@ def wrap_student(student: torch.nn.Module, recipe) -> torch.nn.Module:
     root = sharded(student, f"student '{recipe.student}'",
                    mp_policy=MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
                                                   reduce_dtype=torch.float32),
-                   offload_policy=CPUOffloadPolicy() if recipe.placement.offload_optimizer else OffloadPolicy())
+                   offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda") if recipe.placement.offload_optimizer
+                   else OffloadPolicy())
     for module in root.modules():  # gradients summed over the ranks, not averaged: the loss is already the global
         if isinstance(module, FSDPModule):  # token mean (each rank divides by the global token count). A plain
             module.set_gradient_divide_factor(1.0)  # SUM (no PREMUL_SUM, which gloo lacks), and nothing divides
