@@ -1,8 +1,12 @@
-"""A 4B student, two 4B teachers and the reference on one GPU: 2 steps of G-OPD (lam 1.25) at 8k-token
-responses; peak memory against `merge_distill.plan`, and each step's time split (sample, score, update).
+"""The GPU check, in one command: first `torchrun --nproc_per_node 1 -m merge_distill run` with `parallel: fsdp`,
+`dtype: bfloat16` on the NCCL group (the path a single-process check never takes: a device-keyed process group,
+FSDP2's mixed precision on rows past 256 tokens, a sharded checkpoint and its resume); then a 4B student, two 4B
+teachers and the reference on one GPU: 2 steps of G-OPD (lam 1.25) at 8k-token responses; peak memory
+(allocated and reserved) against `merge_distill.plan`, and each step's time split (sample, score, update).
 
-    timeout 570 python benchmarks/gpu_4b_check.py        # H200: about 6-8.5 minutes (estimated, see below)
-    python benchmarks/gpu_4b_check.py --config /tmp/tiny --device cpu --new-tokens 16   # a CPU smoke test
+    timeout 570 python benchmarks/gpu_4b_check.py        # H200: about 7-9.5 minutes (estimated, see below)
+    python benchmarks/gpu_4b_check.py --torchrun-only    # the NCCL run alone (about a minute)
+    python benchmarks/gpu_4b_check.py --config /tmp/tiny --device cpu --new-tokens 16   # a CPU smoke test (gloo)
 
 No downloads: random weights from the shipped Qwen3-4B config.json (`--config`: a shipped name or a folder
 with one), built on the device, saved in bf16 under `--workdir` (default a temporary folder; 3 x 8 GB): the
@@ -22,12 +26,19 @@ minutes) do not fit a 10-minute command, so step 1 is a warm-up whose sampling s
 step 2, at full length, is the one to read, and the peak (the plan's: sample, then update) falls in it.
 `--warmup-tokens 0` samples both steps at full length (with `--new-tokens 4096` for ~8 minutes). The final
 checkpoint is not written (64 GB of fp32 weights and AdamW state; the GPU machine has a 64 GiB disk).
+
+The torchrun run (`--torchrun-layers`, default 2, of the same config; random weights, `never_eos`, so every row
+runs to `--torchrun-tokens`, default 300): 2 steps with a checkpoint after each, then the run cut back to its
+step-1 checkpoint and resumed (`--resume`), each as `torchrun --nproc_per_node 1` (`--torchrun-ranks`); it prints
+`torchrun fsdp bf16: ok` or the failing command's last lines, and the 4B part runs either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -113,6 +124,50 @@ def peak_bytes(device: str) -> int:
     return torch.cuda.max_memory_allocated(torch.device(device)) if device.startswith("cuda") else peak_rss()
 
 
+def reserved_bytes(device: str) -> int:
+    """What the caching allocator held at its peak: what the GPU really had to have free (cpu: peak RSS)."""
+    return torch.cuda.max_memory_reserved(torch.device(device)) if device.startswith("cuda") else peak_rss()
+
+
+def torchrun_check(root: Path, config: Path, device: str, *, layers: int, new_tokens: int, ranks: int) -> bool:
+    """`merge-distill run` under torchrun with fsdp and bf16 on `ranks` processes (NCCL on CUDA), 2 steps with a
+    checkpoint after each; then cut back to step 1 and resumed. True when both runs end well and resume where
+    the checkpoint left off."""
+    import yaml
+    from transformers import AutoConfig
+
+    small = root / "config"
+    cfg = AutoConfig.from_pretrained(config)
+    cfg.num_hidden_layers = layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:layers]
+    cfg.save_pretrained(small)
+    recipe_path, longest = build(root, small, device, new_tokens)
+    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe["train"].update(checkpoint_every=1, keep_checkpoints=2)
+    recipe.update(parallel="fsdp", dtype="bfloat16")
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "-m", "merge_distill", "run", str(recipe_path), "--no-eval"]
+    run = Path(recipe["output_dir"])
+    for label, extra in (("2 steps", []), ("resumed from step 1", ["--resume"])):
+        t0 = time.perf_counter()
+        done = subprocess.run(command + extra, capture_output=True, text=True)
+        if done.returncode != 0:
+            log(f"torchrun fsdp bf16 ({label}): FAILED ({' '.join(command + extra)})")
+            print((done.stdout + done.stderr)[-4000:], flush=True)
+            return False
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        log(f"torchrun fsdp bf16 ({label}): {time.perf_counter() - t0:.0f} s, steps {[r['step'] for r in rows]}, "
+            f"response length {rows[-1]['response_length']:.0f} tokens, loss {rows[-1]['loss']:.4f}")
+        if label == "2 steps":  # cut back to the step-1 checkpoint, as if killed after it
+            shutil.rmtree(run / "final")
+            shutil.rmtree(run / "checkpoints" / "step-2")
+    ok = [r["step"] for r in rows] == [1, 2] and (run / "final").is_dir()
+    log(f"torchrun fsdp bf16: {'ok' if ok else 'FAILED (steps or final export missing)'}")
+    return ok
+
+
 def print_plan(pl) -> None:
     print(f"plan ({pl.device}, 1 device of {pl.budget_bytes / GiB:.1f} GiB):")
     for name, b in pl.components.items():
@@ -159,6 +214,11 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=8192, help="max_new_tokens (step 2's, every response's)")
     p.add_argument("--warmup-tokens", type=int, default=256, help="step 1's sampling stops here; 0: full length")
     p.add_argument("--workdir", help="models, recipe and run (default: a temporary folder, removed after)")
+    p.add_argument("--torchrun-only", action="store_true", help="the torchrun fsdp bf16 run alone")
+    p.add_argument("--skip-torchrun", action="store_true", help="the 4B steps alone")
+    p.add_argument("--torchrun-layers", type=int, default=2)
+    p.add_argument("--torchrun-tokens", type=int, default=300, help="past 256: bf16 counts integers exactly to 256")
+    p.add_argument("--torchrun-ranks", type=int, default=1)
     a = p.parse_args()
     import transformers
 
@@ -174,6 +234,12 @@ def main() -> None:
     cuda = a.device.startswith("cuda")
     log(f"{torch.cuda.get_device_name() if cuda else a.device}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}")
+    if not a.skip_torchrun:
+        ok = torchrun_check(root / "torchrun", config_dir(a.config), a.device, layers=a.torchrun_layers,
+                            new_tokens=a.torchrun_tokens, ranks=a.torchrun_ranks)
+        shutil.rmtree(root / "torchrun", ignore_errors=True)
+        if a.torchrun_only:
+            sys.exit(0 if ok else 1)
     recipe_path, longest = build(root, config_dir(a.config), a.device, a.new_tokens)
     recipe = load_recipe(recipe_path)
     pl = plan(recipe, gpus=1, gpu_memory_bytes=device_memory(a.device.split(":")[0]), device=a.device,
@@ -189,9 +255,10 @@ def main() -> None:
     first = min(a.warmup_tokens or a.new_tokens, a.new_tokens)
     log(f"training: 2 steps, {a.new_tokens} new tokens (step 1: {first}), longest prompt {longest} tokens")
     train_module.train(recipe, progress=StepPrinter(root / "run" / "metrics.jsonl", a.device))
-    measured = peak_bytes(a.device)
-    print(f"peak: measured {measured / GiB:.2f} GiB, planned {pl.peak_bytes / GiB:.2f} GiB "
-          f"(planned/measured {pl.peak_bytes / measured:.3f})", flush=True)
+    measured, reserved = peak_bytes(a.device), reserved_bytes(a.device)
+    print(f"peak: measured {measured / GiB:.2f} GiB allocated, {reserved / GiB:.2f} GiB reserved, planned "
+          f"{pl.peak_bytes / GiB:.2f} GiB (planned/allocated {pl.peak_bytes / measured:.3f}, planned/reserved "
+          f"{pl.peak_bytes / reserved:.3f})", flush=True)
     if tmp:
         tmp.cleanup()
 

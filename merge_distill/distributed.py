@@ -43,10 +43,16 @@ SINGLE = World()
 _local_depth = 0  # > 0 inside `local()`: this process acts alone
 
 
+def under_torchrun() -> bool:
+    """Launched by torchrun (or `accelerate launch`, which runs it), with any number of processes."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def launched() -> World:
-    """The world the launcher describes in the environment (torchrun, accelerate launch, ...)."""
+    """The world the launcher describes in the environment (torchrun, accelerate launch, ...). One process under
+    torchrun is a world of one that still builds its process group and layout (fsdp on one GPU, over NCCL)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    if size <= 1 and not under_torchrun():
         return SINGLE
     return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -65,14 +71,15 @@ def is_main() -> bool:
 
 
 def active() -> bool:
-    """True when collectives run: several ranks, the process group up, not inside `local()`."""
-    return not _local_depth and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True when collectives run and layouts wrap: the process group up (under torchrun, even of one rank), not
+    inside `local()`."""
+    return not _local_depth and dist.is_available() and dist.is_initialized()
 
 
 def device_for(device: str) -> str:
     """The device of this rank: `cuda` (or `cuda:N`) means this rank's GPU, `cuda:LOCAL_RANK`."""
     w = world()
-    if w.size > 1 and torch.device(device).type == "cuda":
+    if (w.size > 1 or active()) and torch.device(device).type == "cuda":
         return f"cuda:{w.local_rank}"
     return device
 
@@ -97,7 +104,7 @@ def init(device: str = "cpu") -> World:
     """Join the launcher's process group (`group_backends`: gloo for host tensors, nccl for CUDA ones, bound to
     this rank's GPU); idempotent, a no-op alone."""
     w = launched()
-    if _local_depth or w.size <= 1 or dist.is_initialized():
+    if _local_depth or (w.size <= 1 and not under_torchrun()) or dist.is_initialized():
         return world()
     kind = torch.device(device).type
     if kind == "cuda":

@@ -314,7 +314,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
     """
     method = method_of(recipe)
     world = distributed.init(recipe.device)
-    if world.size > 1:
+    if distributed.active():
         if method.trains and recipe.train.prompts_per_step < world.size:
             raise UserError(f"train.prompts_per_step ({recipe.train.prompts_per_step}) is smaller than the "
                             f"number of ranks ({world.size}): every rank needs at least one prompt per step")
