@@ -124,8 +124,8 @@ def test_rollouts_from_outputs(flat):
     assert torch.equal(r.prompt_ids, torch.tensor([[1, 2, 3], [PAD, PAD, 4], [PAD, 5, 6]]))
     assert torch.equal(r.prompt_mask, torch.tensor([[1, 1, 1], [0, 0, 1], [0, 1, 1]]))
     assert torch.equal(r.response_ids, torch.tensor([[10, 11, EOS, PAD], [12, 13, 14, 15], [EOS, PAD, PAD, PAD]]))
-    assert r.response_mask.dtype == torch.float32
-    assert torch.equal(r.response_mask, torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]))
+    assert r.response_mask.dtype == torch.bool
+    assert r.response_mask.tolist() == [[True, True, True, False], [True] * 4, [True, False, False, False]]
     assert torch.equal(r.sampler_logprobs, torch.tensor([[-0.5, -1.5, -0.25, 0], [-1, -2, -3, -4], [-0.125, 0, 0, 0]]))
     assert r.truncated.tolist() == [False, True, False]
     assert r.response_token_lists() == [ids for ids, _, _ in RESPONSES]
