@@ -1,7 +1,9 @@
 """The two inference engines a run uses, behind two small protocols that training and evaluation share.
 
-- `Sampler`: responses to prompts, one seed per row (a row's response depends only on its prompt, its seed and
-  the model), with the log-prob of each sampled token under the distribution it was drawn from; and
+- `Sampler`: responses to prompts, one seed per row (a row's draws depend only on its prompt, its seed and the
+  model; the logits they are drawn from round a little differently in another batch shape, and in vLLM they
+  depend on the batch unless `backend.batch_invariant`), with the log-prob of each sampled token under the
+  distribution it was drawn from; and
   `sync_weights(model)`, after each optimizer step, for an engine that holds its own copy of the student.
 - `Scorer`: exact log-probs of given responses under one frozen model (a teacher or a reference).
 
@@ -14,6 +16,7 @@ recipes whose `zoo:` paths are resolved.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -32,8 +35,10 @@ class Sampler(Protocol):
     # pi_old in the advantage; otherwise the trainer recomputes pi_old (see `train.Setup.old_logprobs`)
     trainer_logprobs: bool
 
-    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, eos_token_id: int,
-               pad_token_id: int, seeds: list[int]) -> Rollouts: ...
+    # `eos_token_id`: every id that ends a response (one id or several: `sampling.eos_token_ids` gives a model's);
+    # the row's last token, inside its mask, whichever it was, and the row is not truncated
+    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+               eos_token_id: int | Sequence[int], pad_token_id: int, seeds: list[int]) -> Rollouts: ...
 
     def sync_weights(self, model: torch.nn.Module) -> None: ...
 
@@ -75,10 +80,10 @@ class PagedSampler(TransformersSampler):
     pages, waiting rows take them, and no forward carries a finished row. The same rollouts as
     `TransformersSampler` from the same seeds (up to the rounding of the logits).
 
-    Built on the student module itself, it shares the trainer's weights (`sync_weights` as the padded one's). It
-    computes in the weights' dtype (autocast off), so its log-probs are the trainer's own only when the trainer
-    computes in that dtype too: pass `trainer_logprobs=False` otherwise. `max_cache_tokens` bounds the KV cache (rows wait
-    for pages instead of being chunked by the caller)."""
+    Built on the student module itself, it shares the trainer's weights (`sync_weights` as the padded one's) and,
+    as the padded one, computes in the caller's autocast dtype (the trainer's `Setup.autocast`), so its log-probs
+    are the trainer's own. `max_cache_tokens` bounds the KV cache (rows wait for pages instead of being chunked by
+    the caller)."""
 
     schedules_rows = True  # rows wait for free pages: the trainer passes every row at once
 
@@ -117,17 +122,18 @@ def make_sampler(recipe: Recipe, student: torch.nn.Module, *, max_model_len: int
     vLLM needs `max_model_len`: the most prompt + response tokens one request of the run takes."""
     if recipe.backend.rollout == "transformers":
         return TransformersSampler(student)
-    if recipe.backend.rollout == "paged":  # the student's weights are float32; the trainer computes in recipe.dtype
-        return PagedSampler(student, trainer_logprobs=recipe.dtype == "float32",
-                            max_cache_tokens=recipe.train.max_rollout_tokens)
+    if recipe.backend.rollout == "paged":  # in the trainer's autocast, as the padded one
+        return PagedSampler(student, max_cache_tokens=recipe.train.max_rollout_tokens)
     from merge_distill.backends.vllm import VLLMSampler, import_vllm
 
     import_vllm()  # the missing extra first
     if max_model_len is None:
         raise ValueError("backend.rollout vllm: make_sampler needs max_model_len (longest prompt + max_new_tokens)")
+    b = recipe.backend
     return VLLMSampler(recipe.student, student, max_model_len=max_model_len, device=recipe.device,
-                       dtype=recipe.dtype, seed=recipe.train.seed, sleep_level=recipe.backend.sleep_level,
-                       gpu_memory_utilization=recipe.backend.gpu_memory_utilization)
+                       dtype=recipe.dtype, seed=recipe.train.seed, sleep_level=b.sleep_level,
+                       gpu_memory_utilization=b.gpu_memory_utilization, max_num_seqs=b.max_num_seqs,
+                       max_num_batched_tokens=b.max_num_batched_tokens, batch_invariant=b.batch_invariant)
 
 
 def frozen_sampler(recipe: Recipe, model: torch.nn.Module) -> Sampler:

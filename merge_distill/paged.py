@@ -6,28 +6,32 @@ ends; a row still waiting takes them at once, so every forward carries only rows
 and each forward packs their tokens into one sequence (no padding). The padded sampler
 (`merge_distill.sampling.sample`) instead keeps every row in the batch until the longest one ends.
 
-The rollouts are those of `sampling.sample`, in the same layout: prompts left-padded, responses right-padded,
-the EOS inside the response mask, the log-prob of each sampled token at the sampling temperature, truncation
-flags. So is the randomness: per row, never the global RNG. The engine's own sampling (`torch.multinomial` on a
-global generator it reseeds) is not used. Our continuous-batching logits processor (`_RowDraws`) is told, for
-every row that gets a token in a forward, which row and which response position that token is; the slot
-`row * width + position` reaches it through the engine's per-request argument tensor. It draws the token by
-inverse CDF from that row's own uniform for that position (`sampling.row_uniforms`, `sampling.draw`), records the
-token and its log-prob, and hands the engine back the logits with that token's set to +inf, so that the engine's
-argmax takes it. A row's response therefore depends only on its prompt, its seed and the model, also when rows
-wait for pages or are evicted and recomputed: data-parallel ranks, chunkings and resumed runs sample what one
-uninterrupted batch would. The padded sampler and this one give the same responses for the same seeds. Any two
-batch shapes, in either engine, round the logits a little differently; a draw can change only when its uniform
-falls within that rounding of a CDF boundary.
+The rollouts are those of `sampling.sample`, in the same layout: prompts left-padded, responses right-padded, the
+stop token (whichever of the EOS ids) inside the response mask, the log-prob of each sampled token at the sampling
+temperature, truncation flags. So is the randomness: per row, never the global RNG. The engine's own sampling
+(`torch.multinomial` on a global generator it reseeds) is not used. Our continuous-batching logits processor
+(`_RowDraws`) is told, for every row that gets a token in a forward, which row and which response position that
+token is; the slot `row * width + position` reaches it through the engine's per-request argument tensor. It draws
+the token by inverse CDF from that row's own uniform for that position (`sampling.row_uniforms`, `sampling.draw`),
+records the token and its log-prob, and hands the engine back the logits with that token's set to +inf, so that the
+engine's argmax takes it. A row's response therefore depends only on its prompt, its seed and the model, also when
+rows wait for pages or are evicted and recomputed: data-parallel ranks, chunkings and resumed runs sample what one
+uninterrupted batch would. The padded sampler and this one give the same responses for the same seeds. Any two batch
+shapes, in either engine, round the logits a little differently; a draw can change only when its uniform falls
+within that rounding of a CDF boundary.
 
 Where it departs from the engine's defaults, and what that costs:
-- It computes in the weights' dtype. The cache and its attention mask take the model's dtype, so autocast is
-  switched off inside it. When the trainer computes in another dtype (recipe `dtype: bfloat16` over float32
-  weights), the recorded log-probs are not the trainer's own. `PagedSampler.trainer_logprobs` then says so, and
-  the trainer recomputes pi_old.
+- It computes in the caller's dtype, as the padded sampler does: under the trainer's autocast (recipe `dtype:
+  bfloat16` over float32 master weights) every projection, the attention and the logits are in bfloat16, so the
+  recorded log-probs are the trainer's own (up to bf16 rounding) and both samplers draw the same tokens (up to
+  the rounding above, coarser in bf16: a random-weight model, whose distributions are near uniform, shows it). The
+  engine sizes its KV cache and attention mask in the weights' dtype: float32 pages hold the keys and values as
+  autocast computed them and the attention casts them to bf16 again, so the arithmetic is the padded sampler's
+  (whose cache keeps the tensors as computed), at up to twice a bf16 cache's bytes per token.
 - It runs the engine's loop in the calling thread, not in the engine's background thread. The loop then sees
-  the caller's no_grad and device, and an error raises here. This uses the private
-  `ContinuousBatchingManager._run_generation_loop`. The processor reads `RequestState._true_initial_tokens` (the
+  the caller's no_grad, autocast and device, and an error raises here. This uses the private
+  `ContinuousBatchingManager._run_generation_loop`, and `_create_batch_processor` to reach the cache (see
+  `_cache_takes_autocast_states`). The processor reads `RequestState._true_initial_tokens` (the
   original prompt's length, once an evicted row's tokens have been folded into its prompt). `_check` fails loudly if a transformers version no longer
   keeps the tokens drawn.
 - It saves and restores the global RNG. The engine reseeds it each time it starts.
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +58,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
 )
 from transformers.generation.logits_process import LogitsProcessorList
 
-from merge_distill.sampling import Rollouts, draw, left_pad, row_uniforms
+from merge_distill.sampling import Rollouts, draw, left_pad, row_uniforms, stop_ids
 
 Tensor = torch.Tensor
 
@@ -127,6 +132,21 @@ class _RowDraws(ContinuousBatchingLogitsProcessor):
         return scores.scatter_(1, tok[:, None], math.inf)  # the only +inf: the engine's argmax takes it
 
 
+def _cache_takes_autocast_states(manager) -> None:
+    """Build the engine's batch processor now (its generation loop reuses the one it finds) and have its KV cache
+    cast the keys and values it is given to its own dtype: under autocast a value is bf16 (and a Qwen3 key float32,
+    after k_norm's float32 weight), which the cache's `index_copy_` into pages of the weights' dtype refuses."""
+    processor = manager._create_batch_processor()
+    manager.batch_processor = processor
+    cache = processor.cache
+    update = cache.update
+
+    def update_in_cache_dtype(key_states: Tensor, value_states: Tensor, layer_idx: int, kwargs: dict):
+        return update(key_states.to(cache.dtype), value_states.to(cache.dtype), layer_idx, kwargs)
+
+    cache.update = update_in_cache_dtype
+
+
 class _QuietCPUMemoryProbe(logging.Filter):
     """On the CPU the engine logs an error for each cache it sizes when psutil is missing. Its sizing does not need
     psutil when the capacity is given, as it is here."""
@@ -137,11 +157,11 @@ class _QuietCPUMemoryProbe(logging.Filter):
 
 @torch.no_grad()
 def sample_paged(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int | list[int],
-                 temperature: float, eos_token_id: int, pad_token_id: int, seeds: list[int],
+                 temperature: float, eos_token_id: int | Sequence[int], pad_token_id: int, seeds: list[int],
                  config: PagedConfig = PagedConfig()) -> Rollouts:
-    """One response per prompt, as `merge_distill.sampling.sample` (same layout, same per-row randomness), by
-    continuous batching. `max_new_tokens` may be one cap per row: a capped row ends there, truncated, and frees
-    its pages. Tensors of the result live on the model's device."""
+    """One response per prompt, as `merge_distill.sampling.sample` (same layout, same per-row randomness, the same
+    stop ids, the caller's autocast), by continuous batching. `max_new_tokens` may be one cap per row: a capped row
+    ends there, truncated, and frees its pages. Tensors of the result live on the model's device."""
     if len(seeds) != len(prompts):
         raise ValueError(f"sample_paged: {len(seeds)} seeds for {len(prompts)} prompts")
     if any(len(p) == 0 for p in prompts):
@@ -150,6 +170,7 @@ def sample_paged(model: torch.nn.Module, prompts: list[list[int]], *, max_new_to
     if len(caps) != len(prompts) or min(caps) < 1:
         raise ValueError("sample_paged: max_new_tokens is one cap >= 1, or one per prompt")
     device = next(model.parameters()).device
+    stops = list(stop_ids(eos_token_id))
     width = max(caps)
     draws = _RowDraws({str(r): r for r in range(len(prompts))}, width, seeds, temperature, device)
 
@@ -164,7 +185,7 @@ def sample_paged(model: torch.nn.Module, prompts: list[list[int]], *, max_new_to
         use_async_batching=False, use_cuda_graph=False, return_logprobs=False,
         auto_switch_to_flash=False, scheduler_type="fifo",
         disable_nccl_graph_mixing=False)  # else, under torchrun, it sets NCCL_GRAPH_MIXING_SUPPORT=0 for the process
-    gen = GenerationConfig(do_sample=False, max_new_tokens=width, eos_token_id=eos_token_id,
+    gen = GenerationConfig(do_sample=False, max_new_tokens=width, eos_token_id=stops,
                            pad_token_id=pad_token_id)
 
     was_training, attn = model.training, model.config._attn_implementation
@@ -173,13 +194,14 @@ def sample_paged(model: torch.nn.Module, prompts: list[list[int]], *, max_new_to
     cb_logger.addFilter(quiet)
     rng_devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=rng_devices), torch.autocast(device.type, enabled=False):
+        with torch.random.fork_rng(devices=rng_devices):
             manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
             processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList([draws]))
             processors.tensors_required = 1  # one int32 argument row: the slots
             manager.logit_processor = processors
+            _cache_takes_autocast_states(manager)
             for r, (ids, cap) in enumerate(zip(prompts, caps)):
-                manager.add_request(list(ids), request_id=str(r), max_new_tokens=cap, eos_token_id=eos_token_id)
+                manager.add_request(list(ids), request_id=str(r), max_new_tokens=cap, eos_token_id=stops)
             status = manager.background_thread_status
             status.request_stop(status.FLUSH_AND_STOP, 0)  # the loop ends when every request has
             manager._run_generation_loop(use_inference_mode=False)
@@ -195,7 +217,7 @@ def sample_paged(model: torch.nn.Module, prompts: list[list[int]], *, max_new_to
 
     tokens = draws.tokens[:-1].view(len(prompts), width)
     logprobs = draws.logprobs[:-1].view(len(prompts), width)
-    _check(outputs, tokens, caps, eos_token_id, status.fatal_error)
+    _check(outputs, tokens, caps, stops, status.fatal_error)
     alive = tokens >= 0
     length = int(alive.sum(1).max())
     tokens, logprobs, alive = tokens[:, :length], logprobs[:, :length], alive[:, :length]
@@ -205,13 +227,14 @@ def sample_paged(model: torch.nn.Module, prompts: list[list[int]], *, max_new_to
     return Rollouts(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask,
         response_ids=torch.where(alive, tokens, pad_token_id), response_mask=alive,
-        sampler_logprobs=torch.where(alive, logprobs, 0.0), truncated=last != eos_token_id,
+        sampler_logprobs=torch.where(alive, logprobs, 0.0),
+        truncated=~torch.isin(last, torch.tensor(stops, device=device)),
     )
 
 
-def _check(outputs: dict, tokens: Tensor, caps: list[int], eos_token_id: int, fatal: Exception | None) -> None:
+def _check(outputs: dict, tokens: Tensor, caps: list[int], stops: list[int], fatal: Exception | None) -> None:
     """Every request finished, and the tokens the engine kept are the ones drawn, in order: a prefix of each row's
-    slots, ending at EOS or at the row's cap."""
+    slots, ending at a stop id or at the row's cap."""
     failed = [o for o in outputs.values() if o.error is not None]
     if fatal is not None or failed or len(outputs) != len(caps):
         why = fatal or (failed[0].error if failed else f"{len(caps) - len(outputs)} requests never finished")
@@ -221,7 +244,7 @@ def _check(outputs: dict, tokens: Tensor, caps: list[int], eos_token_id: int, fa
         kept = outputs[str(r)].generated_tokens
         drawn = tokens[r]
         n = len(kept)
-        ends = n == cap or (n > 0 and kept[-1] == eos_token_id)
+        ends = n == cap or (n > 0 and kept[-1] in stops)
         if not ends or drawn[:n].tolist() != kept or bool((drawn[n:] >= 0).any()):
             raise RuntimeError(f"paged sampler: row {r}'s tokens are not the ones drawn for it; this transformers "
                                "version's continuous batching does not call the token choice as expected")

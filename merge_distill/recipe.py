@@ -163,7 +163,21 @@ class Backend(Strict):
     scoring: Literal["transformers"] = Field(
         "transformers", description="teachers and references: the trainer's chunked scorer (the only one)")
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
-        0.5, description="share of GPU memory the vLLM sampler may take while it samples")
+        0.5, description="share of each GPU's memory the vLLM sampler takes while it samples (vLLM's own key): its "
+                         "weights, activations and KV cache; the rest of the GPU must hold the trainer's sample "
+                         "phase (`merge-distill plan`)")
+    max_num_seqs: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="the vLLM sampler's most rows decoding at once (vLLM's key; None: vLLM's default). Rows "
+                          "beyond what its KV cache holds are preempted and recomputed: size it to the KV cache's "
+                          "tokens over a row's mean length")
+    max_num_batched_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="the vLLM sampler's most tokens in one forward, prompt chunks included (vLLM's key; None: "
+                          "vLLM's default); its activations at this size come out of gpu_memory_utilization")
+    batch_invariant: bool = Field(
+        False, description="run the vLLM sampler with VLLM_BATCH_INVARIANT=1 (set, or 0, by the adapter before the "
+                           "engine is built): a row's tokens then do not depend on the rows sharing its batch, at the "
+                           "cost of slower kernels process-wide (docs/scale_out.md). Off: the per-row seed fixes a "
+                           "row's draws, the logits they are drawn from vary with the batch in the last bits")
     sleep_level: Literal[0, 1, 2] = Field(
         2, description="the vLLM sampler between rollouts (vLLM's sleep mode, as TRL and verl colocate it): 2 frees "
                        "its weights and KV cache (it reloads the trainer's weights at each wake); 1 frees the KV "
@@ -178,6 +192,15 @@ class Backend(Strict):
                              "log-probs materialise [tokens, vocab] logits vLLM's memory profiling leaves out); "
                              "delete the line (docs/scale_out.md)")
         return value
+
+    @model_validator(mode="after")
+    def _vllm_keys_need_vllm(self) -> "Backend":
+        """The vLLM sampler's settings mean nothing to the transformers engines: set, they must not be ignored."""
+        given = [k for k in ("max_num_seqs", "max_num_batched_tokens") if getattr(self, k) is not None]
+        given += ["batch_invariant"] * self.batch_invariant
+        if given and self.rollout != "vllm":
+            raise ValueError(f"backend.{given[0]} sets the vLLM sampler, but backend.rollout is {self.rollout}")
+        return self
 
 
 class Recipe(Strict):

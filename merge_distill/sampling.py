@@ -12,6 +12,7 @@ run samples exactly what an uninterrupted one would. The global RNG is never use
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,26 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         sampler_logprobs=torch.cat([pad(r.sampler_logprobs, L, 0.0, False) for r in parts]),
         truncated=torch.cat([r.truncated for r in parts]),
     )
+
+
+def stop_ids(eos_token_id: int | Sequence[int]) -> tuple[int, ...]:
+    """The ids that end a response, from a sampler's `eos_token_id`: one id, or several (as in HF's
+    `GenerationConfig.eos_token_id`)."""
+    ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(int(i) for i in eos_token_id)
+    if not ids:
+        raise ValueError("a sampler needs at least one eos_token_id")
+    return ids
+
+
+def eos_token_ids(tokenizer, model=None) -> tuple[int, ...]:
+    """Every id that ends a response of `model` (what training and evaluation pass the samplers as `eos_token_id`):
+    the tokenizer's EOS, then each EOS of the model's generation config (`generation_config.eos_token_id`, one id or
+    a list: Qwen3 instruct models end a turn at `<|im_end|>` or `<|endoftext|>`), without repeats. A model without a
+    generation config (a `LogitsSource`, or None) stops at the tokenizer's EOS alone."""
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    return tuple(dict.fromkeys(int(i) for i in [tokenizer.eos_token_id, *extra] if i is not None))
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[Tensor, Tensor]:
@@ -134,32 +155,34 @@ class ModelLogits(LogitsSource):
 
 @torch.no_grad()
 def sample(model: torch.nn.Module | LogitsSource, prompts: list[list[int]], *, max_new_tokens: int,
-           temperature: float, eos_token_id: int, pad_token_id: int, seeds: list[int] | None = None,
+           temperature: float, eos_token_id: int | Sequence[int], pad_token_id: int, seeds: list[int] | None = None,
            generator: torch.Generator | None = None) -> Rollouts:
     """Sample one response per prompt (repeat prompts for several rollouts).
 
     `seeds` (one per row) fix each row's randomness; without them, row seeds are drawn from `generator`.
-    temperature 0 is greedy. The recorded log-probs are those of the distribution actually sampled
-    from (logits / temperature), i.e. the sampler's, for the importance ratio. Tensors of the result
-    live on the model's device.
+    A row ends at any of the ids `eos_token_id` gives (`stop_ids`). temperature 0 is greedy. The recorded
+    log-probs are those of the distribution actually sampled from (logits / temperature), i.e. the sampler's,
+    for the importance ratio. Tensors of the result live on the model's device.
     """
     if seeds is None:
         seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
     elif len(seeds) != len(prompts):
         raise ValueError(f"sample: {len(seeds)} seeds for {len(prompts)} prompts")
     source = model if isinstance(model, LogitsSource) else ModelLogits(model)
+    stops = stop_ids(eos_token_id)
     was_training = getattr(model, "training", False)
     if isinstance(model, torch.nn.Module):
         model.eval()
     try:
-        return _sample(source, prompts, max_new_tokens, temperature, eos_token_id, pad_token_id, seeds)
+        return _sample(source, prompts, max_new_tokens, temperature, stops, pad_token_id, seeds)
     finally:
         if was_training:
             model.train()
 
 
-def _sample(source: LogitsSource, prompts, max_new_tokens, temperature, eos_token_id, pad_token_id, seeds):
+def _sample(source: LogitsSource, prompts, max_new_tokens, temperature, stops, pad_token_id, seeds):
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, source.device)
+    stops = torch.tensor(stops, device=source.device)
     batch = prompt_ids.shape[0]
     uniforms = row_uniforms(seeds, max_new_tokens).to(source.device) if temperature > 0 else None
     state = source.start(batch)
@@ -182,7 +205,7 @@ def _sample(source: LogitsSource, prompts, max_new_tokens, temperature, eos_toke
         tokens.append(torch.where(alive, tok, pad_token_id))
         token_logprobs.append(torch.where(alive, lp, 0.0))
         alive_cols.append(alive)
-        finished = finished | (tok == eos_token_id)
+        finished = finished | torch.isin(tok, stops)
         if bool(finished.all()):
             break
         mask = torch.cat([mask, alive.long()[:, None]], dim=1)

@@ -26,7 +26,7 @@ from merge_distill.errors import TrainingDiverged, UserError
 from merge_distill.methods import Method, method_of
 from merge_distill.models import check_compatible, load_model, load_tokenizer, model_info
 from merge_distill.recipe import STUDENT, Recipe
-from merge_distill.sampling import Rollouts, concat_rollouts, row_seeds
+from merge_distill.sampling import Rollouts, concat_rollouts, eos_token_ids, row_seeds
 from merge_distill.scoring import (
     ModelCache,
     row_lengths,
@@ -93,7 +93,7 @@ class Setup:
         if cfg.max_rollout_tokens is not None and not getattr(sampler, "schedules_rows", False):
             rows = max(1, cfg.max_rollout_tokens // (max(len(p.token_ids) for p in batch) + cfg.max_new_tokens))
         parts = [sampler.sample([list(p.token_ids) for p in batch[lo:lo + rows]], max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, eos_token_id=self.tokenizer.eos_token_id,
+                                temperature=cfg.temperature, eos_token_id=eos_token_ids(self.tokenizer, self.student),
                                 pad_token_id=pad, seeds=seeds[lo:lo + rows])
                  for lo in range(0, len(batch), rows)]
         return parts[0] if len(parts) == 1 else concat_rollouts(parts, pad)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from merge_distill.data import render_prompt
-from merge_distill.models import load_model, load_tokenizer
+from merge_distill.models import byte_tokenizer, load_model, load_tokenizer, tiny_qwen3
 from merge_distill.paged import PagedConfig, sample_paged
 from merge_distill.sampling import row_seeds, sample
 from merge_distill.scoring import response_logprobs
-from sampled import assert_same_rows
+from sampled import assert_same_rows, biased_model
 
 QUESTIONS = ("12+34=", "What is 5+7?", "1+1", "Compute 98-45 carefully.")
 
@@ -44,6 +44,67 @@ def test_paged_rollouts_are_the_padded_samplers(teacher):
         assert (paged.response_ids[b, n - 1] == tok.eos_token_id) == bool(ended[b])
         assert bool((paged.response_ids[b, n:] == tok.pad_token_id).all())
         assert bool((paged.sampler_logprobs[b, n:] == 0).all())
+
+
+def test_every_eos_id_ends_a_paged_row_as_a_padded_one():
+    """Two stop ids, a model whose head favours the second: the paged rows are the padded ones, row for row
+    (lengths, the stop token inside the mask, truncation flags), whichever id ended them."""
+    tok = byte_tokenizer()
+    second = tok.convert_tokens_to_ids("<|endoftext|>")
+    model = biased_model(tok, second, 2.5)
+    prompts = [[5 + i, 17, 40 + i, 9][: 1 + i % 4] for i in range(12)]
+    kw = dict(max_new_tokens=24, temperature=1.0, eos_token_id=(tok.eos_token_id, second),
+              pad_token_id=tok.pad_token_id, seeds=row_seeds(2, 12))
+    padded, paged = sample(model, prompts, **kw), sample_paged(model, prompts, **kw)
+    assert_same_rows(paged, padded, range(12))
+    assert torch.equal(paged.response_mask, padded.response_mask) and torch.equal(paged.truncated, padded.truncated)
+    last = [ids[-1] for ids, cut in zip(paged.response_token_lists(), paged.truncated) if not cut]
+    assert last.count(second) >= 3 and tok.eos_token_id in last and bool(paged.truncated.any())
+
+
+BF16 = dict(device_type="cpu", dtype=torch.bfloat16)  # what `train.Setup.autocast` enters for `dtype: bfloat16`
+
+
+@pytest.fixture(scope="module")
+def bf16_rollouts():
+    """A random-weight Qwen3 over the byte vocabulary (EOS about once in 260 tokens: rows run long), eight
+    prompts of one length, sampled by both engines under the trainer's bfloat16 autocast. One row a forward
+    (`max_rows=1`) and no left padding: both engines then do the same arithmetic on each row. Packed forwards
+    and padding round differently, which in bf16 moves a log-prob by ~2e-3 and can move a near-boundary draw."""
+    tok = byte_tokenizer()
+    model = tiny_qwen3(len(tok), hidden=32, layers=2, heads=2, max_positions=512, seed=1,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).eval()
+    prompts = [[5 + i, 17, 40 + i, 9] for i in range(8)]
+    kw = dict(max_new_tokens=300, temperature=1.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+              seeds=row_seeds(7, 8))
+    with torch.autocast(**BF16):
+        padded = sample(model, prompts, **kw)
+        paged = sample_paged(model, prompts, config=PagedConfig(max_rows=1), **kw)
+    return model, padded, paged
+
+
+def test_paged_and_padded_sample_the_same_in_bf16(bf16_rollouts):
+    """Under a bfloat16 recipe's autocast, the same tokens from the same seeds, past 256 tokens on several rows,
+    and the same log-probs."""
+    _, padded, paged = bf16_rollouts
+    assert sum(int(n) > 256 for n in padded.lengths) >= 3 and 0 < int(padded.truncated.sum()) < 8
+    assert torch.equal(paged.response_ids, padded.response_ids)
+    assert torch.equal(paged.response_mask, padded.response_mask) and torch.equal(paged.truncated, padded.truncated)
+    torch.testing.assert_close(paged.sampler_logprobs, padded.sampler_logprobs, rtol=0, atol=1e-2)  # bf16 tolerance
+
+
+def test_paged_logprobs_are_bf16_computed(bf16_rollouts):
+    """The paged engine's log-probs are the bf16 forward's: off the float32 forward's by far more than float32
+    rounding, and as close to the trainer's own bf16 scoring as the padded engine's are."""
+    model, padded, paged = bf16_rollouts
+    mask = paged.response_mask.bool()
+    with torch.no_grad():
+        fp32 = response_logprobs(model, paged, temperature=1.0)
+        with torch.autocast(**BF16):
+            bf16 = response_logprobs(model, paged, temperature=1.0)
+    assert (paged.sampler_logprobs - fp32)[mask].abs().max() > 1e-3  # float32 would be within ~1e-5
+    off = (paged.sampler_logprobs - bf16)[mask].abs().max()
+    assert off < 2e-2 and off <= (padded.sampler_logprobs - bf16)[mask].abs().max() + 1e-6
 
 
 def test_recorded_logprobs_are_the_scorers_at_tau(teacher):
@@ -120,8 +181,8 @@ def test_recipe_picks_the_paged_engine(tiny_world, tmp_path, write_recipe):
     sampler = make_sampler(load_recipe(path, ["backend.rollout=paged", "train.max_rollout_tokens=512"]), student)
     assert isinstance(sampler, PagedSampler) and sampler.trainer_logprobs
     assert sampler.config.max_cache_tokens == 512
-    # bfloat16 compute in the trainer, float32 in the engine: the trainer recomputes pi_old
-    assert not make_sampler(load_recipe(path, ["backend.rollout=paged", "dtype=bfloat16"]), student).trainer_logprobs
+    # it samples in the trainer's autocast, as the padded engine: its log-probs serve as pi_old in bfloat16 too
+    assert make_sampler(load_recipe(path, ["backend.rollout=paged", "dtype=bfloat16"]), student).trainer_logprobs
     with pytest.raises(UserError, match="backend.rollout"):
         load_recipe(path, ["backend.rollout=paged", "parallel=fsdp"])
     with pytest.raises(UserError, match="backend.rollout"):

@@ -132,6 +132,16 @@ def test_rollouts_from_outputs(flat):
     assert r.lengths.tolist() == [3, 4, 1]
 
 
+def test_every_stop_id_ends_a_row_untruncated():
+    """With two stop ids, a response ending in the second is a finished row, not a truncated one."""
+    outputs = generate_outputs(False)
+    outputs[1].outputs[0] = completion([12, 13, 14], [-1.0, -2.0, -3.0], flat=False, finish_reason="stop")
+    assert vb.rollouts_from_outputs(PROMPTS, outputs, eos_token_id=(EOS, 14), pad_token_id=PAD).truncated.tolist() == [
+        False, False, False]
+    assert vb.rollouts_from_outputs(PROMPTS, outputs, eos_token_id=EOS, pad_token_id=PAD).truncated.tolist() == [
+        False, True, False]
+
+
 def test_rollouts_reject_mismatched_outputs():
     outputs = generate_outputs(False)
     with pytest.raises(ValueError, match="different prompt"):
@@ -151,7 +161,8 @@ SAMPLING_DEFAULTS = {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_
                      "prompt_logprobs": None, "detokenize": True, "flat_logprobs": False, "skip_special_tokens": True}
 # Arguments of vLLM 0.33's `LLM` / `EngineArgs` (vllm/entrypoints/llm.py, vllm/engine/arg_utils.py) the adapter passes.
 ENGINE_ARGS = {"model", "tokenizer", "dtype", "seed", "gpu_memory_utilization", "max_model_len",
-               "distributed_executor_backend", "tensor_parallel_size", "enable_sleep_mode", "logprobs_mode"}
+               "distributed_executor_backend", "tensor_parallel_size", "enable_sleep_mode", "logprobs_mode",
+               "max_num_seqs", "max_num_batched_tokens"}
 # What vLLM's external launcher reads (vllm/v1/executor/uniproc_executor.py: ExecutorWithExternalLauncher).
 LAUNCH_KEYS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING"}
 
@@ -183,6 +194,7 @@ class FakeLLM:
     def __init__(self, net=None, log=None, **kwargs):
         assert set(kwargs) <= ENGINE_ARGS, set(kwargs) - ENGINE_ARGS
         self.net, self.kwargs, self.calls, self.log = net, kwargs, [], log if log is not None else []
+        self.batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT")  # read as vLLM's worker reads it, at start
         self.weights, self.kv_cache = "valid", True  # weights: valid | offloaded | discarded | garbage
         self.loaded = []  # per reload: [(name, dtype, sum)] of what the engine took
 
@@ -198,7 +210,7 @@ class FakeLLM:
     def generate(self, prompts, params, use_tqdm=True):
         assert self.weights == "valid" and self.kv_cache, (self.weights, self.kv_cache)
         params = params if isinstance(params, list) else [params] * len(prompts)
-        self._call("generate", rows=len(prompts))
+        self._call("generate", rows=len(prompts), stop_token_ids=[sp.stop_token_ids for sp in params])
         outs = []
         for prompt, sp in zip(prompts, params):
             ids = list(prompt["prompt_token_ids"])
@@ -300,6 +312,45 @@ def test_sampler_matches_the_transformers_backend(monkeypatch, launcher_env, tin
         sample(sampler, max_new_tokens=62)
 
 
+def test_every_eos_id_reaches_the_engine(monkeypatch, launcher_env, tiny_model):
+    """The sampler's stop ids (e.g. Qwen3's <|im_end|> and <|endoftext|>) are every request's `stop_token_ids`
+    (vLLM's own EOS handling is off: `ignore_eos`); a row the engine stopped at either is not truncated."""
+    sampler = vllm_sampler(monkeypatch, tiny_model)
+    prompts, stops = [[1, 2, 3], [4], [5, 6], [1, 2, 3], [7]], (14, 3)  # tokens this random model samples often
+    r = sampler.sample(prompts, max_new_tokens=6, temperature=0.7, eos_token_id=stops, pad_token_id=PAD,
+                       seeds=[3, 4, 5, 6, 7])
+    (generate,) = [d for what, d in sampler.llm.calls if what == "generate"]
+    assert generate["stop_token_ids"] == [[14, 3]] * 5
+    last = [ids[-1] for ids, cut in zip(r.response_token_lists(), r.truncated) if not cut]
+    assert 14 in last and 3 in last
+    assert all(n == 6 for n, cut in zip(r.lengths.tolist(), r.truncated) if cut)
+
+
+def test_engine_settings_come_from_the_recipe(monkeypatch, launcher_env, tiny_model):
+    """backend.max_num_seqs, max_num_batched_tokens and gpu_memory_utilization reach `vllm.LLM` (None leaves
+    vLLM's default: not passed); backend.batch_invariant sets VLLM_BATCH_INVARIANT before the engine starts,
+    replacing an exported value; the vLLM keys are refused for another engine."""
+    engines = []
+    monkeypatch.setattr(vb, "import_vllm", lambda: fake_vllm(lambda **a: engines.append(FakeLLM(tiny_model, **a))
+                                                             or engines[-1]))
+    backend = {"rollout": "vllm", "gpu_memory_utilization": 0.45, "max_num_seqs": 32, "max_num_batched_tokens": 8192,
+               "batch_invariant": True}
+    make_sampler(Recipe.model_validate({**RECIPE, "device": "cpu", "backend": backend}), tiny_model, max_model_len=64)
+    kw = engines[-1].kwargs
+    assert (kw["gpu_memory_utilization"], kw["max_num_seqs"], kw["max_num_batched_tokens"]) == (0.45, 32, 8192)
+    assert engines[-1].batch_invariant == "1"
+    launcher_env["VLLM_BATCH_INVARIANT"] = "1"  # exported by the user: the recipe's false wins
+    make_sampler(Recipe.model_validate({**RECIPE, "device": "cpu", "backend": {"rollout": "vllm"}}), tiny_model,
+                 max_model_len=64)
+    assert "max_num_seqs" not in engines[-1].kwargs and "max_num_batched_tokens" not in engines[-1].kwargs
+    assert engines[-1].kwargs["gpu_memory_utilization"] == 0.5 and engines[-1].batch_invariant == "0"
+    for key, value in (("max_num_seqs", 8), ("max_num_batched_tokens", 512), ("batch_invariant", True)):
+        with pytest.raises(Exception, match=f"backend.{key} sets the vLLM sampler, but backend.rollout is paged"):
+            Recipe.model_validate({**RECIPE, "backend": {"rollout": "paged", key: value}})
+    with pytest.raises(Exception, match="max_num_seqs"):
+        Recipe.model_validate({**RECIPE, "backend": {"rollout": "vllm", "max_num_seqs": 0}})
+
+
 def test_one_engine_per_rank_through_the_external_launcher(monkeypatch, launcher_env, tiny_model):
     """Under torchrun each rank builds its own engine with vLLM's external launcher: it takes that rank's RANK /
     LOCAL_RANK (its GPU) from the environment torchrun set, and its own seed. Alone, rank 0 of a world of one on
@@ -319,7 +370,7 @@ def test_one_engine_per_rank_through_the_external_launcher(monkeypatch, launcher
             "gpu_memory_utilization": 0.25, "max_model_len": 1000, "distributed_executor_backend": "external_launcher",
             "tensor_parallel_size": 1, "enable_sleep_mode": True, "logprobs_mode": "processed_logprobs"}
         # torchrun's values are kept; the engine core runs in this process (the external launcher requires it)
-        assert launcher_env == {**torchrun, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        assert launcher_env == {**torchrun, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_BATCH_INVARIANT": "0"}
     launcher_env.clear()
     monkeypatch.setattr(vb.distributed, "world", lambda: World())
     vllm_sampler(monkeypatch, tiny_model, device="cuda:1")

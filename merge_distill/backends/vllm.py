@@ -26,10 +26,20 @@ call-by-call table):
   `parallel.full_tensors`: one parameter at a time, cast to the engine's dtype and, under fsdp, gathered
   (`full_tensor()`) as the engine takes it; no state dict is materialised.
 - `generate([TokensPrompt(prompt_token_ids=...)], [SamplingParams(n=1, seed=<row's>, temperature, top_p=1,
-  top_k=0, max_tokens, logprobs=0, ignore_eos=True, stop_token_ids=[eos], detokenize=False,
-  flat_logprobs=True)], use_tqdm=False)`: outputs in input order; only our EOS stops (kept as the last
-  token); `logprobs_mode="processed_logprobs"` makes the sampled token's log-prob that of the tempered
+  top_k=0, max_tokens, logprobs=0, ignore_eos=True, stop_token_ids=<every EOS id>, detokenize=False,
+  flat_logprobs=True)], use_tqdm=False)`: outputs in input order; only the ids the trainer passes stop a row
+  (`sampling.eos_token_ids`: the tokenizer's and the generation config's, e.g. Qwen3's two), kept as its last
+  token; `logprobs_mode="processed_logprobs"` makes the sampled token's log-prob that of the tempered
   distribution it was drawn from. Log-probs come as `list[dict[int, Logprob]]` or `FlatLogprobs`; both are read.
+- Sizing, from the recipe's `backend`: `gpu_memory_utilization` (the engine's share of the GPU: weights,
+  activations, KV cache), `max_num_seqs` (rows decoding at once) and `max_num_batched_tokens` (tokens a forward),
+  each left to vLLM's default when None.
+- Batch invariance: the per-row seed fixes a row's random draws (vLLM keeps one generator per seeded request),
+  but the logits they are drawn from depend on the batch the row shares (vLLM picks kernels and their reduction
+  order by batch size), so a row's tokens can change with the other rows in flight, as in any two batch shapes
+  of the transformers engines. `backend.batch_invariant: true` sets `VLLM_BATCH_INVARIANT=1` before the engine
+  is built (`false` sets 0): vLLM's batch-invariant kernels then make a row independent of its batch (vLLM's
+  own claim; docs/scale_out.md says what it changes in the trainer's process).
 
 Exercised by tests/test_vllm_adapter.py (CPU, no vLLM installed), against fakes with vLLM 0.33's names: the
 output conversion; the engine's arguments on each rank; the call sequence (sleep after construction; wake
@@ -49,7 +59,7 @@ import torch
 
 from merge_distill import distributed
 from merge_distill.errors import UserError
-from merge_distill.sampling import Rollouts, left_pad
+from merge_distill.sampling import Rollouts, left_pad, stop_ids
 
 Tensor = torch.Tensor
 VLLM_VERSION = "0.33"  # the API this adapter was written against (see pyproject's `vllm` extra)
@@ -99,13 +109,15 @@ def token_logprobs(logprobs: Any, token_ids: Sequence[int], start: int = 0) -> l
     return out
 
 
-def rollouts_from_outputs(prompts: Sequence[Sequence[int]], outputs: Sequence[Any], *, eos_token_id: int,
-                          pad_token_id: int) -> Rollouts:
+def rollouts_from_outputs(prompts: Sequence[Sequence[int]], outputs: Sequence[Any], *,
+                          eos_token_id: int | Sequence[int], pad_token_id: int) -> Rollouts:
     """`Rollouts` from `LLM.generate` outputs (one `RequestOutput` per prompt, `n=1`, `logprobs=0`).
 
     Prompts left-padded, responses right-padded with `pad_token_id`; the mask covers every generated token,
-    EOS included; `truncated` = the response does not end with EOS (it hit max_tokens or max_model_len).
+    the stop token included; `truncated` = the response does not end with one of the ids `eos_token_id` gives
+    (it hit max_tokens or max_model_len).
     """
+    stops = set(stop_ids(eos_token_id))
     if len(outputs) != len(prompts):
         raise ValueError(f"{len(outputs)} outputs for {len(prompts)} prompts")
     responses, lps, truncated = [], [], []
@@ -118,7 +130,7 @@ def rollouts_from_outputs(prompts: Sequence[Sequence[int]], outputs: Sequence[An
         ids = list(completion.token_ids)
         responses.append(ids)
         lps.append(token_logprobs(completion.logprobs, ids))
-        truncated.append(not ids or ids[-1] != eos_token_id)
+        truncated.append(not ids or ids[-1] not in stops)
     prompt_ids, prompt_mask = left_pad([list(p) for p in prompts], pad_token_id)
     width = max(1, max(len(r) for r in responses))
     response_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -150,12 +162,16 @@ def launch_env(world: distributed.World, device: str) -> dict[str, str]:
 
 
 def engine_kwargs(model: str, *, rank: int, dtype: str, seed: int, gpu_memory_utilization: float,
-                  max_model_len: int, sleep_level: int, **extra) -> dict:
-    """`vllm.LLM`'s arguments for this rank's engine."""
+                  max_model_len: int, sleep_level: int, max_num_seqs: int | None = None,
+                  max_num_batched_tokens: int | None = None, **extra) -> dict:
+    """`vllm.LLM`'s arguments for this rank's engine; `max_num_seqs` and `max_num_batched_tokens` only when given
+    (None: vLLM's defaults)."""
+    sizing = {k: v for k, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens))
+              if v is not None}
     return dict(model=str(model), tokenizer=str(model), dtype=dtype, seed=seed + rank,
                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                 distributed_executor_backend="external_launcher", tensor_parallel_size=1,
-                enable_sleep_mode=sleep_level > 0, logprobs_mode="processed_logprobs", **extra)
+                enable_sleep_mode=sleep_level > 0, logprobs_mode="processed_logprobs", **sizing, **extra)
 
 
 def _engine(**kwargs):
@@ -166,18 +182,20 @@ class VLLMSampler:
     """Student rollouts from this rank's vLLM engine, which holds its own copy of the student's weights
     (`engines.Sampler`). Its log-probs come from other kernels in bf16: the trainer recomputes pi_old for the
     advantage. Every rank builds one, enters `awake()` together and samples inside it (the trainer wraps each
-    sampling phase and periodic evaluation in it); `sample` outside it wakes the engine for that call."""
+    sampling phase and periodic evaluation in it); `sample` outside it wakes the engine for that call.
+    `batch_invariant` sets VLLM_BATCH_INVARIANT (1 or 0) in this process before the engine is built."""
 
     trainer_logprobs = False
     schedules_rows = True  # vLLM pages its KV cache itself: the trainer passes every row at once
 
     def __init__(self, path: str, student: torch.nn.Module, *, max_model_len: int, device: str = "cuda",
                  dtype: str = "bfloat16", seed: int = 0, gpu_memory_utilization: float = 0.5, sleep_level: int = 2,
-                 **llm_kwargs):
+                 batch_invariant: bool = False, **llm_kwargs):
         import_vllm()
         world = distributed.world()
         for key, value in {**launch_env(world, device), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
             os.environ.setdefault(key, value)
+        os.environ["VLLM_BATCH_INVARIANT"] = "1" if batch_invariant else "0"  # the recipe's, whatever was exported
         self.llm = _engine(**engine_kwargs(path, rank=world.rank, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                            gpu_memory_utilization=gpu_memory_utilization, sleep_level=sleep_level,
                                            **llm_kwargs))
@@ -230,12 +248,13 @@ class VLLMSampler:
         self.llm.reset_prefix_cache()  # no KV block computed with the old weights is reused
         self._stale = False
 
-    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, eos_token_id: int,
-               pad_token_id: int, seeds: list[int]) -> Rollouts:
-        """One response per prompt (repeat prompts for several rollouts), row b sampled with seeds[b] (e.g.
-        `merge_distill.sampling.row_seeds`), so a row's response does not depend on the rest of the batch
-        (vLLM keeps one generator per seeded request). temperature 0 is greedy. Tensors are on the CPU.
-        The draws differ from the transformers backend's for the same seed; the distribution is the same."""
+    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+               eos_token_id: int | Sequence[int], pad_token_id: int, seeds: list[int]) -> Rollouts:
+        """One response per prompt (repeat prompts for several rollouts), row b drawn with its own generator seeded
+        with seeds[b] (e.g. `merge_distill.sampling.row_seeds`), ending at any of the ids `eos_token_id` gives.
+        The logits a row draws from depend on the rows sharing its batch unless the engine runs batch-invariant
+        (`backend.batch_invariant`). temperature 0 is greedy. Tensors are on the CPU. The draws differ from the
+        transformers backend's for the same seed; the distribution is the same."""
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per row")
         longest = max((len(p) for p in prompts), default=0)
@@ -245,7 +264,8 @@ class VLLMSampler:
         vllm = import_vllm()
         params = [vllm.SamplingParams(n=1, seed=int(s), temperature=temperature, top_p=1.0, top_k=0,
                                       max_tokens=max_new_tokens, logprobs=0, ignore_eos=True,
-                                      stop_token_ids=[eos_token_id], detokenize=False, flat_logprobs=True)
+                                      stop_token_ids=list(stop_ids(eos_token_id)), detokenize=False,
+                                      flat_logprobs=True)
                   for s in seeds]
         requests = [vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         with self.awake():

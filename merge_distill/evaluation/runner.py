@@ -89,6 +89,7 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
     and evaluation); without one, the model is loaded (by `load()`, else from `spec`) only if some
     generations are missing. Without a `grader`, the suite's is made, with `isolation` if it runs code."""
     from merge_distill.graders import get_grader
+    from merge_distill.sampling import eos_token_ids
 
     path = out_dir / "generations" / f"{_safe(spec.name)}__{_safe(suite.name)}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +109,7 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
         grader = grader or get_grader(suite.grader, isolation=isolation)
         task = progress.add_task(f"eval {spec.name} on {suite.name}", total=len(todo)) if progress else None
         prompt_cache: dict[str, list[int]] = {}
+        stops = eos_token_ids(tokenizer, getattr(sampler, "model", None))  # the sampled model's EOS ids, all of them
 
         def write(chunk, texts, lengths, truncated, verdicts):
             for (r, k), text, v, n, cut in zip(chunk, texts, verdicts.result(), lengths, truncated):
@@ -133,7 +135,7 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
                 # whatever the chunking or an interrupted run's resume point
                 seeds = [_seed(seed, suite.name, r["task_id"], k) for r, k in chunk]
                 ro = sampler.sample(ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seeds=seeds)
+                                    eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, seeds=seeds)
                 texts = tokenizer.batch_decode(ro.response_token_lists(), skip_special_tokens=True)
                 verdicts = grading.submit(grader.grade_many, [r for r, _ in chunk], texts)
                 if pending:
