@@ -95,7 +95,7 @@ def test_every_eos_id_ends_a_row_inside_its_mask():
     ends = []
     for b, ids in enumerate(r.response_ids.tolist()):
         n = next((t + 1 for t, i in enumerate(ids) if i in stops), 24)
-        assert r.response_mask[b].tolist() == [1.0] * n + [0.0] * (len(ids) - n)
+        assert r.response_mask[b].tolist() == [True] * n + [False] * (len(ids) - n)
         assert bool(r.truncated[b]) == (ids[n - 1] not in stops)
         assert r.sampler_logprobs[b, n - 1] < 0 and bool((r.sampler_logprobs[b, n:] == 0).all())
         ends.append(ids[n - 1] if ids[n - 1] in stops else None)
