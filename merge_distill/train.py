@@ -310,7 +310,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
     """Run (or resume) the recipe's training; returns the path of the final checkpoint.
 
     Under `torchrun` every rank calls this: the ranks share each step's prompts (data parallel), and rank 0
-    alone logs, evaluates periodically (`on_eval`) and writes checkpoints (see `merge_distill.distributed`).
+    alone logs and writes checkpoints (see `merge_distill.distributed`); every rank evaluates periodically (`on_eval`,
+    each its share of the problems).
     """
     method = method_of(recipe)
     world = distributed.init(recipe.device)
@@ -321,7 +322,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
         frozen = recipe.placement.frozen_device
         placement = recipe.placement.model_copy(update={"frozen_device": frozen and distributed.device_for(frozen)})
         recipe = recipe.model_copy(update={"device": distributed.device_for(recipe.device), "placement": placement})
-        progress, on_eval = (progress, on_eval) if world.main else (None, None)
+        progress = progress if world.main else None
     with holding(recipe.output_dir):  # one live run per output_dir
         return _train(recipe, method, world, resume, progress, on_eval)
 
@@ -358,7 +359,7 @@ def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eva
                     f"skipped (train.max_consecutive_skips {cfg.max_consecutive_skips}); the weights are those of step "
                     f"{done - in_a_row}; see {output_dir / 'metrics.jsonl'}, lower train.lr or keep "
                     "train.importance_truncation on")
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # rank 0 evaluates
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # every rank evaluates
                 metrics.update(s.decoding(lambda: on_eval(s.sampler, done) if on_eval else {}))
             if log:
                 log.write(metrics)
