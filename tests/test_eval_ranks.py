@@ -1,0 +1,110 @@
+"""Evaluation on every rank: `merge-distill run` on two gloo ranks evaluates (periodically during training and at
+the end) with each rank sampling and grading its share of the problems, and writes the report, the generations
+files and the periodic metrics of one process.
+
+The student is frozen (lr 1e-30: every Adam step is far below one ulp of every weight), so both runs evaluate
+bit-identical students and any difference is the evaluation's. The two-rank run is sharded (fsdp): its periodic
+evaluation samples inside the trainer's decoding section, its final one loads `final/` whole on every rank.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from merge_distill.cli import app
+from merge_distill.distributed import shard
+from ranks import torchrun
+
+PROBLEMS, SAMPLES = 7, 4  # rank 0 takes 4 problems, rank 1 takes 3
+MODELS = ("base", "math", "code", "student")  # the baselines, then the student
+SUITES = ("digits_test", "code_test")         # graded by the math grader and in the sandbox (each rank its own)
+
+
+def digits_suite(world: Path, path: Path) -> Path:
+    """The tiny world's math problems with one-digit answers (problem i: i mod 10), which its models, far from
+    solving them, still hit now and then (a completion's last number is a digit ~8% of the time): scores that
+    differ from problem to problem and from model to model."""
+    records = [json.loads(line) for line in (world / "math_test.jsonl").read_text().splitlines()[:PROBLEMS]]
+    path.write_text("".join(json.dumps({**r, "answer": str(i % 10)}) + "\n" for i, r in enumerate(records)))
+    return path
+
+
+def eval_recipe(path: Path, world: Path, out: Path, write_recipe, isolation: str) -> Path:
+    write_recipe(path, world, out, steps=2, prompts_per_step=4, max_new_tokens=16, lr=1e-30, eval_every=1)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["isolation"] = isolation
+    suites = [digits_suite(world, path.parent / "digits_test.jsonl"), world / "code_test.jsonl"]
+    recipe["eval"] = {"suites": [str(s) for s in suites], "max_problems": PROBLEMS, "samples": SAMPLES,
+                      "max_new_tokens": 24}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_world, tmp_path_factory, write_recipe, isolation):
+    """The same recipe run in one process (in-process CLI) and on two fsdp ranks (torchrun)."""
+    root = tmp_path_factory.mktemp("eval_ranks")
+    one = eval_recipe(root / "one.yaml", tiny_world, root / "one", write_recipe, isolation)
+    result = CliRunner().invoke(app, ["run", str(one)])
+    assert result.exit_code == 0, result.output
+    two = eval_recipe(root / "two.yaml", tiny_world, root / "two", write_recipe, isolation)
+    torchrun("run", str(two), "--set", "parallel=fsdp", timeout=300)
+    return root
+
+
+def report(run: Path) -> dict:
+    return json.loads((run / "report.json").read_text())
+
+
+def generations(folder: Path) -> dict[str, list[dict]]:
+    return {p.name: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in sorted(folder.glob("*.jsonl"))}
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_as_one_process(evaluated):
+    one, two = evaluated / "one", evaluated / "two"
+    w1, w2 = (load_file(run / "final" / "model.safetensors") for run in (one, two))
+    assert all((w1[k] == w2[k]).all() for k in w1), "the students differ: the comparison would not isolate evaluation"
+
+    a, b = report(one), report(two)
+    assert a["rows"] == b["rows"]  # every score, stderr and count, per model, suite, subset and k
+    assert a["paired_differences"] == b["paired_differences"]  # built from the per-problem estimates
+    assert {(r["model"], r["suite"]) for r in a["rows"]} == {(m, s) for m in MODELS for s in SUITES}
+    # the per-problem files: every sample's completion and verdict, in one process's (problem) order
+    gen1, gen2 = generations(one / "eval" / "generations"), generations(two / "eval" / "generations")
+    assert list(gen2) == [f"{m}__{s}.jsonl" for m in sorted(MODELS) for s in sorted(SUITES)]
+    assert gen1 == gen2
+    assert all(len(rows) == PROBLEMS * SAMPLES for rows in gen2.values())
+    # scores that a crossed wire would change: some samples pass, models and problems differ
+    whole = [r for r in b["rows"] if r["subset"] is None and r["suite"] == "digits_test"]
+    assert len({r["score"] for r in whole}) > 1
+    assert len({r["score"] for r in gen2["student__digits_test.jsonl"]}) > 1
+
+
+@pytest.mark.slow
+def test_each_rank_samples_its_share(evaluated):
+    """Each rank drew the samples of its contiguous share of every suite's problems (not rank 0 all of them,
+    as when rank 0 evaluated alone after the process group was gone)."""
+    per_pair = len(MODELS) * len(SUITES) * SAMPLES
+    shares = [hi - lo for lo, hi in (shard(PROBLEMS, r, 2) for r in range(2))]
+    assert shares == [4, 3]
+    assert report(evaluated / "one")["eval_sampled_by_rank"] == [per_pair * PROBLEMS]
+    assert report(evaluated / "two")["eval_sampled_by_rank"] == [per_pair * n for n in shares]
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_on_two_ranks_logs_the_metrics_of_one_process(evaluated):
+    one, two = ([json.loads(l) for l in (evaluated / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert [sorted(k for k in m if k.startswith("eval/")) for m in two] == [[f"eval/{s}" for s in sorted(SUITES)], []]
+    for key in (f"eval/{s}" for s in SUITES):
+        assert two[0][key] == one[0][key], key
+    step = Path("evals") / "step-1" / "generations"
+    assert generations(evaluated / "one" / step) == generations(evaluated / "two" / step)
+    # the ranks' own files became the one file
+    assert not list((evaluated / "two").rglob("*.rank-*.jsonl"))
