@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from merge_distill.cli import app
 from merge_distill.distributed import shard
 from ranks import torchrun
+from test_vllm_adapter import launcher_env, trainer_engines  # noqa: F401 (a fixture)
 
 PROBLEMS, SAMPLES = 7, 4  # rank 0 takes 4 problems, rank 1 takes 3
 MODELS = ("base", "math", "code", "student")  # the baselines, then the student
@@ -108,3 +109,56 @@ def test_periodic_evaluation_on_two_ranks_logs_the_metrics_of_one_process(evalua
     assert generations(evaluated / "one" / step) == generations(evaluated / "two" / step)
     # the ranks' own files became the one file
     assert not list((evaluated / "two").rglob("*.rank-*.jsonl"))
+
+
+@pytest.mark.slow
+def test_eval_command_on_two_ranks_writes_the_results_of_one_process(tiny_world, tmp_path, isolation):
+    """`merge-distill eval` under torchrun: each rank its share, rank 0 the files (and the table)."""
+    suite = digits_suite(tiny_world, tmp_path / "digits_test.jsonl")
+    args = ["eval", "--model", f"base={tiny_world / 'base'}", "--model", f"math={tiny_world / 'math_teacher'}",
+            "--suite", str(suite), "--suite", str(tiny_world / "code_test.jsonl"), "--samples", str(SAMPLES),
+            "--max-new-tokens", "24", "--max-problems", str(PROBLEMS), "--isolation", isolation]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    two = torchrun(*args, "--out", str(tmp_path / "two"))
+    assert two.stdout.count("samples/s; wrote") == 1  # rank 0 alone prints
+    a, b = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
+    assert a["rows"] == b["rows"] and a["paired_differences"] == b["paired_differences"]
+    assert generations(tmp_path / "one" / "generations") == generations(tmp_path / "two" / "generations")
+    per_pair = 2 * len(SUITES) * SAMPLES
+    assert (a["sampled_by_rank"], b["sampled_by_rank"]) == ([per_pair * PROBLEMS], [per_pair * 4, per_pair * 3])
+
+
+def test_a_vllm_recipe_evaluates_each_model_in_a_vllm_engine(monkeypatch, launcher_env, tiny_world, tmp_path,
+                                                             write_recipe):
+    """backend.rollout vllm (vLLM 0.33's names over fakes: no real vLLM here): after training, each model of the
+    report samples in a vLLM engine built from its folder, resident (no sleep mode, nothing to reload), sized for
+    the longest evaluation request, in the recipe's dtype and memory share."""
+    from merge_distill.data import render_prompt
+    from merge_distill.evaluation.suites import load_suite
+    from merge_distill.models import load_tokenizer
+
+    engines = trainer_engines(monkeypatch)
+    path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1, prompts_per_step=2,
+                        max_new_tokens=4)
+    recipe = yaml.safe_load(path.read_text())
+    suite = str(tiny_world / "math_test.jsonl")
+    recipe["eval"] = {"suites": [suite], "max_problems": 3, "max_new_tokens": 6}
+    recipe["backend"] = {"rollout": "vllm", "gpu_memory_utilization": 0.3}
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+
+    trainer, *evaluating = engines
+    assert trainer.kwargs["model"] == str(tiny_world / "base") and trainer.kwargs["enable_sleep_mode"]
+    assert [e.kwargs["model"] for e in evaluating] == [
+        str(tiny_world / m) for m in ("base", "math_teacher", "code_teacher")] + [str(tmp_path / "run" / "final")]
+    tokenizer, loaded = load_tokenizer(tiny_world / "base"), load_suite(suite)
+    longest = max(len(render_prompt(tokenizer, loaded.render_prompt(r), loaded.system_prompt))
+                  for r in loaded.records[:3])
+    for e in evaluating:
+        assert e.kwargs["max_model_len"] == longest + 6
+        assert (e.kwargs["dtype"], e.kwargs["gpu_memory_utilization"]) == ("float32", 0.3)
+        assert not e.kwargs["enable_sleep_mode"] and [what for what, _ in e.calls] == ["generate"]
+    rows = (tmp_path / "run" / "eval" / "generations" / "student__math_test.jsonl").read_text().splitlines()
+    assert len(rows) == 3
