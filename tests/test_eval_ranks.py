@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from merge_distill.cli import app
 from merge_distill.distributed import shard
-from ranks import torchrun
+from launch import torchrun
 from test_vllm_adapter import launcher_env, trainer_engines  # noqa: F401 (a fixture)
 
 PROBLEMS, SAMPLES = 7, 4  # rank 0 takes 4 problems, rank 1 takes 3

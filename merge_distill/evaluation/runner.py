@@ -28,6 +28,7 @@ from merge_distill.evaluation.metrics import (
 )
 from merge_distill.evaluation.suites import Suite
 from merge_distill.io import write_jsonl
+from merge_distill.parallel import collectives
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,8 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
     """All (task, sample) generations for one model on one suite, graded; resumes from its JSONL file.
 
     Under torchrun every rank calls this with the same arguments: each samples and grades its contiguous share
-    of the problems (`distributed.shard`) into a file of its own (`rank_part`), the rows are gathered, and rank 0
+    of the problems (`distributed.shard`) into a file of its own (`rank_part`), the rows are gathered
+    (`parallel.collectives.gather`, over the group's CPU backend), and rank 0
     writes the whole file as one process would (problem order) and removes the ranks' files. Every rank
     returns every row. Each (problem, sample) has its own seed, so the split changes no sample.
 
@@ -183,7 +185,7 @@ def generate_and_grade(spec: ModelSpec, suite: Suite, *, samples: int, temperatu
                           grader=grader, isolation=isolation, batch_size=batch_size, progress=progress,
                           what=f"eval {spec.name} on {suite.name}", max_new_tokens=max_new_tokens,
                           temperature=temperature)
-    shares = distributed.gather(([done[(r["task_id"], k)] for r in suite.records[lo:hi] for k in range(samples)],
+    shares = collectives.gather(([done[(r["task_id"], k)] for r in suite.records[lo:hi] for k in range(samples)],
                                  len(todo)))
     rows = [row for share, _ in shares for row in share]
     if world.main and (world.size > 1 or parts):  # the ranks' files become the one file
