@@ -12,6 +12,7 @@ from merge_distill.evaluation.runner import (
     ModelSpec,
     evaluate,
     generate_and_grade,
+    longest_request,
     score_rows,
 )
 from merge_distill.recipe import Recipe
@@ -262,7 +263,6 @@ def periodic_eval(recipe: Recipe, out_dir: Path):
     """A callback for `train`: the live student (through the run's own `Sampler`) on each suite, one sample
     per problem. Under torchrun every rank calls it (inside the trainer's decoding section) and samples its share
     of the problems; every rank returns the same metrics."""
-    from merge_distill.evaluation.runner import longest_request
     from merge_distill.graders import sandbox_level
     from merge_distill.models import load_tokenizer
 

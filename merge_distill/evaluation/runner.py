@@ -3,7 +3,8 @@
 Per (model, suite) the samples and verdicts go to `generations/<model>__<suite>.jsonl`, appended chunk
 by chunk, so an interrupted evaluation resumes where it stopped and a finished one can be re-graded
 without generating again. All models draw their samples with the same seeds (common random numbers),
-which makes paired differences between models tighter.
+which makes paired differences between models tighter. Under torchrun every rank samples and grades its share
+of the problems, appending to a file of its own, and rank 0 writes the one file (`generate_and_grade`).
 """
 
 from __future__ import annotations
