@@ -121,9 +121,11 @@ def evaluate_recipe(recipe: Recipe, students: dict[str, str], out_dir: Path, *, 
     calls it and evaluates its share (`evaluation.runner.evaluate`)."""
     cfg = recipe.eval
     suites = eval_suites(recipe)
-    engine_options = None
-    if recipe.backend.rollout == "vllm":
-        engine_options = {"dtype": recipe.dtype, "gpu_memory_utilization": recipe.backend.gpu_memory_utilization}
+    b, engine_options = recipe.backend, None
+    if b.rollout == "vllm":  # the training engine's settings (`engines.make_sampler`)
+        engine_options = dict(dtype=recipe.dtype, gpu_memory_utilization=b.gpu_memory_utilization,
+                              max_num_seqs=b.max_num_seqs, max_num_batched_tokens=b.max_num_batched_tokens,
+                              batch_invariant=b.batch_invariant)
     result = evaluate(model_specs(recipe, students, suites), suites, samples=cfg.samples, temperature=cfg.temperature,
                       max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens, seed=cfg.seed,
                       out_dir=out_dir, progress=progress, device=recipe.device, isolation=recipe.isolation,

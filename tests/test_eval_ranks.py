@@ -163,32 +163,47 @@ def test_a_vllm_recipe_evaluates_each_model_in_a_vllm_engine(monkeypatch, launch
                                                              write_recipe):
     """backend.rollout vllm (vLLM 0.33's names over fakes: no real vLLM here): after training, each model of the
     report samples in a vLLM engine built from its folder, resident (no sleep mode, nothing to reload), sized for
-    the longest evaluation request, in the recipe's dtype and memory share."""
+    the longest evaluation request, with the recipe's engine settings, stopping at every EOS id of that folder's
+    generation config (the student here has a second one, as Qwen3 instruct models do; the teachers do not)."""
+    import shutil
+
     from merge_distill.data import render_prompt
     from merge_distill.evaluation.suites import load_suite
     from merge_distill.models import load_tokenizer
+    from test_vllm_adapter import FakeLLM
 
-    engines = trainer_engines(monkeypatch)
+    class StopsSeen(FakeLLM):
+        def generate(self, prompts, params, use_tqdm=True):
+            self.stops = {tuple(p.stop_token_ids) for p in params}
+            return super().generate(prompts, params, use_tqdm)
+
+    engines = trainer_engines(monkeypatch, StopsSeen)
+    student = shutil.copytree(tiny_world / "base", tmp_path / "student")
+    config = json.loads((student / "generation_config.json").read_text())
+    eos = config["eos_token_id"]
+    (student / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [eos, 7]}))
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1, prompts_per_step=2,
                         max_new_tokens=4)
     recipe = yaml.safe_load(path.read_text())
     suite = str(tiny_world / "math_test.jsonl")
+    recipe["student"] = str(student)
     recipe["eval"] = {"suites": [suite], "max_problems": 3, "max_new_tokens": 6}
-    recipe["backend"] = {"rollout": "vllm", "gpu_memory_utilization": 0.3}
+    recipe["backend"] = {"rollout": "vllm", "gpu_memory_utilization": 0.3, "max_num_seqs": 5}
     path.write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output
 
     trainer, *evaluating = engines
-    assert trainer.kwargs["model"] == str(tiny_world / "base") and trainer.kwargs["enable_sleep_mode"]
+    assert trainer.kwargs["model"] == str(student) and trainer.kwargs["enable_sleep_mode"]
     assert [e.kwargs["model"] for e in evaluating] == [
-        str(tiny_world / m) for m in ("base", "math_teacher", "code_teacher")] + [str(tmp_path / "run" / "final")]
-    tokenizer, loaded = load_tokenizer(tiny_world / "base"), load_suite(suite)
+        str(student), *(str(tiny_world / m) for m in ("math_teacher", "code_teacher")), str(tmp_path / "run" / "final")]
+    assert [e.stops for e in evaluating] == [{(eos, 7)}, {(eos,)}, {(eos,)}, {(eos, 7)}]
+    tokenizer, loaded = load_tokenizer(student), load_suite(suite)
     longest = max(len(render_prompt(tokenizer, loaded.render_prompt(r), loaded.system_prompt))
                   for r in loaded.records[:3])
     for e in evaluating:
         assert e.kwargs["max_model_len"] == longest + 6
-        assert (e.kwargs["dtype"], e.kwargs["gpu_memory_utilization"]) == ("float32", 0.3)
+        assert (e.kwargs["dtype"], e.kwargs["gpu_memory_utilization"], e.kwargs["max_num_seqs"]) == ("float32", 0.3, 5)
         assert not e.kwargs["enable_sleep_mode"] and [what for what, _ in e.calls] == ["generate"]
     rows = (tmp_path / "run" / "eval" / "generations" / "student__math_test.jsonl").read_text().splitlines()
     assert len(rows) == 3
