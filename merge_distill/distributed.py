@@ -119,7 +119,7 @@ def init(device: str = "cpu") -> World:
 
 
 def shutdown() -> None:
-    """Wait for every rank, then leave the process group (rank 0 may go on alone, e.g. to evaluate)."""
+    """Wait for every rank, then leave the process group (after training and the evaluation every rank takes part in)."""
     if active():
         dist.barrier()
         dist.destroy_process_group()
