@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from merge_distill.checkpoint import checkpoint_dirs, newest_intact, read_checkpoint
 from merge_distill.distributed import reduce_metrics, shard
@@ -105,9 +106,13 @@ def test_fsdp_two_ranks_train_the_weights_of_one_process(runs, fsdp_run, tiny_wo
     for a, b in zip(metrics(runs / "one"), metrics(fsdp_run), strict=True):
         for key in ("loss", "grad_norm", "math/reward", "code/reverse_kl_teacher", "response_length"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    # each rank wrote its shards; together they hold the whole optimizer state, by parameter name
-    assert sorted(p.name for p in (fsdp_run / "checkpoints" / "step-2").glob("*.distcp")) == \
-        ["__0_0.distcp", "__1_0.distcp"]
+    # each rank wrote its own half of every weight and moment (DCP's index lists two chunks, rows 0-47 and 48-95
+    # of a [96, 32] projection, not one gathered whole); together they hold the whole optimizer state, by name
+    folder = fsdp_run / "checkpoints" / "step-2"
+    assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    index = FileSystemReader(folder).read_metadata().state_dict_metadata
+    for key in ("model.model.layers.0.mlp.up_proj.weight", "optimizer.state.model.layers.0.mlp.up_proj.weight.exp_avg"):
+        assert [(list(c.offsets), list(c.sizes)) for c in index[key].chunks] == [([0, 0], [48, 32]), ([48, 0], [48, 32])]
     state = read_checkpoint(fsdp_run / "checkpoints" / "step-2")["optimizer"]["state"]
     one = read_checkpoint(runs / "one" / "checkpoints" / "step-2")["optimizer"]["state"]
     assert state.keys() == one.keys() and "model.embed_tokens.weight" in state
