@@ -328,8 +328,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
     """Run (or resume) the recipe's training; returns the path of the final checkpoint.
 
     Under `torchrun` every rank calls this: the ranks share each step's prompts (data parallel), and rank 0
-    alone logs and writes checkpoints (see `merge_distill.distributed`); every rank evaluates periodically (`on_eval`,
-    each its share of the problems).
+    alone logs (see `merge_distill.distributed`); every rank writes its shards of each checkpoint
+    (`merge_distill.checkpoint`) and evaluates periodically (`on_eval`, each its share of the problems).
     """
     method = method_of(recipe)
     world = distributed.init(recipe.device)
