@@ -121,11 +121,19 @@ def test_fsdp_two_ranks_train_the_weights_of_one_process(runs, fsdp_run, tiny_wo
 
 
 def cut(run: Path, to: Path) -> Path:
-    """A copy of `run` as if it had been killed right after its step-2 checkpoint."""
+    """A copy of `run` as if it had been killed right after its step-2 checkpoint. Its logged steps are marked
+    (`"cut": true`), so that `resumed` tells a run that resumed (it keeps steps 1-2) from one that started over."""
     shutil.copytree(run, to)
     shutil.rmtree(to / "final")
     shutil.rmtree(to / "checkpoints" / "step-4")
+    (to / "metrics.jsonl").write_text("".join(json.dumps({**m, "cut": True}) + "\n" for m in metrics(run)))
     return to
+
+
+def resumed(run: Path) -> bool:
+    """`run` (a `cut` copy, then resumed) went on from its step-2 checkpoint: steps 1-2 logged before the cut,
+    3-4 after."""
+    return [(m["step"], m.get("cut", False)) for m in metrics(run)] == [(1, True), (2, True), (3, False), (4, False)]
 
 
 def same_weights(a: Path, b: Path) -> None:
@@ -145,7 +153,9 @@ def test_fsdp_run_resumed_on_two_ranks_is_bit_identical(fsdp_run, runs, tiny_wor
     torchrun("run", str(write_recipe(runs / "fsdp-cut-2.yaml", tiny_world, out, **STEPS)), "--no-eval", "--resume",
              *FSDP_SETS)
     same_weights(fsdp_run / "final", out / "final")
-    untimed = lambda run: [{k: v for k, v in m.items() if not k.startswith("time/")} for m in metrics(run)]  # noqa: E731
+    assert resumed(out)
+    untimed = lambda run: [{k: v for k, v in m.items() if not k.startswith("time/") and k != "cut"}  # noqa: E731
+                           for m in metrics(run)]
     assert untimed(out) == untimed(fsdp_run)
 
 
@@ -186,11 +196,13 @@ def test_fsdp_checkpoint_reshards_to_one_process_and_back(fsdp_run, runs, tiny_w
 
     for out in (one, resaved):
         train(load_recipe(write_recipe(runs / f"{out.name}.yaml", tiny_world, out, **STEPS)), resume=True)
+    assert resumed(one) and resumed(resaved)
     same_weights(one / "final", resaved / "final")
     assert_same_training(tiny_world / "base", runs / "one" / "final", one / "final")
 
     torchrun("run", str(write_recipe(runs / "back.yaml", tiny_world, back, **STEPS)), "--no-eval", "--resume",
              *FSDP_SETS)
+    assert resumed(back)
     same_weights(fsdp_run / "final", back / "final")
 
 
@@ -240,7 +252,7 @@ def test_ddp_checkpoint_resumes_under_fsdp(runs, tiny_world, write_recipe):
     torchrun("run", str(write_recipe(runs / "ddp-to-fsdp.yaml", tiny_world, out, **STEPS)), "--no-eval",
              "--resume", "--set", "parallel=fsdp")
     assert_same_training(tiny_world / "base", runs / "one" / "final", out / "final")
-    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    assert resumed(out)
 
 
 def length_switch_model(tok, marker: str = "~"):
