@@ -33,6 +33,7 @@ from launch import torchrun
 LR = 3e-3
 STEPS = dict(steps=4, prompts_per_step=10, max_new_tokens=16, micro_batch_size=3, checkpoint_every=2,
              keep_checkpoints=4, lr=LR)
+ON_RANKS = str(Path(__file__).with_name("checkpoint_ranks.py"))  # programs run on the ranks by some tests
 # the fsdp run's settings (a resumed run repeats them): the student and the frozen models sharded, and a gathered
 # decoding section after every step (`eval_every`, no evaluation), which must leave every parameter sharded
 FSDP_SETS = ("--set", "parallel=fsdp", "--set", "placement.shard_frozen=true", "--set", "train.eval_every=1")
@@ -225,8 +226,22 @@ def test_a_damaged_shard_of_a_two_rank_checkpoint_falls_back(fsdp_run, tmp_path,
 
 
 @pytest.mark.slow
+def test_rank_0_chooses_the_checkpoint_every_rank_resumes(fsdp_run, tmp_path, tiny_world, write_recipe):
+    """Rank 1 lists only step-2 (its view of the folder lags behind step-4's rename): it still resumes at step
+    4, rank 0's choice, instead of loading another checkpoint than rank 0 (or waiting for a collective rank 0
+    never sends)."""
+    run = tmp_path / "run"
+    shutil.copytree(fsdp_run / "checkpoints", run / "checkpoints")
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, run, **STEPS),
+                         ["parallel=fsdp", "placement.shard_frozen=true"])
+    (tmp_path / "fsdp.yaml").write_text(json.dumps(recipe.model_dump(mode="json", exclude_defaults=True)))
+    torchrun("choice", str(tmp_path / "fsdp.yaml"), str(tmp_path), timeout=120, script=ON_RANKS)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [{"step": 4, "scheduler": 4}] * 2
+
+
+@pytest.mark.slow
 def test_fsdp_models_load_on_meta_and_receive_rank_0s_weights(tiny_world, tmp_path, write_recipe):
-    """`setup` of an fsdp recipe with the frozen models sharded (tests/fsdp_loading.py on 2 ranks): rank 0 alone
+    """`setup` of an fsdp recipe with the frozen models sharded (tests/checkpoint_ranks.py on 2 ranks): rank 0 alone
     reads the student and the teacher from disk; rank 1 builds them on the meta device and holds only its half of
     the student; on both ranks the gathered weights are the files', the head stays tied to the embeddings, and the
     rotary `inv_freq` (a buffer no state dict carries) is the one transformers computes, not to_empty's garbage."""
@@ -236,8 +251,7 @@ def test_fsdp_models_load_on_meta_and_receive_rank_0s_weights(tiny_world, tmp_pa
     recipe = load_recipe(recipe, ["parallel=fsdp", "placement.shard_frozen=true"])
     (tmp_path / "fsdp.yaml").write_text(json.dumps(recipe.model_dump(mode="json", exclude_defaults=True)))
     teacher = tiny_world / "math_teacher"
-    torchrun(str(tmp_path / "fsdp.yaml"), str(teacher), str(tmp_path), timeout=120,
-             script=str(Path(__file__).with_name("fsdp_loading.py")))
+    torchrun("loading", str(tmp_path / "fsdp.yaml"), str(teacher), str(tmp_path), timeout=120, script=ON_RANKS)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["read_whole"] == ["base", "math_teacher"] and rank1["read_whole"] == []
     inv_freq = AutoModelForCausalLM.from_pretrained(tiny_world / "base").model.rotary_emb.inv_freq.tolist()

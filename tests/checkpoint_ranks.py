@@ -1,7 +1,12 @@
-"""Run by tests/test_distributed.py under torchrun (2 gloo ranks): `train.setup` of an fsdp recipe with the frozen
-models sharded, then one JSON report per rank in OUT: the models each rank read whole from disk
-(`from_pretrained` calls), how much of the student it holds, the student's and the teacher's gathered weights
-against their files, the tied embeddings and the rotary buffers. Usage: fsdp_loading.py RECIPE TEACHER OUT."""
+"""Programs tests/test_distributed.py runs on 2 gloo ranks under torchrun (`checkpoint_ranks.py NAME ARGS`); each
+rank writes a JSON report to OUT, which the test checks.
+
+- `loading RECIPE TEACHER OUT`: `train.setup` of an fsdp recipe with the frozen models sharded; per rank, the
+  models it read whole from disk (`from_pretrained` calls), how much of the student it holds, the student's and
+  the teacher's gathered weights against their files, the tied embeddings and the rotary buffers.
+- `choice RECIPE OUT`: resume a run whose newest checkpoint rank 1 cannot see (its listing lags, as on a node
+  without a shared view of the folder): the step each rank resumed at.
+"""
 
 import json
 import sys
@@ -34,7 +39,7 @@ def same_as_file(model: torch.nn.Module, folder: Path) -> bool:
                for name, tensor in parallel.full_tensors(model))
 
 
-def main(recipe_path: str, teacher: str, out: str) -> None:
+def loading(recipe_path: str, teacher: str, out: str) -> None:
     recipe = load_recipe(recipe_path)
     distributed.init(recipe.device)
     s = setup(recipe)
@@ -55,5 +60,22 @@ def main(recipe_path: str, teacher: str, out: str) -> None:
     distributed.shutdown()
 
 
+def choice(recipe_path: str, out: str) -> None:
+    from merge_distill import checkpoint
+    from merge_distill.train import checkpointer, make_optimizer
+
+    recipe = load_recipe(recipe_path)
+    distributed.init(recipe.device)
+    rank = distributed.world().rank
+    if rank == 1:
+        listed = checkpoint.checkpoint_dirs
+        checkpoint.checkpoint_dirs = lambda output_dir: listed(output_dir)[:-1]
+    s = setup(recipe)
+    optimizer, scheduler = make_optimizer(s)
+    step = checkpointer(s, optimizer, scheduler).resume()
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"step": step, "scheduler": scheduler.last_epoch}))
+    distributed.shutdown()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    {"loading": loading, "choice": choice}[sys.argv[1]](*sys.argv[2:])
