@@ -189,15 +189,19 @@ def save_final(s, folder: Path) -> None:
 
     dtype = getattr(torch, s.recipe.export_dtype or s.recipe.dtype)
     main = distributed.is_main()
+    first = {}  # a tied weight (the head of tied embeddings) is kept once
+    tied = {name for name, t in s.student.state_dict(keep_vars=True).items()
+            if first.setdefault(id(t), name) != name}
     weights = {}
     for name, tensor in parallel.full_tensors(s.student, dtype=dtype, device=s.device):
-        if main:
+        if main and name not in tied:
             weights[name] = tensor.to("cpu")
     with atomic_dir(folder) if main else contextlib.nullcontext() as tmp:
         if tmp is not None:
             with torch.device("meta"):  # a twin without storage takes the weights, so transformers writes the
                 twin = AutoModelForCausalLM.from_config(s.student.config, dtype=dtype)  # folder as any model's
-            twin.load_state_dict(weights, assign=True)
+            missing = twin.load_state_dict(weights, assign=True, strict=False).missing_keys
+            assert set(missing) <= tied, f"no weights for {sorted(set(missing) - tied)}"
             twin.tie_weights()
             twin.generation_config = s.student.generation_config
             twin.save_pretrained(tmp, safe_serialization=True)

@@ -113,7 +113,8 @@ def test_fsdp_two_ranks_train_the_weights_of_one_process(runs, fsdp_run, tiny_wo
     assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     index = FileSystemReader(folder).read_metadata().state_dict_metadata
     for key in ("model.model.layers.0.mlp.up_proj.weight", "optimizer.state.model.layers.0.mlp.up_proj.weight.exp_avg"):
-        assert [(list(c.offsets), list(c.sizes)) for c in index[key].chunks] == [([0, 0], [48, 32]), ([48, 0], [48, 32])]
+        chunks = [(list(c.offsets), list(c.sizes)) for c in index[key].chunks]
+        assert chunks == [([0, 0], [48, 32]), ([48, 0], [48, 32])], key
     state = read_checkpoint(fsdp_run / "checkpoints" / "step-2")["optimizer"]["state"]
     one = read_checkpoint(runs / "one" / "checkpoints" / "step-2")["optimizer"]["state"]
     assert state.keys() == one.keys() and "model.embed_tokens.weight" in state
