@@ -4,10 +4,15 @@ Bytes per device; P = student parameters; s = shards (the GPU count under `fsdp`
 recipe's dtype; rows = the rank's share of a step; T = longest prompt + max_new_tokens (every response is
 assumed to run to max_new_tokens). The phases of a step do not coexist; the peak is the largest of:
 
-- every phase: student weights 4P/s (float32 master) and AdamW m, v 8P/s; each frozen model the method loads
+- start-up (cuda): the student read whole in float32 on each rank before it is sharded (`meta_init`: each
+  rank's share); with `shard_frozen`, the largest frozen model whole beside its shard at its first scoring.
+- every phase: on cuda the CUDA context and, with several GPUs, NCCL's buffers (`CUDA_CONTEXT`, `nccl_bytes`;
+  figures from PyTorch's and NCCL's issues, not measured: no GPU has checked them yet); student weights 4P/s
+  (float32 master) and AdamW m, v 8P/s; each frozen model the method loads
   (`Method.frozen_models`; a reference that is the student's initial weights is one more copy) in c bytes
   (offloaded: the largest, while it scores; on another device: none; `shard_frozen`: over the GPUs); each vLLM engine
-  `gpu_memory_utilization` x the device; on CPU the process's baseline (Python, torch, tokenizer).
+  `gpu_memory_utilization` x the device (asleep after sampling: its CUDA graphs, `VLLM_OUTSIDE_POOL`, stay);
+  on CPU the process's baseline (Python, torch, tokenizer).
 - sample: gradients 4P/s (kept from the last update until the next zero_grad); the KV cache of one sampling
   call, rows (or `max_rollout_tokens` // T) x T x layers x kv_heads x head_dim x (K + V bytes; under autocast
   K is float32: the q/k norms and RoPE promote it); the step's logits; the autocast copies of the linear
@@ -16,8 +21,8 @@ assumed to run to max_new_tokens). The phases of a step do not coexist; the peak
   pi_old when vLLM sampled; at most `max_tokens_per_micro_batch` // T): a layer's working set, the mask, the
   response hidden states, a chunk of logits (`fused.CHUNK_ELEMENTS`).
 - update: one micro-batch's saved activations (`Shape.layer_bytes` per token and layer, calibrated exactly on
-  the saved tensors; with `gradient_checkpointing` each layer's float32 input 4 x hidden and one layer
-  recomputed), the head's logit chunk and float32 weight gradient, autocast copies (one layer's when
+  the saved tensors; under fsdp in the compute dtype throughout, `layer_bytes`; with `gradient_checkpointing`
+  each layer's input, 4 x hidden under autocast, c x hidden under fsdp, and one layer recomputed), the head's logit chunk and float32 weight gradient, autocast copies (one layer's when
   checkpointed) or, under fsdp, two layers and the root unsharded with their float32 gradients; gradients
   only when several micro-batches accumulate (zero_grad drops them first).
 - backward end: gradients and the embedding's dense float32 gradient beside the head's (tied: autograd sums
@@ -25,8 +30,9 @@ assumed to run to max_new_tokens). The phases of a step do not coexist; the peak
 - all-reduce (ddp, gpus > 1): DDP's gradient buckets, a flat float32 copy of every gradient.
 - save (cpu): the safetensors serialisation of the weights (a bytes copy, 4P).
 
-On CUDA the peak is what torch allocates (`max_memory_allocated`: the CUDA context and the caching
-allocator's slack come on top); on CPU it is the process's peak resident memory (`ru_maxrss`), with glibc's
+On CUDA the peak is the device memory the process holds: what torch allocates (`max_memory_allocated`), a
+fragmentation margin of `FRAGMENTATION` x the largest phase's allocations on every phase, the CUDA context,
+NCCL's buffers and vLLM's memory; on CPU it is the process's peak resident memory (VmHWM), with glibc's
 heap slack on the activations (`CPU_HEAP_SLACK`; `python benchmarks/memory_plan.py` checks it against
 real runs). The layout is the recipe's (`parallel`; one device: ddp's); under fsdp with
 `placement.offload_optimizer` the sharded weights, gradients and AdamW state live on the host.
@@ -34,9 +40,11 @@ real runs). The layout is the recipe's (`parallel`; one device: ddp's); under fs
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from merge_distill.errors import UserError
 from merge_distill.fused import CHUNK_ELEMENTS, CHUNK_ELEMENTS_CUDA
@@ -46,6 +54,7 @@ GiB = 2**30
 CPU_BASELINE = 350 * 2**20  # Python, torch, transformers, a model class and the trainer, imported (measured)
 CPU_PER_VOCAB = 360         # a loaded fast tokenizer, bytes per vocabulary entry (measured: 52 MiB at 151,936)
 CPU_HEAP_SLACK = 0.2        # x the activations: resident after a forward is 1.06-1.33x the saved tensors
+FAULT_AROUND = 64 * 2**10   # Linux's fault_around_bytes: a read of a memory-mapped file maps this much around it
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # What a GPU run holds besides the tensors torch allocates. None of these can be measured on this CPU machine
@@ -163,6 +172,24 @@ def update_bytes(m: Shape, c: int, rows: int, width: int, response: int, ckpt: b
     return act, max(2 * vh + (8 + c) * n, 6 * vh + (4 + c) * n, 12 * vh + c * n)
 
 
+def stored_dtype(folder: str) -> str | None:
+    """The dtype a model folder's weights are stored in, as its config.json says (`dtype`, or `torch_dtype`)."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    raw = json.loads(config.read_text())
+    return raw.get("dtype") or raw.get("torch_dtype")
+
+
+def mapped_embedding_bytes(m: Shape, c: int, lookups: int) -> int:
+    """Resident bytes of an input embedding memory-mapped from its file after `lookups` row reads. Each read maps
+    the `FAULT_AROUND` window around its row; of W windows, n reads of uniformly random ids map W (1 - (1 - 1/W)^n)
+    on average, the most any n reads can (real text repeats its frequent tokens); a long run maps them all."""
+    total = m.vocab * m.hidden * c
+    windows = max(1, total // FAULT_AROUND)
+    return int(min(total, total * (1 - (1 - 1 / windows) ** lookups)))
+
+
 def nccl_bytes(communicators: int = NCCL_COMMUNICATORS) -> int:
     """NCCL's buffers on each GPU: NCCL_BUFFSIZE x channels x a ring's connections x protocols, per communicator."""
     return communicators * NCCL_BUFFSIZE * NCCL_CHANNELS * NCCL_RING_CONNECTIONS * NCCL_PROTOCOLS
@@ -239,6 +266,15 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     here = (recipe.placement.frozen_device or device).split(":")[0] == device or device == "cpu"
     shards = gpus if recipe.placement.shard_frozen else 1  # each frozen model sharded over the ranks
     per_frozen = {label: sh.params() * c / shards for label, sh in frozen.values()} if here else {}
+    if device == "cpu":  # transformers memory-maps a checkpoint already in the recipe's dtype: an untied input
+        # embedding is resident only where rows were looked up (at most every token of the run's rows)
+        for folder, (label, sh) in frozen.items():
+            if not sh.tied and stored_dtype(folder) == recipe.dtype:
+                embedding = sh.vocab * sh.hidden * c
+                del per_frozen[label]
+                label += ", memory-mapped: its embedding's rows as read"
+                per_frozen[label] = (sh.params() * c - embedding
+                                     + mapped_embedding_bytes(sh, c, cfg.steps * rows * width))
     visiting, frozen_resident = [], []
     if recipe.placement.offload and device != "cpu" and per_frozen:
         visiting = [add("frozen model visiting from the host (offload)", max(per_frozen.values()))]

@@ -367,6 +367,42 @@ def test_sharded_frozen_models_load_whole_first(tiny):
                                               device="cuda", prompt_tokens=28).phases  # replicated: no transient
 
 
+def test_memory_mapped_embedding_by_hand():
+    """32 MiB of float32 embedding (16,384 x 512) in 512 windows of 64 KiB: 512 random lookups map
+    512 x (1 - (511/512)^512) = 323.8 windows on average; none, nothing; a long run, all of it."""
+    from merge_distill.plan import mapped_embedding_bytes
+
+    shape = Shape("qwen3", 512, 2, 8, 2, 64, 1408, 16_384, tied=False)
+    assert mapped_embedding_bytes(shape, 4, 512) == int(2**25 * (1 - (511 / 512) ** 512)) == 21_222_510
+    assert mapped_embedding_bytes(shape, 4, 0) == 0 and mapped_embedding_bytes(shape, 4, 10**7) == 2**25
+
+
+def test_cpu_frozen_models_in_their_files_dtype_are_memory_mapped(tiny):
+    """On CPU transformers maps a float32 checkpoint for a float32 recipe: an untied frozen model's embedding
+    counts only the rows looked up over the run (steps x rows x tokens); converted (bf16), tied (the head reads
+    it all) or on a GPU (copied), it counts whole."""
+    from merge_distill.plan import mapped_embedding_bytes
+
+    path, _ = tiny
+    for name in ("student", "teacher"):
+        config = json.loads((path.parent / name / "config.json").read_text())
+        config.update(vocab_size=131_072, tie_word_embeddings=False, dtype="float32")
+        (path.parent / name / "config.json").write_text(json.dumps(config))
+    shape = Shape.from_config(config)
+    one = ["train.steps=1", "train.prompts_per_step=2"]
+    p = plan(load_recipe(path, one), gpu_memory_bytes=64 * GiB, device="cpu", prompt_tokens=28)
+    label = "frozen teacher math, memory-mapped: its embedding's rows as read (float32)"
+    embedding = 131_072 * 64 * 4  # 32 MiB: 512 windows; 2 rows x 128 tokens read
+    assert p.components[label] == shape.params() * 4 - embedding + mapped_embedding_bytes(shape, 4, 2 * 128)
+    assert p.components[label] < shape.params() * 4 - embedding // 2
+    assert label in p.phases["score"]
+    bf16 = plan(load_recipe(path, [*one, "dtype=bfloat16"]), gpu_memory_bytes=64 * GiB, device="cpu",
+                prompt_tokens=28)
+    assert bf16.components["frozen teacher math (bfloat16)"] == shape.params() * 2
+    gpu = plan(load_recipe(path, one), gpu_memory_bytes=64 * GiB, device="cuda", prompt_tokens=28)
+    assert gpu.components["frozen teacher math (float32)"] == shape.params() * 4
+
+
 def test_cpu_plan_counts_the_process(tiny):
     path, _ = tiny
     p = plan(load_recipe(path), gpu_memory_bytes=64 * GiB, device="cpu", prompt_tokens=28)
