@@ -12,7 +12,8 @@ assumed to run to max_new_tokens). The phases of a step do not coexist; the peak
   (`Method.frozen_models`; a reference that is the student's initial weights is one more copy) in c bytes
   (offloaded: the largest, while it scores; on another device: none; `shard_frozen`: over the GPUs); each vLLM engine
   `gpu_memory_utilization` x the device (asleep after sampling: its CUDA graphs, `VLLM_OUTSIDE_POOL`, stay);
-  on CPU the process's baseline (Python, torch, tokenizer).
+  on CPU the process's baseline (Python, torch, tokenizer), and a frozen model stored in the recipe's dtype is
+  memory-mapped: its untied embedding resident only at the rows the run looks up (`mapped_embedding_bytes`).
 - sample: gradients 4P/s (kept from the last update until the next zero_grad); the KV cache of one sampling
   call, rows (or `max_rollout_tokens` // T) x T x layers x kv_heads x head_dim x (K + V bytes; under autocast
   K is float32: the q/k norms and RoPE promote it); the step's logits; the autocast copies of the linear
@@ -22,9 +23,10 @@ assumed to run to max_new_tokens). The phases of a step do not coexist; the peak
   response hidden states, a chunk of logits (`fused.CHUNK_ELEMENTS`).
 - update: one micro-batch's saved activations (`Shape.layer_bytes` per token and layer, calibrated exactly on
   the saved tensors; under fsdp in the compute dtype throughout, `layer_bytes`; with `gradient_checkpointing`
-  each layer's input, 4 x hidden under autocast, c x hidden under fsdp, and one layer recomputed), the head's logit chunk and float32 weight gradient, autocast copies (one layer's when
-  checkpointed) or, under fsdp, two layers and the root unsharded with their float32 gradients; gradients
-  only when several micro-batches accumulate (zero_grad drops them first).
+  each layer's input, 4 x hidden under autocast, c x hidden under fsdp, and one layer recomputed), the head's
+  logit chunk and float32 weight gradient, autocast copies (one layer's when checkpointed) or, under fsdp, two
+  layers and the root unsharded with their float32 gradients; gradients only when several micro-batches
+  accumulate (zero_grad drops them first).
 - backward end: gradients and the embedding's dense float32 gradient beside the head's (tied: autograd sums
   the two into a third before accumulating).
 - all-reduce (ddp, gpus > 1): DDP's gradient buckets, a flat float32 copy of every gradient.
