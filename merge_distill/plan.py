@@ -4,10 +4,16 @@ Bytes per device; P = student parameters; s = shards (the GPU count under `fsdp`
 recipe's dtype; rows = the rank's share of a step; T = longest prompt + max_new_tokens (every response is
 assumed to run to max_new_tokens). The phases of a step do not coexist; the peak is the largest of:
 
-- every phase: student weights 4P/s (float32 master) and AdamW m, v 8P/s; each frozen model the method loads
+- start-up (cuda): the student read whole in float32 on each rank before it is sharded (`meta_init`: each
+  rank's share); with `shard_frozen`, the largest frozen model whole beside its shard at its first scoring.
+- every phase: on cuda the CUDA context and, with several GPUs, NCCL's buffers (`CUDA_CONTEXT`, `nccl_bytes`;
+  figures from PyTorch's and NCCL's issues, not measured: no GPU has checked them yet); student weights 4P/s
+  (float32 master) and AdamW m, v 8P/s; each frozen model the method loads
   (`Method.frozen_models`; a reference that is the student's initial weights is one more copy) in c bytes
   (offloaded: the largest, while it scores; on another device: none; `shard_frozen`: over the GPUs); each vLLM engine
-  `gpu_memory_utilization` x the device; on CPU the process's baseline (Python, torch, tokenizer).
+  `gpu_memory_utilization` x the device (asleep after sampling: its CUDA graphs, `VLLM_OUTSIDE_POOL`, stay);
+  on CPU the process's baseline (Python, torch, tokenizer), and a frozen model stored in the recipe's dtype is
+  memory-mapped: its untied embedding resident only at the rows the run looks up (`mapped_embedding_bytes`).
 - sample: gradients 4P/s (kept from the last update until the next zero_grad); the KV cache of one sampling
   call, rows (or `max_rollout_tokens` // T) x T x layers x kv_heads x head_dim x (K + V bytes; under autocast
   K is float32: the q/k norms and RoPE promote it); the step's logits; the autocast copies of the linear
@@ -16,17 +22,19 @@ assumed to run to max_new_tokens). The phases of a step do not coexist; the peak
   pi_old when vLLM sampled; at most `max_tokens_per_micro_batch` // T): a layer's working set, the mask, the
   response hidden states, a chunk of logits (`fused.CHUNK_ELEMENTS`).
 - update: one micro-batch's saved activations (`Shape.layer_bytes` per token and layer, calibrated exactly on
-  the saved tensors; with `gradient_checkpointing` each layer's float32 input 4 x hidden and one layer
-  recomputed), the head's logit chunk and float32 weight gradient, autocast copies (one layer's when
-  checkpointed) or, under fsdp, two layers and the root unsharded with their float32 gradients; gradients
-  only when several micro-batches accumulate (zero_grad drops them first).
+  the saved tensors; under fsdp in the compute dtype throughout, `layer_bytes`; with `gradient_checkpointing`
+  each layer's input, 4 x hidden under autocast, c x hidden under fsdp, and one layer recomputed), the head's
+  logit chunk and float32 weight gradient, autocast copies (one layer's when checkpointed) or, under fsdp, two
+  layers and the root unsharded with their float32 gradients; gradients only when several micro-batches
+  accumulate (zero_grad drops them first).
 - backward end: gradients and the embedding's dense float32 gradient beside the head's (tied: autograd sums
   the two into a third before accumulating).
 - all-reduce (ddp, gpus > 1): DDP's gradient buckets, a flat float32 copy of every gradient.
 - save (cpu): the safetensors serialisation of the weights (a bytes copy, 4P).
 
-On CUDA the peak is what torch allocates (`max_memory_allocated`: the CUDA context and the caching
-allocator's slack come on top); on CPU it is the process's peak resident memory (`ru_maxrss`), with glibc's
+On CUDA the peak is the device memory the process holds: what torch allocates (`max_memory_allocated`), a
+fragmentation margin of `FRAGMENTATION` x the largest phase's allocations on every phase, the CUDA context,
+NCCL's buffers and vLLM's memory; on CPU it is the process's peak resident memory (VmHWM), with glibc's
 heap slack on the activations (`CPU_HEAP_SLACK`; `python benchmarks/memory_plan.py` checks it against
 real runs). The layout is the recipe's (`parallel`; one device: ddp's); under fsdp with
 `placement.offload_optimizer` the sharded weights, gradients and AdamW state live on the host.
@@ -34,9 +42,11 @@ real runs). The layout is the recipe's (`parallel`; one device: ddp's); under fs
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from merge_distill.errors import UserError
 from merge_distill.fused import CHUNK_ELEMENTS, CHUNK_ELEMENTS_CUDA
@@ -46,7 +56,34 @@ GiB = 2**30
 CPU_BASELINE = 350 * 2**20  # Python, torch, transformers, a model class and the trainer, imported (measured)
 CPU_PER_VOCAB = 360         # a loaded fast tokenizer, bytes per vocabulary entry (measured: 52 MiB at 151,936)
 CPU_HEAP_SLACK = 0.2        # x the activations: resident after a forward is 1.06-1.33x the saved tensors
+FAULT_AROUND = 64 * 2**10   # Linux's fault_around_bytes: a read of a memory-mapped file maps this much around it
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# What a GPU run holds besides the tensors torch allocates. None of these can be measured on this CPU machine
+# (no GPU has been lent to this project's checks yet): each is a figure from the sources named beside it, to be
+# checked against `nvidia-smi` / `torch.cuda.mem_get_info` by `benchmarks/gpu_4b_check.py` when a GPU is there.
+# - The CUDA context of each process: ~300-400 MB on CUDA >= 11.7 with lazy module loading, which torch 2.x
+#   enables (pytorch/pytorch#109888 and #107667, ptrblck: "around 400MB if CUDA >= 11.7"); the cuBLAS/cuDNN
+#   handles and the kernels a training step loads lazily come on top: 512 MiB.
+CUDA_CONTEXT = 512 * 2**20
+# - NCCL's buffers, per communicator: each channel has its own buffer of NCCL_BUFFSIZE (default 4 MiB) per
+#   connection for collectives (NVIDIA/nccl#1450, #285); a ring keeps 2 connections per channel whatever the
+#   scale, and memory grows linearly with the channels (NVIDIA/nccl#986); NCCL opens up to 32 channels between
+#   NVLink-connected H100s (NVIDIA/nccl#1685). The LL128 protocol's buffers of about the same size come beside
+#   the Simple protocol's: 4 MiB x 32 channels x 2 connections x 2 protocols.
+NCCL_BUFFSIZE, NCCL_CHANNELS, NCCL_RING_CONNECTIONS, NCCL_PROTOCOLS = 4 * 2**20, 32, 2, 2
+NCCL_COMMUNICATORS = 1  # the default group: FSDP2's all-gathers and reduce-scatters, DDP's all-reduce, the loop's
+# - vLLM's sleep mode frees only what its CuMemAllocator pool holds, the weights and the KV cache (vLLM's
+#   sleep-mode docs); CUDA graphs and NCCL buffers stay resident while it sleeps (vllm-project/vllm#45623, which
+#   proposed offloading them too, was closed). Graphs "can take additional 1~3 GiB memory per GPU" (vLLM's own
+#   capture warning); since vLLM 0.21 their memory is profiled inside gpu_memory_utilization (0.36 GiB estimated
+#   for 16 piecewise sizes in one log), so they count beside the engine's share only while it sleeps. The
+#   sampler's logits and the profile run's activations are torch allocations freed after sampling. 1 GiB.
+VLLM_OUTSIDE_POOL = 2**30
+# - The caching allocator's fragmentation: blocks reserved from the driver but split or rounded so that a request
+#   does not fit (pytorch/devlogs "When does fragmentation occur in the CUDA caching allocator?"): a margin of
+#   10% of the largest phase's allocations, until `max_memory_reserved` on a GPU says otherwise.
+FRAGMENTATION = 0.10
 
 
 def device_memory(device: str) -> int:
@@ -108,16 +145,28 @@ def scoring_bytes(m: Shape, c: int, rows: int, width: int, response: int, chunk:
             + chunk_bytes(m, c, rows * response, chunk))
 
 
-def update_bytes(m: Shape, c: int, rows: int, width: int, response: int, ckpt: bool, chunk: int) -> tuple[int, int]:
+def layer_bytes(m: Shape, c: int, width: int, stream: int) -> int:
+    """`Shape.layer_bytes` with the residual stream in `stream` bytes: 4 under autocast and in float32; c under
+    fsdp's `MixedPrecisionPolicy(param_dtype)`, where the embedding's output and every layer compute in c bytes,
+    so the five hidden-sized tensors a layer saves in float32 under autocast (the two norms' inputs, the
+    attention and MLP outputs, the residual sum) are c bytes (measured on transformers 5.24's Qwen3 and Llama
+    layers: tests/test_plan.py). The norms' float32 internals stay float32 either way."""
+    return m.layer_bytes(c, width) - (4 - stream) * 5 * m.hidden
+
+
+def update_bytes(m: Shape, c: int, rows: int, width: int, response: int, ckpt: bool, chunk: int,
+                 stream: int = 4) -> tuple[int, int]:
     """(activations, output head) of one micro-batch's forward and backward. Activations: every layer's saved
-    tensors (`layer_bytes`; checkpointed, each layer's float32 input and one layer recomputed), the final norm
-    and RoPE tables, the bool mask, the response hidden states kept for the head, and the backward's gradient
-    temporaries. Head: its float32 weight gradient, a chunk of logits, and with c < 4 the weight's c-byte cast
-    and the chunk gradient's product before its float32 copy."""
+    tensors (`layer_bytes`; checkpointed, each layer's input in `stream` bytes and one layer recomputed), the
+    final norm and RoPE tables, the bool mask, the response hidden states kept for the head, and the backward's
+    gradient temporaries. `stream`: bytes of the residual stream (4, or c under fsdp: `layer_bytes`). Head: its
+    float32 weight gradient, a chunk of logits, and with c < 4 the weight's c-byte cast and the chunk gradient's
+    product before its float32 copy."""
     tokens, pad = rows * width, width if rows > 1 else 0
-    layers = m.layers * 4 * m.hidden + m.layer_bytes(c, pad) if ckpt else m.layers * m.layer_bytes(c, pad)
+    one = layer_bytes(m, c, pad, stream)
+    layers = m.layers * stream * m.hidden + one if ckpt else m.layers * one
     per_token = layers + 16 * m.hidden + 8 * m.head_dim + 12 + 2 * c * m.intermediate
-    act = tokens * per_token + rows * response * 4 * m.hidden + rows * pad * pad
+    act = tokens * per_token + rows * response * stream * m.hidden + rows * pad * pad
     vh, n = m.vocab * m.hidden, min(rows * response, max(1, chunk // m.vocab)) * m.vocab
     if c == 4:  # forward: logits and logsumexp's temporary; backward: the weight gradient and one chunk
         return act, max(8 * n, 4 * vh + 4 * n)
@@ -125,20 +174,50 @@ def update_bytes(m: Shape, c: int, rows: int, width: int, response: int, ckpt: b
     return act, max(2 * vh + (8 + c) * n, 6 * vh + (4 + c) * n, 12 * vh + c * n)
 
 
+def stored_dtype(folder: str) -> str | None:
+    """The dtype a model folder's weights are stored in, as its config.json says (`dtype`, or `torch_dtype`)."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    raw = json.loads(config.read_text())
+    return raw.get("dtype") or raw.get("torch_dtype")
+
+
+def mapped_embedding_bytes(m: Shape, c: int, lookups: int) -> int:
+    """Resident bytes of an input embedding memory-mapped from its file after `lookups` row reads. Each read maps
+    the `FAULT_AROUND` window around its row; of W windows, n reads of uniformly random ids map W (1 - (1 - 1/W)^n)
+    on average, the most any n reads can (real text repeats its frequent tokens); a long run maps them all."""
+    total = m.vocab * m.hidden * c
+    windows = max(1, total // FAULT_AROUND)
+    return int(min(total, total * (1 - (1 - 1 / windows) ** lookups)))
+
+
+def nccl_bytes(communicators: int = NCCL_COMMUNICATORS) -> int:
+    """NCCL's buffers on each GPU: NCCL_BUFFSIZE x channels x a ring's connections x protocols, per communicator."""
+    return communicators * NCCL_BUFFSIZE * NCCL_CHANNELS * NCCL_RING_CONNECTIONS * NCCL_PROTOCOLS
+
+
 def _rows(n: int, width: int) -> str:
     return f"{n} row{'s' * (n != 1)} x {width} tokens"
 
 
 def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = None,
-         assume_config: str | None = None, prompt_tokens: int = 512, suggest: bool = True) -> Plan:
+         assume_config: str | None = None, prompt_tokens: int = 512, suggest: bool = True,
+         checkpoints: bool = True, meta_init: bool | None = None) -> Plan:
     """The memory plan of `recipe` (model paths resolved) on `gpus` devices of `gpu_memory_bytes` each, in the
-    recipe's layout (`parallel`, `placement.offload_optimizer`)."""
+    recipe's layout (`parallel`, `placement.offload_optimizer`). `checkpoints` False: a run that writes none (no
+    save phase; `benchmarks/memory_plan.py`). `meta_init`: models are built on the meta device and receive only
+    their shard, so the start-up transient is each rank's share instead of every model whole (False: the whole
+    model on each rank, then sharded). Default: as the run loads, on the meta device under fsdp
+    (`models.load_sharded`: rank 0 alone reads the files, into host memory)."""
     from merge_distill.methods import method_of
 
     options = dict(gpus=gpus, gpu_memory_bytes=gpu_memory_bytes, device=device, assume_config=assume_config,
-                   prompt_tokens=prompt_tokens)
+                   prompt_tokens=prompt_tokens, checkpoints=checkpoints, meta_init=meta_init)
     device = (device or recipe.device).split(":")[0]
     parallel = recipe.parallel if gpus > 1 else "ddp"  # one process: the student as it is
+    if meta_init is None:
+        meta_init = parallel == "fsdp"
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device}: expected cuda or cpu")
     method = method_of(recipe)
@@ -151,38 +230,75 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     s = gpus if parallel == "fsdp" else 1  # shards of the student's weights, gradients and optimizer state
     rows = math.ceil(cfg.prompts_per_step / gpus) * cfg.rollouts_per_prompt
     comp: dict[str, int] = {}
+    outside_allocator: set[str] = set()  # what the fragmentation margin is not a fraction of
 
     def rows_within(tokens: int | None) -> int:
         return rows if tokens is None else max(1, min(rows, tokens // width))
 
-    def add(name: str, nbytes: float) -> str:
+    def add(name: str, nbytes: float, allocator: bool = True) -> str:
         comp[name] = int(nbytes)
+        if not allocator:
+            outside_allocator.add(name)
         return name
 
-    if parallel == "fsdp" and recipe.placement.offload_optimizer and device != "cpu":  # shards on the host
-        resident, grads = [], add("gradients (fp32): on the host (offload_optimizer)", 0)
-    else:
-        resident = [add("student weights (fp32 master)", 4 * P / s), add("AdamW m + v (fp32)", 8 * P / s)]
-        grads = add("gradients (fp32)", 4 * P / s)
+    fixed = []  # held from start-up to the end, whatever the phase
     if device == "cpu":
-        resident.append(add("process baseline (python, torch, tokenizer)", CPU_BASELINE + CPU_PER_VOCAB * m.vocab))
+        fixed.append(add("process baseline (python, torch, tokenizer)", CPU_BASELINE + CPU_PER_VOCAB * m.vocab))
+    else:
+        fixed.append(add("CUDA context (per process; not measured here)", CUDA_CONTEXT, allocator=False))
+        if gpus > 1:
+            fixed.append(add(f"NCCL buffers ({NCCL_COMMUNICATORS} communicator: {NCCL_BUFFSIZE >> 20} MiB x "
+                             f"{NCCL_CHANNELS} channels x {NCCL_RING_CONNECTIONS} x {NCCL_PROTOCOLS}; not measured "
+                             "here)", nccl_bytes(), allocator=False))
+    if parallel == "fsdp" and recipe.placement.offload_optimizer and device != "cpu":  # shards on the host
+        student, grads = [], add("gradients (fp32): on the host (offload_optimizer)", 0)
+    else:
+        student = [add("student weights (fp32 master)", 4 * P / s), add("AdamW m + v (fp32)", 8 * P / s)]
+        grads = add("gradients (fp32)", 4 * P / s)
     vllm_rollout = recipe.backend.rollout == "vllm"
     engine = recipe.backend.gpu_memory_utilization * gpu_memory_bytes
     asleep = recipe.backend.sleep_level > 0  # the engine frees its memory after sampling (vLLM's sleep mode)
     engine_label = "vLLM engine: student rollouts" + (" (asleep after sampling)" if asleep else "")
-    resident += [add(engine_label, engine)] * (vllm_rollout and not asleep)
+    engine_all, engine_sampling, engine_asleep = [], [], []
+    if vllm_rollout:
+        engine_sampling = [add(engine_label, engine, allocator=False)]
+        if not asleep:
+            engine_all = engine_sampling
+        elif device == "cuda":
+            engine_asleep = [add("vLLM outside its sleep pool: CUDA graphs (not measured here)", VLLM_OUTSIDE_POOL,
+                                 allocator=False)]
+    resident = fixed + student + engine_all
     here = (recipe.placement.frozen_device or device).split(":")[0] == device or device == "cpu"
     shards = gpus if recipe.placement.shard_frozen else 1  # each frozen model sharded over the ranks
     per_frozen = {label: sh.params() * c / shards for label, sh in frozen.values()} if here else {}
-    visiting = []
+    if device == "cpu":  # transformers memory-maps a checkpoint already in the recipe's dtype: an untied input
+        # embedding is resident only where rows were looked up (at most every token of the run's rows)
+        for folder, (label, sh) in frozen.items():
+            if not sh.tied and stored_dtype(folder) == recipe.dtype:
+                embedding = sh.vocab * sh.hidden * c
+                del per_frozen[label]
+                label += ", memory-mapped: its embedding's rows as read"
+                per_frozen[label] = (sh.params() * c - embedding
+                                     + mapped_embedding_bytes(sh, c, cfg.steps * rows * width))
+    visiting, frozen_resident = [], []
     if recipe.placement.offload and device != "cpu" and per_frozen:
         visiting = [add("frozen model visiting from the host (offload)", max(per_frozen.values()))]
     elif per_frozen:
-        resident += [add(f"frozen {label} ({recipe.dtype})", b) for label, b in per_frozen.items()]
+        frozen_resident = [add(f"frozen {label} ({recipe.dtype})", b) for label, b in per_frozen.items()]
+    resident += frozen_resident
     autocast, copies = c < 4 and parallel == "ddp", m.layers * m.layer_linear_params() * c
     phases: dict[str, list[str]] = {}
 
-    sample = [grads] + [add(engine_label, engine)] * (vllm_rollout and asleep)  # vLLM: the KV cache is inside
+    if device == "cuda":  # models are read whole on each rank, then sharded (meta_init: each rank its share)
+        share = " (meta device: this rank's share)" if meta_init else " before sharding"
+        phases["start-up"] = fixed + [add(f"start-up: the student (fp32){share}", 4 * P / (s if meta_init else 1))]
+        if frozen_resident and shards > 1:  # a frozen model loads whole at its first scoring, then shards
+            whole = max(sh.params() for _, sh in frozen.values()) * c
+            phases["frozen model loading"] = (fixed + student[:1] + engine_all + engine_asleep + frozen_resident + [
+                add(f"start-up: the largest frozen model ({recipe.dtype}){share}, beside its shard",
+                    whole / shards if meta_init else whole * (1 - 1 / shards))])
+
+    sample = [grads] + engine_sampling * (vllm_rollout and asleep)  # vLLM: the KV cache is inside
     if recipe.backend.rollout == "paged":  # merge_distill.paged: the engine computes in the weights' float32
         tokens = rows * width if cfg.max_rollout_tokens is None else max(width, min(rows * width,
                                                                                  cfg.max_rollout_tokens))
@@ -202,6 +318,7 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
             sample.append(add(f"{recipe.dtype} autocast copies of the weights", copies) if autocast
                           else add(f"fsdp: every module unsharded ({recipe.dtype})", P * c))
     phases["sample"] = resident + sample
+    resident += engine_asleep  # from here on the engine sleeps: what it keeps outside its pool
 
     share = max(e.weight for e in recipe.experts) / sum(e.weight for e in recipe.experts)
     n = min(rows if vllm_rollout else math.ceil(rows * share), rows_within(cfg.max_tokens_per_micro_batch))
@@ -212,8 +329,10 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
 
     mb = min(cfg.micro_batch_size or rows, rows_within(cfg.max_tokens_per_micro_batch), rows)
     ckpt = cfg.gradient_checkpointing
-    act, head = update_bytes(m, c, mb, width, new, ckpt, chunk)
-    update = [add(f"activations ({_rows(mb, width)}{', checkpointed' if ckpt else ''})", act),
+    stream = c if parallel == "fsdp" else 4  # fsdp computes in the recipe's dtype throughout, autocast does not
+    act, head = update_bytes(m, c, mb, width, new, ckpt, chunk, stream)
+    update = [add(f"activations ({_rows(mb, width)}{', checkpointed' if ckpt else ''}"
+                  f"{f', {recipe.dtype} residual stream' if stream < 4 else ''})", act),
               add("output head: logit chunk and gradient", head)] + [grads] * (mb < rows)
     if device == "cpu":  # glibc's heap keeps freed blocks; with several micro-batches (of other widths, which
         # do not fit the freed blocks) also the previous one's (measured: benchmarks/memory_plan.py)
@@ -229,8 +348,13 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
                                                                 (8 if m.tied else 4) * m.vocab * m.hidden)]
     if parallel == "ddp" and gpus > 1:
         phases["all-reduce"] = resident + [grads, add("all-reduce buffer (flat fp32 gradients)", 4 * P)]
-    if device == "cpu":
+    if device == "cpu" and checkpoints:
         phases["save"] = resident + [grads, add("checkpoint serialisation (safetensors)", 4 * P)]
+    if device == "cuda":  # the caching allocator's fragmentation, over what it allocates at its peak
+        allocated = max(sum(comp[x] for x in names if x not in outside_allocator) for names in phases.values())
+        margin = add(f"caching allocator fragmentation ({FRAGMENTATION:.0%} of its peak; not measured here)",
+                     FRAGMENTATION * allocated)
+        phases = {phase: names + [margin] for phase, names in phases.items()}
 
     result = Plan(device, parallel, gpus, int(gpu_memory_bytes), comp, phases, notes=notes)
     if not here:
@@ -241,6 +365,10 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
                             + (" while it samples; sleep level " f"{recipe.backend.sleep_level} frees it for scoring and "
                                "the update" if asleep else ", in every phase (sleep_level 0)")
                             + ("; too small for the student's weights" if m.params() * c > engine else ""))
+    if device == "cuda":
+        result.notes.append("the CUDA context, NCCL's buffers, vLLM's memory outside its sleep pool and the "
+                            "fragmentation margin are figures from PyTorch's, NCCL's and vLLM's documentation and "
+                            "issues (merge_distill/plan.py), not measured: no GPU has checked them yet")
     if suggest and not result.fits:
         result.suggestions = suggestions(recipe, options, rows, width)
     return result

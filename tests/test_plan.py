@@ -35,8 +35,9 @@ def plan_json(*args) -> dict:
 
 def test_paper_recipe_fits_with_its_own_settings_and_no_weights():
     """design.md section 7's layout, which the shipped recipe now uses (FSDP2, checkpointing, one 16k sequence a
-    micro-batch, frozen models replicated in bf16 in the trainer): ~48 GiB in the update; the vLLM sampler's
-    0.45 x 80 only while it samples (sleep mode), which makes sampling the peak at ~66 GiB.
+    micro-batch, frozen models replicated in bf16 in the trainer): ~51 GiB in the update; the vLLM sampler's
+    0.45 x 80 only while it samples (sleep mode), which makes sampling the peak at ~PEAK GiB with the CUDA
+    context, NCCL's buffers and the allocator's fragmentation margin.
     No checkpoint exists: each missing folder is planned with the shipped config its name starts with."""
     out = cli("recipes/qwen3_4b_math_code.yaml", "--gpus", "8", "--gpu-memory", "80")
     lines = out.strip().splitlines()
@@ -46,9 +47,10 @@ def test_paper_recipe_fits_with_its_own_settings_and_no_weights():
     assert 60 < peak < 72
     phases = plan_json(*PAPER)["phase_bytes"]
     assert max(phases, key=phases.get) == "sample"
-    # without sleep mode the engine's 36 GiB stays through the update too
+    # without sleep mode the engine's 36 GiB stays through the update too, its CUDA graphs (1 GiB outside the
+    # sleep pool while it sleeps) inside them
     awake = plan_json(*PAPER, "--set", "backend.sleep_level=0")["phase_bytes"]
-    assert awake["update"] == phases["update"] + 36 * GiB and awake["sample"] == phases["sample"]
+    assert awake["update"] == phases["update"] + 36 * GiB - GiB and awake["sample"] == phases["sample"]
     assert plan_json(*PAPER)["peak_bytes"] == plan_json("recipes/qwen3_4b_math_code.yaml", "--gpus", "8",
                                                         "--gpu-memory", "80")["peak_bytes"]
 
@@ -58,13 +60,18 @@ def test_paper_recipe_does_not_fit_under_ddp_without_checkpointing():
                      "--set", "parallel=ddp", "--set", "train.gradient_checkpointing=false")
     assert not data["fits"] and data["peak_bytes"] > data["budget_bytes"] == 80 * GiB
     assert data["suggestions"]  # settings that would make it fit
-    # design.md: ~108 GiB of activations for one 16k sequence alone (195,880 B/token/layer x 36 layers)
+    # design.md: ~108 GiB of activations for one 16k sequence alone (195,880 B/token/layer x 36 layers) under
+    # ddp's autocast (a float32 residual stream); fsdp computes in bf16 throughout: 170,280 B/token/layer
+    ddp = plan_json(*DDP)
+    act = next(v for k, v in ddp["components"].items() if k.startswith("activations"))
+    assert 105 * GiB < act < 115 * GiB
     one = plan_json(*PAPER, "--set", "train.gradient_checkpointing=false")
     act = next(v for k, v in one["components"].items() if k.startswith("activations"))
-    assert 105 * GiB < act < 115 * GiB
+    assert 36 * 170_280 * 16_896 < act < 36 * 170_280 * 16_896 + 2 * GiB
     ckpt = plan_json(*PAPER)
     act = next(v for k, v in ckpt["components"].items() if k.startswith("activations"))
-    assert 8.5 * GiB < act < 11 * GiB  # design.md: 9.2 (10,240 B/token/layer + one layer recomputed)
+    # each layer's bf16 input (5,120 B/token/layer) + one layer recomputed; design.md's 9.2 was autocast's float32
+    assert (36 * 5_120 + 170_280) * 16_896 < act < (36 * 5_120 + 170_280) * 16_896 + 1.5 * GiB
 
 
 def test_paper_recipe_components():
@@ -140,12 +147,15 @@ def test_shipped_qwen3_configs():
 # ------------------------------------------------------------------------------------------ activations
 
 
-def _saved_bytes(config, rows: int, width: int, pad: int, dtype) -> int:
-    """Bytes of the tensors autograd saves in a forward (parameters and autocast's weight copies excluded)."""
+def _saved_bytes(config, rows: int, width: int, pad: int, dtype, pure: bool = False) -> int:
+    """Bytes of the tensors autograd saves in a forward (parameters and autocast's weight copies excluded);
+    `pure`: the model itself in dtype, no autocast (fsdp's MixedPrecisionPolicy computes so)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).train()
+    if pure:
+        model, dtype = model.to(dtype), torch.float32  # float32: no autocast below
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     weights = {s for p in model.parameters() if p.dim() == 2 for s in (tuple(p.shape), tuple(p.shape)[::-1])}
     seen = {}
@@ -178,6 +188,26 @@ def test_layer_bytes_match_the_saved_tensors(name, dtype, rows, pad):
     one, two = (_saved_bytes(c, rows, width, pad, dtype) for c in configs)
     c = 4 if dtype == torch.float32 else 2
     assert two - one == rows * width * Shape.from_config(configs[0].to_dict()).layer_bytes(c, width if pad else 0)
+
+
+@pytest.mark.parametrize("name", ["Qwen3Config", "LlamaConfig"])
+@pytest.mark.parametrize("hidden,heads", [(96, 6), (128, 4)])
+@pytest.mark.parametrize("rows,pad", [(1, 0), (2, 5)])
+def test_fsdp_layer_bytes_match_the_saved_tensors_in_bf16(name, hidden, heads, rows, pad):
+    """Under fsdp the whole layer computes in bf16 (no autocast): the residual stream's five saved tensors are
+    2 bytes, not 4 (`plan.layer_bytes` with stream 2), measured on the saved tensors of a bf16 model."""
+    import transformers
+
+    from merge_distill.plan import layer_bytes
+
+    width = 37
+    configs = [getattr(transformers, name)(vocab_size=320, hidden_size=hidden, intermediate_size=160,
+                                           num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=2,
+                                           head_dim=16) for n in (1, 2)]
+    one, two = (_saved_bytes(c, rows, width, pad, torch.bfloat16, pure=True) for c in configs)
+    shape = Shape.from_config(configs[0].to_dict())
+    assert two - one == rows * width * layer_bytes(shape, 2, width if pad else 0, stream=2)
+    assert layer_bytes(shape, 2, 0, stream=2) == shape.layer_bytes(2) - 10 * hidden  # 5 tensors x 2 bytes fewer
 
 
 def test_qwen3_4b_layer_bytes_match_design_md():
@@ -220,7 +250,7 @@ def test_component_arithmetic(tiny):
     assert c["KV cache (4 rows x 128 tokens)"] == 4 * 128 * 3 * 2 * 2 * 16 * 4
     # lam 1.25: the teacher and the student's initial weights as the reference, float32
     assert c["frozen teacher math (float32)"] == c["frozen reference math (student's initial weights) (float32)"] == 4 * P
-    assert set(p.phases) == {"sample", "score", "update", "backward end", "all-reduce"}
+    assert set(p.phases) == {"start-up", "sample", "score", "update", "backward end", "all-reduce"}
     fsdp = plan(load_recipe(path, ["parallel=fsdp"]), gpus=2, gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28)
     assert fsdp.components["AdamW m + v (fp32)"] == 4 * P and "all-reduce" not in fsdp.phases
     shared = plan(load_recipe(path, ["parallel=fsdp", "placement.shard_frozen=true"]), gpus=2, gpu_memory_bytes=GiB,
@@ -239,6 +269,141 @@ def test_component_arithmetic(tiny):
                 device="cuda", prompt_tokens=28)
     a = next(v for k, v in c.items() if k.startswith("activations"))
     assert next(v for k, v in ckpt.components.items() if k.startswith("activations")) < a
+
+
+def _act(p) -> int:
+    return next(v for k, v in p.components.items() if k.startswith("activations"))
+
+
+def test_gpu_components_by_hand(tiny):
+    """The tiny shape on 2 GPUs under fsdp in bf16: every component a GPU run holds beside torch's tensors."""
+    path, shape = tiny
+    P = shape.params()
+    fsdp = ["parallel=fsdp", "dtype=bfloat16"]
+    p = plan(load_recipe(path, fsdp), gpus=2, gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28, meta_init=False)
+    c = p.components
+    context = "CUDA context (per process; not measured here)"
+    nccl = "NCCL buffers (1 communicator: 4 MiB x 32 channels x 2 x 2; not measured here)"
+    assert c[context] == 512 * 2**20  # ~400 MB with lazy loading + cuBLAS handles and kernels
+    assert c[nccl] == 4 * 2**20 * 32 * 2 * 2  # NCCL_BUFFSIZE x channels x ring connections x (Simple, LL128)
+    assert all(context in names and nccl in names for names in p.phases.values())
+    # start-up: the whole fp32 student on each rank before fully_shard (meta_init: its half)
+    assert c["start-up: the student (fp32) before sharding"] == 4 * P
+    assert p.phases["start-up"] == [context, nccl, "start-up: the student (fp32) before sharding",
+                                    next(k for k in c if k.startswith("caching allocator fragmentation"))]
+    meta = plan(load_recipe(path, fsdp), gpus=2, gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28,
+                meta_init=True)
+    assert meta.components["start-up: the student (fp32) (meta device: this rank's share)"] == 4 * P // 2
+    # the run loads on the meta device under fsdp (models.load_sharded): the default plan is that one
+    default = plan(load_recipe(path, fsdp), gpus=2, gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28)
+    assert default.components == meta.components
+    # fragmentation: 10% of the largest phase's allocations (context and NCCL are not the allocator's)
+    margin = next(v for k, v in c.items() if k.startswith("caching allocator fragmentation (10% of its peak"))
+    allocated = max(sum(c[x] for x in names if x not in (context, nccl) and not x.startswith("caching"))
+                    for names in p.phases.values())
+    assert margin == int(0.1 * allocated) and all(any(x.startswith("caching") for x in n) for n in p.phases.values())
+    # one process: no communicator
+    one = plan(load_recipe(path, fsdp), gpus=1, gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28)
+    assert not any(k.startswith("NCCL") for k in one.components) and context in one.components
+    # none of these on the CPU
+    cpu = plan(load_recipe(path, fsdp), gpus=1, gpu_memory_bytes=GiB, device="cpu", prompt_tokens=28)
+    assert not any(k.startswith(("CUDA", "NCCL", "start-up", "caching")) for k in cpu.components)
+
+
+def test_fsdp_bf16_activations_are_bf16_by_hand(tiny):
+    """One 128-token row a micro-batch (2 GPUs, 4 rows each), tiny Qwen3 (hidden 64, 3 layers, intermediate 128,
+    head_dim 16): a layer saves 3,696 B/token under autocast (float32 residual stream) and 3,056 in pure bf16
+    (5 x 64 x 2 bytes fewer); per token besides: final norm 16 x 64, RoPE 8 x 16, 12, the MLP's gradient
+    temporaries 2 x 2 x 128; and the 100 response tokens' hidden states in the stream's bytes."""
+    path, _ = tiny
+    one_row = ["train.micro_batch_size=1", "dtype=bfloat16"]
+    extras = 16 * 64 + 8 * 16 + 12 + 2 * 2 * 128
+    fsdp = plan(load_recipe(path, [*one_row, "parallel=fsdp"]), gpus=2, gpu_memory_bytes=GiB, device="cuda",
+                prompt_tokens=28)
+    assert _act(fsdp) == 128 * (3 * 3_056 + extras) + 100 * 2 * 64 == 1_400_832
+    assert "activations (1 row x 128 tokens, bfloat16 residual stream)" in fsdp.components
+    ddp = plan(load_recipe(path, one_row), gpus=2, gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28)
+    assert _act(ddp) == 128 * (3 * 3_696 + extras) + 100 * 4 * 64  # autocast keeps the stream float32
+    ckpt = plan(load_recipe(path, [*one_row, "parallel=fsdp", "train.gradient_checkpointing=true"]), gpus=2,
+                gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28)
+    assert _act(ckpt) == 128 * (3 * 2 * 64 + 3_056 + extras) + 100 * 2 * 64  # each layer's bf16 input + one layer
+    # float32: no cast anywhere, the same activations in either layout
+    fp32 = [plan(load_recipe(path, ["train.micro_batch_size=1", f"parallel={layout}"]), gpus=2, gpu_memory_bytes=GiB,
+                 device="cuda", prompt_tokens=28) for layout in ("fsdp", "ddp")]
+    assert _act(fp32[0]) == _act(fp32[1]) > _act(ddp)
+
+
+def test_vllm_memory_outside_its_sleep_pool(tiny):
+    """Asleep (levels 1, 2) the engine keeps its CUDA graphs, 1 GiB, outside the pool it frees: counted in every
+    phase but sampling (where gpu_memory_utilization covers them); awake (level 0) the whole share stays."""
+    path, _ = tiny
+    vllm = ["backend.rollout=vllm", "backend.gpu_memory_utilization=0.25"]
+    outside = "vLLM outside its sleep pool: CUDA graphs (not measured here)"
+    p = plan(load_recipe(path, [*vllm, "backend.sleep_level=2"]), gpus=2, gpu_memory_bytes=80 * GiB, device="cuda",
+             prompt_tokens=28)
+    assert p.components[outside] == GiB
+    assert [ph for ph, names in p.phases.items() if outside in names] == ["score", "update", "backward end",
+                                                                          "all-reduce"]
+    assert "vLLM engine: student rollouts (asleep after sampling)" in p.phases["sample"]
+    awake = plan(load_recipe(path, [*vllm, "backend.sleep_level=0"]), gpus=2, gpu_memory_bytes=80 * GiB,
+                 device="cuda", prompt_tokens=28)
+    assert outside not in awake.components
+    assert all("vLLM engine: student rollouts" in names for ph, names in awake.phases.items() if ph != "start-up")
+    # the transformers sampler: no engine at all (not even a component)
+    assert not any(k.startswith("vLLM") for k in plan(load_recipe(path), gpus=2, gpu_memory_bytes=80 * GiB,
+                                                      device="cuda", prompt_tokens=28).components)
+
+
+def test_sharded_frozen_models_load_whole_first(tiny):
+    """placement.shard_frozen, loaded whole on every rank and then sharded (meta_init False): the largest frozen
+    model whole beside its own shard is the transient; built on the meta device (the run's loading): its share."""
+    path, shape = tiny
+    over = ["parallel=fsdp", "placement.shard_frozen=true", "dtype=bfloat16"]
+    p = plan(load_recipe(path, over), gpus=4, gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28, meta_init=False)
+    label = "start-up: the largest frozen model (bfloat16) before sharding, beside its shard"
+    assert p.components[label] == shape.params() * 2 * 3 // 4  # whole (2P bytes) but the quarter resident
+    assert label in p.phases["frozen model loading"]
+    assert p.components["frozen teacher math (bfloat16)"] == shape.params() * 2 // 4
+    meta = plan(load_recipe(path, over), gpus=4, gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28, meta_init=True)
+    assert meta.components[label.replace("before sharding", "(meta device: this rank's share)")] == shape.params() // 2
+    assert "frozen model loading" not in plan(load_recipe(path, over[:1] + over[2:]), gpus=4, gpu_memory_bytes=GiB,
+                                              device="cuda", prompt_tokens=28).phases  # replicated: no transient
+
+
+def test_memory_mapped_embedding_by_hand():
+    """32 MiB of float32 embedding (16,384 x 512) in 512 windows of 64 KiB: 512 random lookups map
+    512 x (1 - (511/512)^512) = 323.8 windows on average; none, nothing; a long run, all of it."""
+    from merge_distill.plan import mapped_embedding_bytes
+
+    shape = Shape("qwen3", 512, 2, 8, 2, 64, 1408, 16_384, tied=False)
+    assert mapped_embedding_bytes(shape, 4, 512) == int(2**25 * (1 - (511 / 512) ** 512)) == 21_222_510
+    assert mapped_embedding_bytes(shape, 4, 0) == 0 and mapped_embedding_bytes(shape, 4, 10**7) == 2**25
+
+
+def test_cpu_frozen_models_in_their_files_dtype_are_memory_mapped(tiny):
+    """On CPU transformers maps a float32 checkpoint for a float32 recipe: an untied frozen model's embedding
+    counts only the rows looked up over the run (steps x rows x tokens); converted (bf16), tied (the head reads
+    it all) or on a GPU (copied), it counts whole."""
+    from merge_distill.plan import mapped_embedding_bytes
+
+    path, _ = tiny
+    for name in ("student", "teacher"):
+        config = json.loads((path.parent / name / "config.json").read_text())
+        config.update(vocab_size=131_072, tie_word_embeddings=False, dtype="float32")
+        (path.parent / name / "config.json").write_text(json.dumps(config))
+    shape = Shape.from_config(config)
+    one = ["train.steps=1", "train.prompts_per_step=2"]
+    p = plan(load_recipe(path, one), gpu_memory_bytes=64 * GiB, device="cpu", prompt_tokens=28)
+    label = "frozen teacher math, memory-mapped: its embedding's rows as read (float32)"
+    embedding = 131_072 * 64 * 4  # 32 MiB: 512 windows; 2 rows x 128 tokens read
+    assert p.components[label] == shape.params() * 4 - embedding + mapped_embedding_bytes(shape, 4, 2 * 128)
+    assert p.components[label] < shape.params() * 4 - embedding // 2
+    assert label in p.phases["score"]
+    bf16 = plan(load_recipe(path, [*one, "dtype=bfloat16"]), gpu_memory_bytes=64 * GiB, device="cpu",
+                prompt_tokens=28)
+    assert bf16.components["frozen teacher math (bfloat16)"] == shape.params() * 2
+    gpu = plan(load_recipe(path, one), gpu_memory_bytes=64 * GiB, device="cuda", prompt_tokens=28)
+    assert gpu.components["frozen teacher math (float32)"] == shape.params() * 4
 
 
 def test_cpu_plan_counts_the_process(tiny):
