@@ -162,7 +162,7 @@ SAMPLING_DEFAULTS = {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_
 # Arguments of vLLM 0.33's `LLM` / `EngineArgs` (vllm/entrypoints/llm.py, vllm/engine/arg_utils.py) the adapter passes.
 ENGINE_ARGS = {"model", "tokenizer", "dtype", "seed", "gpu_memory_utilization", "max_model_len",
                "distributed_executor_backend", "tensor_parallel_size", "enable_sleep_mode", "logprobs_mode",
-               "max_num_seqs", "max_num_batched_tokens", "enforce_eager"}
+               "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "kv_cache_memory_bytes"}
 # What vLLM's external launcher reads (vllm/v1/executor/uniproc_executor.py: ExecutorWithExternalLauncher).
 LAUNCH_KEYS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING"}
 
@@ -605,7 +605,7 @@ def test_trainer_samples_through_the_backend(monkeypatch, launcher_env, tiny_wor
     engines = trainer_engines(monkeypatch)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
                                       max_new_tokens=6, max_rollout_tokens=16),
-                         ["backend.rollout=vllm", "experts.code.reward_scale=1.0"])
+                         ["backend.rollout=vllm", "experts.code.reward_scale=1.0", "backend.check_sync_every=0"])
     train(recipe)
     (llm,) = engines  # the student's sampler, and no engine for a frozen model
     longest = max(len(p.token_ids) for pool in load_prompts(recipe, load_tokenizer(recipe.student)) for p in pool)
@@ -641,7 +641,7 @@ def test_periodic_evaluation_samples_in_its_own_wake(monkeypatch, launcher_env, 
     recipe = yaml.safe_load(path.read_text())
     suite = str(tiny_world / "math_test.jsonl")
     recipe["eval"] = {"suites": [suite], "max_problems": 4, "max_new_tokens": 40}
-    recipe["backend"] = {"rollout": "vllm"}
+    recipe["backend"] = {"rollout": "vllm", "check_sync_every": 0}  # the sync guard's probe: tested on its own
     path.write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(app, ["run", str(path), "--no-eval"])
     assert result.exit_code == 0, result.output
@@ -691,11 +691,49 @@ def test_engine_noise_stays_out_of_the_reward(monkeypatch, launcher_env, tiny_wo
     monkeypatch.setattr(objective, "gopd_advantages", spy)
     monkeypatch.setattr(objective, "policy_gradient_loss", pg_spy)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1, prompts_per_step=4,
-                                      max_new_tokens=6), ["backend.rollout=vllm"])
-    train(recipe)
+                                      max_new_tokens=6), ["backend.rollout=vllm", "backend.check_sync_every=0"])
+    train(recipe)  # (the sync guard would stop this run: the engine's log-probs are off by `noise`)
     (logprobs, engine_lp), = rollouts  # one micro-batch: the trainer's log-probs and the engine's
     mask = engine_lp != 0
     # the engine's log-probs are the trainer's minus the noise; the advantage saw the trainer's
     torch.testing.assert_close(engine_lp[mask], logprobs[mask] - noise, rtol=0, atol=1e-4)
     used = torch.cat([s[s != 0] for s in seen])
     torch.testing.assert_close(torch.sort(used).values, torch.sort(logprobs[mask]).values, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_sync_guard_stops_a_run_whose_engine_kept_stale_weights(monkeypatch, launcher_env, tiny_world, tmp_path,
+                                                                    write_recipe):
+    """`backend.check_sync_every`: after the first update (and every N steps) the engine samples a probe and the
+    trainer scores it. An engine that takes every update (the fake loads exactly the trainer's weights) passes at a
+    gap of float rounding; one whose `sync_weights` does nothing (sleep level 0: nothing else reloads it) stops the
+    run at step 1, in one line."""
+    from merge_distill.recipe import load_recipe
+    from merge_distill.train import train
+
+    trainer_engines(monkeypatch)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
+                                      max_new_tokens=6),
+                         ["backend.rollout=vllm", "backend.sleep_level=0", "backend.check_sync_every=1"])
+    train(recipe)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["sync_gap"] < 1e-5 for r in rows)
+
+    monkeypatch.setattr(vb.VLLMSampler, "sync_weights", lambda self, model: None)
+    stale = recipe.model_copy(update={"output_dir": str(tmp_path / "stale")})
+    with pytest.raises(UserError, match=r"^step 1: the vLLM sampler's log-probs of a probe differ from the trainer's "
+                                        r"by .* a token \(tolerance 0.001 in float32\): its weights are not the "
+                                        r"trainer's \(backend.check_sync_every\)$"):
+        train(stale)
+
+
+def test_check_sync_compares_the_masked_tokens_only():
+    engine = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, 0.0, 0.0]])
+    trainer = torch.tensor([[-1.0, -2.0004, 0.0], [-0.5008, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert vb.check_sync(engine, trainer, mask, dtype="float32", step=3) == pytest.approx(0.0004, abs=1e-6)
+    with pytest.raises(UserError, match=r"^step 3: .* by 0.0401 a token \(tolerance 0.001 in float32\)"):
+        vb.check_sync(engine, trainer + torch.tensor([[0.0, 0.12, 0.0], [0.0, 0.0, 0.0]]), mask, dtype="float32", step=3)
+    assert vb.check_sync(engine, trainer + 0.05, mask, dtype="bfloat16", step=3) < vb.SYNC_TOLERANCE["bfloat16"]
+    with pytest.raises(UserError, match="nan"):
+        vb.check_sync(engine, trainer * float("nan"), mask, dtype="bfloat16", step=3)

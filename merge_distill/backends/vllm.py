@@ -62,6 +62,7 @@ import torch
 
 from merge_distill import distributed
 from merge_distill.errors import UserError
+from merge_distill.models import gguf_folder
 from merge_distill.sampling import Rollouts, left_pad, stop_ids
 
 Tensor = torch.Tensor
@@ -79,6 +80,7 @@ VERSIONS = {
 PLATFORM_ARGS = {"cpu": {"enforce_eager": True}}
 # vLLM's CPU attention kernels take these head sizes only (vllm/v1/attention/backends/cpu_attn.py, 0.32)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+CPU_DEFAULT_ROWS = 64  # the CPU engine's KV cache holds this many full-length rows unless backend.max_num_seqs says
 
 
 def import_vllm():
@@ -103,18 +105,37 @@ def platform() -> tuple[str, bool]:
     return current.device_type, bool(current.is_sleep_mode_available())
 
 
+def _text_config(path: str) -> dict | None:
+    """The model folder's config.json (its text model's, for a multimodal one), or None where there is none."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    return config.get("text_config", config)
+
+
+def _head_size(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
 def check_head_size(path: str, device_type: str) -> None:
     """A one-line UserError for a model vLLM's CPU attention cannot run (it would fail at its first forward, e.g.
     the smoke zoo's models, whose heads have 16 dimensions)."""
-    config_file = Path(path) / "config.json"
-    if device_type != "cpu" or not config_file.is_file():
-        return
-    config = json.loads(config_file.read_text())
-    config = config.get("text_config", config)
-    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    if head not in CPU_HEAD_SIZES:
-        raise UserError(f"model '{path}': head size {head}; vLLM's CPU attention takes "
+    config = _text_config(path) if device_type == "cpu" else None
+    if config is not None and _head_size(config) not in CPU_HEAD_SIZES:
+        raise UserError(f"model '{path}': head size {_head_size(config)}; vLLM's CPU attention takes "
                         f"{', '.join(map(str, CPU_HEAD_SIZES))}")
+
+
+def cpu_kv_cache_bytes(path: str, *, max_model_len: int, rows: int, dtype: str) -> int | None:
+    """The CPU engine's KV cache: `rows` requests of `max_model_len` tokens, keys and values of every layer in
+    `dtype`. vLLM's CPU worker otherwise takes `gpu_memory_utilization` of the host's whole memory less what the
+    process holds (gigabytes, or an error where the process holds more than that share). None without a config."""
+    config = _text_config(path)
+    if config is None:
+        return None
+    per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", config["num_attention_heads"])
+    return rows * max_model_len * per_token * _head_size(config) * getattr(torch, dtype).itemsize
 
 
 # ------------------------------------------------------------------------------ pure helpers (tested)
@@ -188,6 +209,26 @@ def rollouts_from_outputs(prompts: Sequence[Sequence[int]], outputs: Sequence[An
                     truncated=torch.tensor(truncated, dtype=torch.bool))
 
 
+# The most a token's log-prob may differ, on average over a probe's tokens, between the engine and the trainer
+# scoring the same tokens with the same weights, by the engine's dtype (`check_sync`). float32: both exact up to
+# their kernels' rounding (about 1e-5 measured on the CPU, tests/test_vllm_real.py); bfloat16 and float16: the
+# engine's weights and every product rounded, against the trainer's autocast over float32 weights. Weights never
+# loaded or lost (a random or stale model) are off by a nat or more.
+SYNC_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
+
+
+def check_sync(engine: Tensor, trainer: Tensor, mask: Tensor, *, dtype: str, step: int) -> float:
+    """The mean |engine - trainer| log-prob over the masked tokens of a probe the engine sampled; a one-line
+    UserError when it exceeds `SYNC_TOLERANCE[dtype]`: the engine does not hold the trainer's weights."""
+    mask = mask.bool()
+    gap = float((engine.float() - trainer.float()).abs()[mask].mean()) if mask.any() else 0.0
+    if not gap <= SYNC_TOLERANCE[dtype]:  # NaN too
+        raise UserError(f"step {step}: the vLLM sampler's log-probs of a probe differ from the trainer's by {gap:.3g} "
+                        f"a token (tolerance {SYNC_TOLERANCE[dtype]:g} in {dtype}): its weights are not the trainer's "
+                        f"(backend.check_sync_every)")
+    return gap
+
+
 # ------------------------------------------------------------------------------------------ the engine
 
 
@@ -242,7 +283,13 @@ class VLLMSampler:
             os.environ.setdefault(key, value)
         os.environ["VLLM_BATCH_INVARIANT"] = "1" if batch_invariant else "0"  # the recipe's, whatever was exported
         device_type, can_sleep = platform()
+        if Path(path).suffix == ".gguf":  # vLLM takes the model folder the project converts it to once
+            path = str(gguf_folder(path, what="student"))
         check_head_size(path, device_type)
+        if device_type == "cpu" and "kv_cache_memory_bytes" not in llm_kwargs:
+            kv = cpu_kv_cache_bytes(path, max_model_len=max_model_len, dtype=dtype,
+                                    rows=llm_kwargs.get("max_num_seqs") or CPU_DEFAULT_ROWS)
+            llm_kwargs.update({"kv_cache_memory_bytes": kv} if kv else {})
         sleep_level = sleep_level if can_sleep else 0  # no sleep mode (the CPU): the engine stays resident
         self.llm = _engine(**engine_kwargs(path, rank=world.rank, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                            gpu_memory_utilization=gpu_memory_utilization, sleep_level=sleep_level,
