@@ -221,7 +221,7 @@ def check_sync(engine: Tensor, trainer: Tensor, mask: Tensor, *, dtype: str, ste
     """The mean |engine - trainer| log-prob over the masked tokens of a probe the engine sampled; a one-line
     UserError when it exceeds `SYNC_TOLERANCE[dtype]`: the engine does not hold the trainer's weights."""
     mask = mask.bool()
-    gap = float((engine.float() - trainer.float()).abs()[mask].mean()) if mask.any() else 0.0
+    gap = float((engine.detach().float() - trainer.detach().float()).abs()[mask].mean()) if mask.any() else 0.0
     if not gap <= SYNC_TOLERANCE[dtype]:  # NaN too
         raise UserError(f"step {step}: the vLLM sampler's log-probs of a probe differ from the trainer's by {gap:.3g} "
                         f"a token (tolerance {SYNC_TOLERANCE[dtype]:g} in {dtype}): its weights are not the trainer's "
