@@ -389,7 +389,7 @@ def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eva
     finally:
         if log:
             log.close()
-        for g in s.graders.values():
+        for g in (*s.graders.values(), s.sampler):  # (a vLLM sampler shuts its engine down)
             getattr(g, "close", lambda: None)()
     return output_dir / "final"
 

@@ -204,6 +204,8 @@ class FakeLLM:
         self.batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT")  # read as vLLM's worker reads it, at start
         self.weights, self.kv_cache = "valid", True  # weights: valid | offloaded | discarded | garbage
         self.loaded = []  # per reload: [(name, dtype, sum)] of what the engine took
+        # the in-process engine core's client (vllm/v1/engine/core_client.py: InprocClient.shutdown)
+        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=lambda: self._call("shutdown")))
 
     def _call(self, what, **detail):
         self.calls.append((what, detail))
@@ -611,7 +613,7 @@ def test_trainer_samples_through_the_backend(monkeypatch, launcher_env, tiny_wor
     longest = max(len(p.token_ids) for pool in load_prompts(recipe, load_tokenizer(recipe.student)) for p in pool)
     assert llm.kwargs["model"] == recipe.student and llm.kwargs["max_model_len"] == longest + 6
     step = [*WAKE, "generate", "sleep(2)"]
-    assert labels(llm) == ["sleep(2)", *step, *step]
+    assert labels(llm) == ["sleep(2)", *step, *step, "shutdown"]  # shut down after training (it made the group)
     assert [d["rows"] for what, d in llm.calls if what == "generate"] == [4, 4]
     # the first wake loads the initial weights (level 2 discarded the engine's own), the second the updated ones
     base = load_model(tiny_world / "base").state_dict()
@@ -647,7 +649,7 @@ def test_periodic_evaluation_samples_in_its_own_wake(monkeypatch, launcher_env, 
     assert result.exit_code == 0, result.output
     (llm,) = engines
     step = [*WAKE, "generate", "sleep(2)"]
-    assert labels(llm) == ["sleep(2)", *step, *step, *step]  # step 1, evaluation after it, step 2
+    assert labels(llm) == ["sleep(2)", *step, *step, *step, "shutdown"]  # step 1, evaluation after it, step 2
     tokenizer = load_tokenizer(recipe["student"])
     loaded = load_suite(suite)
     longest = max(len(render_prompt(tokenizer, loaded.render_prompt(r), loaded.system_prompt)) for r in loaded.records)

@@ -291,6 +291,8 @@ class VLLMSampler:
                                     rows=llm_kwargs.get("max_num_seqs") or CPU_DEFAULT_ROWS)
             llm_kwargs.update({"kv_cache_memory_bytes": kv} if kv else {})
         sleep_level = sleep_level if can_sleep else 0  # no sleep mode (the CPU): the engine stays resident
+        # alone, vLLM's external launcher initialises torch.distributed itself (a group of one): `close` ends it
+        self._owns_group = not torch.distributed.is_initialized()
         self.llm = _engine(**engine_kwargs(path, rank=world.rank, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                            gpu_memory_utilization=gpu_memory_utilization, sleep_level=sleep_level,
                                            device_type=device_type, **llm_kwargs))
@@ -299,6 +301,13 @@ class VLLMSampler:
         self._depth, self._asleep, self._stale = 0, False, False  # built from `path`: the student's initial weights
         if sleep_level:
             self._sleep()
+
+    def close(self) -> None:
+        """After training: shut the engine down (vLLM's in-process engine core) where it made this process's group,
+        before the trainer leaves it, so that vLLM's own clean-up at exit finds nothing to destroy. Under torchrun
+        the group is the trainer's, which vLLM's shutdown would destroy: there the engine goes at exit."""
+        if self._owns_group:
+            self.llm.llm_engine.engine_core.shutdown()
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """After each update: the engine takes `model`'s weights at its next wake (at once when awake)."""
