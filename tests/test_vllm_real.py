@@ -11,6 +11,11 @@ measured here: about 1e-6 (tiny) and 1e-5 (SmolLM2)."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +156,61 @@ def test_weights_sync_after_an_optimizer_step_and_a_stale_engine_is_caught(tiny)
         _probe_gap(sampler, trainer, tok)  # stale: the update has not reached the engine
     sampler.sync_weights(trainer)
     assert _probe_gap(sampler, trainer, tok) < TOLERANCE
+
+
+# ------------------------------------------------------------------- runs: one process, resumed; two ranks
+
+
+LAUNCH_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # this process's engines' (set)
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    """`merge-distill ARGS` in a process of its own (one process: its engine picks its own port)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_KEYS}
+    env = {**env, "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "merge_distill", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tiny_world, tmp_path_factory, write_recipe):
+    """The tiny student distilled from the tiny world's teachers through vLLM, 3 steps with the sync guard at each:
+    in one process (2 steps, evaluated through the engine after step 1, then resumed to 3), and on two ranks
+    under torchrun (the external launcher on gloo: an engine per rank, each sampling its half of the rows)."""
+    import yaml
+
+    from launch import torchrun
+
+    root = tmp_path_factory.mktemp("vllm_runs")
+    recipe = yaml.safe_load(write_recipe(root / "r.yaml", tiny_world, root / "one", steps=3, prompts_per_step=4,
+                                         max_new_tokens=8, eval_every=1).read_text())
+    recipe["student"] = str(tiny[0])
+    recipe["backend"] = {"rollout": "vllm", "check_sync_every": 1}
+    recipe["eval"] = {"suites": [str(tiny_world / "math_test.jsonl")], "max_problems": 4, "max_new_tokens": 8}
+    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
+    first = _cli(["run", str(root / "r.yaml"), "--no-eval", "--set", "train.steps=2"])
+    resumed = _cli(["run", str(root / "r.yaml"), "--no-eval", "--resume"])
+    two = torchrun("run", str(root / "r.yaml"), "--no-eval", "--set", f"output_dir={root / 'two'}", timeout=300)
+    return root, (first, resumed, two)
+
+
+def test_a_run_trains_through_vllm_resumes_and_two_ranks_sample_what_one_process_does(runs):
+    """Each step's probe passes the sync guard; periodic evaluation samples through the engine; the resumed run
+    continues at step 3; two ranks, each with its own engine, give the same metrics as one process (the rows'
+    seeds are global); no process prints vLLM's exit-time clean-up failing (the sampler closes its engine)."""
+    root, outputs = runs
+    one, two = metrics(root / "one"), metrics(root / "two")
+    assert [r["step"] for r in one] == [1, 2, 3] and [r["step"] for r in two] == [1, 2, 3]
+    assert all(r["sync_gap"] < TOLERANCE for r in one + two)
+    assert [sorted(k for k in r if k.startswith("eval/")) for r in one] == [["eval/math_test"], [], []]
+    for a, b in zip(one, two):
+        for key in ("math/reward", "code/reward", "response_length", "loss"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    assert not any("Traceback" in o.stderr for o in outputs)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

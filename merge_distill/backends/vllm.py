@@ -303,11 +303,18 @@ class VLLMSampler:
             self._sleep()
 
     def close(self) -> None:
-        """After training: shut the engine down (vLLM's in-process engine core) where it made this process's group,
-        before the trainer leaves it, so that vLLM's own clean-up at exit finds nothing to destroy. Under torchrun
-        the group is the trainer's, which vLLM's shutdown would destroy: there the engine goes at exit."""
+        """After training, before the trainer leaves its process group: shut the engine down (vLLM's in-process
+        engine core), so that vLLM's own clean-up at exit finds no group to destroy. Alone, the group is vLLM's and
+        its shutdown ends it. Under torchrun the default group is the trainer's, which vLLM's shutdown would destroy
+        too: there only vLLM's own groups (its model-parallel and world groups, made from the trainer's) are
+        destroyed now, and the engine goes at exit."""
         if self._owns_group:
             self.llm.llm_engine.engine_core.shutdown()
+            return
+        from vllm.distributed import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        parallel_state.get_world_group().destroy()
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """After each update: the engine takes `model`'s weights at its next wake (at once when awake)."""
