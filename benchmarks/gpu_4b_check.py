@@ -251,7 +251,7 @@ def main() -> None:
     if a.warmup_tokens:
         short_first_sampling(a.warmup_tokens)
     # no checkpoints: 12 bytes a parameter (fp32 weights, AdamW's m and v), and the final weights (4 more)
-    train_module.save_checkpoint = train_module.save_final = lambda *args, **kwargs: None
+    train_module.Checkpointer.save = train_module.save_final = lambda *args, **kwargs: None
     first = min(a.warmup_tokens or a.new_tokens, a.new_tokens)
     log(f"training: 2 steps, {a.new_tokens} new tokens (step 1: {first}), longest prompt {longest} tokens")
     train_module.train(recipe, progress=StepPrinter(root / "run" / "metrics.jsonl", a.device))

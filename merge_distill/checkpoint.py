@@ -1,11 +1,21 @@
-"""What a run leaves in its `output_dir`: checkpoints, the manifest and the metrics log.
+"""What a run leaves in its `output_dir`: checkpoints, the final model, the manifest and the metrics log.
 
-- `checkpoints/step-N/`: an HF model folder (safetensors + tokenizer) plus `optimizer.pt` (the full AdamW
-  state, keyed by parameter name) and `trainer_state.pt` (scheduler, data position, skipped-step count),
-  written to a temporary folder and renamed into place, so a kill never leaves a half-written checkpoint.
-  Rank 0 writes the full (gathered) state through `merge_distill.parallel`: a run resumes on any number of
-  ranks and in either layout (ddp or fsdp). `checksums.json` holds the sha256 of every other file: `--resume`
-  takes the newest checkpoint whose files match it, and says which damaged ones it skipped.
+- `checkpoints/step-N/`: a torch.distributed.checkpoint (DCP) folder written by a `Checkpointer`, torchtitan's
+  shape: every `Stateful` registered with it (the student's weights and AdamW state, sharded state dicts keyed by
+  parameter name; the scheduler; the data mixer; trainer counters such as `skipped_steps`) plus the step. Each
+  rank writes its own shards (`__R_0.distcp`) and rank 0 the index (`.metadata`), so no rank gathers the model;
+  loading reshards, so a checkpoint resumes on any number of ranks and in either layout (fsdp on 2 ranks -> one
+  process -> ddp or fsdp again). Written to `.step-N.tmp` and renamed into place by rank 0 once every rank is
+  done, so a kill never leaves a half-written checkpoint; the newest `train.keep_checkpoints` are kept.
+  `checksums.json` holds the sha256 of every file: each rank hashes the shards it wrote, rank 0 gathers them,
+  so no rank reads another's shard. `--resume`: rank 0 takes the newest checkpoint whose files match their
+  checksums (a warning names each damaged file it skipped) and broadcasts its choice, so every rank loads the
+  same one even where the ranks list the folder differently; DCP needs a filesystem every rank sees.
+  Checkpoints of earlier versions (an HF folder with `optimizer.pt`) are refused with one line saying what to do
+  (its weights are an ordinary model folder: start a new run from it).
+- `final/`: the trained student as an HF folder (safetensors, config, generation config, tokenizer) in the
+  recipe's `export_dtype` (default its `dtype`), written atomically by rank 0 from weights gathered one tensor
+  at a time, each cast before it is gathered (`save_final`).
 - `.lock`: held (flock) by the live run, with its pid; a second run in the same `output_dir` is refused.
 - `manifest.json`: what must not change when a run resumes (student, method, teachers, references, lam).
 - `metrics.jsonl` (and TensorBoard logs when installed): one line per step.
@@ -20,92 +30,183 @@ import json
 import os
 import shutil
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.stateful import Stateful
 
 from merge_distill import distributed, parallel
 from merge_distill.parallel import collectives
 from merge_distill.errors import UserError
 from merge_distill.io import atomic_dir, atomic_write_json
 
-TRAINER_STATE = "trainer_state.pt"  # step, scheduler, data position: small, read by every rank
-OPTIMIZER_STATE = "optimizer.pt"  # the full optimizer state by parameter name, read by rank 0
+METADATA = ".metadata"  # DCP's index of every shard, written by rank 0 last
 CHECKSUMS = "checksums.json"  # file name -> sha256 of every other file of the checkpoint
+OLD_FORMAT = "trainer_state.pt"  # in checkpoints of earlier versions (HF folder + optimizer.pt + this)
 
 
 def checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint of a run, oldest first."""
+    """(step, folder) of every checkpoint of a run, oldest first (temporary folders of unfinished saves are not)."""
     root = output_dir / "checkpoints"
     found = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith("step-") and (p / TRAINER_STATE).is_file():
+            if p.name.startswith("step-") and p.is_dir():
                 found.append((int(p.name.removeprefix("step-")), p))
     return sorted(found)
 
 
-def save_checkpoint(s, optimizer, scheduler, step: int) -> Path:
-    """Checkpoint `step` of the run `s` (a `train.Setup`); keeps the newest `train.keep_checkpoints`. Every rank
-    calls this (under fsdp the state is gathered from all of them); rank 0 writes."""
-    out = Path(s.recipe.output_dir) / "checkpoints" / f"step-{step}"
-    optimizer_state = parallel.optimizer_state(s.student, optimizer)
-    with atomic_dir(out) if distributed.is_main() else contextlib.nullcontext() as tmp:
-        parallel.save_student(s.student, tmp)
-        if tmp is not None:
-            s.tokenizer.save_pretrained(tmp)
-            torch.save(optimizer_state, tmp / OPTIMIZER_STATE)
-            torch.save({"step": step, "scheduler": scheduler.state_dict(), "mixer": s.mixer.state_dict(),
-                        "skipped_steps": s.skipped_steps}, tmp / TRAINER_STATE)
-            write_checksums(tmp)
-    if distributed.is_main():
-        for _, old in checkpoint_dirs(Path(s.recipe.output_dir))[: -s.recipe.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    collectives.barrier()
-    return out
+class Attributes(Stateful):
+    """Named attributes of an object (e.g. the trainer's counters) as a `Stateful`."""
+
+    def __init__(self, owner, *names: str):
+        self.owner, self.names = owner, names
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self.owner, name) for name in self.names}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.names:
+            setattr(self.owner, name, state[name])
+
+
+class Checkpointer:
+    """A run's checkpoints: what they hold (the `Stateful`s registered by name), when they are written (every
+    `every` steps and at the last one) and how many are kept (`keep`). New trainer state is one `register`.
+    Every rank calls `save` and `resume` (torch.distributed.checkpoint's collectives)."""
+
+    def __init__(self, output_dir: Path, *, every: int = 0, keep: int = 2):
+        self.root = Path(output_dir) / "checkpoints"
+        self.every, self.keep = every, keep
+        self.states: dict[str, Stateful] = {}
+
+    def register(self, name: str, state: Stateful) -> None:
+        self.states[name] = state
+
+    def step_done(self, step: int, last: int) -> Path | None:
+        """After step `step` (counted from 1) of `last`: a checkpoint when one is due."""
+        if step == last or (self.every and step % self.every == 0):
+            return self.save(step)
+        return None
+
+    def save(self, step: int) -> Path:
+        out, tmp = self.root / f"step-{step}", self.root / f".step-{step}.tmp"
+        main = distributed.is_main()
+        if main:  # a save killed before its rename left this behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        collectives.barrier()
+        metadata = _dcp(dcp.save, {"step": step, **self.states}, tmp)
+        files = {info.relative_path for info in metadata.storage_data.values()}
+        mine = f"__{distributed.world().rank}_"  # DCP's name for the files this rank wrote
+        sums = collectives.gather({name: _sha256(tmp / name) for name in sorted(files) if name.startswith(mine)})
+        if main:
+            digests = {name: digest for part in sums for name, digest in part.items()}
+            missing = files - digests.keys()
+            assert not missing, f"no rank hashed {sorted(missing)}"
+            write_checksums(tmp, {METADATA: _sha256(tmp / METADATA), **digests})
+            shutil.rmtree(out, ignore_errors=True)  # the same step saved again (a run resumed from before it)
+            os.rename(tmp, out)
+            for _, old in checkpoint_dirs(self.root.parent)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        collectives.barrier()
+        return out
+
+    def resume(self) -> int:
+        """Load the newest intact checkpoint into every registered state; its step (0: there is none). Rank 0
+        chooses and every rank loads its choice (resharding to this run's ranks and layout)."""
+        choice = collectives.broadcast(_choose(self.root.parent) if distributed.is_main() else None)
+        if isinstance(choice, str):
+            raise UserError(choice)
+        if choice is None:
+            return 0
+        step, path = choice
+        loaded = {"step": 0, **self.states}
+        _dcp(dcp.load, loaded, Path(path))
+        if loaded["step"] != step:
+            raise UserError(f"{path}: holds step {loaded['step']}, not {step}")
+        return step
+
+
+def write_checksums(folder: Path, digests: dict[str, str]) -> None:
+    atomic_write_json(folder / CHECKSUMS, dict(sorted(digests.items())))
+
+
+def _dcp(fn, state: dict, folder: Path):
+    """`dcp.save` or `dcp.load` of `state` at `folder`, over the ranks or in this process alone (also inside
+    `distributed.local()`, where the group exists but the other ranks are not listening)."""
+    with warnings.catch_warnings():  # alone: "assuming the intent is to save in a single process"
+        warnings.filterwarnings("ignore", message=".*single process")
+        return fn(state, checkpoint_id=folder, no_dist=not distributed.active())
+
+
+def _choose(output_dir: Path) -> tuple[int, Path] | str | None:
+    """Rank 0's choice of checkpoint to resume: (step, folder), None when there is none, or why none can be."""
+    found = checkpoint_dirs(output_dir)
+    if not found:
+        return None
+    old = [path for _, path in found if (path / OLD_FORMAT).is_file() and not (path / METADATA).is_file()]
+    if old:
+        return (f"{old[-1]}: a checkpoint of an earlier merge-distill (HF folder + optimizer.pt), which this version "
+                "cannot resume; resume it with that version, or start a new run from it (student: that folder) in "
+                "a new output_dir")
+    try:
+        return newest_intact(found)
+    except UserError as e:
+        return str(e)
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """A checkpoint's whole state in this process ({name: state dict} and "step"), full tensors on the host: for
+    inspection and conversion (e.g. `export_checkpoint`), not for resuming."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with distributed.local():
+            dcp_to_torch_save(folder, Path(tmp) / "state.pt")
+        return torch.load(Path(tmp) / "state.pt", weights_only=False)
+
+
+def export_checkpoint(folder: Path, base: str | os.PathLike, out: Path) -> None:
+    """The student weights of checkpoint `folder` as an HF folder at `out` (one process), with the config and
+    tokenizer of `base`, the model the run trained."""
+    from merge_distill.models import empty_model, load_tokenizer, save_model
+
+    model = empty_model(base, what="student")
+    model.load_state_dict(read_checkpoint(folder)["model"], assign=True)
+    model.tie_weights()
+    save_model(model, load_tokenizer(base, what="student"), out)
 
 
 def save_final(s, folder: Path) -> None:
-    """The trained student as an HF folder (weights and tokenizer), written atomically by rank 0."""
-    with atomic_dir(folder) if distributed.is_main() else contextlib.nullcontext() as tmp:
-        parallel.save_student(s.student, tmp)
+    """The trained student as an HF folder in the recipe's `export_dtype` (default: its `dtype`), written
+    atomically by rank 0 (every rank calls). Each weight is cast on its rank, then gathered (under fsdp), then
+    kept by rank 0 on the host: no float32 copy of the whole model is ever made besides the shards."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, s.recipe.export_dtype or s.recipe.dtype)
+    main = distributed.is_main()
+    first = {}  # a tied weight (the head of tied embeddings) is kept once
+    tied = {name for name, t in s.student.state_dict(keep_vars=True).items()
+            if first.setdefault(id(t), name) != name}
+    weights = {}
+    for name, tensor in parallel.full_tensors(s.student, dtype=dtype, device=s.device):
+        if main and name not in tied:
+            weights[name] = tensor.to("cpu")
+    with atomic_dir(folder) if main else contextlib.nullcontext() as tmp:
         if tmp is not None:
+            with torch.device("meta"):  # a twin without storage takes the weights, so transformers writes the
+                twin = AutoModelForCausalLM.from_config(s.student.config, dtype=dtype)  # folder as any model's
+            missing = twin.load_state_dict(weights, assign=True, strict=False).missing_keys
+            assert set(missing) <= tied, f"no weights for {sorted(set(missing) - tied)}"
+            twin.tie_weights()
+            twin.generation_config = s.student.generation_config
+            twin.save_pretrained(tmp, safe_serialization=True)
             s.tokenizer.save_pretrained(tmp)
     collectives.barrier()
-
-
-def resume_from(s, optimizer, scheduler) -> int:
-    """Load the newest checkpoint of the run into `s`, the optimizer and the scheduler; its step (0: none).
-
-    The checkpoint may come from any layout and number of ranks: rank 0 reads the weights and optimizer state
-    and `merge_distill.parallel` hands each rank its part."""
-    from merge_distill.models import load_model
-
-    found = checkpoint_dirs(Path(s.recipe.output_dir))
-    if not found:
-        return 0
-    main = distributed.is_main()
-    step, path = collectives.gather(newest_intact(found) if main else None)[0]  # rank 0 checks the files
-    if not (path / OPTIMIZER_STATE).is_file():
-        raise UserError(f"{path}: no {OPTIMIZER_STATE}: written by an older merge-distill, whose checkpoints held "
-                        "the optimizer state by position; resume it with that version, or start a new run")
-    try:
-        state = torch.load(path / TRAINER_STATE, weights_only=False, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 (a file the checksums vouched for: one line, whatever torch raises)
-        raise UserError(f"{path / TRAINER_STATE}: cannot be read ({type(e).__name__}: {e})") from None
-    parallel.load_student(s.student, load_model(path, what="checkpoint").state_dict() if main else None)
-    optimizer_state = torch.load(path / OPTIMIZER_STATE, weights_only=False, map_location="cpu") if main else None
-    parallel.load_optimizer_state(s.student, optimizer, optimizer_state)
-    scheduler.load_state_dict(state["scheduler"])
-    s.mixer.load_state_dict(state["mixer"])
-    s.skipped_steps = state.get("skipped_steps", 0)
-    s.sampler.sync_weights(s.student)
-    return step
-
-
-def write_checksums(folder: Path) -> None:
-    atomic_write_json(folder / CHECKSUMS, {p.name: _sha256(p) for p in sorted(folder.iterdir())
-                                           if p.is_file() and p.name != CHECKSUMS})
 
 
 def damage(folder: Path) -> str | None:

@@ -248,12 +248,13 @@ def eval_cmd(
     sampler: Annotated[str, typer.Option(help="transformers (padded batches) or paged (continuous batching); "
                                               "the same samples from the same seeds")] = "transformers",
 ):
-    """Score models side by side: a table, results.json/.md/.png and per-sample generations (resumable)."""
+    """Score models side by side: a table, results.json/.md/.png and per-sample generations (resumable). Under
+    torchrun each rank samples and grades its share of the problems on its own device; rank 0 writes the files."""
 
     def body():
         from dataclasses import replace
 
-        from merge_distill import closed_form
+        from merge_distill import closed_form, distributed
         from merge_distill.evaluation.report import (
             paired_rows,
             rich_table,
@@ -279,10 +280,15 @@ def eval_cmd(
         suites = [load_suite(s, zoo_dir=where) for s in suite]
         if max_problems:
             suites = [replace(s, records=s.records[:max_problems]) for s in suites]
+        world = distributed.init(device)
+        console.quiet = console.quiet or not world.main
         with progress_bar() as progress:
             result = evaluate(specs, suites, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
                               seed=seed, out_dir=out, progress=progress, device=device, isolation=level,
                               sampler=sampler)
+        distributed.shutdown()
+        if not world.main:
+            return
         pairs = [(a.name, b.name) for i, a in enumerate(specs) for b in specs[i + 1:]]
         per_problem = {}
         for (m, s), est in result.per_problem.items():
@@ -291,7 +297,8 @@ def eval_cmd(
         paired = paired_rows(per_problem, pairs, metrics) if pairs else []
         paths = write_results(result.rows, out, {"paired_differences": [p.to_dict() for p in paired],
                                                  "sandbox_isolation": result.isolation,
-                                                 "samples_per_second": round(result.samples_per_second, 1)})
+                                                 "samples_per_second": round(result.samples_per_second, 1),
+                                                 "sampled_by_rank": result.sampled_by_rank})
         console.print(rich_table(result.rows))
         if result.isolation:
             console.print(isolation_note(result.isolation), highlight=False)

@@ -7,9 +7,9 @@ their *global* rows: rank r samples exactly the responses one process would for 
 token mean over the global batch, so each rank weights its tokens by 1 / (global token count) and the
 gradients are summed across ranks by torch's engines, `DistributedDataParallel` or FSDP2's `fully_shard`, as
 `Recipe.parallel` says (`merge_distill.parallel`); every rank then clips by the same global norm and takes the
-same optimizer step. Rank 0 alone writes metrics, checkpoints (full, gathered state: a run resumes on any
-number of ranks and in either layout) and the final model; the others wait at a barrier. The loop's own
-collectives (counts, flags, metrics) are in `merge_distill.parallel.collectives`.
+same optimizer step. Rank 0 alone writes metrics and the final model; every rank writes its shards of each
+checkpoint (`merge_distill.checkpoint`: a run resumes on any number of ranks and in either layout). The loop's
+own collectives (counts, flags, metrics) are in `merge_distill.parallel.collectives`.
 
 Without the launcher's environment (WORLD_SIZE unset or 1) everything here is a no-op for one process.
 """
@@ -119,7 +119,7 @@ def init(device: str = "cpu") -> World:
 
 
 def shutdown() -> None:
-    """Wait for every rank, then leave the process group (rank 0 may go on alone, e.g. to evaluate)."""
+    """Wait for every rank, then leave the process group (after training and the evaluation every rank takes part in)."""
     if active():
         dist.barrier()
         dist.destroy_process_group()

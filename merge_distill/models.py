@@ -4,6 +4,9 @@ Every model is an ordinary Hugging Face causal LM folder (config + safetensors +
 this project saves `AutoModelForCausalLM.from_pretrained` loads, and what users bring we load the same way.
 A single `.gguf` file is converted once into such a folder (`gguf_folder`: dequantised, kept in the cache)
 and loaded from there.
+
+Under fsdp a model is built on the meta device on every rank, sharded, and filled from rank 0's one copy
+(`load_sharded`): no other rank ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from merge_distill import distributed
 from merge_distill.errors import UserError
 
 # The chat template of the tiny world: Qwen's markers, each one token.
@@ -183,6 +187,62 @@ def load_model(path: str | os.PathLike, *, what: str = "model", dtype: torch.dty
     if not trainable:
         model.requires_grad_(False)
     return model
+
+
+def empty_model(path: str | os.PathLike, *, what: str = "model", dtype: torch.dtype = torch.float32,
+                trainable: bool = False) -> torch.nn.Module:
+    """The model at `path` built from its config on the meta device: its shapes, no storage, nothing read but
+    config.json. Tied weights are one parameter, as in a loaded model."""
+    from transformers import AutoConfig
+
+    check_model_dir(path, what=what)
+    try:
+        config = AutoConfig.from_pretrained(_source(path, what=what))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{what} '{path}': cannot build as a causal LM ({type(e).__name__}: {e})") from e
+    model.tie_weights()
+    model.train(trainable)
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def load_sharded(path: str | os.PathLike, shard, *, what: str = "model", dtype: torch.dtype = torch.float32,
+                 trainable: bool = False, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """`shard(model, what)` of the model at `path` (e.g. `parallel.shard_frozen`), loaded so that only rank 0
+    ever holds it whole (every rank calls). Each rank builds it on the meta device (`empty_model`) and shards it;
+    rank 0 alone reads the files, into host memory; the shards then get storage on `device` and their values from
+    rank 0's copy (`parallel.load_full_weights`: broadcast tensor by tensor, each rank keeping its shard), and the
+    buffers a state dict leaves out (rotary `inv_freq`) are rank 0's too. Rank 0 checks the scorer on its whole
+    copy (`scoring.check_reproduces_logits`), which the meta model cannot run, and every rank takes its verdict."""
+    from merge_distill import parallel
+    from merge_distill.parallel import collectives
+    from merge_distill.scoring import _VERIFIED, _split, check_reproduces_logits
+
+    main = distributed.is_main()
+    whole, verdict, buffers = None, None, {}
+    if main:  # a problem here is every rank's: the others wait for its verdict, then raise it too
+        try:
+            whole = load_model(path, what=what, dtype=dtype, trainable=trainable)
+            backbone, head = _split(whole)
+            if backbone is not None:
+                check_reproduces_logits(whole, backbone, head)
+            buffers = parallel.non_persistent_buffers(whole)
+        except UserError as e:
+            verdict = str(e)
+    verdict, buffers = collectives.broadcast((verdict, buffers) if main else None)
+    if verdict is not None:
+        raise UserError(verdict)
+    model = empty_model(path, what=what, dtype=dtype, trainable=trainable)
+    setattr(model, _VERIFIED, True)
+    wrapped = shard(model, what)
+    parallel.materialize(wrapped, device, buffers, model)
+    parallel.load_full_weights(model, whole.state_dict() if main else None)
+    return wrapped
 
 
 def check_model_dir(path: str | os.PathLike, *, what: str = "model") -> None:

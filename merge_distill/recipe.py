@@ -229,6 +229,9 @@ class Recipe(Strict):
         "float32", description="teachers and references are stored in it and the student computes in it "
                                "(autocast; under fsdp its MixedPrecisionPolicy); the student's weights and "
                                "optimizer stay float32")
+    export_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype of the final model folder (final/); default: `dtype`. Checkpoints keep the float32 "
+                          "weights and optimizer state whatever it is")
     device: str = Field("cpu", description="torch device of the student and frozen models, e.g. cpu, cuda, cuda:1")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp replicates the student on every rank (torch's DistributedDataParallel); "

@@ -12,6 +12,7 @@ from merge_distill.evaluation.runner import (
     ModelSpec,
     evaluate,
     generate_and_grade,
+    longest_request,
     score_rows,
 )
 from merge_distill.recipe import Recipe
@@ -116,12 +117,19 @@ def _paired(recipe: Recipe, result: EvalResult, suites, student: str, matched: s
 
 def evaluate_recipe(recipe: Recipe, students: dict[str, str], out_dir: Path, *, progress=None
                     ) -> tuple[EvalResult, list]:
+    """Every model of the report on the recipe's suites, with the run's rollout engine; under torchrun every rank
+    calls it and evaluates its share (`evaluation.runner.evaluate`)."""
     cfg = recipe.eval
     suites = eval_suites(recipe)
+    b, engine_options = recipe.backend, None
+    if b.rollout == "vllm":  # the training engine's settings (`engines.make_sampler`)
+        engine_options = dict(dtype=recipe.dtype, gpu_memory_utilization=b.gpu_memory_utilization,
+                              max_num_seqs=b.max_num_seqs, max_num_batched_tokens=b.max_num_batched_tokens,
+                              batch_invariant=b.batch_invariant)
     result = evaluate(model_specs(recipe, students, suites), suites, samples=cfg.samples, temperature=cfg.temperature,
                       max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens, seed=cfg.seed,
                       out_dir=out_dir, progress=progress, device=recipe.device, isolation=recipe.isolation,
-                      sampler="paged" if recipe.backend.rollout == "paged" else "transformers")
+                      sampler=recipe.backend.rollout, engine_options=engine_options)
     return result, paired_differences(recipe, result, suites, tuple(students))
 
 
@@ -192,23 +200,23 @@ def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, eva
 
     t0 = time.perf_counter()
     check_isolation([recipe, *variants.values()], evaluate_after=evaluate_after)  # before anything trains
-    world = distributed.init(recipe.device)  # under torchrun: every rank trains, rank 0 alone evaluates
+    world = distributed.init(recipe.device)  # under torchrun every rank trains and evaluates; rank 0 writes
     out = Path(recipe.output_dir)
-    students = {}
+    students, evaluated = {}, None
     with holding(out):  # the whole run, training and evaluation: one live run per output_dir
         for name, r in variants.items():
-            on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.train.eval_every and world.main else None
+            on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.train.eval_every else None
             students[name] = str(train(r, resume=resume, progress=progress, on_eval=on_eval))
             if world.main:
                 training_curves_png(Path(r.output_dir) / "metrics.jsonl", Path(r.output_dir) / "training_curves.png", r)
         timings = {"train_s": time.perf_counter() - t0}
+        if evaluate_after and recipe.eval:
+            result, paired = evaluate_recipe(recipe, students, out / "eval", progress=progress if world.main else None)
+            if world.main:
+                evaluated = (result, paired, write_report(recipe, result, paired, out))
+            timings["eval_s"] = time.perf_counter() - t0 - timings["train_s"]
         distributed.shutdown()
-        if not (world.main and evaluate_after and recipe.eval):
-            return students, None, timings
-        result, paired = evaluate_recipe(recipe, students, out / "eval", progress=progress)
-        paths = write_report(recipe, result, paired, out)
-    timings["eval_s"] = time.perf_counter() - t0 - timings["train_s"]
-    return students, (result, paired, paths), timings
+    return students, evaluated, timings
 
 
 def training_curves_png(metrics_path: Path, out_path: Path, recipe: Recipe) -> None:
@@ -247,14 +255,16 @@ def training_curves_png(metrics_path: Path, out_path: Path, recipe: Recipe) -> N
 def write_report(recipe: Recipe, result: EvalResult, paired: list[PairedDifference], out_dir: Path) -> dict:
     extra = {"paired_differences": [p.to_dict() for p in paired], "sandbox_isolation": result.isolation,
              "reward_scales": {e.name: recipe.scale_of(e) for e in recipe.experts},
-             "eval_samples_per_second": round(result.samples_per_second, 1)}
+             "eval_samples_per_second": round(result.samples_per_second, 1),
+             "eval_sampled_by_rank": result.sampled_by_rank}
     return write_results(result.rows, out_dir, extra, stem="report")
 
 
 
 def periodic_eval(recipe: Recipe, out_dir: Path):
     """A callback for `train`: the live student (through the run's own `Sampler`) on each suite, one sample
-    per problem."""
+    per problem. Under torchrun every rank calls it (inside the trainer's decoding section) and samples its share
+    of the problems; every rank returns the same metrics."""
     from merge_distill.graders import sandbox_level
     from merge_distill.models import load_tokenizer
 
@@ -270,15 +280,11 @@ def periodic_eval(recipe: Recipe, out_dir: Path):
                                         temperature=cfg.temperature, max_new_tokens=max_new_tokens,
                                         seed=cfg.seed, out_dir=out_dir / "evals" / f"step-{step}",
                                         sampler=sampler, tokenizer=tokenizer, isolation=recipe.isolation)
-            metrics[f"eval/{suite.name}"] = score_rows("student", suite, graded, 1, cfg.temperature)[0][0].score
+            metrics[f"eval/{suite.name}"] = score_rows("student", suite, graded.rows, 1, cfg.temperature)[0][0].score
         return metrics
 
-    on_eval.max_tokens = 0  # the longest request's prompt + response tokens: sizes the vLLM sampler (train.setup)
-    if recipe.backend.rollout == "vllm":
-        from merge_distill.data import render_prompt
-
-        on_eval.max_tokens = max_new_tokens + max(len(render_prompt(tokenizer, s.render_prompt(r), s.system_prompt))
-                                                  for s in suites for r in s.records)
+    # the longest request's prompt + response tokens: sizes the vLLM sampler (train.setup)
+    on_eval.max_tokens = longest_request(tokenizer, suites, max_new_tokens) if recipe.backend.rollout == "vllm" else 0
     return on_eval
 
 

@@ -273,7 +273,8 @@ class ModelCache:
 
     With `offload`, models rest on the CPU and visit `device` only while they score (less device memory,
     one host-to-device copy per use); `max_tokens` bounds each scoring forward (`token_budget_chunks`). With
-    `shard(model, what)` (`parallel.shard_frozen`) each model is sharded over the ranks as it loads; every rank
+    `shard(model, what)` (`parallel.shard_frozen`) each model is sharded over the ranks as it loads (built on the
+    meta device, filled from rank 0's copy: `models.load_sharded`); every rank
     must then score with each model the same number of times (an empty batch too): the sharded model's own
     `score(rollouts, temperature, max_tokens)` agrees the passes (`parallel.layout.ModelLogprobs.score`)."""
 
@@ -288,12 +289,13 @@ class ModelCache:
         return str(Path(path).resolve())
 
     def get(self, path: str | os.PathLike, *, what: str = "model") -> torch.nn.Module:
-        from merge_distill.models import load_model
+        from merge_distill.models import load_model, load_sharded
 
         k = self.key(path)
         if k not in self._models:
-            model = load_model(path, what=what, dtype=self.dtype).to("cpu" if self.offload else self.device)
-            self._models[k] = self.shard(model, what) if self.shard else model
+            device = "cpu" if self.offload else self.device
+            self._models[k] = (load_sharded(path, self.shard, what=what, dtype=self.dtype, device=device) if self.shard
+                               else load_model(path, what=what, dtype=self.dtype).to(device))
         return self._models[k]
 
     @contextlib.contextmanager

@@ -19,12 +19,12 @@ import torch
 
 from merge_distill import distributed, parallel
 from merge_distill.parallel import collectives
-from merge_distill.checkpoint import MetricsLog, check_manifest, holding, resume_from, save_checkpoint, save_final
+from merge_distill.checkpoint import Attributes, Checkpointer, MetricsLog, check_manifest, holding, save_final
 from merge_distill.data import DomainMixer, Prompt, load_records, render_prompt, user_message
 from merge_distill.engines import Sampler, Scorer, frozen_sampler, make_sampler, make_scorer
 from merge_distill.errors import TrainingDiverged, UserError
 from merge_distill.methods import Method, method_of
-from merge_distill.models import check_compatible, load_model, load_tokenizer, model_info
+from merge_distill.models import check_compatible, load_model, load_sharded, load_tokenizer, model_info
 from merge_distill.recipe import STUDENT, Recipe
 from merge_distill.sampling import Rollouts, concat_rollouts, eos_token_ids, row_seeds
 from merge_distill.scoring import (
@@ -174,12 +174,7 @@ def setup(recipe: Recipe, *, eval_tokens: int = 0) -> Setup:
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise UserError(f"student '{recipe.student}': its tokenizer needs an eos_token and a pad_token")
     dtype = getattr(torch, recipe.dtype)  # frozen models are stored in it; the student computes in it
-    student = load_model(recipe.student, what="student", dtype=torch.float32, trainable=True).to(recipe.device)
-    if recipe.train.gradient_checkpointing:
-        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.24's name
-            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student, student_logprobs = load_student(recipe)
     pools = load_prompts(recipe, tokenizer)
     mixer = DomainMixer(pools, [e.weight for e in recipe.experts], recipe.train.seed)
     longest = max((len(p.token_ids) for pool in pools for p in pool), default=0)
@@ -192,8 +187,31 @@ def setup(recipe: Recipe, *, eval_tokens: int = 0) -> Setup:
         from merge_distill.graders import get_grader
 
         graders = {i: get_grader(e.grader_name, isolation=recipe.isolation) for i, e in enumerate(recipe.experts)}
-    return Setup(recipe, method_of(recipe), tokenizer, student, parallel.wrap_student(student, recipe),
+    return Setup(recipe, method_of(recipe), tokenizer, student, student_logprobs,
                  make_sampler(recipe, student, max_model_len=max_model_len), frozen, mixer, graders)
+
+
+def load_student(recipe: Recipe) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The student (float32 weights on the recipe's device) and `ModelLogprobs(student)` in the recipe's layout
+    (`parallel.wrap_student`). Under fsdp it is built on the meta device on every rank, sharded, and filled from
+    rank 0's one copy (`models.load_sharded`); its shards live on the host with `placement.offload_optimizer`."""
+
+    def checkpointed(student):
+        if recipe.train.gradient_checkpointing:
+            if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+                student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return student
+
+    if recipe.parallel == "fsdp" and distributed.active():
+        wrapped = load_sharded(recipe.student, lambda m, _: parallel.wrap_student(checkpointed(m), recipe),
+                               what="student", trainable=True,
+                               device="cpu" if recipe.placement.offload_optimizer else recipe.device)
+        return parallel.root_of(wrapped).model, wrapped
+    student = checkpointed(load_model(recipe.student, what="student", dtype=torch.float32, trainable=True)
+                           .to(recipe.device))
+    return student, parallel.wrap_student(student, recipe)
 
 
 # ----------------------------------------------------------------------------------------------- step
@@ -328,7 +346,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
     """Run (or resume) the recipe's training; returns the path of the final checkpoint.
 
     Under `torchrun` every rank calls this: the ranks share each step's prompts (data parallel), and rank 0
-    alone logs, evaluates periodically (`on_eval`) and writes checkpoints (see `merge_distill.distributed`).
+    alone logs (see `merge_distill.distributed`); every rank writes its shards of each checkpoint
+    (`merge_distill.checkpoint`) and evaluates periodically (`on_eval`, each its share of the problems).
     """
     method = method_of(recipe)
     world = distributed.init(recipe.device)
@@ -339,7 +358,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
         frozen = recipe.placement.frozen_device
         placement = recipe.placement.model_copy(update={"frozen_device": frozen and distributed.device_for(frozen)})
         recipe = recipe.model_copy(update={"device": distributed.device_for(recipe.device), "placement": placement})
-        progress, on_eval = (progress, on_eval) if world.main else (None, None)
+        progress = progress if world.main else None
     with holding(recipe.output_dir):  # one live run per output_dir
         return _train(recipe, method, world, resume, progress, on_eval)
 
@@ -358,7 +377,10 @@ def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eva
         torch.set_num_threads(recipe.train.threads)
     s = setup(recipe, eval_tokens=getattr(on_eval, "max_tokens", 0))
     optimizer, scheduler = make_optimizer(s)
-    start = resume_from(s, optimizer, scheduler) if resume else 0
+    checkpoints = checkpointer(s, optimizer, scheduler)
+    start = checkpoints.resume() if resume else 0
+    if start:
+        s.sampler.sync_weights(s.student)
     log = MetricsLog(output_dir, start) if world.main else None
     cfg = recipe.train
     task = progress.add_task(f"train ({method.name})", total=cfg.steps, completed=start) if progress else None
@@ -376,15 +398,13 @@ def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eva
                     f"skipped (train.max_consecutive_skips {cfg.max_consecutive_skips}); the weights are those of step "
                     f"{done - in_a_row}; see {output_dir / 'metrics.jsonl'}, lower train.lr or keep "
                     "train.importance_truncation on")
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # rank 0 evaluates
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # every rank evaluates
                 metrics.update(s.decoding(lambda: on_eval(s.sampler, done) if on_eval else {}))
             if log:
                 log.write(metrics)
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                save_checkpoint(s, optimizer, scheduler, done)
+            checkpoints.step_done(done, cfg.steps)
             if progress:
                 progress.update(task, completed=done, description=describe(recipe, metrics))
-        save_checkpoint(s, optimizer, scheduler, cfg.steps)
         save_final(s, output_dir / "final")
     finally:
         if log:
@@ -392,6 +412,18 @@ def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eva
         for g in (*s.graders.values(), s.sampler):  # (a vLLM sampler shuts its engine down)
             getattr(g, "close", lambda: None)()
     return output_dir / "final"
+
+
+def checkpointer(s: Setup, optimizer, scheduler) -> Checkpointer:
+    """What a checkpoint holds: everything a resumed run needs to continue as if it had not stopped."""
+    checkpoints = Checkpointer(Path(s.recipe.output_dir), every=s.recipe.train.checkpoint_every,
+                               keep=s.recipe.train.keep_checkpoints)
+    checkpoints.register("model", parallel.ModelState(s.student))
+    checkpoints.register("optimizer", parallel.OptimizerState(s.student, optimizer))
+    checkpoints.register("scheduler", scheduler)
+    checkpoints.register("mixer", s.mixer)
+    checkpoints.register("trainer", Attributes(s, "skipped_steps"))
+    return checkpoints
 
 
 def describe(recipe: Recipe, m: dict) -> str:

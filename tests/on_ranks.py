@@ -85,10 +85,10 @@ def offload_step(out: Path) -> None:
         norm = layout.total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05))
         optimizer.step()
         weights = {k: v.full_tensor() for k, v in model.state_dict().items()}
-        moments = state.optimizer_state(wrapped, optimizer).get("state", {})  # whole on rank 0 alone
+        moments = state.OptimizerState(wrapped, optimizer).state_dict()["state"]  # each rank's shards, by name
         results[offload] = {"norm": float(norm), "device": str(next(model.parameters()).device),
                             "weights": {k: v.tolist() for k, v in weights.items()},
-                            "exp_avg": {k: v["exp_avg"].tolist() for k, v in moments.items()}}
+                            "exp_avg": {k: v["exp_avg"].full_tensor().tolist() for k, v in moments.items()}}
     if world.main:
         (out / "result.json").write_text(json.dumps({"plain": results[False], "offload": results[True]}))
     distributed.shutdown()

@@ -21,8 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
+from merge_distill.checkpoint import checkpoint_dirs, newest_intact, read_checkpoint
 from merge_distill.distributed import reduce_metrics, shard
+from merge_distill.errors import UserError
 from merge_distill.recipe import load_recipe
 from merge_distill.train import train
 from launch import torchrun
@@ -30,6 +33,10 @@ from launch import torchrun
 LR = 3e-3
 STEPS = dict(steps=4, prompts_per_step=10, max_new_tokens=16, micro_batch_size=3, checkpoint_every=2,
              keep_checkpoints=4, lr=LR)
+ON_RANKS = str(Path(__file__).with_name("checkpoint_ranks.py"))  # programs run on the ranks by some tests
+# the fsdp run's settings (a resumed run repeats them): the student and the frozen models sharded, and a gathered
+# decoding section after every step (`eval_every`, no evaluation), which must leave every parameter sharded
+FSDP_SETS = ("--set", "parallel=fsdp", "--set", "placement.shard_frozen=true", "--set", "train.eval_every=1")
 
 
 def assert_same_training(initial: Path, expected: Path, got: Path) -> None:
@@ -71,13 +78,10 @@ def test_two_ranks_train_the_weights_of_one_process(runs, tiny_world):
 
 def test_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_world, write_recipe):
     """Cut the two-rank run back to its step-2 checkpoint, then finish it in one process."""
-    cut = runs / "cut"
-    shutil.copytree(runs / "two", cut)
-    shutil.rmtree(cut / "final")
-    shutil.rmtree(cut / "checkpoints" / "step-4")
-    train(load_recipe(write_recipe(runs / "cut.yaml", tiny_world, cut, **STEPS)), resume=True)
-    assert_same_training(tiny_world / "base", runs / "one" / "final", cut / "final")
-    assert [m["step"] for m in metrics(cut)] == [1, 2, 3, 4]
+    out = cut(runs / "two", runs / "cut")
+    train(load_recipe(write_recipe(runs / "cut.yaml", tiny_world, out, **STEPS)), resume=True)
+    assert_same_training(tiny_world / "base", runs / "one" / "final", out / "final")
+    assert resumed(out)  # a run that started over in one process would be the one-process run exactly
 
 
 # ------------------------------------------------------------------------------------------------ fsdp
@@ -89,8 +93,7 @@ def fsdp_run(runs, tiny_world, write_recipe):
     references too (`placement.shard_frozen`). `eval_every` adds a gathered decoding section after every step
     (empty here: no evaluation), which must leave every parameter sharded for the checkpoint that follows."""
     path = write_recipe(runs / "fsdp.yaml", tiny_world, runs / "fsdp", **STEPS)
-    torchrun("run", str(path), "--no-eval", "--set", "parallel=fsdp", "--set", "placement.shard_frozen=true",
-             "--set", "train.eval_every=1")
+    torchrun("run", str(path), "--no-eval", *FSDP_SETS)
     return runs / "fsdp"
 
 
@@ -101,26 +104,159 @@ def test_fsdp_two_ranks_train_the_weights_of_one_process(runs, fsdp_run, tiny_wo
     for a, b in zip(metrics(runs / "one"), metrics(fsdp_run), strict=True):
         for key in ("loss", "grad_norm", "math/reward", "code/reverse_kl_teacher", "response_length"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    # the checkpoint holds full weights and the full optimizer state, by parameter name
-    state = torch.load(fsdp_run / "checkpoints" / "step-2" / "optimizer.pt", weights_only=False)
-    one = torch.load(runs / "one" / "checkpoints" / "step-2" / "optimizer.pt", weights_only=False)
-    assert state["state"].keys() == one["state"].keys() and "model.embed_tokens.weight" in state["state"]
-    for name, moments in one["state"].items():
-        assert state["state"][name]["exp_avg_sq"].shape == moments["exp_avg_sq"].shape, name
+    # each rank wrote its own half of every weight and moment (DCP's index lists two chunks, rows 0-47 and 48-95
+    # of a [96, 32] projection, not one gathered whole); together they hold the whole optimizer state, by name
+    folder = fsdp_run / "checkpoints" / "step-2"
+    assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    index = FileSystemReader(folder).read_metadata().state_dict_metadata
+    for key in ("model.model.layers.0.mlp.up_proj.weight", "optimizer.state.model.layers.0.mlp.up_proj.weight.exp_avg"):
+        chunks = [(list(c.offsets), list(c.sizes)) for c in index[key].chunks]
+        assert chunks == [([0, 0], [48, 32]), ([48, 0], [48, 32])], key
+    state = read_checkpoint(fsdp_run / "checkpoints" / "step-2")["optimizer"]["state"]
+    one = read_checkpoint(runs / "one" / "checkpoints" / "step-2")["optimizer"]["state"]
+    assert state.keys() == one.keys() and "model.embed_tokens.weight" in state
+    for name, moments in one.items():
+        assert state[name]["exp_avg_sq"].shape == moments["exp_avg_sq"].shape, name
 
 
 def cut(run: Path, to: Path) -> Path:
-    """A copy of `run` as if it had been killed right after its step-2 checkpoint."""
+    """A copy of `run` as if it had been killed right after its step-2 checkpoint. Its logged steps are marked
+    (`"cut": true`), so that `resumed` tells a run that resumed (it keeps steps 1-2) from one that started over."""
     shutil.copytree(run, to)
     shutil.rmtree(to / "final")
     shutil.rmtree(to / "checkpoints" / "step-4")
+    (to / "metrics.jsonl").write_text("".join(json.dumps({**m, "cut": True}) + "\n" for m in metrics(run)))
     return to
 
 
-def test_fsdp_checkpoint_resumes_in_one_process(runs, fsdp_run, tiny_world, write_recipe):
-    out = cut(fsdp_run, runs / "fsdp-cut")
-    train(load_recipe(write_recipe(runs / "fsdp-cut.yaml", tiny_world, out, **STEPS)), resume=True)
-    assert_same_training(tiny_world / "base", runs / "one" / "final", out / "final")
+def resumed(run: Path) -> bool:
+    """`run` (a `cut` copy, then resumed) went on from its step-2 checkpoint: steps 1-2 logged before the cut,
+    3-4 after."""
+    return [(m["step"], m.get("cut", False)) for m in metrics(run)] == [(1, True), (2, True), (3, False), (4, False)]
+
+
+def same_weights(a: Path, b: Path) -> None:
+    """Bit for bit: the two final exports (float32, the recipe's dtype) hold equal tensors."""
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert x.keys() == y.keys()
+    assert [k for k in x if not torch.equal(x[k], y[k])] == []
+
+
+@pytest.mark.slow
+def test_fsdp_run_resumed_on_two_ranks_is_bit_identical(fsdp_run, runs, tiny_world, write_recipe):
+    """Uninterrupted: `fsdp_run`, steps 1-4 in one launch on 2 fsdp ranks (its step-2 checkpoint written, never
+    read). Interrupted: the same run cut back to its step-2 checkpoint (as if killed after writing it), then
+    resumed in a second 2-rank launch for steps 3-4. Same shards, same data position, same row seeds: the final
+    weights and the logged steps 3-4 are the same bits."""
+    out = cut(fsdp_run, runs / "fsdp-cut-2")
+    torchrun("run", str(write_recipe(runs / "fsdp-cut-2.yaml", tiny_world, out, **STEPS)), "--no-eval", "--resume",
+             *FSDP_SETS)
+    same_weights(fsdp_run / "final", out / "final")
+    assert resumed(out)
+    untimed = lambda run: [{k: v for k, v in m.items() if not k.startswith("time/") and k != "cut"}  # noqa: E731
+                           for m in metrics(run)]
+    assert untimed(out) == untimed(fsdp_run)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_reshards_to_one_process_and_back(fsdp_run, runs, tiny_world, write_recipe):
+    """The 2-rank fsdp checkpoint of step 2 (each rank wrote half of every tensor):
+
+    1. loaded in one process, the student's weights and AdamW state (both moments, the step count), the mixer and
+       the counters are the bits the two ranks saved (their full gather, by DCP's own `dcp_to_torch_save`);
+    2. resaved by that process, it is a one-process checkpoint of the same state (one shard file), and the two
+       finish the same: resumed in one process, the 2-rank checkpoint and the 1-process one give the same bits,
+       and within the module docstring's tolerance of the uninterrupted one-process run;
+    3. and back: the 1-process checkpoint resumed on 2 fsdp ranks finishes bit-identical to the uninterrupted
+       2-rank run (`fsdp_run`, see `test_fsdp_run_resumed_on_two_ranks_is_bit_identical`)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from merge_distill.train import checkpointer, make_optimizer, setup
+
+    saved = read_checkpoint(fsdp_run / "checkpoints" / "step-2")
+    one = cut(fsdp_run, runs / "fsdp-to-one")
+    resaved = cut(fsdp_run, runs / "fsdp-resaved")
+    s = setup(load_recipe(write_recipe(runs / "resaved.yaml", tiny_world, resaved, **STEPS)))
+    optimizer, scheduler = make_optimizer(s)
+    ckpt = checkpointer(s, optimizer, scheduler)
+    assert ckpt.resume() == 2
+    weights = s.student.state_dict()
+    assert [k for k, v in saved["model"].items() if not torch.equal(weights[k], v)] == []
+    moments = get_optimizer_state_dict(s.student, optimizer)["state"]
+    assert moments.keys() == saved["optimizer"]["state"].keys()
+    for name, state in saved["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(moments[name][key], state[key]), (name, key)
+    assert s.mixer.state_dict() == saved["mixer"] and scheduler.state_dict()["last_epoch"] == 2
+    ckpt.save(2)  # over the 2-rank files: now written by one process
+    assert sorted(p.name for p in (resaved / "checkpoints" / "step-2").glob("*.distcp")) == ["__0_0.distcp"]
+    back = runs / "one-to-fsdp"
+    shutil.copytree(resaved, back)
+
+    for out in (one, resaved):
+        train(load_recipe(write_recipe(runs / f"{out.name}.yaml", tiny_world, out, **STEPS)), resume=True)
+    assert resumed(one) and resumed(resaved)
+    same_weights(one / "final", resaved / "final")
+    assert_same_training(tiny_world / "base", runs / "one" / "final", one / "final")
+
+    torchrun("run", str(write_recipe(runs / "back.yaml", tiny_world, back, **STEPS)), "--no-eval", "--resume",
+             *FSDP_SETS)
+    assert resumed(back)
+    same_weights(fsdp_run / "final", back / "final")
+
+
+def test_a_damaged_shard_of_a_two_rank_checkpoint_falls_back(fsdp_run, tmp_path, capsys):
+    """One byte of rank 1's shard of the newest checkpoint flipped: rank 0, which decides, takes the one before
+    and names the file; with every checkpoint damaged, one line."""
+    run = tmp_path / "run"
+    shutil.copytree(fsdp_run / "checkpoints", run / "checkpoints")
+    shard = run / "checkpoints" / "step-4" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    found = checkpoint_dirs(run)
+    assert newest_intact(found) == found[0]
+    assert "skipped damaged step-4 (__1_0.distcp does not match its checksum)" in capsys.readouterr().err
+    (run / "checkpoints" / "step-2" / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(UserError, match=r"^no intact checkpoint in .*: step-4 \(__1_0.distcp does not match its "
+                                        r"checksum\); step-2 \(__0_0.distcp does not match its checksum\)$"):
+        newest_intact(found)
+
+
+@pytest.mark.slow
+def test_rank_0_chooses_the_checkpoint_every_rank_resumes(fsdp_run, tmp_path, tiny_world, write_recipe):
+    """Rank 1 lists only step-2 (its view of the folder lags behind step-4's rename): it still resumes at step
+    4, rank 0's choice, instead of loading another checkpoint than rank 0 (or waiting for a collective rank 0
+    never sends)."""
+    run = tmp_path / "run"
+    shutil.copytree(fsdp_run / "checkpoints", run / "checkpoints")
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, run, **STEPS),
+                         ["parallel=fsdp", "placement.shard_frozen=true"])
+    (tmp_path / "fsdp.yaml").write_text(json.dumps(recipe.model_dump(mode="json", exclude_defaults=True)))
+    torchrun("choice", str(tmp_path / "fsdp.yaml"), str(tmp_path), timeout=120, script=ON_RANKS)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [{"step": 4, "scheduler": 4}] * 2
+
+
+@pytest.mark.slow
+def test_fsdp_models_load_on_meta_and_receive_rank_0s_weights(tiny_world, tmp_path, write_recipe):
+    """`setup` of an fsdp recipe with the frozen models sharded (tests/checkpoint_ranks.py on 2 ranks): rank 0 alone
+    reads the student and the teacher from disk; rank 1 builds them on the meta device and holds only its half of
+    the student; on both ranks the gathered weights are the files', the head stays tied to the embeddings, and the
+    rotary `inv_freq` (a buffer no state dict carries) is the one transformers computes, not to_empty's garbage."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
+    recipe = load_recipe(recipe, ["parallel=fsdp", "placement.shard_frozen=true"])
+    (tmp_path / "fsdp.yaml").write_text(json.dumps(recipe.model_dump(mode="json", exclude_defaults=True)))
+    teacher = tiny_world / "math_teacher"
+    torchrun("loading", str(tmp_path / "fsdp.yaml"), str(teacher), str(tmp_path), timeout=120, script=ON_RANKS)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["read_whole"] == ["base", "math_teacher"] and rank1["read_whole"] == []
+    inv_freq = AutoModelForCausalLM.from_pretrained(tiny_world / "base").model.rotary_emb.inv_freq.tolist()
+    for report in (rank0, rank1):
+        assert report["held"] * 2 == report["whole"]
+        assert report["student_matches_file"] and report["teacher_matches_file"] and report["tied"]
+        assert report["inv_freq"] == inv_freq and report["meta_left"] == []
 
 
 def test_ddp_checkpoint_resumes_under_fsdp(runs, tiny_world, write_recipe):
@@ -128,7 +264,7 @@ def test_ddp_checkpoint_resumes_under_fsdp(runs, tiny_world, write_recipe):
     torchrun("run", str(write_recipe(runs / "ddp-to-fsdp.yaml", tiny_world, out, **STEPS)), "--no-eval",
              "--resume", "--set", "parallel=fsdp")
     assert_same_training(tiny_world / "base", runs / "one" / "final", out / "final")
-    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    assert resumed(out)
 
 
 def length_switch_model(tok, marker: str = "~"):

@@ -108,7 +108,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path, write_reci
     train(load_recipe(full))
 
     proc = _run_cli("run", str(cut), "--no-eval")
-    ckpt = tmp_path / "cut" / "checkpoints" / "step-2" / "trainer_state.pt"
+    ckpt = tmp_path / "cut" / "checkpoints" / "step-2" / "checksums.json"  # there once renamed into place
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)

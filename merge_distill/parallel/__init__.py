@@ -1,7 +1,8 @@
 """How the student (and optionally the frozen models) is laid out over the ranks (`Recipe.parallel`), the
 collectives the loop itself sends, and how the student's state leaves and re-enters its layout. torchtitan's
 shape: `layout` (wrapping and sharding, FSDP decoding, agreed passes), `collectives` (the one place a loop
-collective is sent), `state` (whole tensors and full state dicts out of any layout).
+collective is sent), `state` (whole tensors out of any layout, sharded state dicts as checkpoints' `Stateful`s,
+full weights broadcast into a model built on the meta device).
 
 The trainer sees one module, `ModelLogprobs(student)`: its forward is the whole loss-side computation
 (backbone and fused output head), so a wrapper's hooks see all of it, and its `decode(fn)` runs the rollouts.
@@ -43,13 +44,14 @@ from merge_distill.parallel.layout import (
     wrap_student,
 )
 from merge_distill.parallel.state import (
+    ModelState,
+    OptimizerState,
     full_tensors,
-    load_optimizer_state,
-    load_student,
-    optimizer_state,
-    save_student,
+    load_full_weights,
+    materialize,
+    non_persistent_buffers,
 )
 
-__all__ = ["ModelLogprobs", "agreed_chunks", "decoder_layers", "decoding", "full_tensors", "gradient_scale",
-           "is_sharded", "load_optimizer_state", "load_student", "logprobs_in_passes", "optimizer_state", "root_of",
-           "save_student", "shard_frozen", "sharded", "total_norm", "wrap_student"]
+__all__ = ["ModelLogprobs", "ModelState", "OptimizerState", "agreed_chunks", "decoder_layers", "decoding",
+           "full_tensors", "gradient_scale", "is_sharded", "load_full_weights", "logprobs_in_passes", "materialize",
+           "non_persistent_buffers", "root_of", "shard_frozen", "sharded", "total_norm", "wrap_student"]

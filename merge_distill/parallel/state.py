@@ -1,10 +1,15 @@
-"""The student's state leaving and re-entering its layout: whole tensors streamed to a rollout engine, and the full
-(unsharded) weights and optimizer state that checkpoints hold, gathered and restored through
-`torch.distributed.checkpoint.state_dict`."""
+"""The student's state leaving and re-entering its layout, through `torch.distributed.checkpoint.state_dict`:
+
+- `full_tensors`: whole tensors, one at a time, streamed to a rollout engine or the final export.
+- `ModelState`, `OptimizerState`: torch.distributed.checkpoint's `Stateful` protocol over the model's and the
+  optimizer's *sharded* state dicts (each rank its own shards; parameters by name), as torchtitan's
+  `ModelWrapper` and `OptimizersContainer`: what `merge_distill.checkpoint.Checkpointer` saves and loads, so no
+  rank ever holds more than its share, and a checkpoint written by one layout loads into another (DCP reshards).
+- `materialize` and `load_full_weights`: a model built on the meta device and sharded is given storage, then
+  its weights from rank 0's one full copy (`broadcast_from_rank0`: each rank keeps its shard of each tensor).
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -14,10 +19,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.stateful import Stateful
 
 from merge_distill import distributed
-from merge_distill.parallel.layout import is_sharded
-
 
 
 def full_tensors(model: torch.nn.Module, *, dtype: torch.dtype | None = None, device=None):
@@ -34,45 +38,54 @@ def full_tensors(model: torch.nn.Module, *, dtype: torch.dtype | None = None, de
         yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+class ModelState(Stateful):
+    """The model's weights by parameter name, each rank's shards (DTensors under fsdp, whole tensors otherwise)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.model, state)
 
 
-def save_student(student: torch.nn.Module, folder: Path | None) -> None:
-    """The student's weights as an HF folder at `folder` (rank 0 passes it, the others None; every rank calls:
-    under fsdp the shards are gathered, to rank 0's host memory)."""
-    if not is_sharded(student):
-        if folder is not None:
-            student.save_pretrained(folder, safe_serialization=True)
-        return
-    state = get_model_state_dict(student, options=FULL)
-    if folder is None:
-        return
-    from transformers import AutoModelForCausalLM
+class OptimizerState(Stateful):
+    """The optimizer's state keyed by parameter name (not position), each rank's shards of its moments."""
 
-    with torch.device("meta"):  # a twin without storage takes the gathered tensors, so transformers writes
-        twin = AutoModelForCausalLM.from_config(student.config)  # the folder exactly as it writes any model
-    twin.load_state_dict(state, assign=True)
-    twin.tie_weights()
-    twin.generation_config = student.generation_config
-    twin.save_pretrained(folder, safe_serialization=True)
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state)
 
 
-def load_student(student: torch.nn.Module, state: dict | None) -> None:
-    """Load full weights (rank 0's `state`; the others pass None) into the student in whatever layout it is."""
-    _set(set_model_state_dict, student, state)
+def non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state dict leaves out (e.g. rotary embeddings' `inv_freq`): computed when a model is built,
+    so a model built on the meta device has none and must receive them (`materialize`)."""
+    return {f"{name}.{b}" if name else b: getattr(module, b) for name, module in model.named_modules()
+            for b in module._non_persistent_buffers_set if getattr(module, b, None) is not None}
 
 
-def optimizer_state(student: torch.nn.Module, optimizer) -> dict:
-    """The optimizer's full state keyed by parameter name (every rank calls; rank 0's copy is complete)."""
-    return get_optimizer_state_dict(student, optimizer, options=FULL)
+def materialize(wrapped: torch.nn.Module, device, buffers: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Give a model built on the meta device (and sharded: `wrapped` is the outermost module, so FSDP re-registers
+    every shard) uninitialised storage on `device`, and `model`'s non-persistent buffers their values. Its weights
+    come next (`load_full_weights` or a checkpoint); tied weights stay one tensor."""
+    wrapped.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            module, _, attr = name.rpartition(".")
+            owner = model.get_submodule(module)
+            setattr(owner, attr, value.to(device=device, dtype=getattr(owner, attr).dtype))
 
 
-def load_optimizer_state(student: torch.nn.Module, optimizer, state: dict | None) -> None:
-    """Load `optimizer_state`'s output (rank 0's; the others pass None) into any layout's optimizer."""
-    _set(set_optimizer_state_dict, student, state, optimizer)
-
-
-def _set(setter, student, state, *optimizer) -> None:
+def load_full_weights(model: torch.nn.Module, state: dict | None) -> None:
+    """Load full weights (rank 0's `state`; the others pass None) into the model in whatever layout it is: under
+    several ranks rank 0's tensors are broadcast, each rank keeping its shard."""
     several = distributed.active()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=several)
-    setter(student, *optimizer, (state or {}) if several and not distributed.is_main() else state, options=options)
+    set_model_state_dict(model, (state or {}) if several and not distributed.is_main() else state, options=options)

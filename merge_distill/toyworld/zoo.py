@@ -195,7 +195,7 @@ class Zoo:
         save_model(model, tokenizer, self.path(name))
 
     def _expert(self, domain: str, base: str) -> None:
-        from merge_distill.checkpoint import CHECKSUMS, OPTIMIZER_STATE, TRAINER_STATE, checkpoint_dirs
+        from merge_distill.checkpoint import checkpoint_dirs, export_checkpoint
         from merge_distill.recipe import Expert, Recipe, Train
         from merge_distill.train import train
 
@@ -216,9 +216,7 @@ class Zoo:
         final = train(recipe, progress=self.progress)
         for step, folder in checkpoint_dirs(run_dir):
             if step < p.grpo_steps:
-                with atomic_dir(self.path(f"{name}@{step}")) as tmp:
-                    shutil.copytree(folder, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
-                        TRAINER_STATE, OPTIMIZER_STATE, CHECKSUMS))
+                export_checkpoint(folder, self.path(base), self.path(f"{name}@{step}"))
         with atomic_dir(self.path(name)) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
         shutil.copy(run_dir / "metrics.jsonl", self.path(name) / "grpo_metrics.jsonl")
