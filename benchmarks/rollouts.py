@@ -30,6 +30,18 @@ the call, fragmentation included: the padded sampler's per-step `cat` of a growi
 logits, can grow the heap far beyond its live tensors. The line above the table gives the KV each one holds.
 Repetitions alternate the samplers and the vocabularies in one run. The last line is `ratio: X`: paged
 over padded in tokens/s at the largest vocabulary, the median over repetitions.
+
+A real model instead, with a vLLM column (`--model`; vLLM from the vLLM environment, `scripts/setup.sh --vllm`):
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python benchmarks/rollouts.py --model SmolLM2.gguf --vllm \
+        --rows 16 --max-new 64 --threads 2
+
+Each engine samples the same `rows` prompts (short questions, raw text) through the run's `Sampler` protocol at
+T=1, up to `--max-new` tokens, ended by the model's own EOS ids: padded, paged (where transformers has its engine:
+not 5.19, the vLLM environment's; run the main environment for it), and with `--vllm` the vLLM sampler
+(its CPU build's kernels, on `--threads` cores: VLLM_CPU_OMP_THREADS_BIND, which also sets the process's torch
+threads). The responses differ between engines (each its own draws), so tokens/s counts each call's own tokens.
+The last line gives each engine over padded, the median over repetitions.
 """
 
 from __future__ import annotations
@@ -80,7 +92,12 @@ def main() -> None:
                                                                   "row at --max-new)")
     p.add_argument("--page-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="a model folder or .gguf: real responses ended by its EOS ids, "
+                                                 "instead of random models with forced lengths")
+    p.add_argument("--vllm", action="store_true", help="with --model: add the vLLM sampler")
     a = p.parse_args()
+    if a.model:
+        return real_model(a)
 
     import torch
 
@@ -186,6 +203,63 @@ def main() -> None:
     top = max(vocabs)
     ratios = [pg / pd for pg, pd in zip(results[(top, "paged")], results[(top, "padded")])]
     print(f"ratio: {statistics.median(ratios):.2f}")
+
+
+def real_model(a) -> None:
+    """`--model`: each engine behind the `Sampler` protocol on one real model, its own EOS, tokens/s per call."""
+    import os
+
+    if a.vllm:  # vLLM binds its OpenMP threads (and the process's torch threads) to these cores
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{a.threads - 1}" if a.threads > 1 else "0")
+    import torch
+
+    from merge_distill.engines import PagedSampler, TransformersSampler
+    from merge_distill.errors import UserError
+    from merge_distill.models import gguf_folder, load_model, load_tokenizer
+    from merge_distill.sampling import eos_token_ids, row_seeds
+
+    torch.set_num_threads(a.threads)
+    folder = gguf_folder(a.model) if a.model.endswith(".gguf") else Path(a.model)
+    model = load_model(folder, dtype=getattr(torch, a.dtype)).to(a.device).eval()
+    tokenizer = load_tokenizer(folder)
+    texts = [f"Question {i}: what is {7 * i + 3} plus {11 * i + 5}? Explain your answer." for i in range(a.rows)]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    seeds = row_seeds(a.seed, a.rows)
+    kw = dict(max_new_tokens=a.max_new, temperature=1.0, eos_token_id=eos_token_ids(tokenizer, model),
+              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    engines = {"padded": TransformersSampler(model)}
+    try:
+        engines["paged"] = PagedSampler(model)
+    except UserError as e:  # transformers before 5.24 (the vLLM environment's 5.19)
+        print(f"no paged column: {e}")
+    if a.vllm:
+        from merge_distill.backends.vllm import VLLMSampler
+
+        engines["vllm"] = VLLMSampler(str(folder), model, max_model_len=max(map(len, prompts)) + a.max_new,
+                                      device=a.device, dtype=a.dtype, seed=a.seed)
+    print(f"{a.model}: {a.rows} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} tokens, up to "
+          f"{a.max_new} new at T=1; {a.device}, {a.dtype}, {torch.get_num_threads()} torch threads")
+
+    def call(sampler, rows=a.rows):
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            r = sampler.sample(prompts[:rows], seeds=seeds[:rows], **kw)
+            return int(r.lengths.sum()), time.perf_counter() - t0
+
+    for sampler in engines.values():  # warm-up: first-call costs of each engine
+        call(sampler, 2)
+    print(f"{'rep':>4} {'sampler':>8} {'tokens':>7} {'seconds':>9} {'tokens/s':>10}")
+    results: dict[str, list[float]] = {}
+    for rep in range(a.reps):
+        names = list(engines) if rep % 2 == 0 else list(engines)[::-1]
+        for name in names:
+            tokens, seconds = call(engines[name])
+            results.setdefault(name, []).append(tokens / seconds)
+            print(f"{rep:>4} {name:>8} {tokens:>7} {seconds:>9.2f} {tokens / seconds:>10,.1f}", flush=True)
+    print("tokens/s (median): " + ", ".join(f"{n} {statistics.median(v):,.1f}" for n, v in results.items()))
+    print("ratio over padded: " + ", ".join(
+        f"{n} {statistics.median([x / p for x, p in zip(v, results['padded'])]):.2f}" for n, v in results.items()
+        if n != "padded"))
 
 
 if __name__ == "__main__":

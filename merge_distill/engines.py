@@ -92,10 +92,12 @@ class PagedSampler(TransformersSampler):
         try:
             from merge_distill.paged import PagedConfig
         except ImportError as e:  # the engine's API as of transformers 5.24
+            import transformers
+
             from merge_distill.errors import UserError
 
-            raise UserError(f"the paged sampler needs transformers' continuous batching as in transformers 5.24 "
-                            f"({type(e).__name__}: {e})") from None
+            raise UserError(f"backend.rollout paged needs transformers' continuous batching as in transformers 5.24; "
+                            f"this is transformers {transformers.__version__} ({e})") from None
         self.model, self.trainer_logprobs = model, trainer_logprobs
         self.config = config or PagedConfig(max_cache_tokens=max_cache_tokens)
 

@@ -60,6 +60,25 @@ from transformers.generation.logits_process import LogitsProcessorList
 
 from merge_distill.sampling import Rollouts, draw, left_pad, row_uniforms, stop_ids
 
+
+def _engine_internals_missing() -> str | None:
+    """What of the engine's private API this module drives (transformers 5.24's) this transformers lacks, or None.
+    Checked at import: `engines.PagedSampler` then refuses `backend.rollout: paged` in one line."""
+    import inspect
+
+    from transformers.generation.continuous_batching import ContinuousBatchingManager
+
+    loop = getattr(ContinuousBatchingManager, "_run_generation_loop", None)
+    if loop is None or "use_inference_mode" not in inspect.signature(loop).parameters:
+        return "ContinuousBatchingManager._run_generation_loop(use_inference_mode)"
+    if not hasattr(ContinuousBatchingManager, "_create_batch_processor"):
+        return "ContinuousBatchingManager._create_batch_processor"
+    return None
+
+
+if missing := _engine_internals_missing():
+    raise ImportError(f"transformers has no {missing}")
+
 Tensor = torch.Tensor
 
 DEFAULT_PAGE_SIZE = 64  # tokens per page. Short rows waste less of their last page than at the engine's 256

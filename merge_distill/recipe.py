@@ -178,6 +178,10 @@ class Backend(Strict):
                            "engine is built): a row's tokens then do not depend on the rows sharing its batch, at the "
                            "cost of slower kernels process-wide (docs/scale_out.md). Off: the per-row seed fixes a "
                            "row's draws, the logits they are drawn from vary with the batch in the last bits")
+    check_sync_every: Annotated[int, Field(ge=0)] = Field(
+        10, description="every this many steps (and after the first), an engine with its own copy of the weights "
+                        "(vLLM) samples a probe after the update and the trainer scores it: log-probs that differ "
+                        "beyond the dtype's tolerance (stale or lost weights) stop the run. 0: never")
     sleep_level: Literal[0, 1, 2] = Field(
         2, description="the vLLM sampler between rollouts (vLLM's sleep mode, as TRL and verl colocate it): 2 frees "
                        "its weights and KV cache (it reloads the trainer's weights at each wake); 1 frees the KV "

@@ -275,6 +275,9 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     s.skipped_steps += skipped
     _sync(s)
     t3 = time.perf_counter()
+    gap = check_engine_weights(s, step)
+    if gap is not None:
+        metrics["sync_gap"] = gap
 
     ratio = torch.cat(ratios) if ratios else torch.ones(1)
     lengths = rollouts.lengths
@@ -299,6 +302,21 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
         metrics["memory/gpu_peak_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30  # allocator reserved
         metrics["memory/gpu_reserved_peak_gib"] = torch.cuda.max_memory_reserved(s.device) / 2**30
     return distributed.reduce_metrics(collectives.gather((metrics, weights)))
+
+
+def check_engine_weights(s: Setup, step: int) -> float | None:
+    """After the first update and every `backend.check_sync_every` steps, for an engine with its own copy of the
+    weights (vLLM): it samples a fixed probe (the first prompt of the first pool) and the trainer scores those
+    tokens; log-probs further apart than the dtype's tolerance stop the run (`backends.vllm.check_sync`). Their
+    mean gap, or None when not checked."""
+    every = s.recipe.backend.check_sync_every
+    if s.sampler.trainer_logprobs or not every or (step and (step + 1) % every):
+        return None
+    from merge_distill.backends.vllm import check_sync
+
+    probe = s.sample_student([s.mixer.pools[0][0]], [s.recipe.train.seed])
+    return check_sync(probe.sampler_logprobs, s.old_logprobs(probe), probe.response_mask, dtype=s.recipe.dtype,
+                      step=step + 1)
 
 
 def make_optimizer(s: Setup):
@@ -391,7 +409,7 @@ def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eva
     finally:
         if log:
             log.close()
-        for g in s.graders.values():
+        for g in (*s.graders.values(), s.sampler):  # (a vLLM sampler shuts its engine down)
             getattr(g, "close", lambda: None)()
     return output_dir / "final"
 

