@@ -28,7 +28,7 @@ def test_the_group_has_a_host_backend_beside_the_accelerators():
 def test_rehearsed_group_refuses_host_tensors_where_nccl_would_and_takes_them_with_gloo_beside(tmp_path):
     """The rehearsal is faithful: on this CPU, a group keyed `cuda:` alone fails a host all-reduce with NCCL's own
     error, and the run's group (built by `distributed.init` as on CUDA) carries every loop collective."""
-    torchrun("group_rehearsal", str(tmp_path), script=ON_RANKS, timeout=120)
+    torchrun("group_rehearsal", str(tmp_path), script=ON_RANKS, timeout=300)
     got = json.loads((tmp_path / "result.json").read_text())
     assert got["backend"] == "cpu:gloo,cuda:gloo"  # cuda:nccl, with gloo standing in
     assert "No backend type associated with device type cpu" in got["accelerator_only_error"]
@@ -71,7 +71,7 @@ def test_fsdp_bf16_scores_every_token_of_rows_past_256_like_one_process_fp32(tmp
     """2 fsdp ranks computing in bf16 score rows of 257-300 tokens: each row's length is counted exactly, its EOS
     (the last token) is scored, nothing after it is, and the log-probs are one fp32 process's within bf16
     rounding. Cast to bf16, a float mask of 257 ones sums to 256 (EOS unscored) and 259 to 260 (a pad scored)."""
-    torchrun("bf16_long_rows", str(tmp_path), script=ON_RANKS, timeout=180)
+    torchrun("bf16_long_rows", str(tmp_path), script=ON_RANKS, timeout=300)
     parts = json.loads((tmp_path / "result.json").read_text())
     rows = [r for part in parts for r in part["rows"]]
     assert sorted(rows) == list(range(len(LONG_LENGTHS))) and len(parts) == 2 and all(p["rows"] for p in parts)
@@ -95,7 +95,7 @@ def test_fsdp_with_shards_on_the_host_takes_the_step_of_shards_beside_the_comput
     """`placement.offload_optimizer`: host shards, host gradients, AdamW on the host. Clipping reduces the norm over
     the ranks' host shards (over the group's host backend, which a group of NCCL alone lacks) and the optimizer
     state gathers from the host: one step equals the same step without offload."""
-    torchrun("offload_step", str(tmp_path), script=ON_RANKS, timeout=180)
+    torchrun("offload_step", str(tmp_path), script=ON_RANKS, timeout=300)
     got = json.loads((tmp_path / "result.json").read_text())
     plain, offload = got["plain"], got["offload"]
     assert offload["device"] == "cpu" and plain["norm"] > 0.05, plain["norm"]  # clipped
