@@ -69,7 +69,7 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     from merge_distill.recipe import Recipe
-    from merge_distill.scoring import ModelCache
+    from merge_distill.frozen import ModelCache
     from merge_distill.train import make_optimizer, setup, train_step
 
     d = build(Path(a.dir), max(1000, a.batch * (a.steps + 2)))

@@ -25,7 +25,7 @@ from merge_distill.sampling import LogitsSource, Rollouts, sample
 
 if TYPE_CHECKING:
     from merge_distill.recipe import Recipe
-    from merge_distill.scoring import ModelCache
+    from merge_distill.frozen import ModelCache
 
 Tensor = torch.Tensor
 

@@ -128,7 +128,7 @@ def model_shapes(recipe, assume: str | None = None,
     for i, e in enumerate(recipe.experts):
         for role, path in method_of(recipe).frozen_models(recipe, e).items():
             where = recipe.student if path == STUDENT else path
-            key = str(Path(where).resolve())  # as `scoring.ModelCache`: a checkpoint shared by experts loads once
+            key = str(Path(where).resolve())  # as `frozen.ModelCache`: a checkpoint shared by experts loads once
             if key not in frozen:
                 label = f"{role} {e.name}" + (" (student's initial weights)" if path == STUDENT else "")
                 frozen[key] = (label, student if where == recipe.student else

@@ -18,20 +18,17 @@ from pathlib import Path
 import torch
 
 from merge_distill import distributed, parallel
-from merge_distill.parallel import collectives
 from merge_distill.checkpoint import Attributes, Checkpointer, MetricsLog, check_manifest, holding, save_final
 from merge_distill.data import DomainMixer, Prompt, load_records, render_prompt, user_message
 from merge_distill.engines import Sampler, Scorer, frozen_sampler, make_sampler, make_scorer
 from merge_distill.errors import TrainingDiverged, UserError
+from merge_distill.frozen import ModelCache
 from merge_distill.methods import Method, method_of
 from merge_distill.models import check_compatible, load_model, load_sharded, load_tokenizer, model_info
+from merge_distill.parallel import collectives
 from merge_distill.recipe import STUDENT, Recipe
 from merge_distill.sampling import Rollouts, concat_rollouts, eos_token_ids, row_seeds
-from merge_distill.scoring import (
-    ModelCache,
-    row_lengths,
-    token_budget_chunks,
-)
+from merge_distill.scoring import row_lengths, token_budget_chunks
 
 
 @dataclass

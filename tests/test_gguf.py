@@ -15,7 +15,7 @@ from merge_distill.cli import app
 from merge_distill.engines import TransformersSampler
 from merge_distill.errors import UserError
 from merge_distill.models import load_model, load_tokenizer, model_info
-from merge_distill.scoring import ModelCache
+from merge_distill.frozen import ModelCache
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 PROMPTS = ["Write a Python function that returns the sum of a list of numbers.",

@@ -9,7 +9,8 @@ from merge_distill import objective
 from merge_distill.errors import UserError
 from merge_distill.methods import TrainingMethod, available_methods, method_of, register_method
 from merge_distill.recipe import load_recipe
-from merge_distill.scoring import ModelCache, response_logprobs
+from merge_distill.frozen import ModelCache
+from merge_distill.scoring import response_logprobs
 from merge_distill.train import train
 
 

@@ -58,7 +58,7 @@ def test_reverse_kl_to_each_teacher_falls_on_its_domain(tiny_world, tmp_path, wr
 
 
 def test_only_a_domains_teacher_scores_its_prompts(tiny_world, tmp_path, monkeypatch, write_recipe):
-    from merge_distill.scoring import ModelCache
+    from merge_distill.frozen import ModelCache
 
     seen = []
     original = ModelCache.score

@@ -21,7 +21,7 @@ from merge_distill.data import render_prompt
 from merge_distill.errors import TrainingDiverged
 from merge_distill.models import load_model, load_tokenizer
 from merge_distill.recipe import load_recipe
-from merge_distill.scoring import ModelCache
+from merge_distill.frozen import ModelCache
 from merge_distill.train import train
 
 LAM = {"math": 1.25, "code": 1.5}

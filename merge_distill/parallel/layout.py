@@ -65,7 +65,7 @@ class ModelLogprobs(torch.nn.Module):
 
     def score(self, rollouts: Rollouts, temperature: float, max_tokens: int | None) -> Tensor:
         """`[B, L]` log-probs of a frozen model's responses in agreed passes (`logprobs_in_passes`): the scorer of a
-        frozen model sharded over the ranks (`shard_frozen`, `scoring.ModelCache`)."""
+        frozen model sharded over the ranks (`shard_frozen`, `frozen.ModelCache`)."""
         return logprobs_in_passes(self, rollouts, temperature, max_tokens)
 
 
