@@ -99,7 +99,7 @@ def fsdp_run(runs, tiny_world, write_recipe):
 
 def test_fsdp_two_ranks_train_the_weights_of_one_process(runs, fsdp_run, tiny_world):
     """Sharded weights, gradients reduce-scattered, AdamW on shards: the same training as one process (the
-    tolerance of the module docstring; measured 5.7e-5 of the update on the smoke zoo)."""
+    tolerance of the module docstring; measured 6.2e-4 of the update on the smoke zoo, docs/distributed.md)."""
     assert_same_training(tiny_world / "base", runs / "one" / "final", fsdp_run / "final")
     for a, b in zip(metrics(runs / "one"), metrics(fsdp_run), strict=True):
         for key in ("loss", "grad_norm", "math/reward", "code/reverse_kl_teacher", "response_length"):

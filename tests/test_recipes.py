@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from merge_distill.errors import UserError
+from merge_distill.toyworld.zoo import PRESETS, Zoo
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -80,8 +83,6 @@ def test_smoke_recipe_end_to_end(tmp_path, isolation):
 
 @pytest.mark.slow
 def test_zoo_is_deterministic(tmp_path):
-    from merge_distill.toyworld.zoo import Zoo
-
     a = Zoo("smoke", 3, str(tmp_path / "a"), log=lambda *_: None).ensure(["base"])
     b = Zoo("smoke", 3, str(tmp_path / "b"), log=lambda *_: None).ensure(["base"])
     assert (a / "data" / "math_test.jsonl").read_text() == (b / "data" / "math_test.jsonl").read_text()
@@ -135,3 +136,23 @@ def test_large_expert_keeps_its_rl_checkpoints_as_members(tmp_path, monkeypatch)
     assert not (z.path("large_math_expert@2") / "trainer_state.pt").exists()
     with pytest.raises(UserError, match="no member 'large_math_expert@7'.*large_math_expert@1, large_math_expert@2"):
         z.ensure(["large_math_expert@7"])
+
+
+def test_a_zoo_built_by_another_version_of_its_preset_is_refused_in_one_line(tmp_path):
+    """The smoke preset's heads changed (2 of 16 dimensions -> 1 of 32, for vLLM's CPU attention): a folder built by
+    the old one is not reused silently, whatever members it has; a record that predates a key is not compared."""
+    from dataclasses import asdict
+
+    old = json.loads(json.dumps(asdict(PRESETS["smoke"])))
+    old["size"]["heads"] = 2
+    del old["check_rate"]  # a key this record predates
+    (tmp_path / "zoo.json").write_text(json.dumps({"preset": "smoke", "seed": 0, "config": old, "stages": {}}))
+    with pytest.raises(UserError, match=r"^zoo 'smoke' in .* was built by another version of the preset \(size: "
+                                        r"\{'hidden': 32, 'layers': 1, 'heads': 2\} then, \{'hidden': 32, 'layers': 1, "
+                                        r"'heads': 1\} now\); remove that folder") as e:
+        Zoo("smoke", 0, str(tmp_path), log=lambda *_: None).ensure(["data"])
+    assert "\n" not in str(e.value) and not (tmp_path / "data").exists()
+    old["size"]["heads"] = 1
+    (tmp_path / "zoo.json").write_text(json.dumps({"preset": "smoke", "seed": 0, "config": old, "stages": {}}))
+    Zoo("smoke", 0, str(tmp_path), log=lambda *_: None).ensure(["data"])  # the same configuration: built on
+    assert (tmp_path / "data" / "math_train.jsonl").is_file()

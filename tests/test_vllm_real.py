@@ -3,7 +3,7 @@ process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, the external launcher). Runs in the
 (`scripts/test.sh --vllm`); skipped where vllm is not installed.
 
 Models: a tiny Qwen3 over the byte tokenizer with 32-dimension heads (vLLM's CPU attention takes no smaller; the tiny
-world's and the smoke zoo's models have 16 and are refused in one line), and SmolLM2-135M-Instruct, its GGUF
+world's models have 16 and are refused in one line), and SmolLM2-135M-Instruct, its GGUF
 converted to a model folder once (`models.gguf_folder`), both in float32. `TOLERANCE` is the most a token's log-prob
 may differ between the engine and the trainer's scorer (`scoring.response_logprobs`) on the same tokens and weights
 (the mean gap measured on tiny students: about 3e-7; the largest, on either model, is under it)."""
@@ -129,7 +129,7 @@ def test_max_model_len_bounds_prompt_and_response(tiny):
 
 
 def test_the_engine_refuses_what_cpu_attention_cannot_run(tiny_world):
-    """The tiny world's (and the smoke zoo's) models have 16-dimension heads: refused before vLLM starts."""
+    """The tiny world's models have 16-dimension heads: refused before vLLM starts."""
     from merge_distill.models import load_model
 
     with pytest.raises(UserError, match=r"head size 16; vLLM's CPU attention takes 32, 64"):

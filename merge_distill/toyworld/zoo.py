@@ -69,8 +69,8 @@ PRESETS: dict[str, ZooPreset] = {
     # to emit marks, as many as its 34-token budget allows; extrapolation can push past it (answers cut off)
     "hack": ZooPreset(domains=("math",), misconception=0.5, random_error=0.5, check_rate=0.5, check_gain=0.3,
                       max_new_tokens={"math": 34}),
-    # seconds, for tests and install checks
-    "smoke": ZooPreset(n_train=600, n_test=64, size=ModelSize(hidden=32, layers=1, heads=2), pretrain_steps=60,
+    # seconds, for tests and install checks; one head of 32 dimensions, the smallest vLLM's CPU attention runs
+    "smoke": ZooPreset(n_train=600, n_test=64, size=ModelSize(hidden=32, layers=1, heads=1), pretrain_steps=60,
                        pretrain_batch=32, pretrain_lr=5e-3, grpo_steps=3, grpo_prompts=8, grpo_rollouts=4,
                        grpo_lr=1e-4, large_size=ModelSize(hidden=48, layers=1, heads=2),
                        small_size=ModelSize(hidden=16, layers=1, heads=2),
@@ -102,10 +102,27 @@ class Zoo:
         return self.dir / member
 
     def ensure(self, members: list[str] | None = None) -> Path:
-        """Build whatever the named members need (default: data, base and every domain expert)."""
+        """Build whatever the named members need (default: data, base and every domain expert), in a folder whose
+        members were built by this preset (`check_built_by_preset`)."""
+        self.check_built_by_preset()
         for m in self._wanted(members):
             self._build(m)
         return self.dir
+
+    def check_built_by_preset(self) -> None:
+        """A one-line error where the folder's zoo.json records another configuration of this preset (one changed
+        since the folder was built, e.g. the smoke zoo's heads): its members would silently mix with new ones.
+        Keys the record predates are not compared."""
+        info = self.dir / "zoo.json"
+        if not info.is_file():
+            return
+        built = json.loads(info.read_text()).get("config", {})
+        now = json.loads(json.dumps(asdict(self.preset)))
+        changed = [k for k in now if k in built and built[k] != now[k]]
+        if changed:
+            raise UserError(f"zoo '{self.name}' in {self.dir} was built by another version of the preset ("
+                            + ", ".join(f"{k}: {built[k]} then, {now[k]} now" for k in changed)
+                            + "); remove that folder to rebuild it, or set zoo.dir to another")
 
     def _wanted(self, members: list[str] | None) -> list[str]:
         return [m.split("/")[0] for m in members or ["data", "base", *[f"{d}_expert" for d in self.preset.domains]]]
