@@ -17,6 +17,7 @@ Without the launcher's environment (WORLD_SIZE unset or 1) everything here is a 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -121,8 +122,9 @@ def init(device: str = "cpu") -> World:
 def shutdown() -> None:
     """Wait for every rank, then leave the process group (after training and the evaluation every rank takes part in)."""
     if active():
-        dist.barrier()
-        dist.destroy_process_group()
+        gc.collect()  # sharded modules left in reference cycles go before the group they hold: destroying the group
+        dist.barrier()  # under a live FSDP module once aborted a rank at exit ("terminate called without an
+        dist.destroy_process_group()  # active exception")
 
 
 @contextlib.contextmanager

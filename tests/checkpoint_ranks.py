@@ -57,7 +57,6 @@ def loading(recipe_path: str, teacher: str, out: str) -> None:
                       if t.is_meta or getattr(t, "to_local", lambda: t)().is_meta],
     }
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
-    distributed.shutdown()
 
 
 def choice(recipe_path: str, out: str) -> None:
@@ -74,8 +73,8 @@ def choice(recipe_path: str, out: str) -> None:
     optimizer, scheduler = make_optimizer(s)
     step = checkpointer(s, optimizer, scheduler).resume()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({"step": step, "scheduler": scheduler.last_epoch}))
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
     {"loading": loading, "choice": choice}[sys.argv[1]](*sys.argv[2:])
+    distributed.shutdown()  # after the program's models are gone (see tests/on_ranks.py)

@@ -61,7 +61,6 @@ def bf16_long_rows(out: Path) -> None:
                                 "lengths": mine.lengths.tolist()})
     if world.main:
         (out / "result.json").write_text(json.dumps(parts))
-    distributed.shutdown()
 
 
 def offload_step(out: Path) -> None:
@@ -91,7 +90,6 @@ def offload_step(out: Path) -> None:
                             "exp_avg": {k: v["exp_avg"].full_tensor().tolist() for k, v in moments.items()}}
     if world.main:
         (out / "result.json").write_text(json.dumps({"plain": results[False], "offload": results[True]}))
-    distributed.shutdown()
 
 
 def group_rehearsal(out: Path) -> None:
@@ -116,8 +114,8 @@ def group_rehearsal(out: Path) -> None:
     collectives.barrier()
     if world.main:
         (out / "result.json").write_text(json.dumps(result))
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
     {"bf16_long_rows": bf16_long_rows, "group_rehearsal": group_rehearsal, "offload_step": offload_step}[sys.argv[1]](Path(sys.argv[2]))
+    distributed.shutdown()  # after the program's sharded modules are gone (distributed.shutdown collects them)
