@@ -108,6 +108,21 @@ def _write_recipe(path: Path, world: Path, output_dir: Path, **train) -> Path:
     return path
 
 
+@pytest.fixture
+def sampled_rows(monkeypatch) -> list[int]:
+    """The rows of each call of the padded sampler (`TransformersSampler.sample`) from here on, which still samples."""
+    from merge_distill.engines import TransformersSampler
+
+    calls, real_sample = [], TransformersSampler.sample
+
+    def counting(self, prompts, **kw):
+        calls.append(len(prompts))
+        return real_sample(self, prompts, **kw)
+
+    monkeypatch.setattr(TransformersSampler, "sample", counting)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def isolation() -> str:
     """The isolation level a test that grades code opts in to: bubblewrap where it works (what a user gets by

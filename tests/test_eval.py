@@ -41,25 +41,16 @@ def test_two_models_on_two_suites(tiny_world, tmp_path, isolation):
 
 
 @pytest.mark.slow
-def test_interrupted_eval_resumes_without_regenerating(tiny_world, tmp_path, monkeypatch, isolation):
-    from merge_distill.engines import TransformersSampler
-
+def test_interrupted_eval_resumes_without_regenerating(tiny_world, tmp_path, sampled_rows, isolation):
     out = tmp_path / "ev"
     assert runner.invoke(app, _eval_args(tiny_world, out, "--isolation", isolation)).exit_code == 0
     gen = out / "generations" / "base__math_test.jsonl"
     lines = gen.read_text().splitlines()
     # a kill mid-write: 10 finished samples and half a line
     gen.write_text("\n".join(lines[:10]) + "\n" + lines[10][: len(lines[10]) // 2])
-    generated = []
-    real_sample = TransformersSampler.sample
-
-    def counting(self, prompts, **kw):
-        generated.append(len(prompts))
-        return real_sample(self, prompts, **kw)
-
-    monkeypatch.setattr(TransformersSampler, "sample", counting)
+    sampled_rows.clear()
     assert runner.invoke(app, _eval_args(tiny_world, out, "--isolation", isolation)).exit_code == 0
-    assert generated == [14]  # only the missing samples of the one cut file, nothing else
+    assert sampled_rows == [14]  # only the missing samples of the one cut file, nothing else
     resumed = [json.loads(l) for l in gen.read_text().splitlines() if l.strip().endswith("}")]
     assert [json.dumps(r) for r in resumed[:10]] == [json.dumps(json.loads(l)) for l in lines[:10]]
     assert sorted((r["task_id"], r["sample"]) for r in resumed) == sorted(

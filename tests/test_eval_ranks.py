@@ -129,10 +129,9 @@ def test_eval_command_on_two_ranks_writes_the_results_of_one_process(tiny_world,
     assert (a["sampled_by_rank"], b["sampled_by_rank"]) == ([per_pair * PROBLEMS], [per_pair * 4, per_pair * 3])
 
 
-def test_an_evaluation_cut_on_two_ranks_resumes_in_one_process(tiny_world, tmp_path, monkeypatch):
+def test_an_evaluation_cut_on_two_ranks_resumes_in_one_process(tiny_world, tmp_path, sampled_rows):
     """The ranks' files of a killed two-rank evaluation (rank 1's last line cut in half): one process samples only
     what they lack and writes the file of an uninterrupted evaluation, in problem order, without the ranks' files."""
-    from merge_distill.engines import TransformersSampler
     from merge_distill.evaluation.runner import ModelSpec, evaluate, generations_path, rank_part, rank_parts
     from merge_distill.evaluation.suites import load_suite
 
@@ -145,16 +144,9 @@ def test_an_evaluation_cut_on_two_ranks_resumes_in_one_process(tiny_world, tmp_p
     path.parent.mkdir(parents=True)
     rank_part(path, 0).write_text("\n".join(whole[:8]) + "\n")  # problems 0-3
     rank_part(path, 1).write_text("\n".join(whole[8:11]) + "\n" + whole[11][:30])  # 4, 5 (sample 0), half of 5/1
-    generated = []
-    real_sample = TransformersSampler.sample
-
-    def counting(self, prompts, **kw):
-        generated.append(len(prompts))
-        return real_sample(self, prompts, **kw)
-
-    monkeypatch.setattr(TransformersSampler, "sample", counting)
+    sampled_rows.clear()
     result = evaluate(models, [suite], out_dir=tmp_path / "cut", **options)
-    assert generated == [3] and result.sampled_by_rank == [3]  # problem 5's second sample, problem 6's two
+    assert sampled_rows == [3] and result.sampled_by_rank == [3]  # problem 5's second sample, problem 6's two
     assert path.read_text().splitlines() == whole
     assert not rank_parts(path)
 
