@@ -168,13 +168,13 @@ def worker(recipe_path: str) -> None:
     import torch
 
     from merge_distill.recipe import load_recipe
-    from merge_distill.train import train
+    from merge_distill.build import train_recipe
 
     import merge_distill.train as loop
 
     loop.save_checkpoint = loop.save_final = lambda *args: None  # no checkpoints: the training phases alone
     recipe = load_recipe(recipe_path)
-    train(recipe)
+    train_recipe(recipe)
     if recipe.device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info()
         print(torch.cuda.max_memory_reserved() + total - free - torch.cuda.memory_reserved())

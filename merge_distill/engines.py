@@ -1,17 +1,17 @@
-"""The two inference engines a run uses, behind two small protocols that training and evaluation share.
+"""The student's rollout engines, behind one protocol that training and evaluation share.
 
-- `Sampler`: responses to prompts, one seed per row (a row's draws depend only on its prompt, its seed and the
-  model; the logits they are drawn from round a little differently in another batch shape, and in vLLM they
-  depend on the batch unless `backend.batch_invariant`), with the log-prob of each sampled token under the
-  distribution it was drawn from; and
-  `sync_weights(model)`, after each optimizer step, for an engine that holds its own copy of the student.
-- `Scorer`: exact log-probs of given responses under one frozen model (a teacher or a reference).
+`Sampler`: responses to prompts, one seed per row (a row's draws depend only on its prompt, its seed and the
+model; the logits they are drawn from round a little differently in another batch shape, and in vLLM they depend
+on the batch unless `backend.batch_invariant`), with the log-prob of each sampled token under the distribution it
+was drawn from; `sync_weights(model)` after each optimizer step; `decoding(fn)` around each sampling phase; and
+`close()`.
 
-The transformers implementations are built in: `TransformersSampler` (padded, KV-cached batches),
-`PagedSampler` (continuous batching over a paged KV cache, `merge_distill.paged`) and `TransformersScorer`. The
-vLLM sampler (`merge_distill.backends.vllm`, `pip install 'merge-distill[vllm]'`, CUDA only) is chosen by a
-recipe's `backend.rollout` through `make_sampler`; frozen models always score through `TransformersScorer`. Pass
-recipes whose `zoo:` paths are resolved.
+Built in: `TransformersSampler` (padded, KV-cached batches; `RowChunks` keeps its KV cache within
+`train.max_rollout_tokens`), `PagedSampler` (continuous batching over a paged KV cache, `merge_distill.paged`),
+and the vLLM sampler (`merge_distill.backends.vllm`, the `vllm` extra), chosen by a recipe's `backend.rollout`
+through `make_sampler`. Teachers and references score through `merge_distill.frozen.ModelCache`. To add an
+engine: a class with the protocol's members (copy `TransformersSampler`) and a `backend.rollout` value in
+`make_sampler`.
 """
 
 from __future__ import annotations
@@ -21,18 +21,19 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from merge_distill.sampling import LogitsSource, Rollouts, sample
+from merge_distill.sampling import LogitsSource, Rollouts, concat_rollouts, sample
 
 if TYPE_CHECKING:
     from merge_distill.recipe import Recipe
-    from merge_distill.frozen import ModelCache
 
 Tensor = torch.Tensor
 
 
 class Sampler(Protocol):
+    """What the trainer and the evaluation ask of a rollout engine; every member is required."""
+
     # True when the recorded log-probs are the trainer's own (same model, same code): they can then serve as
-    # pi_old in the advantage; otherwise the trainer recomputes pi_old (see `train.Setup.old_logprobs`)
+    # pi_old in the advantage; otherwise the trainer recomputes pi_old (`train.Trainer.old_logprobs`)
     trainer_logprobs: bool
 
     # `eos_token_id`: every id that ends a response (one id or several: `sampling.eos_token_ids` gives a model's);
@@ -40,31 +41,28 @@ class Sampler(Protocol):
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
                eos_token_id: int | Sequence[int], pad_token_id: int, seeds: list[int]) -> Rollouts: ...
 
-    def sync_weights(self, model: torch.nn.Module) -> None: ...
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """After each optimizer step: the engine samples from `model`'s new weights next."""
 
-    # Optional, for an engine with its own copy of the weights (vLLM): `awake()`, a context in which it holds
-    # its memory and the trainer's current weights, entered by every rank together; the trainer wraps each
-    # sampling phase and periodic evaluation in it (`train.Setup.decoding`). And `schedules_rows = True` for an
-    # engine that schedules rows within its own memory (continuous batching): the trainer then passes every
-    # row at once instead of chunks within `train.max_rollout_tokens`.
+    def decoding(self, fn):
+        """`fn()` with the engine ready to decode the trainer's current weights; every rank calls it together (the
+        trainer wraps each sampling phase and periodic evaluation in it): the student's shards gathered (fsdp), or
+        an engine with its own copy of the weights (vLLM) awake with them."""
 
-
-class Scorer(Protocol):
-    def score(self, rollouts: Rollouts, *, temperature: float) -> Tensor:
-        """`[B, L]` log p(y_t | x, y_<t) of each response token with the logits divided by `temperature`,
-        0 on padding."""
-        ...
+    def close(self) -> None:
+        """After the run (an engine with its own resources shuts them down)."""
 
 
 class TransformersSampler:
     """KV-cached batched sampling (`merge_distill.sampling.sample`) from an HF model or a `LogitsSource`.
 
-    Built on the student module itself, it shares the trainer's weights: there is nothing to sync."""
+    Built on the student module itself, it shares the trainer's weights: there is nothing to sync. `wrapped`: the
+    trainer's data-parallel module around it, whose shards `decoding` gathers (fsdp)."""
 
     trainer_logprobs = True
 
-    def __init__(self, model: torch.nn.Module | LogitsSource):
-        self.model = model
+    def __init__(self, model: torch.nn.Module | LogitsSource, *, wrapped: torch.nn.Module | None = None):
+        self.model, self.wrapped = model, wrapped
 
     def sample(self, prompts, *, max_new_tokens, temperature, eos_token_id, pad_token_id, seeds) -> Rollouts:
         return sample(self.model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -73,6 +71,16 @@ class TransformersSampler:
     def sync_weights(self, model: torch.nn.Module) -> None:
         if model is not self.model:
             self.model.load_state_dict(model.state_dict())
+
+    def decoding(self, fn):
+        if self.wrapped is None:
+            return fn()
+        from merge_distill.parallel import decoding
+
+        return decoding(self.wrapped, lambda _: fn())
+
+    def close(self) -> None:
+        pass
 
 
 class PagedSampler(TransformersSampler):
@@ -85,8 +93,6 @@ class PagedSampler(TransformersSampler):
     are the trainer's own. `max_cache_tokens` bounds the KV cache (rows wait for pages instead of being chunked by
     the caller)."""
 
-    schedules_rows = True  # rows wait for free pages: the trainer passes every row at once
-
     def __init__(self, model: torch.nn.Module, *, trainer_logprobs: bool = True, max_cache_tokens: int | None = None,
                  config=None):
         try:
@@ -98,7 +104,7 @@ class PagedSampler(TransformersSampler):
 
             raise UserError(f"backend.rollout paged needs transformers' continuous batching as in transformers 5.24; "
                             f"this is transformers {transformers.__version__} ({e})") from None
-        self.model, self.trainer_logprobs = model, trainer_logprobs
+        self.model, self.wrapped, self.trainer_logprobs = model, None, trainer_logprobs
         self.config = config or PagedConfig(max_cache_tokens=max_cache_tokens)
 
     def sample(self, prompts, *, max_new_tokens, temperature, eos_token_id, pad_token_id, seeds) -> Rollouts:
@@ -108,22 +114,40 @@ class PagedSampler(TransformersSampler):
                             eos_token_id=eos_token_id, pad_token_id=pad_token_id, seeds=seeds, config=self.config)
 
 
-class TransformersScorer:
-    """A frozen model of a `ModelCache` (loaded once per checkpoint, offloaded between uses if asked)."""
+class RowChunks:
+    """A padded engine's rows in chunks whose KV cache stays within `max_tokens` (prompt + response tokens of the
+    longest row x rows): the engines that page their own cache (paged, vLLM) take every row at once instead. Per-row
+    seeds: the same responses whatever the chunking."""
 
-    def __init__(self, cache: ModelCache, path: str):
-        self.cache, self.path = cache, path
+    def __init__(self, engine: Sampler, max_tokens: int):
+        self.engine, self.max_tokens = engine, max_tokens
+        self.trainer_logprobs = engine.trainer_logprobs
 
-    def score(self, rollouts: Rollouts, *, temperature: float) -> Tensor:
-        return self.cache.score(self.path, rollouts, temperature=temperature)
+    def sample(self, prompts, *, max_new_tokens, temperature, eos_token_id, pad_token_id, seeds) -> Rollouts:
+        rows = max(1, self.max_tokens // (max((len(p) for p in prompts), default=0) + max_new_tokens))
+        parts = [self.engine.sample(prompts[lo:lo + rows], max_new_tokens=max_new_tokens, temperature=temperature,
+                                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, seeds=seeds[lo:lo + rows])
+                 for lo in range(0, max(len(prompts), 1), rows)]
+        return parts[0] if len(parts) == 1 else concat_rollouts(parts, pad_token_id)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.engine.sync_weights(model)
+
+    def decoding(self, fn):
+        return self.engine.decoding(fn)
+
+    def close(self) -> None:
+        self.engine.close()
 
 
-def make_sampler(recipe: Recipe, student: torch.nn.Module, *, max_model_len: int | None = None) -> Sampler:
-    """The student's rollout engine per `recipe.backend.rollout`. The trainer calls `sample(..., seeds=...)`
-    with one seed per row (`merge_distill.sampling.row_seeds`) and `sync_weights(student)` after every update.
+def make_sampler(recipe: Recipe, student: torch.nn.Module, *, device: str | None = None,
+                 wrapped: torch.nn.Module | None = None, max_model_len: int | None = None) -> Sampler:
+    """The student's rollout engine per `recipe.backend.rollout`, on `device` (this rank's; default the recipe's).
+    The trainer calls `sample(..., seeds=...)` with one seed per row (`merge_distill.sampling.row_seeds`) and
+    `sync_weights(student)` after every update. `wrapped`: the trainer's data-parallel module around `student`.
     vLLM needs `max_model_len`: the most prompt + response tokens one request of the run takes."""
     if recipe.backend.rollout == "transformers":
-        return TransformersSampler(student)
+        return _within_budget(recipe, TransformersSampler(student, wrapped=wrapped))
     if recipe.backend.rollout == "paged":  # in the trainer's autocast, as the padded one
         return PagedSampler(student, max_cache_tokens=recipe.train.max_rollout_tokens)
     from merge_distill.backends.vllm import VLLMSampler, import_vllm
@@ -132,7 +156,7 @@ def make_sampler(recipe: Recipe, student: torch.nn.Module, *, max_model_len: int
     if max_model_len is None:
         raise ValueError("backend.rollout vllm: make_sampler needs max_model_len (longest prompt + max_new_tokens)")
     b = recipe.backend
-    return VLLMSampler(recipe.student, student, max_model_len=max_model_len, device=recipe.device,
+    return VLLMSampler(recipe.student, student, max_model_len=max_model_len, device=device or recipe.device,
                        dtype=recipe.dtype, seed=recipe.train.seed, sleep_level=b.sleep_level,
                        gpu_memory_utilization=b.gpu_memory_utilization, max_num_seqs=b.max_num_seqs,
                        max_num_batched_tokens=b.max_num_batched_tokens, batch_invariant=b.batch_invariant)
@@ -143,10 +167,9 @@ def frozen_sampler(recipe: Recipe, model: torch.nn.Module) -> Sampler:
     else padded (a vLLM recipe's frozen samplers stay in transformers)."""
     if recipe.backend.rollout == "paged":
         return PagedSampler(model, trainer_logprobs=False, max_cache_tokens=recipe.train.max_rollout_tokens)
-    return TransformersSampler(model)
+    return _within_budget(recipe, TransformersSampler(model))
 
 
-def make_scorer(recipe: Recipe, path: str, cache: ModelCache) -> Scorer:
-    """A frozen scorer (a teacher or reference at `path`): the trainer's chunked scorer, whatever samples the
-    student (one vLLM engine per rank is the most a run builds: see docs/scale_out.md)."""
-    return TransformersScorer(cache, path)
+def _within_budget(recipe: Recipe, engine: Sampler) -> Sampler:
+    budget = recipe.train.max_rollout_tokens
+    return engine if budget is None else RowChunks(engine, budget)

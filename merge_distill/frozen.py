@@ -68,3 +68,12 @@ class ModelCache:
                                                max_tokens=self.max_tokens)
             return lp.to(rollouts.response_ids.device)
 
+
+    @torch.no_grad()
+    def vocab_logprobs(self, path: str | os.PathLike, rollouts: Rollouts, *, temperature: float = 1.0) -> Tensor:
+        """`[B, L, V]` log-probs over the whole vocabulary at each response position (the dense objective)."""
+        from merge_distill.dense import response_vocab_logprobs
+
+        with self.using(path) as model:
+            lp = response_vocab_logprobs(model, rollouts.to(self.device), temperature=temperature)
+            return lp.to(rollouts.response_ids.device)

@@ -360,3 +360,34 @@ def merge_models(method: str, base_path: str | os.PathLike, expert_paths: Sequen
                         f"unexpected {list(result.unexpected_keys)[:3]})")
     save_model(base_model, tokenizer, out_path)
     return Path(out_path)
+
+
+# ------------------------------------------------------------------ the weight-space baselines as recipe methods
+# A recipe's `method: expo` or `method: merge` runs one of these instead of training: the experts' (teachers')
+# weights combined relative to the student's, written to `<output_dir>/final`.
+#   expo   ExPO (Zheng et al. 2024, weight extrapolation): theta = avg + alpha * (avg - theta_student), avg the
+#          experts' mean (`merge.alpha`)
+#   merge  MergeKit's techniques above with task vectors tau_i = theta_i - theta_student (`merge.technique`,
+#          `merge.scale`, `merge.density`, `merge.seed`)
+
+
+def _expo(recipe, out: Path) -> Path:
+    return merge_models("expo", recipe.student, [e.teacher for e in recipe.experts], out, alpha=recipe.merge.alpha)
+
+
+def _merge(recipe, out: Path) -> Path:
+    m = recipe.merge
+    params = {"scale": m.scale} if m.technique != "linear" else {}
+    if m.technique in ("ties", "dare") and m.density is not None:
+        params["density"] = m.density
+    if m.technique == "dare":
+        params["seed"] = m.seed
+    return merge_models(m.technique, recipe.student, [e.teacher for e in recipe.experts], out, **params)
+
+
+COMBINERS: dict[str, Callable] = {"expo": _expo, "merge": _merge}
+
+
+def write_merge(recipe) -> Path:
+    """Write the recipe's weight-space merge (`method` one of COMBINERS) to `<output_dir>/final`; its path."""
+    return Path(COMBINERS[recipe.method](recipe, Path(recipe.output_dir) / "final"))

@@ -210,7 +210,7 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     their shard, so the start-up transient is each rank's share instead of every model whole (False: the whole
     model on each rank, then sharded). Default: as the run loads, on the meta device under fsdp
     (`models.load_sharded`: rank 0 alone reads the files, into host memory)."""
-    from merge_distill.methods import method_of
+    from merge_distill.methods import trains
 
     options = dict(gpus=gpus, gpu_memory_bytes=gpu_memory_bytes, device=device, assume_config=assume_config,
                    prompt_tokens=prompt_tokens, checkpoints=checkpoints, meta_init=meta_init)
@@ -220,8 +220,7 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
         meta_init = parallel == "fsdp"
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device}: expected cuda or cpu")
-    method = method_of(recipe)
-    if not method.trains:
+    if not trains(recipe):
         raise UserError(f"method {recipe.method} combines weights without training: no training memory to plan")
     notes: list[str] = []
     m, frozen = model_shapes(recipe, assume_config, notes)

@@ -259,18 +259,23 @@ class Recipe(Strict):
     @field_validator("method")
     @classmethod
     def _registered_method(cls, name: str) -> str:
+        from merge_distill.merging import COMBINERS
         from merge_distill.methods import available_methods
 
-        if name not in available_methods():
-            raise ValueError(f"unknown method '{name}' (registered: {', '.join(available_methods())})")
+        if name not in available_methods() and name not in COMBINERS:
+            known = sorted([*available_methods(), *COMBINERS])
+            raise ValueError(f"unknown method '{name}' (registered: {', '.join(known)})")
         return name
 
     @model_validator(mode="after")
     def _method_accepts_recipe(self) -> "Recipe":
         """The method's own checks (e.g. GRPO's groups, teachers where they are needed)."""
-        from merge_distill.methods import method_of
+        from merge_distill.methods import method_of, trains
 
-        method_of(self).check(self)
+        if trains(self):
+            method_of(self).check(self)
+        elif any(not e.teacher for e in self.experts):
+            raise ValueError(f"every expert needs a teacher: method {self.method} merges the teachers' weights")
         return self
 
     @model_validator(mode="after")
@@ -284,9 +289,9 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _sharding_options(self) -> "Recipe":
         if self.placement.shard_frozen:
-            from merge_distill.methods import method_of
+            from merge_distill.methods import method_of, trains
 
-            if not method_of(self).frozen_via_scorer:
+            if trains(self) and not method_of(self).frozen_via_scorer:
                 raise ValueError(f"placement.shard_frozen: method {self.method} loads its frozen models into the "
                                  "trainer whole (it samples from them or takes full distributions)")
             if self.placement.offload:

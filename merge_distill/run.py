@@ -15,7 +15,7 @@ from merge_distill.evaluation.runner import (
     longest_request,
     score_rows,
 )
-from merge_distill.recipe import Recipe
+from merge_distill.recipe import STUDENT, Recipe
 
 
 def eval_suites(recipe: Recipe):
@@ -37,13 +37,11 @@ def eval_suites(recipe: Recipe):
 def closed_form_spec(recipe: Recipe, suites) -> ModelSpec:
     """Each domain's suite decoded from lam*log T + (1-lam)*log R of that domain's teacher and reference."""
     from merge_distill.closed_form import PREFIX
-    from merge_distill.train import reference_path
-
     paths = {}
     for e in recipe.experts:
         for s in suites:
             if s.domain == e.name or s.name == e.eval_suite:
-                paths[s.name] = f"{PREFIX}lam={recipe.scale_of(e)},teacher={e.teacher},reference={reference_path(recipe, e)}"
+                paths[s.name] = f"{PREFIX}lam={recipe.scale_of(e)},teacher={e.teacher},reference={recipe.student if e.reference == STUDENT else e.reference}"
     first = next(iter(paths.values()))
     return ModelSpec("closed_form", first, suite_paths=paths, only_suites=tuple(paths))
 
@@ -151,12 +149,11 @@ def variant_recipes(recipe_path: Path, overrides: list[str], recipe: Recipe) -> 
 def graders_to_run(recipe: Recipe, *, evaluate_after: bool) -> set[str]:
     """The graders a run of `recipe` uses: building the zoo members it names (GRPO experts), its own training
     when graders reward it (GRPO), and its periodic and final evaluation. Works before the zoo is built."""
-    from merge_distill.methods import method_of
+    from merge_distill.methods import method_of, trains
     from merge_distill.toyworld.zoo import graders_to_build, resolve
 
     names = set(graders_to_build(recipe))
-    method = method_of(recipe)
-    if method.trains and not method.needs_teachers:
+    if trains(recipe) and method_of(recipe).graded:
         names |= {e.grader_name for e in recipe.experts}
     if recipe.eval and (evaluate_after or recipe.train.eval_every):
         resolved = resolve(recipe, build=False)  # zoo paths and default suites, nothing built
@@ -196,7 +193,7 @@ def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, eva
 
     from merge_distill import distributed
     from merge_distill.checkpoint import holding
-    from merge_distill.train import train
+    from merge_distill.build import train_recipe
 
     t0 = time.perf_counter()
     check_isolation([recipe, *variants.values()], evaluate_after=evaluate_after)  # before anything trains
@@ -206,7 +203,7 @@ def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, eva
     with holding(out):  # the whole run, training and evaluation: one live run per output_dir
         for name, r in variants.items():
             on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.train.eval_every else None
-            students[name] = str(train(r, resume=resume, progress=progress, on_eval=on_eval))
+            students[name] = str(train_recipe(r, resume=resume, progress=progress, on_eval=on_eval))
             if world.main:
                 training_curves_png(Path(r.output_dir) / "metrics.jsonl", Path(r.output_dir) / "training_curves.png", r)
         timings = {"train_s": time.perf_counter() - t0}
@@ -283,7 +280,7 @@ def periodic_eval(recipe: Recipe, out_dir: Path):
             metrics[f"eval/{suite.name}"] = score_rows("student", suite, graded.rows, 1, cfg.temperature)[0][0].score
         return metrics
 
-    # the longest request's prompt + response tokens: sizes the vLLM sampler (train.setup)
+    # the longest request's prompt + response tokens: sizes the vLLM sampler (build.build_run)
     on_eval.max_tokens = longest_request(tokenizer, suites, max_new_tokens) if recipe.backend.rollout == "vllm" else 0
     return on_eval
 

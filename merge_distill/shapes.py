@@ -120,13 +120,13 @@ def _with_defaults(raw: dict) -> dict:
 def model_shapes(recipe, assume: str | None = None,
                  notes: list[str] | None = None) -> tuple[Shape, dict[str, tuple[str, Shape]]]:
     """(student shape, {path: (label, shape)} of each frozen model the method loads, once per path)."""
-    from merge_distill.methods import method_of
+    from merge_distill.methods import frozen_models
     from merge_distill.recipe import STUDENT
 
     student = read_shape(recipe.student, what="student", assume=assume, notes=notes)
     frozen: dict[str, tuple[str, Shape]] = {}
     for i, e in enumerate(recipe.experts):
-        for role, path in method_of(recipe).frozen_models(recipe, e).items():
+        for role, path in frozen_models(recipe, e).items():
             where = recipe.student if path == STUDENT else path
             key = str(Path(where).resolve())  # as `frozen.ModelCache`: a checkpoint shared by experts loads once
             if key not in frozen:

@@ -44,7 +44,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_
     from merge_distill.evaluation.runner import ModelSpec, evaluate
     from merge_distill.recipe import load_recipe
     from merge_distill.run import check_isolation, eval_suites
-    from merge_distill.train import train
+    from merge_distill.build import train_recipe
 
     fixed, grid = parse_grid(overrides)
     loaded = load_recipe(recipe_path, fixed)
@@ -67,7 +67,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_
                                      [f"output_dir={root / name}"]), progress=progress, log=log)
         final = Path(recipe.output_dir) / "final"
         if not final.exists():
-            final = train(recipe, resume=True, progress=progress)
+            final = train_recipe(recipe, resume=True, progress=progress)
         result = evaluate([ModelSpec(name, str(final))], suites, out_dir=root / name / "eval", **common)
         for row in result.rows:
             if row.subset is None:

@@ -31,12 +31,11 @@ class MissingInputs(UserError):
 def _input_fields(recipe: Recipe) -> list[tuple[str, str, bool]]:
     """(field, path, is_model) of every model a run loads (as `train.check_models` decides) and every
     prompt file, in recipe order."""
-    from merge_distill.methods import method_of
+    from merge_distill.methods import frozen_models
 
-    method = method_of(recipe)
     fields = [("student", recipe.student, True)]
     for i, e in enumerate(recipe.experts):
-        for role, path in method.frozen_models(recipe, e).items():
+        for role, path in frozen_models(recipe, e).items():
             if path != STUDENT:
                 fields.append((f"experts.{i}.{role} ({e.name})", path, True))
         if isinstance(e.prompts, str):  # a `datasets` spec is checked when it loads
@@ -91,7 +90,7 @@ def validate_recipe(recipe: Recipe) -> list[str]:
     paths (a zoo recipe is resolved at the edge, `merge_distill.toyworld.zoo.resolve`)."""
     from merge_distill.data import load_records, render_prompt, user_message
     from merge_distill.models import load_tokenizer
-    from merge_distill.train import check_models
+    from merge_distill.build import check_models
 
     problems = missing_paths(recipe)
     if problems:
@@ -117,10 +116,10 @@ def validate_recipe(recipe: Recipe) -> list[str]:
 
 def plan_line(recipe: Recipe) -> list[str]:
     """The memory plan's verdict on one device of the recipe's kind (`merge-distill plan` says more)."""
-    from merge_distill.methods import method_of
+    from merge_distill.methods import trains
     from merge_distill.plan import device_memory, plan
 
-    if not method_of(recipe).trains:
+    if not trains(recipe):
         return []
     kind = recipe.device.split(":")[0]
     p = plan(recipe, gpu_memory_bytes=device_memory(kind), device=kind, suggest=False)

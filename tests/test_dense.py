@@ -137,11 +137,11 @@ def _dense_gap(student_path, teacher_path, reference_path, prompts_file, lam, n=
 @pytest.mark.slow
 def test_dense_training_closes_the_gap_to_the_closed_form(tiny_world, tmp_path, write_recipe):
     from merge_distill.recipe import load_recipe
-    from merge_distill.train import train
+    from merge_distill.build import train_recipe
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=12, lr=5e-3,
                                       prompts_per_step=32), ["train.objective=dense"])
-    final = train(recipe)
+    final = train_recipe(recipe)
     for domain in ("math", "code"):
         args = (tiny_world / f"{domain}_teacher", tiny_world / "base", tiny_world / f"{domain}_test.jsonl", 1.25)
         before, after = _dense_gap(tiny_world / "base", *args), _dense_gap(final, *args)

@@ -24,10 +24,11 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from merge_distill.checkpoint import checkpoint_dirs, newest_intact, read_checkpoint
-from merge_distill.distributed import reduce_metrics, shard
+from merge_distill.distributed import shard
+from merge_distill.step_metrics import Max, Min, Sum, reduce, row_mean, token_mean, values
 from merge_distill.errors import UserError
 from merge_distill.recipe import load_recipe
-from merge_distill.train import train
+from merge_distill.build import train_recipe
 from launch import torchrun
 
 LR = 3e-3
@@ -58,7 +59,7 @@ def runs(tiny_world, tmp_path_factory, write_recipe):
     """One process in-process, and the same recipe on two ranks through the CLI under torchrun."""
     root = tmp_path_factory.mktemp("ddp")
     one = load_recipe(write_recipe(root / "one.yaml", tiny_world, root / "one", **STEPS))
-    train(one)
+    train_recipe(one)
     two = write_recipe(root / "two.yaml", tiny_world, root / "two", **STEPS)
     torchrun("run", str(two), "--no-eval")
     return root
@@ -79,7 +80,7 @@ def test_two_ranks_train_the_weights_of_one_process(runs, tiny_world):
 def test_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_world, write_recipe):
     """Cut the two-rank run back to its step-2 checkpoint, then finish it in one process."""
     out = cut(runs / "two", runs / "cut")
-    train(load_recipe(write_recipe(runs / "cut.yaml", tiny_world, out, **STEPS)), resume=True)
+    train_recipe(load_recipe(write_recipe(runs / "cut.yaml", tiny_world, out, **STEPS)), resume=True)
     assert_same_training(tiny_world / "base", runs / "one" / "final", out / "final")
     assert resumed(out)  # a run that started over in one process would be the one-process run exactly
 
@@ -194,7 +195,7 @@ def test_fsdp_checkpoint_reshards_to_one_process_and_back(fsdp_run, runs, tiny_w
     shutil.copytree(resaved, back)
 
     for out in (one, resaved):
-        train(load_recipe(write_recipe(runs / f"{out.name}.yaml", tiny_world, out, **STEPS)), resume=True)
+        train_recipe(load_recipe(write_recipe(runs / f"{out.name}.yaml", tiny_world, out, **STEPS)), resume=True)
     assert resumed(one) and resumed(resaved)
     same_weights(one / "final", resaved / "final")
     assert_same_training(tiny_world / "base", runs / "one" / "final", one / "final")
@@ -336,15 +337,22 @@ def test_shard_covers_the_batch_in_order():
             assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
 
 
-def test_reduce_metrics_weights_means_by_tokens_and_sequences():
-    a = ({"step": 3, "loss": 0.25, "math/reward": 1.0, "math/response_length": 4.0, "math/n_sequences": 2,
-          "importance_ratio/max": 1.5, "time/step_s": 2.0},
-         {"tokens": 8, "sequences": 2, "math/tokens": 8, "math/sequences": 2})
-    b = ({"step": 3, "loss": 0.5, "math/reward": 4.0, "math/response_length": 12.0, "math/n_sequences": 1,
-          "importance_ratio/max": 1.2, "time/step_s": 3.0, "code/reward": 7.0},
-         {"tokens": 16, "sequences": 2, "math/tokens": 12, "math/sequences": 1, "code/tokens": 4, "code/sequences": 1})
-    m = reduce_metrics([a, b])
+def test_step_metrics_combine_as_one_process_holding_every_rank_rows():
+    """Rank a: math rows of lengths 3, 5 with per-token rewards; rank b: one math row of 12 tokens and one code row.
+    Each metric is what one process computes on all rows together, whatever the ranks' shares."""
+    mask_a, mask_b = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), torch.ones(1, 12)
+    reward_a, reward_b = torch.tensor([[1.0, 2.0, 3.0, 9.0], [0.0, 0.0, 1.0, 1.0]]), torch.full((1, 12), 4.0)
+    a = {"step": 3, "loss": Sum(0.25), "math/reward": token_mean(reward_a, mask_a),
+         "math/response_length": row_mean(torch.tensor([3, 4])), "math/n_sequences": Sum(2),
+         "importance_ratio/max": Max(1.5), "importance_ratio/min": Min(0.5), "time/step_s": Max(2.0)}
+    b = {"step": 3, "loss": Sum(0.5), "math/reward": token_mean(reward_b, mask_b),
+         "math/response_length": row_mean(torch.tensor([12])), "math/n_sequences": Sum(1),
+         "importance_ratio/max": Max(1.2), "importance_ratio/min": Min(0.7), "time/step_s": Max(3.0),
+         "code/reward": token_mean(torch.tensor([[7.0, 7.0]]), torch.ones(1, 2))}
+    m = reduce([a, b])
     assert m["step"] == 3 and m["loss"] == 0.75 and m["math/n_sequences"] == 3
-    assert m["math/reward"] == pytest.approx((8 * 1 + 12 * 4) / 20)
-    assert m["math/response_length"] == pytest.approx((2 * 4 + 12) / 3)
-    assert m["code/reward"] == 7.0 and m["importance_ratio/max"] == 1.5 and m["time/step_s"] == 3.0
+    assert m["math/reward"] == pytest.approx((1 + 2 + 3 + 0 + 0 + 1 + 1 + 12 * 4) / (7 + 12))  # over tokens
+    assert m["math/response_length"] == pytest.approx((3 + 4 + 12) / 3)  # over rows
+    assert m["code/reward"] == 7.0 and m["importance_ratio/max"] == 1.5 and m["importance_ratio/min"] == 0.5
+    assert m["time/step_s"] == 3.0
+    assert values(a)["math/reward"] == pytest.approx(7 / 7)

@@ -10,7 +10,7 @@ from transformers.models.qwen3 import modeling_qwen3
 
 from merge_distill.recipe import load_recipe
 from merge_distill.scoring import token_budget_chunks
-from merge_distill.train import train
+from merge_distill.build import train_recipe
 
 LR = 3e-3
 STEPS = dict(steps=2, prompts_per_step=12, max_new_tokens=16, lr=LR)
@@ -33,7 +33,7 @@ def test_token_budget_chunks_by_hand():
 @pytest.fixture(scope="module")
 def plain(tiny_world, tmp_path_factory, write_recipe):
     root = tmp_path_factory.mktemp("plain")
-    train(load_recipe(write_recipe(root / "r.yaml", tiny_world, root / "run", **STEPS)))
+    train_recipe(load_recipe(write_recipe(root / "r.yaml", tiny_world, root / "run", **STEPS)))
     return root / "run"
 
 
@@ -56,7 +56,7 @@ def _layer_forwards(monkeypatch) -> list[int]:
 def test_budgets_and_checkpointing_train_the_same_weights(plain, tiny_world, tmp_path, write_recipe, monkeypatch):
     calls = _layer_forwards(monkeypatch)
     controls = dict(max_tokens_per_micro_batch=200, max_rollout_tokens=150, gradient_checkpointing=True)
-    train(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", **STEPS, **controls)))
+    train_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", **STEPS, **controls)))
     first_plain = json.loads((plain / "metrics.jsonl").read_text().splitlines()[0])
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     # the same responses (per-row seeds), the same rewards, the same loss
@@ -79,6 +79,6 @@ def test_gradient_checkpointing_recomputes_each_layer(tiny_world, tmp_path, writ
         calls = _layer_forwards(monkeypatch)
         path = write_recipe(tmp_path / f"{on}.yaml", tiny_world, tmp_path / f"run-{on}", steps=1, prompts_per_step=6,
                             max_new_tokens=8, micro_batch_size=2, gradient_checkpointing=on)
-        train(load_recipe(path))
+        train_recipe(load_recipe(path))
         counts[on] = len(calls)
     assert counts[False] == 3 and counts[True] == 6  # 3 micro-batches x 1 layer, twice with recomputation

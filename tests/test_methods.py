@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from merge_distill.io import read_jsonl
 from merge_distill.recipe import load_recipe
-from merge_distill.train import train
+from merge_distill.build import train_recipe
 
 ALPHA, SCALE, DENSITY = 0.3, 0.7, 0.6  # density unlike ties' (0.2) and dare's (0.5) defaults
 
@@ -35,7 +35,7 @@ def world_weights(world: Path):
 
 def merge_run(write_recipe, world: Path, tmp_path: Path, name: str, *sets: str) -> dict[str, torch.Tensor]:
     recipe = load_recipe(write_recipe(tmp_path / f"{name}.yaml", world, tmp_path / name), list(sets))
-    final = train(recipe)
+    final = train_recipe(recipe)
     assert final == tmp_path / name / "final"
     out = weights(final)
     assert out.keys() == weights(world / "base").keys()
@@ -148,7 +148,7 @@ def test_sft_learns_each_domains_teacher_samples(tiny_world, tmp_path, monkeypat
     """Math weighs 3, code 1: of 8 prompts a step x 2 rollouts, the math teacher answers the 6 math prompts
     (12 rows) and the code teacher the 2 code prompts (4 rows), nothing else samples, and the student's NLL
     of held-out teacher samples falls on both domains."""
-    from merge_distill.train import Setup
+    from merge_distill.train import Run
 
     prompts = {d: {json.loads(l)["prompt"] for l in (tiny_world / f"{d}.jsonl").read_text().splitlines()}
                for d in ("math", "code")}
@@ -156,7 +156,7 @@ def test_sft_learns_each_domains_teacher_samples(tiny_world, tmp_path, monkeypat
     known = {name: load_file(tiny_world / name / "model.safetensors")["model.embed_tokens.weight"]
              for name in ("base", "math_teacher", "code_teacher")}
     calls = []
-    original = Setup._sample
+    original = Run._sample
 
     def spy(s, sampler, batch, seeds):
         embeddings = sampler.model.get_input_embeddings().weight.detach().cpu()
@@ -164,12 +164,12 @@ def test_sft_learns_each_domains_teacher_samples(tiny_world, tmp_path, monkeypat
         calls.append((who, [p.record["prompt"] for p in batch], {p.expert for p in batch}))
         return original(s, sampler, batch, seeds)
 
-    monkeypatch.setattr(Setup, "_sample", spy)
+    monkeypatch.setattr(Run, "_sample", spy)
     steps = 6
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=steps,
                                       prompts_per_step=8, rollouts_per_prompt=2, lr=5e-3),
                          ["method=sft", "experts.math.weight=3", "experts.code.weight=1"])
-    final = train(recipe)
+    final = train_recipe(recipe)
 
     assert len(calls) == 2 * steps
     for step in range(steps):
@@ -249,7 +249,7 @@ def test_grpo_raises_math_accuracy_on_the_smoke_zoo(tmp_path, one_torch_thread):
                     train=Train(steps=40, prompts_per_step=32, rollouts_per_prompt=8, max_new_tokens=40, lr=1e-4,
                                 seed=GRPO_SEED))
     assert recipe.experts[0].grader_name == "math"
-    final = train(recipe)
+    final = train_recipe(recipe)
 
     suite = zoo_suite("math", zoo.dir)
     assert suite.grader == "math" and len(suite) == zoo.preset.n_test

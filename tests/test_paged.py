@@ -198,13 +198,13 @@ def test_training_through_the_paged_sampler_is_the_padded_run(tiny_world, tmp_pa
     """A short run with backend.rollout paged samples what the padded engine samples: the same response lengths
     every step, and weights equal up to float error; the sampler's log-probs serve as pi_old (ratio 1)."""
     from merge_distill.recipe import load_recipe
-    from merge_distill.train import train
+    from merge_distill.build import train_recipe
 
     runs = {}
     for engine in ("transformers", "paged"):
         recipe = load_recipe(write_recipe(tmp_path / f"{engine}.yaml", tiny_world, tmp_path / engine, steps=2,
                                           prompts_per_step=6, max_new_tokens=16), [f"backend.rollout={engine}"])
-        final = train(recipe)
+        final = train_recipe(recipe)
         rows = [json.loads(line) for line in (tmp_path / engine / "metrics.jsonl").read_text().splitlines()]
         runs[engine] = (rows, load_model(final).state_dict())
     (padded, w_padded), (paged, w_paged) = runs["transformers"], runs["paged"]

@@ -66,7 +66,7 @@ def metrics(run: Path) -> list[dict]:
 @pytest.mark.slow
 def test_smollm2_on_two_fsdp_ranks_in_bf16_past_256_tokens_resumes_alone_and_exports_bf16(
         smollm2_files, long_answering_smollm2, tmp_path, monkeypatch):
-    from merge_distill.train import train
+    from merge_distill.build import train_recipe
     from merge_distill.recipe import load_recipe
 
     _, _, teacher = smollm2_files
@@ -105,7 +105,7 @@ def test_smollm2_on_two_fsdp_ranks_in_bf16_past_256_tokens_resumes_alone_and_exp
 
     shutil.rmtree(run / "final")
     shutil.rmtree(run / "checkpoints" / "step-2")
-    train(load_recipe(tmp_path / "r.yaml"), resume=True)
+    train_recipe(load_recipe(tmp_path / "r.yaml"), resume=True)
     one = metrics(run)
     assert [m["step"] for m in one] == [1, 2] and one[0] == two[0]  # step 1 kept as the two ranks logged it
     assert one[1]["truncation_rate"] == 1.0

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from merge_distill.checkpoint import CHECKSUMS, METADATA, checkpoint_dirs, damage, holding, newest_intact
 from merge_distill.errors import UserError
 from merge_distill.recipe import load_recipe
-from merge_distill.train import train
+from merge_distill.build import train_recipe
 
 STEPS = dict(steps=3, prompts_per_step=4, max_new_tokens=8, checkpoint_every=1, keep_checkpoints=3)
 SHARD = "__0_0.distcp"  # the one shard file of a one-process checkpoint (DCP's name: rank 0's first file)
@@ -31,7 +31,7 @@ def cli(*args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def finished(tiny_world, tmp_path_factory, write_recipe):
     root = tmp_path_factory.mktemp("faults")
-    train(load_recipe(write_recipe(root / "r.yaml", tiny_world, root / "run", **STEPS)))
+    train_recipe(load_recipe(write_recipe(root / "r.yaml", tiny_world, root / "run", **STEPS)))
     return root / "run"
 
 
@@ -69,7 +69,7 @@ def test_resume_skips_a_damaged_shard_and_trains_the_same_weights(finished, tiny
     shutil.copytree(finished, run)
     shutil.rmtree(run / "final")
     flip_a_byte(run / "checkpoints" / "step-3" / SHARD)
-    train(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, run, **STEPS)), resume=True)
+    train_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, run, **STEPS)), resume=True)
     err = capsys.readouterr().err
     assert f"resuming from step-2; skipped damaged step-3 ({SHARD} does not match its checksum)" in err
     a, b = load_file(finished / "final" / "model.safetensors"), load_file(run / "final" / "model.safetensors")
@@ -83,7 +83,7 @@ def test_no_intact_checkpoint_is_one_line(finished, tiny_world, tmp_path, write_
     for _, path in checkpoint_dirs(run):
         flip_a_byte(path / SHARD)
     with pytest.raises(UserError, match=rf"no intact checkpoint in .*: step-3 \({SHARD} does not match") as e:
-        train(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, run, **STEPS)), resume=True)
+        train_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, run, **STEPS)), resume=True)
     assert len(str(e.value).splitlines()) == 1
 
 
@@ -96,7 +96,7 @@ def test_a_checkpoint_of_the_earlier_format_is_one_line(finished, tiny_world, tm
         (run / "checkpoints" / "step-2" / name).write_text("{}")
     with pytest.raises(UserError, match=r"step-2: a checkpoint of an earlier merge-distill .* start a new run from "
                                         r"it \(student: that folder\)") as e:
-        train(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, run, **STEPS)), resume=True)
+        train_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, run, **STEPS)), resume=True)
     assert len(str(e.value).splitlines()) == 1
 
 
@@ -113,7 +113,7 @@ def test_final_model_is_in_the_export_dtype(finished, tiny_world, tmp_path, writ
                                 (["dtype=bfloat16", "export_dtype=float16"], torch.float16)):
         out = tmp_path / overrides[-1]
         recipe = write_recipe(tmp_path / "r.yaml", tiny_world, out, **{**STEPS, "steps": 1})
-        train(load_recipe(recipe, overrides))
+        train_recipe(load_recipe(recipe, overrides))
         assert dtypes(out / "final") == {expected}
         model = AutoModelForCausalLM.from_pretrained(out / "final")
         assert model.dtype == expected and model.lm_head.weight is model.model.embed_tokens.weight
@@ -132,7 +132,7 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_one_before(finish
     script = ("import os, signal, sys\n"
               "from merge_distill import checkpoint\n"
               "from merge_distill.recipe import load_recipe\n"
-              "from merge_distill.train import train\n"
+              "from merge_distill.build import train_recipe\n"
               "calls = []\n"
               "def write_checksums(folder, digests):\n"
               "    calls.append(folder)\n"
@@ -140,14 +140,14 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_one_before(finish
               "        os.kill(os.getpid(), signal.SIGKILL)\n"
               "    return real(folder, digests)\n"
               "real, checkpoint.write_checksums = checkpoint.write_checksums, write_checksums\n"
-              "train(load_recipe(sys.argv[1]))\n")
+              "train_recipe(load_recipe(sys.argv[1]))\n")
     proc = subprocess.run([sys.executable, "-c", script, str(recipe)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     leftovers = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
     assert "step-1" in leftovers and "step-2" not in leftovers
     assert ".step-2.tmp" in leftovers  # the half-written one
-    train(load_recipe(recipe), resume=True)
+    train_recipe(load_recipe(recipe), resume=True)
     a, b = load_file(finished / "final" / "model.safetensors"), load_file(tmp_path / "run" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

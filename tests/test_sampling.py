@@ -109,12 +109,12 @@ def test_every_eos_id_ends_a_row_inside_its_mask():
 
 
 def test_training_and_evaluation_pass_every_eos_id_of_the_model(tiny_world, tmp_path):
-    """The trainer's rollouts (`train.Setup._sample`) and evaluation (`runner.generate_and_grade`) stop at the
+    """The trainer's rollouts (`train.Run._sample`) and evaluation (`runner.generate_and_grade`) stop at the
     ids `eos_token_ids` gives for the sampled model: its generation config's second EOS reaches the sampler."""
     from merge_distill.engines import TransformersSampler
     from merge_distill.evaluation.runner import ModelSpec, generate_and_grade
     from merge_distill.evaluation.suites import load_suite
-    from merge_distill.train import Setup
+    from merge_distill.train import Run
 
     model, tok = load_model(tiny_world / "base"), load_tokenizer(tiny_world / "base")
     second = tok.convert_tokens_to_ids("<|endoftext|>")
@@ -129,7 +129,7 @@ def test_training_and_evaluation_pass_every_eos_id_of_the_model(tiny_world, tmp_
     train = SimpleNamespace(max_rollout_tokens=None, max_new_tokens=4, temperature=1.0)
     setup = SimpleNamespace(recipe=SimpleNamespace(train=train), tokenizer=tok, student=model)
     batch = [SimpleNamespace(token_ids=(5, 6, 7)), SimpleNamespace(token_ids=(8,))]
-    Setup._sample(setup, Recording(model), batch, [1, 2])
+    Run._sample(setup, Recording(model), batch, [1, 2])
     suite = load_suite(str(tiny_world / "math_test.jsonl"))
     suite.records = suite.records[:2]
     grader = SimpleNamespace(grade_many=lambda records, texts: [SimpleNamespace(verdict="x", score=0.0, detail="")]

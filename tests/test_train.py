@@ -18,7 +18,7 @@ from merge_distill.models import load_model, load_tokenizer
 from merge_distill.recipe import load_recipe
 from merge_distill.sampling import sample
 from merge_distill.scoring import response_logprobs
-from merge_distill.train import train
+from merge_distill.build import train_recipe
 
 
 def reverse_kl(student_path, teacher_path, prompts_file, n=96, seed=0) -> float:
@@ -38,7 +38,7 @@ def reverse_kl(student_path, teacher_path, prompts_file, n=96, seed=0) -> float:
 def test_reverse_kl_to_each_teacher_falls_on_its_domain(tiny_world, tmp_path, write_recipe):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=12, lr=5e-3,
                                       prompts_per_step=32))
-    final = train(recipe)
+    final = train_recipe(recipe)
     for domain in ("math", "code"):
         teacher, prompts = tiny_world / f"{domain}_teacher", tiny_world / f"{domain}_test.jsonl"
         before = reverse_kl(tiny_world / "base", teacher, prompts)
@@ -61,16 +61,15 @@ def test_only_a_domains_teacher_scores_its_prompts(tiny_world, tmp_path, monkeyp
     from merge_distill.frozen import ModelCache
 
     seen = []
-    original = ModelCache.score
 
-    def spy(self, path, rollouts, **kw):
-        seen.append((Path(path).name, rollouts.prompt_ids.shape[0]))
-        return original(self, path, rollouts, **kw)
+    class Spy(ModelCache):
+        def score(self, path, rollouts, **kw):
+            seen.append((Path(path).name, rollouts.prompt_ids.shape[0]))
+            return super().score(path, rollouts, **kw)
 
-    monkeypatch.setattr(ModelCache, "score", spy)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1,
                                       prompts_per_step=12), ["experts.code.reward_scale=1.0"])
-    train(recipe)
+    train_recipe(recipe, frozen=Spy())
     # math (lam 1.25) needs teacher and reference (the student's initial weights); code (lam 1) only its teacher
     assert sorted(seen) == sorted([("math_teacher", 6), ("base", 6), ("code_teacher", 6)])
 
@@ -90,7 +89,7 @@ def test_log_ratio_clip_bounds_the_reward(tiny_world, tmp_path, monkeypatch, wri
     monkeypatch.setattr(gopd_method, "gopd_advantages_clipped", spy)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1, prompts_per_step=8),
                          ["train.log_ratio_clip=0.05", "experts.code.reward_scale=1.0"])
-    train(recipe)
+    train_recipe(recipe)
     assert len(seen) == 2  # both domains, lam 1 included: a clipped log-ratio no longer cancels R
     assert all(v <= 0.05 + 1e-6 for v in seen)
 
@@ -105,7 +104,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path, write_reci
     steps = dict(steps=8, checkpoint_every=2, prompts_per_step=8, max_new_tokens=24)
     full = write_recipe(tmp_path / "full.yaml", tiny_world, tmp_path / "full", **steps)
     cut = write_recipe(tmp_path / "cut.yaml", tiny_world, tmp_path / "cut", **steps)
-    train(load_recipe(full))
+    train_recipe(load_recipe(full))
 
     proc = _run_cli("run", str(cut), "--no-eval")
     ckpt = tmp_path / "cut" / "checkpoints" / "step-2" / "checksums.json"  # there once renamed into place
@@ -133,7 +132,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path, write_reci
 def test_resume_with_other_teachers_is_an_error(tiny_world, tmp_path, write_recipe):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, checkpoint_every=1,
                           prompts_per_step=4, max_new_tokens=8)
-    train(load_recipe(recipe))
+    train_recipe(load_recipe(recipe))
     proc = _run_cli("run", str(recipe), "--no-eval", "--resume", "--set", "reward_scale=1.5")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
@@ -144,26 +143,22 @@ def test_resume_with_other_teachers_is_an_error(tiny_world, tmp_path, write_reci
 @pytest.mark.slow
 def test_offloaded_frozen_models_give_the_same_run(tiny_world, tmp_path, write_recipe):
     """placement.offload keeps teachers and references on the CPU between uses: same metrics, same weights."""
-    from merge_distill import train as train_module
+    from merge_distill.frozen import ModelCache
+
+    class Spy(ModelCache):
+        def score(self, path, rollouts, **kw):
+            out = super().score(path, rollouts, **kw)
+            self.seen.append({p.device.type for m in self._models.values() for p in m.parameters()})
+            return out
 
     runs = {}
     for name, sets in (("plain", []), ("offload", ["placement.offload=true", "placement.frozen_device=cpu"])):
         recipe = load_recipe(write_recipe(tmp_path / f"{name}.yaml", tiny_world, tmp_path / name, steps=2,
                                           prompts_per_step=8, max_new_tokens=16), sets)
-        seen = []
-        original = train_module.ModelCache.score
-
-        def spy(self, path, rollouts, original=original, seen=seen, **kw):
-            out = original(self, path, rollouts, **kw)
-            seen.append({p.device.type for m in self._models.values() for p in m.parameters()})
-            return out
-
-        train_module.ModelCache.score = spy
-        try:
-            runs[name] = load_file(train(recipe) / "model.safetensors")
-        finally:
-            train_module.ModelCache.score = original
-        assert seen and all(s == {"cpu"} for s in seen)
+        frozen = Spy(device="cpu", offload=recipe.placement.offload)
+        frozen.seen = []
+        runs[name] = load_file(train_recipe(recipe, frozen=frozen) / "model.safetensors")
+        assert frozen.seen and all(s == {"cpu"} for s in frozen.seen)
     assert all(torch.equal(runs["plain"][k], runs["offload"][k]) for k in runs["plain"])
 
 

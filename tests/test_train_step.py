@@ -22,7 +22,7 @@ from merge_distill.errors import TrainingDiverged
 from merge_distill.models import load_model, load_tokenizer
 from merge_distill.recipe import load_recipe
 from merge_distill.frozen import ModelCache
-from merge_distill.train import train
+from merge_distill.build import train_recipe
 
 LAM = {"math": 1.25, "code": 1.5}
 
@@ -34,17 +34,28 @@ def table_logprobs(path, rollouts, temperature):
     return table[rollouts.response_ids] / temperature * rollouts.response_mask
 
 
-@pytest.fixture
-def stubbed(monkeypatch):
-    """Frozen scoring replaced by `table_logprobs`; records (model name, rollouts, temperature) per call."""
-    calls = []
+class TableScorer(ModelCache):
+    """Frozen models whose scores are `table_logprobs`, passed to the run (`build_run(frozen=...)`); records
+    (model name, rollouts, temperature) per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
 
     def score(self, path, rollouts, *, temperature=1.0):
-        calls.append((Path(path).name, rollouts, temperature))
+        self.calls.append((Path(path).name, rollouts, temperature))
         return table_logprobs(path, rollouts, temperature)
 
-    monkeypatch.setattr(ModelCache, "score", score)
-    return calls
+
+class ScoresChanged(ModelCache):
+    """The real frozen models with `change(path, log-probs)` applied to what they score."""
+
+    def __init__(self, change):
+        super().__init__()
+        self.change = change
+
+    def score(self, path, rollouts, **kw):
+        return self.change(path, super().score(path, rollouts, **kw))
 
 
 def domain_of_prompts(world: Path, tok) -> dict[tuple, str]:
@@ -77,7 +88,7 @@ def recipe_for(world: Path, tmp_path: Path, tau: float, write_recipe, **train_ov
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.7])
-def test_one_step_matches_a_hand_computation(tiny_world, tmp_path, stubbed, monkeypatch, tau, write_recipe):
+def test_one_step_matches_a_hand_computation(tiny_world, tmp_path, monkeypatch, tau, write_recipe):
     recipe = recipe_for(tiny_world, tmp_path, tau, write_recipe=write_recipe)
     grads = []
     original_step = torch.optim.AdamW.step
@@ -87,7 +98,9 @@ def test_one_step_matches_a_hand_computation(tiny_world, tmp_path, stubbed, monk
         return original_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    train(recipe)
+    scorer = TableScorer()
+    train_recipe(recipe, frozen=scorer)
+    stubbed = scorer.calls
 
     tok = load_tokenizer(tiny_world / "base")
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -150,11 +163,9 @@ def test_one_step_matches_a_hand_computation(tiny_world, tmp_path, stubbed, monk
 def test_a_non_finite_step_is_skipped(tiny_world, tmp_path, monkeypatch, write_recipe):
     """A NaN log-prob from a teacher on step 2: that step leaves weights and optimizer state alone, is counted
     in metrics.jsonl, and training goes on from the weights of step 1."""
-    original = ModelCache.score
     calls = {"n": 0}
 
-    def score(self, path, rollouts, **kw):
-        out = original(self, path, rollouts, **kw)
+    def second_code_teacher_score_nan(path, out):
         if Path(path).name == "code_teacher":
             calls["n"] += 1
             if calls["n"] == 2:
@@ -162,10 +173,9 @@ def test_a_non_finite_step_is_skipped(tiny_world, tmp_path, monkeypatch, write_r
                 out[0, 0] = float("nan")
         return out
 
-    monkeypatch.setattr(ModelCache, "score", score)
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=4, prompts_per_step=8,
                         max_new_tokens=8, checkpoint_every=1, keep_checkpoints=10)
-    train(load_recipe(path))
+    train_recipe(load_recipe(path), frozen=ScoresChanged(second_code_teacher_score_nan))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [0, 1, 0, 0]
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
@@ -181,14 +191,10 @@ def test_a_non_finite_step_is_skipped(tiny_world, tmp_path, monkeypatch, write_r
 
 @pytest.mark.slow
 def test_consecutive_non_finite_steps_stop_the_run(tiny_world, tmp_path, monkeypatch, write_recipe):
-    def score(self, path, rollouts, **kw):
-        return torch.full(rollouts.response_ids.shape, float("nan"))
-
-    monkeypatch.setattr(ModelCache, "score", score)
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=5, prompts_per_step=4,
                         max_new_tokens=6, max_consecutive_skips=2)
     with pytest.raises(TrainingDiverged) as e:
-        train(load_recipe(path))
+        train_recipe(load_recipe(path), frozen=ScoresChanged(lambda path, out: torch.full_like(out, float("nan"))))
     assert "stopped at step 2" in str(e.value) and len(str(e.value).splitlines()) == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [1, 1]
@@ -197,15 +203,19 @@ def test_consecutive_non_finite_steps_stop_the_run(tiny_world, tmp_path, monkeyp
 
 def test_progress_line_names_each_domains_metric():
     from merge_distill.recipe import Recipe
+    from merge_distill.methods import method_of
     from merge_distill.train import describe
+
+    def describe_recipe(r, m):
+        return describe(method_of(r), r, m)
 
     experts = [{"name": "math", "teacher": "t", "prompts": "p"}, {"name": "code_reverse", "teacher": "t", "prompts": "p"}]
     recipe = Recipe.model_validate({"student": "s", "output_dir": "o", "experts": experts})
-    line = describe(recipe, {"math/reverse_kl_teacher": 0.1234, "code_reverse/reverse_kl_teacher": 0.5, "loss": 1.0})
+    line = describe_recipe(recipe, {"math/reverse_kl_teacher": 0.1234, "code_reverse/reverse_kl_teacher": 0.5, "loss": 1.0})
     assert line == "train (gopd) math KL to teacher 0.123, code_reverse KL to teacher 0.500"
     grpo = recipe.model_copy(update={"method": "grpo"})
-    assert describe(grpo, {"math/accuracy": 0.25}) == "train (grpo) math accuracy 0.250"
-    assert describe(recipe.model_copy(update={"method": "sft"}), {"loss": 2.0}) == "train (sft) loss 2.000"
+    assert describe_recipe(grpo, {"math/accuracy": 0.25}) == "train (grpo) math accuracy 0.250"
+    assert describe_recipe(recipe.model_copy(update={"method": "sft"}), {"loss": 2.0}) == "train (sft) loss 2.000"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -213,7 +223,7 @@ def test_grpo_trains_on_cuda(tiny_world, tmp_path, write_recipe, isolation):
     """Rewards are graded on the CPU and the advantages live on the rollouts' device."""
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
                         max_new_tokens=12, rollouts_per_prompt=4)
-    final = train(load_recipe(path, ["method=grpo", "device=cuda", f"isolation={isolation}"]))
+    final = train_recipe(load_recipe(path, ["method=grpo", "device=cuda", f"isolation={isolation}"]))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["math/accuracy"] <= 1 for r in rows)
     assert (final / "model.safetensors").is_file()

@@ -608,7 +608,7 @@ def test_trainer_samples_through_the_backend(monkeypatch, launcher_env, tiny_wor
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
                                       max_new_tokens=6, max_rollout_tokens=16),
                          ["backend.rollout=vllm", "experts.code.reward_scale=1.0", "backend.check_sync_every=0"])
-    train(recipe)
+    train_recipe(recipe)
     (llm,) = engines  # the student's sampler, and no engine for a frozen model
     longest = max(len(p.token_ids) for pool in load_prompts(recipe, load_tokenizer(recipe.student)) for p in pool)
     assert llm.kwargs["model"] == recipe.student and llm.kwargs["max_model_len"] == longest + 6
@@ -664,7 +664,7 @@ def test_engine_noise_stays_out_of_the_reward(monkeypatch, launcher_env, tiny_wo
     importance weight pi_theta / pi_engine."""
     from merge_distill import objective
     from merge_distill.recipe import load_recipe
-    from merge_distill.train import train
+    from merge_distill.build import train_recipe
 
     noise = 0.3
 
@@ -694,7 +694,7 @@ def test_engine_noise_stays_out_of_the_reward(monkeypatch, launcher_env, tiny_wo
     monkeypatch.setattr(objective, "policy_gradient_loss", pg_spy)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1, prompts_per_step=4,
                                       max_new_tokens=6), ["backend.rollout=vllm", "backend.check_sync_every=0"])
-    train(recipe)  # (the sync guard would stop this run: the engine's log-probs are off by `noise`)
+    train_recipe(recipe)  # (the sync guard would stop this run: the engine's log-probs are off by `noise`)
     (logprobs, engine_lp), = rollouts  # one micro-batch: the trainer's log-probs and the engine's
     mask = engine_lp != 0
     # the engine's log-probs are the trainer's minus the noise; the advantage saw the trainer's
@@ -711,13 +711,13 @@ def test_the_sync_guard_stops_a_run_whose_engine_kept_stale_weights(monkeypatch,
     gap of float rounding; one whose `sync_weights` does nothing (sleep level 0: nothing else reloads it) stops the
     run at step 1, in one line."""
     from merge_distill.recipe import load_recipe
-    from merge_distill.train import train
+    from merge_distill.build import train_recipe
 
     trainer_engines(monkeypatch)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
                                       max_new_tokens=6),
                          ["backend.rollout=vllm", "backend.sleep_level=0", "backend.check_sync_every=1"])
-    train(recipe)
+    train_recipe(recipe)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["sync_gap"] < 1e-5 for r in rows)
 
@@ -726,7 +726,7 @@ def test_the_sync_guard_stops_a_run_whose_engine_kept_stale_weights(monkeypatch,
     with pytest.raises(UserError, match=r"^step 1: the vLLM sampler's log-probs of a probe differ from the trainer's "
                                         r"by .* a token \(tolerance 0.001 in float32\): its weights are not the "
                                         r"trainer's \(backend.check_sync_every\)$"):
-        train(stale)
+        train_recipe(stale)
 
 
 def test_check_sync_compares_the_masked_tokens_only():

@@ -274,8 +274,7 @@ class VLLMSampler:
     sampling phase and periodic evaluation in it); `sample` outside it wakes the engine for that call.
     `batch_invariant` sets VLLM_BATCH_INVARIANT (1 or 0) in this process before the engine is built."""
 
-    trainer_logprobs = False
-    schedules_rows = True  # vLLM pages its KV cache itself: the trainer passes every row at once
+    trainer_logprobs = False  # vLLM pages its KV cache itself: no `engines.RowChunks` around it
 
     def __init__(self, path: str, student: torch.nn.Module, *, max_model_len: int, device: str = "cuda",
                  dtype: str = "bfloat16", seed: int = 0, gpu_memory_utilization: float = 0.5, sleep_level: int = 2,
@@ -346,6 +345,10 @@ class VLLMSampler:
             self._depth -= 1
             if outer and self.sleep_level:
                 self._sleep()
+
+    def decoding(self, fn):
+        with self.awake():
+            return fn()
 
     def _sleep(self) -> None:
         self.llm.sleep(level=self.sleep_level)

@@ -1,39 +1,50 @@
 """What a training method is, and the registry that names them.
 
-A method turns a batch of prompts into an update of the student (or, for the weight-space methods, combines
-the experts' weights without training). The trainer (`merge_distill.train`) is one loop for all of them:
+A method is two functions of tensors and a few declarations (verl's `core_algos` shape). The trainer
+(`merge_distill.train`) is one loop for all of them; it does everything that involves models, ranks and engines:
 
-    rows, rollouts = method.rollouts(run, batch, seeds)      # who answers the prompts
-    targets        = method.targets(run, rows, rollouts, m)  # advantages, target distributions, or nothing
-    loss, logprobs = method.loss(run, micro_batch, targets)  # per micro-batch, token mean over its real tokens
+    batch   = rows sampled by the student (or, `samples_from = "teacher"`, by each domain's teacher)
+    scores  = each domain's rows under that domain's own frozen models, as `frozen_models` declares them
+              (`{"teacher": [B, L], "reference": [B, L]}`, `[B, L, V]` with `vocab = True`), and, with
+              `graded = True`, `{"reward": [B]}` from each domain's grader
+    targets, metrics = method.targets(batch, scores, cfg)        # advantages, target distributions, ...
+    loss    = method.loss(logprobs, micro_batch, targets, cfg)   # token mean over the micro-batch's real tokens
 
-and every other part of the project asks the method, never its name: which frozen models it needs for each
-expert (`frozen_models`: validation, model loading and memory planning), which recipes it accepts (`check`),
-and which per-domain curves it logs (`curves`, `progress`). Adding an objective is one new file: a subclass
-of `TrainingMethod` decorated with `@register_method("name")` (see `merge_distill/methods/sft.py`, the
-shortest), imported before the recipe that names it is loaded.
+`targets` is a tensor (first axis over rows), a tuple or dict of them, or None; the trainer cuts it into the
+micro-batches' rows. `logprobs` are the student's log-probs of the sampled tokens `[B, L]` (`[B, L, V]` with
+`vocab`), with gradients. Metrics are `merge_distill.step_metrics` values, which say how they combine over ranks.
+A method knows nothing of ranks, engines or models: a new objective is one file, a subclass of `Method`
+decorated with `@register_method("name")` (copy `merge_distill/methods/sft.py`, the shortest), imported before
+a recipe names it, or shipped by another package under the `merge_distill.methods` entry-point group.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
 if TYPE_CHECKING:
-    from merge_distill.data import Prompt
+    from merge_distill.batch import Batch
     from merge_distill.recipe import Expert, Recipe
-    from merge_distill.sampling import Rollouts
-    from merge_distill.train import Setup
 
 Tensor = torch.Tensor
+ENTRY_POINT_GROUP = "merge_distill.methods"
 _REGISTRY: dict[tuple[str, str], type[Method]] = {}
+_entry_points_loaded = False
 
 
 def register_method(name: str, *, objective: str = "sampled"):
-    """Class decorator: the method a recipe selects with `method: name` (and `train.objective: objective`)."""
+    """Class decorator: the method a recipe selects with `method: name` (and `train.objective: objective`). A name
+    (and objective) already taken by another class is refused."""
 
     def add(cls: type[Method]) -> type[Method]:
+        taken = _REGISTRY.get((name, objective))
+        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+            # (the same class again is a module imported twice)
+            raise ValueError(f"method '{name}' (objective {objective}) is already registered by "
+                             f"{taken.__module__}.{taken.__qualname__}")
         cls.name, cls.objective = name, objective
         _REGISTRY[(name, objective)] = cls
         return cls
@@ -41,12 +52,26 @@ def register_method(name: str, *, objective: str = "sampled"):
     return add
 
 
+def _load_entry_points() -> None:
+    """Import the methods other packages declare (`merge_distill.methods` entry points), once."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        loaded = ep.load()  # a module whose import registers, or a Method subclass
+        if isinstance(loaded, type) and issubclass(loaded, Method) and loaded not in _REGISTRY.values():
+            register_method(ep.name)(loaded)
+
+
 def available_methods() -> list[str]:
+    _load_entry_points()
     return sorted({name for name, _ in _REGISTRY})
 
 
 def get_method(name: str, objective: str = "sampled") -> Method:
     """The registered method; a ValueError that lists the registered ones for an unknown name."""
+    _load_entry_points()
     if (name, objective) in _REGISTRY:
         return _REGISTRY[(name, objective)]()
     if name not in available_methods():
@@ -60,19 +85,22 @@ def method_of(recipe: Recipe) -> Method:
 
 
 class Method:
-    """Every method: its name, what it needs, what it accepts."""
+    """A training method: its declarations and its two tensor functions."""
 
     name: ClassVar[str]
     objective: ClassVar[str]
-    trains: ClassVar[bool] = True           # False: a weight-space method (`combine`), no training loop
     needs_teachers: ClassVar[bool] = True   # every expert must name a teacher
-    # True: frozen models are reached only through `Setup.score` (the recipe's scoring engine, e.g. vLLM), for
-    # every expert on every rank, in the recipes' order, even with no rows (so they can be sharded over the ranks:
-    # `placement.shard_frozen`); False: the method also loads them into the trainer (`Setup.frozen`), e.g. to
-    # sample or for full distributions (memory planning counts them there)
-    frozen_via_scorer: ClassVar[bool] = True
+    samples_from: ClassVar[Literal["student", "teacher"]] = "student"  # who answers the prompts
+    vocab: ClassVar[bool] = False   # scores and the student's log-probs over the whole vocabulary `[B, L, V]`
+    graded: ClassVar[bool] = False  # scores["reward"]: each row's grade from its domain's grader, `[B]`
     curves: ClassVar[tuple[str, ...]] = ("loss", "response_length")  # training_curves.png, per domain if logged so
     progress: ClassVar[tuple[str, str] | None] = None  # (per-domain metric, label) for the progress line
+
+    @property
+    def frozen_via_scorer(self) -> bool:
+        """Frozen models only score sampled tokens (so they can be sharded over the ranks: `placement.shard_frozen`);
+        not when teachers sample or give whole distributions."""
+        return self.samples_from == "student" and not self.vocab
 
     def check(self, recipe: Recipe) -> None:
         """Raise ValueError (one line, naming the recipe key) for a recipe this method cannot run."""
@@ -82,33 +110,15 @@ class Method:
                     raise ValueError(f"experts.{i} ({e.name}): teacher is required for method {self.name}")
 
     def frozen_models(self, recipe: Recipe, expert: Expert) -> dict[str, str]:
-        """Role ('teacher', 'reference') -> model path of every frozen model the method loads for `expert`.
-        A reference equal to `student` (its initial weights) is named so and not loaded again."""
+        """Role ('teacher', 'reference') -> model path of every frozen model that scores `expert`'s rows (the keys
+        of `scores`). A reference equal to `student` (its initial weights) is named so and not loaded again."""
         return {"teacher": expert.teacher} if self.needs_teachers else {}
 
+    def targets(self, batch: Batch, scores: dict[str, Tensor], cfg: Recipe) -> tuple[Any, dict]:
+        """(targets, metrics): what the loss compares the student with (first axis over rows; None: nothing),
+        and this rank's metrics (`step_metrics` values)."""
+        return None, {}
 
-class TrainingMethod(Method):
-    """A method trained by the on-policy loop. Defaults: the student answers its own prompts."""
-
-    def rollouts(self, run: Setup, batch: list[Prompt], seeds: list[int]) -> tuple[list[Prompt], Rollouts]:
-        """(rows, rollouts): one response per row of `batch`, and the rows in the rollouts' order."""
-        return batch, run.sample_student(batch, seeds)
-
-    def targets(self, run: Setup, batch: list[Prompt], rollouts: Rollouts, metrics: dict) -> Tensor | None:
-        """What the loss compares the student with, first axis over rows (None: nothing); logs into `metrics`."""
-        return None
-
-    def loss(self, run: Setup, rollouts: Rollouts, targets: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(loss, log-probs): the token-mean loss over the real tokens of `rollouts` (a micro-batch) and the
-        student's detached log-probs of those tokens `[B, L]` (for the importance-ratio metrics)."""
-        raise NotImplementedError
-
-
-class WeightSpaceMethod(Method):
-    """A method that combines the experts' weights (relative to the student) without training."""
-
-    trains = False
-
-    def combine(self, recipe: Recipe) -> str:
-        """Write the combined model to `<output_dir>/final`; its path."""
+    def loss(self, logprobs: Tensor, batch: Batch, targets: Any, cfg: Recipe) -> Tensor:
+        """The token-mean loss over the real tokens of `batch` (a micro-batch)."""
         raise NotImplementedError

@@ -14,11 +14,10 @@ is clipped to [-c, c] (then R is needed at lam = 1 too).
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from merge_distill import objective
 from merge_distill.dense import gopd_advantages_clipped
-from merge_distill.methods.base import TrainingMethod, register_method
+from merge_distill.methods.base import Method, register_method
+from merge_distill.step_metrics import token_mean
 
 
 def needs_reference(recipe, expert) -> bool:
@@ -26,14 +25,12 @@ def needs_reference(recipe, expert) -> bool:
     return recipe.scale_of(expert) != 1.0 or recipe.train.log_ratio_clip is not None
 
 
-class PolicyGradientMethod(TrainingMethod):
+class PolicyGradientMethod(Method):
     """Per-token advantages from `targets`, the truncated importance-weighted policy-gradient loss."""
 
-    def loss(self, run, rollouts, targets):
-        logprobs = run.policy(rollouts)
-        loss = objective.policy_gradient_loss(logprobs, rollouts.sampler_logprobs, targets, rollouts.response_mask,
-                                              truncation=run.recipe.train.importance_truncation)
-        return loss, logprobs.detach()
+    def loss(self, logprobs, batch, targets, cfg):
+        return objective.policy_gradient_loss(logprobs, batch.rollouts.sampler_logprobs, targets, batch.mask,
+                                              truncation=cfg.train.importance_truncation)
 
 
 @register_method("gopd")
@@ -47,33 +44,22 @@ class GOPD(PolicyGradientMethod):
             models["reference"] = expert.reference
         return models
 
-    def targets(self, run, batch, rollouts, metrics):
-        """`[B, L]` advantages; each domain's rows scored by that domain's teacher and reference only."""
-        recipe = run.recipe
-        adv = rollouts.sampler_logprobs.new_zeros(rollouts.sampler_logprobs.shape)
-        by_expert = defaultdict(list)
-        for row, p in enumerate(batch):
-            by_expert[p.expert].append(row)
-        old_logprobs = run.old_logprobs(rollouts)
-        for i, expert in enumerate(recipe.experts):  # every expert, in order, on every rank (`frozen_via_scorer`)
-            rows = by_expert.get(i, [])
-            sub = rollouts.select(rows)
-            lam = recipe.scale_of(expert)
-            student_lp = old_logprobs[rows]
-            teacher_lp = run.score(expert.teacher, sub)
-            clip = recipe.train.log_ratio_clip
-            reference_lp = run.score(run.reference_path(expert), sub) if needs_reference(recipe, expert) else None
-            if clip is None:
-                a = objective.gopd_advantages(student_lp, teacher_lp, reference_lp, lam)
-            else:
-                a = gopd_advantages_clipped(student_lp, teacher_lp, reference_lp, lam, clip)
-            a = a * sub.response_mask
-            adv[rows] = a
+    def targets(self, batch, scores, cfg):
+        """`[B, L]` advantages, each domain's rows from its own lam and its own teacher's and reference's scores."""
+        adv = batch.old_logprobs.new_zeros(batch.old_logprobs.shape)
+        metrics = {}
+        for i, rows in batch.by_expert():
             if not rows:
                 continue
-            m, name = sub.response_mask, expert.name
-            metrics[f"{name}/reward"] = float(objective.masked_mean(a, m))
-            metrics[f"{name}/reverse_kl_teacher"] = float(objective.masked_mean(objective.kl_k1(student_lp, teacher_lp), m))
-            if reference_lp is not None:
-                metrics[f"{name}/kl_reference"] = float(objective.masked_mean(objective.kl_k1(student_lp, reference_lp), m))
-        return adv
+            expert, mask = cfg.experts[i], batch.mask[rows]
+            student, teacher = batch.old_logprobs[rows], scores["teacher"][rows]
+            reference = scores["reference"][rows] if needs_reference(cfg, expert) else None
+            lam, clip = cfg.scale_of(expert), cfg.train.log_ratio_clip
+            a = (objective.gopd_advantages(student, teacher, reference, lam) if clip is None
+                 else gopd_advantages_clipped(student, teacher, reference, lam, clip)) * mask
+            adv[rows] = a
+            metrics[f"{expert.name}/reward"] = token_mean(a, mask)
+            metrics[f"{expert.name}/reverse_kl_teacher"] = token_mean(objective.kl_k1(student, teacher), mask)
+            if reference is not None:
+                metrics[f"{expert.name}/kl_reference"] = token_mean(objective.kl_k1(student, reference), mask)
+        return adv, metrics

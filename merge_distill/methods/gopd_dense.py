@@ -12,16 +12,15 @@ log-probs: for small vocabularies (the CPU zoo).
 
 from __future__ import annotations
 
-import torch
-
 from merge_distill import objective
-from merge_distill.dense import dense_kl, response_vocab_logprobs, target_logprobs
-from merge_distill.methods.base import TrainingMethod, register_method
+from merge_distill.dense import dense_kl, target_logprobs
+from merge_distill.methods.base import Method, register_method
+from merge_distill.step_metrics import token_mean
 
 
 @register_method("gopd", objective="dense")
-class DenseGOPD(TrainingMethod):
-    frozen_via_scorer = False  # full distributions from `Setup.frozen`
+class DenseGOPD(Method):
+    vocab = True  # full distributions of the teachers, references and student
     curves = ("reverse_kl_teacher", "response_length")
     progress = ("reverse_kl_teacher", "KL to teacher")
 
@@ -37,35 +36,24 @@ class DenseGOPD(TrainingMethod):
             models["reference"] = expert.reference
         return models
 
-    @torch.no_grad()
-    def targets(self, run, batch, rollouts, metrics):
-        """`[B, L, V]` log pi* at every response position, each domain's rows from its own teacher and reference."""
-        recipe, frozen = run.recipe, run.frozen
-        tau = recipe.train.temperature  # the student's logits then converge to lam log T + (1 - lam) log R
-        target = None
-        for i, expert in enumerate(recipe.experts):
-            rows = [r for r, p in enumerate(batch) if p.expert == i]
+    def targets(self, batch, scores, cfg):
+        """`[B, L, V]` log pi* at every response position, each domain's rows from its own teacher and reference
+        (scored at the rollout temperature: the student's logits then converge to lam log T + (1 - lam) log R)."""
+        target, metrics = None, {}
+        for i, rows in batch.by_expert():
             if not rows:
                 continue
-            sub, lam = rollouts.select(rows), recipe.scale_of(expert)
-            with frozen.using(expert.teacher) as model:
-                teacher = response_vocab_logprobs(model, sub.to(frozen.device), temperature=tau).to(sub.response_ids.device)
-            reference = None
-            if lam != 1.0:
-                with frozen.using(run.reference_path(expert)) as model:
-                    reference = response_vocab_logprobs(model, sub.to(frozen.device),
-                                                        temperature=tau).to(sub.response_ids.device)
-            t = target_logprobs(teacher, reference, lam)
+            expert, lam = cfg.experts[i], cfg.scale_of(cfg.experts[i])
+            teacher = scores["teacher"][rows]
+            t = target_logprobs(teacher, scores["reference"][rows] if lam != 1.0 else None, lam)
             if target is None:
-                target = t.new_zeros(*rollouts.response_ids.shape, t.shape[-1])
+                target = t.new_zeros(*batch.rollouts.response_ids.shape, t.shape[-1])
             target[rows] = t
-            metrics[f"{expert.name}/reverse_kl_teacher"] = float(objective.masked_mean(
-                objective.kl_k1(sub.sampler_logprobs, teacher.gather(-1, sub.response_ids[..., None]).squeeze(-1)),
-                sub.response_mask))
-        return target
+            sub = batch.rollouts.select(rows)
+            sampled = teacher.gather(-1, sub.response_ids[..., None]).squeeze(-1)
+            metrics[f"{expert.name}/reverse_kl_teacher"] = token_mean(objective.kl_k1(sub.sampler_logprobs, sampled),
+                                                                      sub.response_mask)
+        return target, metrics
 
-    def loss(self, run, rollouts, targets):
-        vocab_logprobs = run.policy(rollouts, vocab=True)
-        logprobs = vocab_logprobs.gather(-1, rollouts.response_ids[..., None]).squeeze(-1)
-        loss = objective.masked_mean(dense_kl(vocab_logprobs, targets), rollouts.response_mask)
-        return loss, logprobs.detach()
+    def loss(self, logprobs, batch, targets, cfg):
+        return objective.masked_mean(dense_kl(logprobs, targets), batch.mask)

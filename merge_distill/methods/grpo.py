@@ -1,7 +1,7 @@
 """GRPO (Shao et al. 2024, DeepSeekMath): outcome-reward RL, how the CPU zoo's experts are made.
 
 Each prompt gets `train.rollouts_per_prompt` >= 2 responses; the domain's grader scores each response 0/1
-(`score` in [0, 1]), and every token of response i in group g gets the group-normalised advantage
+(`scores["reward"]`, in [0, 1]), and every token of response i in group g gets the group-normalised advantage
 
     A_i = (r_i - mean_g r) / (std_g r + eps)        [B] -> broadcast over the response's real tokens
 
@@ -11,19 +11,16 @@ G-OPD. No teachers, no frozen models.
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-
-import torch
-
 from merge_distill import objective
 from merge_distill.methods.base import register_method
 from merge_distill.methods.gopd import PolicyGradientMethod
+from merge_distill.step_metrics import row_mean
 
 
 @register_method("grpo")
 class GRPO(PolicyGradientMethod):
     needs_teachers = False
+    graded = True
     curves = ("accuracy", "response_length")
     progress = ("accuracy", "accuracy")
 
@@ -33,19 +30,9 @@ class GRPO(PolicyGradientMethod):
                              "rewards within each prompt's group of rollouts, so it needs at least 2 (one trains "
                              "nothing)")
 
-    def targets(self, run, batch, rollouts, metrics):
+    def targets(self, batch, scores, cfg):
         """`[B, L]`: each row's group-normalised 0/1 reward on its real tokens."""
-        recipe, mask = run.recipe, rollouts.response_mask
-        by_expert = defaultdict(list)
-        for row, p in enumerate(batch):
-            by_expert[p.expert].append(row)
-        rewards = torch.zeros(len(batch))  # graded on the CPU, then moved to the rollouts' device
-        texts = run.tokenizer.batch_decode(rollouts.response_token_lists(), skip_special_tokens=True)
-        t0 = time.perf_counter()
-        for i, rows in by_expert.items():
-            verdicts = run.graders[i].grade_many([batch[r].record for r in rows], [texts[r] for r in rows])
-            rewards[rows] = torch.tensor([float(v.score) for v in verdicts])
-            metrics[f"{recipe.experts[i].name}/accuracy"] = float(rewards[rows].mean())
-        metrics["time/grade_s"] = time.perf_counter() - t0
-        seq_adv = objective.grpo_advantages(rewards.to(mask.device), recipe.train.rollouts_per_prompt)
-        return seq_adv[:, None] * mask
+        rewards = scores["reward"]
+        metrics = {f"{cfg.experts[i].name}/accuracy": row_mean(rewards[rows]) for i, rows in batch.by_expert() if rows}
+        seq_adv = objective.grpo_advantages(rewards.to(batch.mask.device), cfg.train.rollouts_per_prompt)
+        return seq_adv[:, None] * batch.mask, metrics

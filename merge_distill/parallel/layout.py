@@ -69,12 +69,12 @@ class ModelLogprobs(torch.nn.Module):
         return logprobs_in_passes(self, rollouts, temperature, max_tokens)
 
 
-def wrap_student(student: torch.nn.Module, recipe) -> torch.nn.Module:
-    """`ModelLogprobs(student)`, inside the recipe's data-parallel layout when several ranks train.
-    Build the optimizer after this: under fsdp the student's parameters become sharded DTensors."""
+def wrap_student(student: torch.nn.Module, recipe, device: str) -> torch.nn.Module:
+    """`ModelLogprobs(student)`, inside the recipe's data-parallel layout when several ranks train (`device`: this
+    rank's). Build the optimizer after this: under fsdp the student's parameters become sharded DTensors."""
     if not distributed.active():
         return ModelLogprobs(student)
-    device = torch.device(recipe.device)
+    device = torch.device(device)
     if recipe.parallel == "ddp":
         return torch.nn.parallel.DistributedDataParallel(
             ModelLogprobs(student), device_ids=[device] if device.type == "cuda" else None,

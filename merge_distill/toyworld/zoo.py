@@ -214,7 +214,7 @@ class Zoo:
     def _expert(self, domain: str, base: str) -> None:
         from merge_distill.checkpoint import checkpoint_dirs, export_checkpoint
         from merge_distill.recipe import Expert, Recipe, Train
-        from merge_distill.train import train
+        from merge_distill.build import train_recipe
 
         self._build(base)
         p = self.preset
@@ -230,7 +230,7 @@ class Zoo:
                         rollouts_per_prompt=p.grpo_rollouts, max_new_tokens=p.max_new_tokens[domain],
                         lr=p.grpo_lr, seed=self.seed, grad_clip=1.0, checkpoint_every=every, keep_checkpoints=4),
             isolation=self.isolation)
-        final = train(recipe, progress=self.progress)
+        final = train_recipe(recipe, progress=self.progress)
         for step, folder in checkpoint_dirs(run_dir):
             if step < p.grpo_steps:
                 export_checkpoint(folder, self.path(base), self.path(f"{name}@{step}"))
