@@ -222,7 +222,9 @@ def main() -> None:
     a = p.parse_args()
     import transformers
 
+    import merge_distill.checkpoint as checkpoint
     import merge_distill.train as train_module
+    from merge_distill.build import train_recipe
     from merge_distill.plan import device_memory, plan
     from merge_distill.recipe import load_recipe
 
@@ -251,10 +253,10 @@ def main() -> None:
     if a.warmup_tokens:
         short_first_sampling(a.warmup_tokens)
     # no checkpoints: 12 bytes a parameter (fp32 weights, AdamW's m and v), and the final weights (4 more)
-    train_module.Checkpointer.save = train_module.save_final = lambda *args, **kwargs: None
+    checkpoint.Checkpointer.save = train_module.save_final = lambda *args, **kwargs: None
     first = min(a.warmup_tokens or a.new_tokens, a.new_tokens)
     log(f"training: 2 steps, {a.new_tokens} new tokens (step 1: {first}), longest prompt {longest} tokens")
-    train_module.train(recipe, progress=StepPrinter(root / "run" / "metrics.jsonl", a.device))
+    train_recipe(recipe, progress=StepPrinter(root / "run" / "metrics.jsonl", a.device))
     measured, reserved = peak_bytes(a.device), reserved_bytes(a.device)
     print(f"peak: measured {measured / GiB:.2f} GiB allocated, {reserved / GiB:.2f} GiB reserved, planned "
           f"{pl.peak_bytes / GiB:.2f} GiB (planned/allocated {pl.peak_bytes / measured:.3f}, planned/reserved "

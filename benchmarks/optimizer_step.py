@@ -3,7 +3,7 @@
     python benchmarks/optimizer_step.py            # each form in a fresh process, 2 threads
     python benchmarks/optimizer_step.py --reps 10
 
-merge-distill's trainer uses the fused kernel (`train.make_optimizer`). Time is the median step after the
+merge-distill's trainer uses the fused kernel (`build.make_optimizer`). Time is the median step after the
 first (which allocates the state); memory is the peak RSS the steps add over the model and its gradients.
 """
 

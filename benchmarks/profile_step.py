@@ -70,7 +70,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     from merge_distill.recipe import Recipe
     from merge_distill.frozen import ModelCache
-    from merge_distill.train import make_optimizer, setup, train_step
+    from merge_distill.build import build_run
+    from merge_distill.train import train_step
 
     d = build(Path(a.dir), max(1000, a.batch * (a.steps + 2)))
     recipe = Recipe.model_validate({
@@ -81,24 +82,22 @@ def main() -> None:
         "output_dir": tempfile.mkdtemp(prefix="md-profile-")})
 
     score_times: dict[str, float] = defaultdict(float)
-    original = ModelCache.score
 
-    def timed_score(self, path, rollouts, **kw):
-        t0 = time.perf_counter()
-        out = original(self, path, rollouts, **kw)
-        score_times[Path(path).name] += time.perf_counter() - t0
-        return out
+    class TimedModels(ModelCache):
+        def score(self, path, rollouts, **kw):
+            t0 = time.perf_counter()
+            out = super().score(path, rollouts, **kw)
+            score_times[Path(path).name] += time.perf_counter() - t0
+            return out
 
-    ModelCache.score = timed_score
-    s = setup(recipe)
-    optimizer, scheduler = make_optimizer(s)
+    s = build_run(recipe, frozen=TimedModels())
     records, step = [], 0
 
     def ours() -> float:
         nonlocal step
         score_times.clear()
         t0 = time.perf_counter()
-        m = train_step(s, optimizer, scheduler, step)
+        m = train_step(s, step)
         wall = time.perf_counter() - t0
         step += 1
         models = dict(score_times)

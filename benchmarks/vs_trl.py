@@ -9,7 +9,7 @@
 One step of on-policy distillation: the student samples a response to every prompt of the batch (temperature
 1, no top-k/top-p), the teacher scores it, the student takes one AdamW step on a reverse-KL objective.
 
-- `ours`: `merge_distill.train.train_step` on a `Setup` built by `merge_distill.train.setup` from a recipe
+- `ours`: `merge_distill.train.train_step` on a `Run` built by `merge_distill.build.build_run` from a recipe
   (method gopd, lam 1 = on-policy distillation: the sampled-token reverse-KL policy gradient), with the padded
   sampler, or the paged one on a workload with a spread of lengths; `ours_padded`: always the padded one.
 - workload V: responses of 16..1,024 tokens (lognormal, median 160), each prompt's length fixed in
@@ -97,7 +97,8 @@ def child_ours(w: Workload, d: Path, warmup: int, steps: int, floor_pairs: int, 
     _threads()
 
     from merge_distill.recipe import Recipe
-    from merge_distill.train import make_optimizer, setup, train_step
+    from merge_distill.build import build_run
+    from merge_distill.train import train_step
 
     out_dir = Path(tempfile.mkdtemp(prefix="md-bench-"))
     recipe = Recipe.model_validate({
@@ -106,7 +107,7 @@ def child_ours(w: Workload, d: Path, warmup: int, steps: int, floor_pairs: int, 
         "train": {"steps": warmup + steps, "prompts_per_step": w.batch, "max_new_tokens": w.new_tokens,
                   "temperature": 1.0, "lr": 1e-5, "seed": 0},
         "backend": {"rollout": rollout}, "output_dir": str(out_dir)})
-    s = setup(recipe)
+    s = build_run(recipe)
     table = forced_lengths(d, s.tokenizer)
     if table:  # the spread: each row ends at its length, each sampler the way it allows (same work as a real EOS)
         inner = s.sampler.sample
@@ -121,7 +122,6 @@ def child_ours(w: Workload, d: Path, warmup: int, steps: int, floor_pairs: int, 
                 return padded_sample(source, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, **kw)
         s.sampler.sample = sample
     s.frozen.get(recipe.experts[0].teacher)
-    optimizer, scheduler = make_optimizer(s)
     rss_ready = _rss_mb()
     times, tokens, parts = [], [], []
     step = 0
@@ -129,7 +129,7 @@ def child_ours(w: Workload, d: Path, warmup: int, steps: int, floor_pairs: int, 
     def ours_step():
         nonlocal step
         t0 = time.perf_counter()
-        m = train_step(s, optimizer, scheduler, step)
+        m = train_step(s, step)
         step += 1
         return time.perf_counter() - t0, m
 

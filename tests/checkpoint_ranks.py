@@ -1,7 +1,7 @@
 """Programs tests/test_distributed.py runs on 2 gloo ranks under torchrun (`checkpoint_ranks.py NAME ARGS`); each
 rank writes a JSON report to OUT, which the test checks.
 
-- `loading RECIPE TEACHER OUT`: `train.setup` of an fsdp recipe with the frozen models sharded; per rank, the
+- `loading RECIPE TEACHER OUT`: `build.build_run` of an fsdp recipe with the frozen models sharded; per rank, the
   models it read whole from disk (`from_pretrained` calls), how much of the student it holds, the student's and
   the teacher's gathered weights against their files, the tied embeddings and the rotary buffers.
 - `choice RECIPE OUT`: resume a run whose newest checkpoint rank 1 cannot see (its listing lags, as on a node
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from merge_distill import distributed, parallel
 from merge_distill.recipe import load_recipe
-from merge_distill.train import setup
+from merge_distill.build import build_run
 
 read_whole = []
 _from_pretrained = transformers.AutoModelForCausalLM.from_pretrained
@@ -42,7 +42,7 @@ def same_as_file(model: torch.nn.Module, folder: Path) -> bool:
 def loading(recipe_path: str, teacher: str, out: str) -> None:
     recipe = load_recipe(recipe_path)
     distributed.init(recipe.device)
-    s = setup(recipe)
+    s = build_run(recipe)
     rank = distributed.world().rank
     held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in s.student.parameters())
     whole = sum(p.numel() for p in s.student.parameters())
@@ -61,18 +61,15 @@ def loading(recipe_path: str, teacher: str, out: str) -> None:
 
 def choice(recipe_path: str, out: str) -> None:
     from merge_distill import checkpoint
-    from merge_distill.train import checkpointer, make_optimizer
-
     recipe = load_recipe(recipe_path)
     distributed.init(recipe.device)
     rank = distributed.world().rank
     if rank == 1:
         listed = checkpoint.checkpoint_dirs
         checkpoint.checkpoint_dirs = lambda output_dir: listed(output_dir)[:-1]
-    s = setup(recipe)
-    optimizer, scheduler = make_optimizer(s)
-    step = checkpointer(s, optimizer, scheduler).resume()
-    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"step": step, "scheduler": scheduler.last_epoch}))
+    run = build_run(recipe)
+    step = run.checkpoints.resume()
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"step": step, "scheduler": run.scheduler.last_epoch}))
 
 
 if __name__ == "__main__":

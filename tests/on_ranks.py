@@ -47,7 +47,7 @@ def bf16_long_rows(out: Path) -> None:
     world = distributed.init("cpu")
     recipe = SimpleNamespace(device="cpu", parallel="fsdp", dtype="bfloat16", student="random two-layer Qwen3",
                              placement=SimpleNamespace(offload_optimizer=False))
-    wrapped = layout.wrap_student(long_model(), recipe)
+    wrapped = layout.wrap_student(long_model(), recipe, "cpu")
     rollouts = long_rollouts()
     rows = list(range(*distributed.shard(len(LONG_LENGTHS), world.rank, world.size)))
     mine = rollouts.select(rows)
@@ -77,7 +77,7 @@ def offload_step(out: Path) -> None:
         recipe = SimpleNamespace(device="cpu", parallel="fsdp", dtype="float32", student="random two-layer Qwen3",
                                  placement=SimpleNamespace(offload_optimizer=offload))
         model = long_model()
-        wrapped = layout.wrap_student(model, recipe)
+        wrapped = layout.wrap_student(model, recipe, "cpu")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         total = int(collectives.all_reduce_sum(mine.lengths.sum()))
         (-(wrapped(mine, 1.0) * mine.response_mask).sum() / total).backward()

@@ -172,14 +172,13 @@ def test_fsdp_checkpoint_reshards_to_one_process_and_back(fsdp_run, runs, tiny_w
        2-rank run (`fsdp_run`, see `test_fsdp_run_resumed_on_two_ranks_is_bit_identical`)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from merge_distill.train import checkpointer, make_optimizer, setup
+    from merge_distill.build import build_run
 
     saved = read_checkpoint(fsdp_run / "checkpoints" / "step-2")
     one = cut(fsdp_run, runs / "fsdp-to-one")
     resaved = cut(fsdp_run, runs / "fsdp-resaved")
-    s = setup(load_recipe(write_recipe(runs / "resaved.yaml", tiny_world, resaved, **STEPS)))
-    optimizer, scheduler = make_optimizer(s)
-    ckpt = checkpointer(s, optimizer, scheduler)
+    s = build_run(load_recipe(write_recipe(runs / "resaved.yaml", tiny_world, resaved, **STEPS)))
+    optimizer, ckpt = s.optimizer, s.checkpoints
     assert ckpt.resume() == 2
     weights = s.student.state_dict()
     assert [k for k, v in saved["model"].items() if not torch.equal(weights[k], v)] == []
@@ -188,7 +187,7 @@ def test_fsdp_checkpoint_reshards_to_one_process_and_back(fsdp_run, runs, tiny_w
     for name, state in saved["optimizer"]["state"].items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(moments[name][key], state[key]), (name, key)
-    assert s.mixer.state_dict() == saved["mixer"] and scheduler.state_dict()["last_epoch"] == 2
+    assert s.mixer.state_dict() == saved["mixer"] and s.scheduler.state_dict()["last_epoch"] == 2
     ckpt.save(2)  # over the 2-rank files: now written by one process
     assert sorted(p.name for p in (resaved / "checkpoints" / "step-2").glob("*.distcp")) == ["__0_0.distcp"]
     back = runs / "one-to-fsdp"

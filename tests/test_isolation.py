@@ -278,13 +278,13 @@ def test_the_graders_a_run_uses(tiny_world, tmp_path, write_recipe):
 ], ids=["grpo", "final-eval", "periodic-eval"])
 def test_run_without_bwrap_refuses_before_training(no_bwrap, tiny_world, tmp_path, write_recipe, monkeypatch,
                                                     sets, args):
-    import merge_distill.train as train_module
+    import merge_distill.build as build
 
     def train(*_, **__):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(train_module, "train", train)
-    monkeypatch.setattr(train_module, "setup", train)
+    monkeypatch.setattr(build, "train", train)
+    monkeypatch.setattr(build, "build_run", train)
     out = tmp_path / "run"
     path = write_recipe(tmp_path / "r.yaml", tiny_world, out)
     sets = [s.replace("CODE", str(tiny_world / "code_test.jsonl")) for s in sets]

@@ -67,7 +67,7 @@ def test_every_eos_id_ends_a_paged_row_as_a_padded_one():
     assert last.count(second) >= 3 and tok.eos_token_id in last and bool(paged.truncated.any())
 
 
-BF16 = dict(device_type="cpu", dtype=torch.bfloat16)  # what `train.Setup.autocast` enters for `dtype: bfloat16`
+BF16 = dict(device_type="cpu", dtype=torch.bfloat16)  # what `train.Run.autocast` enters for `dtype: bfloat16`
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +238,7 @@ def test_evaluation_through_the_paged_sampler(tiny_world, tmp_path):
 def test_sft_samples_its_teachers_through_the_paged_engine(tiny_world, tmp_path, write_recipe, monkeypatch):
     """Frozen teachers (bfloat16 here) sample through the recipe's engine: paged, with the padded samples."""
     from merge_distill import train as train_module
+    from merge_distill.build import train_recipe
     from merge_distill.recipe import load_recipe
 
     engines, losses = [], {}
@@ -249,7 +250,7 @@ def test_sft_samples_its_teachers_through_the_paged_engine(tiny_world, tmp_path,
         recipe = load_recipe(write_recipe(tmp_path / f"{engine}.yaml", tiny_world, tmp_path / engine, steps=1,
                                           prompts_per_step=6, max_new_tokens=12),
                              [f"backend.rollout={engine}", "method=sft", "dtype=bfloat16"])
-        train_module.train(recipe)
+        train_recipe(recipe)
         row = json.loads((tmp_path / engine / "metrics.jsonl").read_text().splitlines()[0])
         losses[engine] = (row["loss"], row["response_length"])
     assert set(engines) == {"TransformersSampler", "PagedSampler"}

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from merge_distill.engines import TransformersSampler, TransformersScorer, make_sampler, make_scorer
+from merge_distill.engines import RowChunks, TransformersSampler, make_sampler
 from merge_distill.backends import vllm as vb
 from merge_distill.errors import UserError
 from merge_distill.recipe import Recipe
@@ -554,15 +554,14 @@ def test_scoring_through_vllm_is_refused_with_the_reason():
     with pytest.raises(Exception, match="backend.scoring vllm was removed: teachers and references score through "
                                         "the trainer's chunked scorer"):
         Recipe.model_validate({**RECIPE, "backend": {"rollout": "vllm", "scoring": "vllm"}})
-    recipe = Recipe.model_validate({**RECIPE, "backend": {"rollout": "vllm"}})
-    assert isinstance(make_scorer(recipe, "t", None), TransformersScorer)
 
 
 def test_backend_defaults_to_transformers():
     recipe = Recipe.model_validate(RECIPE)
     assert (recipe.backend.rollout, recipe.backend.scoring, recipe.backend.gpu_memory_utilization) == ("transformers", "transformers", 0.5)
     assert type(make_sampler(recipe, None)) is TransformersSampler  # the padded engine, not its paged subclass
-    assert isinstance(make_scorer(recipe, "t", None), TransformersScorer)
+    budget = Recipe.model_validate({**RECIPE, "train": {"max_rollout_tokens": 512}})
+    assert type(make_sampler(budget, None)) is RowChunks and type(make_sampler(budget, None).engine) is TransformersSampler
     with pytest.raises(Exception, match="rollout"):
         Recipe.model_validate({**RECIPE, "backend": {"rollout": "sglang"}})
 
@@ -596,7 +595,7 @@ def test_trainer_samples_through_the_backend(monkeypatch, launcher_env, tiny_wor
     the engine samples). Frozen models score in the trainer, never in an engine."""
     from merge_distill.models import load_model, load_tokenizer
     from merge_distill.recipe import load_recipe
-    from merge_distill.train import load_prompts, train
+    from merge_distill.build import load_prompts, train_recipe
 
     from merge_distill import parallel
 
