@@ -89,7 +89,7 @@ class PagedSampler(TransformersSampler):
     `TransformersSampler` from the same seeds (up to the rounding of the logits).
 
     Built on the student module itself, it shares the trainer's weights (`sync_weights` as the padded one's) and,
-    as the padded one, computes in the caller's autocast dtype (the trainer's `Setup.autocast`), so its log-probs
+    as the padded one, computes in the caller's autocast dtype (the trainer's `Run.autocast`), so its log-probs
     are the trainer's own. `max_cache_tokens` bounds the KV cache (rows wait for pages instead of being chunked by
     the caller)."""
 
