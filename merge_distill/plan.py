@@ -403,7 +403,7 @@ def suggestions(recipe, options: dict, rows: int, width: int) -> list[str]:
                                                    {"gradient_checkpointing": True}),
              "parallel=fsdp": (recipe.parallel == "ddp" and options["gpus"] > 1, "recipe", {"parallel": "fsdp"}),
              "placement.shard_frozen=true": (
-                 not recipe.placement.shard_frozen and options["gpus"] > 1 and method_of(recipe).frozen_via_scorer
+                 not recipe.placement.shard_frozen and options["gpus"] > 1 and method_of(recipe).frozen_shardable
                  and not recipe.placement.offload, "placement",
                  {"shard_frozen": True}),
              "parallel=fsdp + placement.offload_optimizer=true": (

@@ -151,7 +151,7 @@ class Zoo(Strict):
 class Backend(Strict):
     """Inference engines for the student's rollouts and the frozen scorers. "vllm" is the optional extra
     `pip install 'merge-distill[vllm]'` (CUDA only); the trainer gets its engines from
-    `merge_distill.engines.make_sampler(recipe, student)` / `make_scorer(recipe, path, cache)`. Teachers and
+    `merge_distill.engines.make_sampler(recipe, student)`. Teachers and
     references always score through the trainer's own chunked scorer (`merge_distill.scoring`)."""
 
     rollout: Literal["transformers", "paged", "vllm"] = Field(
@@ -291,7 +291,7 @@ class Recipe(Strict):
         if self.placement.shard_frozen:
             from merge_distill.methods import method_of, trains
 
-            if trains(self) and not method_of(self).frozen_via_scorer:
+            if trains(self) and not method_of(self).frozen_shardable:
                 raise ValueError(f"placement.shard_frozen: method {self.method} loads its frozen models into the "
                                  "trainer whole (it samples from them or takes full distributions)")
             if self.placement.offload:

@@ -97,7 +97,7 @@ class Method:
     progress: ClassVar[tuple[str, str] | None] = None  # (per-domain metric, label) for the progress line
 
     @property
-    def frozen_via_scorer(self) -> bool:
+    def frozen_shardable(self) -> bool:
         """Frozen models only score sampled tokens (so they can be sharded over the ranks: `placement.shard_frozen`);
         not when teachers sample or give whole distributions."""
         return self.samples_from == "student" and not self.vocab

@@ -19,7 +19,7 @@ The trainer sees one module, `ModelLogprobs(student)`: its forward is the whole 
   are); gradients are summed over the ranks (divide factor 1: the loss is already the global token mean);
   `placement.offload_optimizer` keeps the shards on the host (`CPUOffloadPolicy`). Frozen teachers and
   references are whole on every rank, unless `placement.shard_frozen` shards them the same way (`shard_frozen`;
-  for methods that only score with them, `Method.frozen_via_scorer`).
+  for methods whose frozen models only score sampled tokens, `Method.frozen_shardable`).
 
 Under fsdp every forward of a sharded module is a collective (an all-gather), so every rank must run the same
 number of them: the trainer agrees micro-batch counts across ranks (`collectives.agreed_chunks`; a rank with
