@@ -112,3 +112,17 @@ def test_the_cycle_finder_finds_a_deferred_cycle(tmp_path):
 
 def test_the_top_package_imports_nothing():
     assert import_graph()["merge_distill"] == set()
+
+
+METHOD_MAY_IMPORT = {"merge_distill.objective", "merge_distill.dense", "merge_distill.step_metrics",
+                     "merge_distill.batch", "merge_distill.errors"}
+
+
+def test_methods_are_functions_of_tensors():
+    """A method file imports the math (objective, dense), the metric values and other methods, never the trainer,
+    the engines, the models or the ranks (`merge_distill.methods.base` says why)."""
+    graph = import_graph()
+    for name, deps in graph.items():
+        if name.startswith("merge_distill.methods"):
+            other = {d for d in deps if not d.startswith("merge_distill.methods")} - METHOD_MAY_IMPORT
+            assert not other, f"{name} imports {sorted(other)}"
