@@ -213,8 +213,9 @@ def math_base(zoo, out: Path) -> Path:
     of the test problems and takes the misconception on many of the carry/borrow ones, the error GRPO's
     reward removes.
     """
-    from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
-    from merge_distill.sft import supervised_train
+    from merge_distill.models import save_model
+    from merge_distill.toyworld.models import byte_tokenizer, tiny_qwen3
+    from merge_distill.toyworld.pretrain import supervised_train
     from merge_distill.toyworld.tasks import NoiseMix, pretraining_corpus
 
     corpus = pretraining_corpus(["math"], 5000, zoo.seed, NoiseMix(misconception=0.4, random_error=0.0),

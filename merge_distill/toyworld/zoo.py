@@ -186,8 +186,11 @@ class Zoo:
                 write_jsonl(tmp / f"{d}_test.jsonl", test)
 
     def _base(self, name: str, size: ModelSize) -> None:
-        from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
-        from merge_distill.sft import supervised_train
+        import torch
+
+        from merge_distill.models import save_model
+        from merge_distill.toyworld.models import byte_tokenizer, tiny_qwen3
+        from merge_distill.toyworld.pretrain import supervised_train
         from merge_distill.toyworld.tasks import NoiseMix, pretraining_corpus
 
         self._build("data")
