@@ -238,8 +238,8 @@ def test_grpo_raises_math_accuracy_on_the_smoke_zoo(tmp_path, one_torch_thread):
     on the zoo's held-out math problems (temperature 1, 16 samples each, the project's evaluation) rises by
     more than 3 paired standard errors."""
     from merge_distill.evaluation.runner import ModelSpec, evaluate
-    from merge_distill.evaluation.suites import zoo_suite
     from merge_distill.recipe import Expert, Recipe, Train
+    from merge_distill.toyworld.extension import zoo_suite
     from merge_distill.toyworld.zoo import Zoo
 
     zoo = Zoo("smoke", GRPO_SEED, str(tmp_path / "zoo"), log=lambda *_: None)
