@@ -144,7 +144,8 @@ def build(w: Workload, root: Path) -> Path:
     """Save student/ and teacher/ (HF folders with the tokenizer) and prompts.jsonl under root/w.name."""
     import torch
 
-    from merge_distill.models import save_model, tiny_qwen3
+    from merge_distill.models import save_model
+    from merge_distill.toyworld.models import tiny_qwen3
 
     out = root / w.name
     if (out / "done.json").exists() and json.loads((out / "done.json").read_text()) == asdict(w):

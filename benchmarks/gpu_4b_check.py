@@ -90,7 +90,8 @@ def build(root: Path, config: Path, device: str, new_tokens: int) -> tuple[Path,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from merge_distill.data import render_prompt
-    from merge_distill.models import byte_tokenizer, save_model
+    from merge_distill.models import save_model
+    from merge_distill.toyworld.models import byte_tokenizer
 
     tok = byte_tokenizer()
     cfg = AutoConfig.from_pretrained(config)

@@ -39,7 +39,8 @@ from _workloads import time_floor  # noqa: E402
 def build(root: Path, n_prompts: int) -> Path:
     import torch
 
-    from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
+    from merge_distill.models import save_model
+    from merge_distill.toyworld.models import byte_tokenizer, tiny_qwen3
     from merge_distill.toyworld.tasks import make_splits
 
     if (root / "done").exists():

@@ -101,7 +101,7 @@ def main() -> None:
 
     import torch
 
-    from merge_distill.models import tiny_qwen3
+    from merge_distill.toyworld.models import tiny_qwen3
     from merge_distill.paged import PagedConfig, sample_paged
     from merge_distill.sampling import row_seeds, sample
 

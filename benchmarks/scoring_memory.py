@@ -40,7 +40,7 @@ def main() -> None:
     import torch
 
     from merge_distill.fused import chunk_rows_for
-    from merge_distill.models import tiny_qwen3
+    from merge_distill.toyworld.models import tiny_qwen3
     from merge_distill.sampling import Rollouts, positions
     from merge_distill.scoring import response_logprobs
 

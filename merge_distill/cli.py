@@ -1,4 +1,5 @@
-"""The `merge-distill` command line: run, validate, plan, eval, grade, zoo."""
+"""The `merge-distill` command line: run, validate, plan, eval, grade, sweep, and the commands extensions
+mount (`merge_distill.extensions`: the toy world's `zoo build`)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from merge_distill import extensions
 from merge_distill.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Merge domain-expert LMs into one student by G-OPD / ExOPD on-policy distillation.")
-zoo_app = typer.Typer(no_args_is_help=True, help="The CPU expert zoo (tiny models this project trains itself).")
-app.add_typer(zoo_app, name="zoo")
+extensions.mount_commands(app)
 # Tables are wide (one column per model): when output goes to a file or CI log, don't wrap at 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=400)
@@ -81,23 +82,21 @@ def _with_isolation(overrides: list[str] | None, isolation: str | None) -> list[
 
 
 def _resolved(recipe_path: Path, overrides: list[str], progress, evaluate: bool):
-    """The edge: the recipe and its `compare:` variants with `zoo:` paths resolved into plain paths (rank 0
-    builds the zoo members they name, the other ranks then find them). First, where any of them will grade by
+    """The edge: the recipe and its `compare:` variants, with what their paths name built (rank 0 builds the zoo
+    members they name, `extensions.build`; the other ranks then find them). First, where any of them will grade by
     running code, its isolation is checked (one line, before anything is built or trained)."""
     from merge_distill import distributed
     from merge_distill.recipe import load_recipe
     from merge_distill.run import check_isolation, variant_recipes
-    from merge_distill.toyworld.zoo import resolve
 
     recipe = load_recipe(recipe_path, overrides)
-    loaded = variant_recipes(recipe_path, overrides, recipe)
-    check_isolation([recipe, *loaded.values()], evaluate_after=evaluate)
+    variants = variant_recipes(recipe_path, overrides, recipe)
+    check_isolation([recipe, *variants.values()], evaluate_after=evaluate)
     distributed.init(recipe.device)
     with distributed.main_first():
-        resolved = resolve(recipe, progress=progress, log=console.print)
-        _convert_gguf_files(resolved)
-    variants = {name: resolve(r, build=False) for name, r in loaded.items()}
-    return resolved, variants
+        extensions.build(recipe, progress=progress, log=console.print)
+        _convert_gguf_files(recipe)
+    return recipe, variants
 
 
 def _convert_gguf_files(recipe) -> None:
@@ -154,13 +153,12 @@ def validate(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overri
 
     def body():
         from merge_distill.recipe import load_recipe
-        from merge_distill.toyworld.zoo import resolve, unbuilt
         from merge_distill.validate import MissingInputs, static_checks, validate_recipe
 
         loaded = load_recipe(recipe, overrides)
         try:
-            pending = unbuilt(loaded)  # a zoo recipe whose zoo is not built: only what needs no file
-            lines = [pending, *static_checks(loaded)] if pending else validate_recipe(resolve(loaded, build=False))
+            pending = extensions.unbuilt(loaded)  # e.g. a zoo recipe whose zoo is not built: what needs no file
+            lines = [pending, *static_checks(loaded)] if pending else validate_recipe(loaded)
         except MissingInputs as e:  # what could be checked, then (by _guard) every missing input, one a line
             for line in e.checked:
                 console.print(escape(line), highlight=False)
@@ -191,16 +189,15 @@ def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides:
         from merge_distill.plan import GiB, device_memory
         from merge_distill.plan import plan as make_plan
         from merge_distill.recipe import load_recipe
-        from merge_distill.toyworld.zoo import resolve, unbuilt
 
         loaded = load_recipe(recipe, overrides)
-        pending = unbuilt(loaded)
+        pending = extensions.unbuilt(loaded)
         if pending and not assume_config:
             raise UserError(pending)
         kind = (device or loaded.device).split(":")[0]
         # CPU ranks share the machine: each gets its share
         budget = int(gpu_memory * GiB) if gpu_memory else device_memory(kind) // (gpus if kind == "cpu" else 1)
-        p = make_plan(resolve(loaded, build=False), gpus=gpus, gpu_memory_bytes=budget, device=kind,
+        p = make_plan(loaded, gpus=gpus, gpu_memory_bytes=budget, device=kind,
                       assume_config=assume_config, prompt_tokens=prompt_tokens)
         if as_json:
             typer.echo(json.dumps(p.to_json()))
@@ -256,7 +253,7 @@ def eval_cmd(
 
         from merge_distill import closed_form, distributed
         from merge_distill.evaluation.report import (
-            paired_rows,
+            pairwise_differences,
             rich_table,
             write_results,
         )
@@ -264,7 +261,6 @@ def eval_cmd(
         from merge_distill.evaluation.suites import load_suite
         from merge_distill.models import check_model_dir
         from merge_distill.sandbox import isolation_note
-        from merge_distill.toyworld.zoo import Zoo
 
         level = _isolation(isolation) or "bubblewrap"
 
@@ -276,8 +272,10 @@ def eval_cmd(
             if not closed_form.is_spec(path):
                 check_model_dir(path, what=f"--model {name}")
             specs.append(ModelSpec(name, path))
-        where = zoo_dir or (Zoo(zoo, zoo_seed).dir if zoo else None)
-        suites = [load_suite(s, zoo_dir=where) for s in suite]
+        if zoo or zoo_dir:  # the zoo of the zoo-* suites, named as a recipe's `zoo:` section names it
+            extensions.parse_section("zoo", {"preset": zoo or "default", "seed": zoo_seed,
+                                             "dir": str(zoo_dir) if zoo_dir else None}, source="--zoo")
+        suites = [load_suite(s) for s in suite]
         if max_problems:
             suites = [replace(s, records=s.records[:max_problems]) for s in suites]
         world = distributed.init(device)
@@ -289,12 +287,8 @@ def eval_cmd(
         distributed.shutdown()
         if not world.main:
             return
-        pairs = [(a.name, b.name) for i, a in enumerate(specs) for b in specs[i + 1:]]
-        per_problem = {}
-        for (m, s), est in result.per_problem.items():
-            per_problem.setdefault(m, {})[s] = est
-        metrics = {s.name: (next(r.metric for r in result.rows if r.suite == s.name), None) for s in suites}
-        paired = paired_rows(per_problem, pairs, metrics) if pairs else []
+        paired = pairwise_differences(result.rows, result.per_problem, [m.name for m in specs],
+                                      [s.name for s in suites])
         paths = write_results(result.rows, out, {"paired_differences": [p.to_dict() for p in paired],
                                                  "sandbox_isolation": result.isolation,
                                                  "samples_per_second": round(result.samples_per_second, 1),
@@ -339,10 +333,9 @@ def sweep(recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
     def body():
         from merge_distill.sandbox import isolation_note
         from merge_distill.sweep import sweep as run_sweep
-        from merge_distill.toyworld.zoo import resolve
 
         with progress_bar() as progress:
-            root = run_sweep(recipe, _with_isolation(overrides, isolation), resolve=resolve, progress=progress,
+            root = run_sweep(recipe, _with_isolation(overrides, isolation), progress=progress,
                              log=console.print)
         data = json.loads((root / "sweep.json").read_text())
         points = data["points"]
@@ -358,28 +351,6 @@ def sweep(recipe: Annotated[Path, typer.Argument(help="YAML recipe")],
         if data.get("sandbox_isolation"):
             console.print(isolation_note(data["sandbox_isolation"]), highlight=False)
         console.print(f"wrote {root / 'sweep.json'} and {root / 'sweep.png'}")
-
-    _guard(body)
-
-
-@zoo_app.command("build")
-def zoo_build(preset: Annotated[str, typer.Option(help="default, hard, three, hack or smoke")] = "default",
-              seed: int = 0,
-              members: Annotated[Optional[list[str]], typer.Option("--member", help="only these (e.g. large_math_expert)")] = None,
-              directory: Annotated[Optional[str], typer.Option("--dir", help="where (default: the cache)")] = None,
-              isolation: Isolation = None):
-    """Build (or reuse) the CPU expert zoo: data, base, and RL experts."""
-
-    def body():
-        from merge_distill.graders import sandbox_level
-        from merge_distill.toyworld.zoo import Zoo
-
-        level = _isolation(isolation) or "bubblewrap"
-        with progress_bar() as progress:
-            z = Zoo(preset, seed, directory, progress=progress, log=console.print, isolation=level)
-            sandbox_level(z.graders_to_build(members), level)  # the code expert's GRPO grades code
-            z.ensure(members)
-        console.print(f"zoo ready: {z.dir}")
 
     _guard(body)
 

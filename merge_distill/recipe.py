@@ -1,8 +1,7 @@
 """Recipes: validated YAML describing a distillation run. One meaning per key; unknown keys are errors.
 
-Relative paths are relative to the current working directory. A path written `zoo:NAME` points into the
-CPU expert zoo named by the recipe's `zoo:` section (built on first use), e.g. `zoo:math_expert` or
-`zoo:data/math_train.jsonl`.
+Relative paths are relative to the current working directory. Sections and path schemes that extensions
+register (`merge_distill.extensions`, e.g. the toy world's `zoo:`) are resolved on the raw data when it loads.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from merge_distill import extensions
 from merge_distill.errors import UserError
 
 STUDENT = "student"  # `reference: student` = the student's initial weights
@@ -142,12 +142,6 @@ class Merge(Strict):
     seed: int = 0
 
 
-class Zoo(Strict):
-    preset: str = "default"
-    seed: int = 0
-    dir: str | None = Field(None, description="default: $MERGE_DISTILL_CACHE/zoo/<preset>-seed<seed>")
-
-
 class Backend(Strict):
     """Inference engines for the student's rollouts and the frozen scorers. "vllm" is the optional extra
     `pip install 'merge-distill[vllm]'` (CUDA only); the trainer gets its engines from
@@ -223,7 +217,6 @@ class Recipe(Strict):
         None, description="a compare: variant's name: every other variant is also reported minus it (paired, on "
                           "every suite), e.g. exopd - opd")
     output_dir: str
-    zoo: Zoo | None = None
     allow_chat_template_mismatch: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="teachers and references are stored in it and the student computes in it "
@@ -309,12 +302,6 @@ class Recipe(Strict):
                              f"({', '.join(names) or 'there are none'})")
         return self
 
-    @model_validator(mode="after")
-    def _zoo_paths_need_zoo(self) -> "Recipe":
-        if self.zoo is None and any(p.startswith("zoo:") for p in self.model_paths()):
-            raise ValueError("paths start with 'zoo:' but the recipe has no zoo: section")
-        return self
-
     def scale_of(self, expert: Expert) -> float:
         return self.reward_scale if expert.reward_scale is None else expert.reward_scale
 
@@ -397,6 +384,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise UserError(f"{path}: a recipe is a YAML mapping (student:, experts:, ...)")
     for text in overrides or []:
         apply_override(data, *parse_override(text), text)
+    data = extensions.resolve_recipe_data(data, str(path))
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:

@@ -19,14 +19,14 @@ from merge_distill.recipe import STUDENT, Recipe
 
 
 def eval_suites(recipe: Recipe):
-    """The recipe's held-out suites (`zoo-*` suites from the folder of a resolved zoo recipe)."""
+    """The recipe's held-out suites (by name, path, or a name an extension registered, e.g. the toy world's `zoo-*`)."""
     from merge_distill.evaluation.suites import load_suite
 
     names = recipe.eval.suites if recipe.eval and recipe.eval.suites else [e.eval_suite for e in recipe.experts]
     if any(n is None for n in names):
         missing = [e.name for e in recipe.experts if e.eval_suite is None]
         raise UserError(f"eval: experts {', '.join(missing)} have no eval_suite and eval.suites is not set")
-    suites = [load_suite(n, zoo_dir=recipe.zoo.dir if recipe.zoo else None) for n in names]
+    suites = [load_suite(n) for n in names]
     if recipe.eval and recipe.eval.max_problems:
         from dataclasses import replace
 
@@ -147,33 +147,20 @@ def variant_recipes(recipe_path: Path, overrides: list[str], recipe: Recipe) -> 
 
 
 def graders_to_run(recipe: Recipe, *, evaluate_after: bool) -> set[str]:
-    """The graders a run of `recipe` uses: building the zoo members it names (GRPO experts), its own training
-    when graders reward it (GRPO), and its periodic and final evaluation. Works before the zoo is built."""
+    """The graders a run of `recipe` uses: building what its paths name (`extensions.graders_to_build`: the zoo's
+    GRPO experts), its own training when graders reward it (GRPO), and its periodic and final evaluation. Works
+    before the zoo is built."""
+    from merge_distill import extensions
+    from merge_distill.evaluation.suites import suite_grader
     from merge_distill.methods import method_of, trains
-    from merge_distill.toyworld.zoo import graders_to_build, resolve
 
-    names = set(graders_to_build(recipe))
+    names = extensions.graders_to_build(recipe)
     if trains(recipe) and method_of(recipe).graded:
         names |= {e.grader_name for e in recipe.experts}
     if recipe.eval and (evaluate_after or recipe.train.eval_every):
-        resolved = resolve(recipe, build=False)  # zoo paths and default suites, nothing built
-        zoo_dir = resolved.zoo.dir if resolved.zoo else None
-        suites = resolved.eval.suites or [e.eval_suite for e in resolved.experts if e.eval_suite]
-        names |= {g for g in (_suite_grader(n, zoo_dir) for n in suites) if g}
+        suites = recipe.eval.suites or [e.eval_suite for e in recipe.experts if e.eval_suite]
+        names |= {g for g in map(suite_grader, suites) if g}
     return names
-
-
-def _suite_grader(name: str, zoo_dir: str | None) -> str | None:
-    """The grader of a suite, or None where it cannot be loaded yet (the run says why when it gets there)."""
-    from merge_distill.evaluation.suites import load_suite
-
-    if name.startswith("zoo-") and not Path(name).exists() and not (
-            zoo_dir and (Path(zoo_dir) / "data" / f"{name[4:]}_test.jsonl").is_file()):
-        return name[4:]  # a zoo not built yet: its suites are graded by their domain's grader
-    try:
-        return load_suite(name, zoo_dir=zoo_dir).grader
-    except UserError:
-        return None
 
 
 def check_isolation(recipes, *, evaluate_after: bool) -> str | None:
@@ -188,7 +175,8 @@ def check_isolation(recipes, *, evaluate_after: bool) -> str | None:
 
 def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, evaluate_after: bool, progress):
     """Train every variant (`variant_recipes`), evaluate them side by side, write the report. Recipes have plain
-    paths (zoo recipes are resolved at the edge); returns (students, (result, paired, paths) or None, timings)."""
+    paths, what they name built at the edge (`extensions.build`); returns (students, (result, paired, paths) or
+    None, timings)."""
     import time
 
     from merge_distill import distributed

@@ -36,10 +36,10 @@ def variant_name(v: dict[str, str]) -> str:
     return ",".join(f"{k.split('.')[-1]}={x}" for k, x in v.items())
 
 
-def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_: recipe, progress=None,
-          log=print) -> Path:
-    """Train and evaluate one student per grid point. `resolve(recipe, progress=, log=)` turns a loaded recipe
-    into one of plain paths (the CLI passes the toy world's, which builds the zoo a recipe names)."""
+def sweep(recipe_path: Path, overrides: list[str], *, progress=None, log=print) -> Path:
+    """Train and evaluate one student per grid point. What each point's recipe names is built first
+    (`extensions.build`: the zoo a recipe's `zoo:` paths name)."""
+    from merge_distill import extensions
     from merge_distill.evaluation.metrics import paired_difference
     from merge_distill.evaluation.runner import ModelSpec, evaluate
     from merge_distill.recipe import load_recipe
@@ -51,7 +51,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_
     if loaded.eval is None:
         raise UserError(f"{recipe_path}: a sweep needs an eval: section")
     check_isolation([loaded], evaluate_after=True)  # before the zoo is built or anything trains
-    base = resolve(loaded, progress=progress, log=log)
+    base = extensions.build(loaded, progress=progress, log=log)
     root = Path(base.output_dir) / "sweep"
     suites = eval_suites(base)
     cfg = base.eval
@@ -63,7 +63,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, resolve=lambda recipe, **_
     points = []
     for v in variants(grid):
         name = variant_name(v)
-        recipe = resolve(load_recipe(recipe_path, fixed + [f"{k}={x}" for k, x in v.items()] +
+        recipe = extensions.build(load_recipe(recipe_path, fixed + [f"{k}={x}" for k, x in v.items()] +
                                      [f"output_dir={root / name}"]), progress=progress, log=log)
         final = Path(recipe.output_dir) / "final"
         if not final.exists():

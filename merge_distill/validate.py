@@ -44,7 +44,7 @@ def _input_fields(recipe: Recipe) -> list[tuple[str, str, bool]]:
 
 
 def missing_paths(recipe: Recipe) -> list[str]:
-    """One line per model folder or prompt file that does not exist (zoo paths already resolved)."""
+    """One line per model folder or prompt file that does not exist (`zoo:` paths resolved when the recipe loaded)."""
     from merge_distill.models import is_model_dir
 
     problems = []
@@ -87,7 +87,7 @@ def _partial_checks(recipe: Recipe, problems: list[str]) -> list[str]:
 def validate_recipe(recipe: Recipe) -> list[str]:
     """Return lines describing what was checked. Raise MissingInputs listing every missing model or prompt
     path (after the checks that need none of them), or UserError at the first other problem. `recipe` has plain
-    paths (a zoo recipe is resolved at the edge, `merge_distill.toyworld.zoo.resolve`)."""
+    paths (a zoo recipe's `zoo:` paths are resolved when it loads, `merge_distill.extensions`)."""
     from merge_distill.data import load_records, render_prompt, user_message
     from merge_distill.models import load_tokenizer
     from merge_distill.build import check_models

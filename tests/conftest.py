@@ -30,7 +30,7 @@ def _world_key() -> str:
     import merge_distill
 
     pkg = Path(merge_distill.__file__).parent
-    files = [Path(__file__), pkg / "models.py", pkg / "sft.py", *sorted((pkg / "toyworld" / "tasks").glob("*.py"))]
+    files = [Path(__file__), pkg / "toyworld" / "models.py", pkg / "toyworld" / "pretrain.py", *sorted((pkg / "toyworld" / "tasks").glob("*.py"))]
     h = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
     for f in files:
         h.update(f.read_bytes())
@@ -56,8 +56,9 @@ def _build_tiny_world(root: Path) -> Path:
     its own domain's correct answers), and JSONL prompt files. Sizes chosen for speed, not quality."""
     import torch
 
-    from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
-    from merge_distill.sft import supervised_train
+    from merge_distill.models import save_model
+    from merge_distill.toyworld.models import byte_tokenizer, tiny_qwen3
+    from merge_distill.toyworld.pretrain import supervised_train
     from merge_distill.toyworld.tasks import (
         NoiseMix,
         make_family,

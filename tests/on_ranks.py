@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from merge_distill import distributed
-from merge_distill.models import tiny_qwen3
+from merge_distill.toyworld.models import tiny_qwen3
 from merge_distill.parallel import collectives, layout
 from merge_distill.sampling import Rollouts, left_pad
 

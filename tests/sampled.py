@@ -18,7 +18,7 @@ def biased_model(tok, token: int, bias: float, *, seed: int = 0):
     """A random-weight one-layer Qwen3 over `tok`'s vocabulary whose output head adds `bias` to `token`'s logit
     (its other logits are near zero: `token` has probability about e^bias / (e^bias + vocab - 1) at every step;
     a large bias makes it certain). The model's config and generation config name `tok`'s EOS alone."""
-    from merge_distill.models import tiny_qwen3
+    from merge_distill.toyworld.models import tiny_qwen3
 
     model = tiny_qwen3(len(tok), hidden=32, layers=1, heads=2, seed=seed, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id)

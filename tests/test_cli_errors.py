@@ -71,7 +71,8 @@ def test_missing_teacher(recipe, tmp_path):
 
 
 def test_teacher_with_another_vocabulary(recipe, tmp_path):
-    from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
+    from merge_distill.models import save_model
+    from merge_distill.toyworld.models import byte_tokenizer, tiny_qwen3
 
     tok = byte_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from merge_distill.fused import token_logprobs
-from merge_distill.models import tiny_qwen3
+from merge_distill.toyworld.models import tiny_qwen3
 from merge_distill.sampling import Rollouts, positions, sample
 from merge_distill.scoring import response_logprobs
 

@@ -167,7 +167,8 @@ def test_user_errors():
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
+    from merge_distill.models import save_model
+    from merge_distill.toyworld.models import byte_tokenizer, tiny_qwen3
 
     root = tmp_path_factory.mktemp("merge")
     tok = byte_tokenizer()

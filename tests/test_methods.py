@@ -213,8 +213,9 @@ def math_base(zoo, out: Path) -> Path:
     of the test problems and takes the misconception on many of the carry/borrow ones, the error GRPO's
     reward removes.
     """
-    from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
-    from merge_distill.sft import supervised_train
+    from merge_distill.models import save_model
+    from merge_distill.toyworld.models import byte_tokenizer, tiny_qwen3
+    from merge_distill.toyworld.pretrain import supervised_train
     from merge_distill.toyworld.tasks import NoiseMix, pretraining_corpus
 
     corpus = pretraining_corpus(["math"], 5000, zoo.seed, NoiseMix(misconception=0.4, random_error=0.0),
@@ -237,8 +238,8 @@ def test_grpo_raises_math_accuracy_on_the_smoke_zoo(tmp_path, one_torch_thread):
     on the zoo's held-out math problems (temperature 1, 16 samples each, the project's evaluation) rises by
     more than 3 paired standard errors."""
     from merge_distill.evaluation.runner import ModelSpec, evaluate
-    from merge_distill.evaluation.suites import zoo_suite
     from merge_distill.recipe import Expert, Recipe, Train
+    from merge_distill.toyworld.extension import zoo_suite
     from merge_distill.toyworld.zoo import Zoo
 
     zoo = Zoo("smoke", GRPO_SEED, str(tmp_path / "zoo"), log=lambda *_: None)

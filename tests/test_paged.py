@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from merge_distill.data import render_prompt
-from merge_distill.models import byte_tokenizer, load_model, load_tokenizer, tiny_qwen3
+from merge_distill.models import load_model, load_tokenizer
+from merge_distill.toyworld.models import byte_tokenizer, tiny_qwen3
 
 # transformers before 5.24 lacks the engine internals the paged sampler drives: there it is refused
 # (tests/test_transformers_versions.py), and these tests skip

@@ -10,6 +10,7 @@ from merge_distill.evaluation.report import (
     format_cell,
     markdown_table,
     paired_rows,
+    pairwise_differences,
     rich_table,
     write_results,
 )
@@ -84,6 +85,22 @@ def test_paired_rows():
     per_problem["base"]["champ"] = {"p1": [1]}
     with pytest.raises(ValueError, match="suite 'champ'.*same problems"):
         paired_rows(per_problem, [("student", "base")])
+
+
+def test_pairwise_differences_compare_each_model_with_each_later_one():
+    """`merge-distill eval`'s analysis: pairs in the order the models were given, on every suite both have, each
+    suite labelled with the metric of its first row (per-problem estimates as `EvalResult.per_problem` holds them)."""
+    rows = [ResultRow("a", "m", "math", "avg", 2, 0.5, 0.1, 2, 2), ResultRow("a", "m", "math", "avg", 1, 0.5, 0.1, 2, 1),
+            ResultRow("a", "h", "code", "pass", 1, 0.5, 0.1, 2, 1).to_dict()]
+    per_problem = {("a", "m"): {"p": 0.9, "q": 0.5}, ("b", "m"): {"p": 0.4, "q": 0.3}, ("c", "m"): {"p": 0.1, "q": 0.2},
+                   ("a", "h"): {"x": 1.0, "y": 0.0}, ("b", "h"): {"x": 0.0, "y": 0.0}}  # c was not scored on h
+    got = pairwise_differences(rows, per_problem, ["a", "b", "c"], ["m", "h"])
+    assert [(d.suite, d.a, d.b, d.metric, d.k, d.n_problems) for d in got] == [
+        ("m", "a", "b", "avg", None, 2), ("h", "a", "b", "pass", None, 2), ("m", "a", "c", "avg", None, 2),
+        ("m", "b", "c", "avg", None, 2)]
+    assert [d.diff for d in got] == pytest.approx([0.35, 0.5, 0.55, 0.2])  # mean of (0.5, 0.2), (1, 0), ...
+    assert got[0].stderr == pytest.approx(0.15)  # differences 0.5 and 0.2: sd 0.212 over sqrt(2)
+    assert pairwise_differences(rows, per_problem, ["a"], ["m", "h"]) == []
 
 
 def test_write_results(tmp_path):

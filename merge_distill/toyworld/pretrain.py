@@ -1,6 +1,7 @@
-"""Supervised fine-tuning on (prompt, response) pairs, loss on response tokens only.
+"""The zoo's pretraining loop: supervised fine-tuning on (prompt, response) pairs, loss on response tokens only.
 
-Used to pretrain the CPU zoo's base models and as the off-policy (SFT) baseline.
+Pretrains the CPU zoo's base models (and the tests' tiny world); the off-policy SFT baseline of a recipe is the
+method `sft` (`merge_distill.methods`), which trains through the trainer like every other method.
 """
 
 from __future__ import annotations
