@@ -46,7 +46,7 @@ class Sampler(Protocol):
     # its memory and the trainer's current weights, entered by every rank together; the trainer wraps each
     # sampling phase and periodic evaluation in it (`train.Setup.decoding`). And `schedules_rows = True` for an
     # engine that schedules rows within its own memory (continuous batching): the trainer then passes every
-    # row at once instead of chunks within `train.max_rollout_tokens`.
+    # row at once instead of chunks within `budget.max_rollout_tokens`.
 
 
 class Scorer(Protocol):
@@ -125,7 +125,7 @@ def make_sampler(recipe: Recipe, student: torch.nn.Module, *, max_model_len: int
     if recipe.backend.rollout == "transformers":
         return TransformersSampler(student)
     if recipe.backend.rollout == "paged":  # in the trainer's autocast, as the padded one
-        return PagedSampler(student, max_cache_tokens=recipe.train.max_rollout_tokens)
+        return PagedSampler(student, max_cache_tokens=recipe.budget.max_rollout_tokens)
     from merge_distill.backends.vllm import VLLMSampler, import_vllm
 
     import_vllm()  # the missing extra first
@@ -133,7 +133,7 @@ def make_sampler(recipe: Recipe, student: torch.nn.Module, *, max_model_len: int
         raise ValueError("backend.rollout vllm: make_sampler needs max_model_len (longest prompt + max_new_tokens)")
     b = recipe.backend
     return VLLMSampler(recipe.student, student, max_model_len=max_model_len, device=recipe.device,
-                       dtype=recipe.dtype, seed=recipe.train.seed, sleep_level=b.sleep_level,
+                       dtype=recipe.dtype, seed=recipe.seed, sleep_level=b.sleep_level,
                        gpu_memory_utilization=b.gpu_memory_utilization, max_num_seqs=b.max_num_seqs,
                        max_num_batched_tokens=b.max_num_batched_tokens, batch_invariant=b.batch_invariant)
 
@@ -142,7 +142,7 @@ def frozen_sampler(recipe: Recipe, model: torch.nn.Module) -> Sampler:
     """The engine that samples from a frozen model (e.g. SFT's teachers): paged when the student's rollouts are,
     else padded (a vLLM recipe's frozen samplers stay in transformers)."""
     if recipe.backend.rollout == "paged":
-        return PagedSampler(model, trainer_logprobs=False, max_cache_tokens=recipe.train.max_rollout_tokens)
+        return PagedSampler(model, trainer_logprobs=False, max_cache_tokens=recipe.budget.max_rollout_tokens)
     return TransformersSampler(model)
 
 

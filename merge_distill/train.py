@@ -51,7 +51,7 @@ class Setup:
         """The student's log-probs of `rollouts` at the rollout temperature, with gradients (`[B, L]`, or
         `[B, L, V]` with `vocab`), in the recipe's compute dtype, through the data-parallel wrapper."""
         with self.autocast():
-            return self.student_logprobs(rollouts, self.recipe.train.temperature, vocab)
+            return self.student_logprobs(rollouts, self.recipe.rollout.temperature, vocab)
 
     def no_sync(self):
         """Within: backward passes accumulate gradients on this rank only (all but a step's last micro-batch)."""
@@ -82,13 +82,13 @@ class Setup:
             return self._sample(frozen_sampler(self.recipe, model), batch, seeds)
 
     def _sample(self, sampler: Sampler, batch: list[Prompt], seeds: list[int]) -> Rollouts:
-        """One response per row, in row chunks whose KV cache stays within `train.max_rollout_tokens` (per-row
+        """One response per row, in row chunks whose KV cache stays within `budget.max_rollout_tokens` (per-row
         seeds: the same responses whatever the chunking). An engine that schedules rows itself (paged, vLLM)
         takes every row at once: rows wait for free pages of its cache."""
-        cfg, pad = self.recipe.train, self.tokenizer.pad_token_id
+        cfg, budget, pad = self.recipe.rollout, self.recipe.budget, self.tokenizer.pad_token_id
         rows = len(batch)
-        if cfg.max_rollout_tokens is not None and not getattr(sampler, "schedules_rows", False):
-            rows = max(1, cfg.max_rollout_tokens // (max(len(p.token_ids) for p in batch) + cfg.max_new_tokens))
+        if budget.max_rollout_tokens is not None and not getattr(sampler, "schedules_rows", False):
+            rows = max(1, budget.max_rollout_tokens // (max(len(p.token_ids) for p in batch) + cfg.max_new_tokens))
         parts = [sampler.sample([list(p.token_ids) for p in batch[lo:lo + rows]], max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.temperature, eos_token_id=eos_token_ids(self.tokenizer, self.student),
                                 pad_token_id=pad, seeds=seeds[lo:lo + rows])
@@ -97,13 +97,13 @@ class Setup:
 
     def score(self, path: str, rollouts: Rollouts) -> torch.Tensor:
         """`[B, L]` log-probs of the sampled tokens under the frozen model at `path`, at the rollout temperature:
-        teachers and references score at the tau the student sampled at (see `Train.temperature`)."""
+        teachers and references score at the tau the student sampled at (see `Rollout.temperature`)."""
         if not len(rollouts.response_ids) and not self.frozen.shard:  # no rows (a sharded model still takes part)
             return rollouts.sampler_logprobs.new_zeros(rollouts.response_ids.shape)
         key = self.frozen.key(path)
         if key not in self.scorers:
             self.scorers[key] = make_scorer(self.recipe, path, self.frozen)
-        lp = self.scorers[key].score(rollouts, temperature=self.recipe.train.temperature)
+        lp = self.scorers[key].score(rollouts, temperature=self.recipe.rollout.temperature)
         return lp.to(rollouts.response_ids.device)
 
     def old_logprobs(self, rollouts: Rollouts) -> torch.Tensor:
@@ -117,8 +117,8 @@ class Setup:
         if self.sampler.trainer_logprobs:
             return rollouts.sampler_logprobs
         with self.autocast():
-            return parallel.logprobs_in_passes(self.student_logprobs, rollouts, self.recipe.train.temperature,
-                                               self.recipe.train.max_tokens_per_micro_batch)
+            return parallel.logprobs_in_passes(self.student_logprobs, rollouts, self.recipe.rollout.temperature,
+                                               self.recipe.budget.max_tokens_per_micro_batch)
 
     def reference_path(self, expert) -> str:
         return reference_path(self.recipe, expert)
@@ -160,7 +160,7 @@ def load_prompts(recipe: Recipe, tokenizer) -> list[list[Prompt]]:
 
 def setup(recipe: Recipe, *, eval_tokens: int = 0) -> Setup:
     """`eval_tokens`: the most prompt + response tokens a periodic evaluation request takes (it sizes a vLLM
-    engine's `max_model_len`, with the longest training prompt + `train.max_new_tokens`)."""
+    engine's `max_model_len`, with the longest training prompt + `rollout.max_new_tokens`)."""
     rewarded = not method_of(recipe).needs_teachers  # rewarded by graders instead of teachers
     if rewarded:  # a grader that runs code needs its isolation before any model loads
         from merge_distill.graders import sandbox_level
@@ -173,11 +173,11 @@ def setup(recipe: Recipe, *, eval_tokens: int = 0) -> Setup:
     dtype = getattr(torch, recipe.dtype)  # frozen models are stored in it; the student computes in it
     student, student_logprobs = load_student(recipe)
     pools = load_prompts(recipe, tokenizer)
-    mixer = DomainMixer(pools, [e.weight for e in recipe.experts], recipe.train.seed)
+    mixer = DomainMixer(pools, [e.weight for e in recipe.experts], recipe.seed)
     longest = max((len(p.token_ids) for pool in pools for p in pool), default=0)
-    max_model_len = max(longest + recipe.train.max_new_tokens, eval_tokens)
+    max_model_len = max(longest + recipe.rollout.max_new_tokens, eval_tokens)
     frozen = ModelCache(dtype=dtype, device=recipe.placement.frozen_device or recipe.device,
-                        offload=recipe.placement.offload, max_tokens=recipe.train.max_tokens_per_micro_batch,
+                        offload=recipe.placement.offload, max_tokens=recipe.budget.max_tokens_per_micro_batch,
                         shard=parallel.shard_frozen if recipe.placement.shard_frozen and distributed.active() else None)
     graders = {}
     if rewarded:
@@ -194,7 +194,7 @@ def load_student(recipe: Recipe) -> tuple[torch.nn.Module, torch.nn.Module]:
     rank 0's one copy (`models.load_sharded`); its shards live on the host with `placement.offload_optimizer`."""
 
     def checkpointed(student):
-        if recipe.train.gradient_checkpointing:
+        if recipe.budget.gradient_checkpointing:
             if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.24's name
                 student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
@@ -221,7 +221,7 @@ def _sync(s: Setup) -> None:
 
 
 def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
-    cfg, method = s.recipe.train, s.method
+    cfg, budget, method = s.recipe.rollout, s.recipe.budget, s.method
     metrics: dict = {"step": step + 1}
     if s.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
@@ -231,7 +231,7 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     own = slice(*distributed.shard(len(prompts), world.rank, world.size))  # this rank's prompts, all their rollouts
     batch = [p for p in prompts[own] for _ in range(cfg.rollouts_per_prompt)]
     # global row r's randomness, wherever it is sampled
-    seeds = row_seeds(cfg.seed * 1_000_003 + step, len(batch), offset=own.start * cfg.rollouts_per_prompt)
+    seeds = row_seeds(s.recipe.seed * 1_000_003 + step, len(batch), offset=own.start * cfg.rollouts_per_prompt)
 
     batch, rollouts = method.rollouts(s, batch, seeds)
     _sync(s)
@@ -246,8 +246,8 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
     total_tokens = int(collectives.all_reduce_sum(rollouts.lengths.sum()).clamp(min=1))
     loss_sum, ratios = 0.0, []
     # the same number of passes on every rank (a rank with fewer rows runs some that weigh nothing)
-    chunks = collectives.agreed_chunks(token_budget_chunks(row_lengths(rollouts), cfg.max_tokens_per_micro_batch,
-                                                        cfg.micro_batch_size))
+    chunks = collectives.agreed_chunks(token_budget_chunks(row_lengths(rollouts), budget.max_tokens_per_micro_batch,
+                                                        budget.micro_batch_size))
     for j, (rows, real) in enumerate(chunks):
         sub = rollouts.select(rows)
         with s.no_sync() if j < len(chunks) - 1 else contextlib.nullcontext():  # gradients sync in the last one
@@ -260,7 +260,7 @@ def train_step(s: Setup, optimizer, scheduler, step: int) -> dict:
             ratios.append(torch.exp(logprobs - sub.sampler_logprobs)[sub.response_mask])
     # every rank now holds the same summed gradients (or its shard of them), so all clip by the same global norm
     grad_norm = parallel.total_norm(torch.nn.utils.clip_grad_norm_(s.student.parameters(),
-                                                                   cfg.grad_clip or float("inf")))
+                                                                   s.recipe.optim.grad_clip or float("inf")))
     # a non-finite loss or gradient on any rank: no rank steps, so weights and optimizer state stay finite
     skipped = collectives.any_rank(not (math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))))
     if skipped:  # the step only moves the data on
@@ -311,13 +311,13 @@ def check_engine_weights(s: Setup, step: int) -> float | None:
         return None
     from merge_distill.backends.vllm import check_sync
 
-    probe = s.sample_student([s.mixer.pools[0][0]], [s.recipe.train.seed])
+    probe = s.sample_student([s.mixer.pools[0][0]], [s.recipe.seed])
     return check_sync(probe.sampler_logprobs, s.old_logprobs(probe), probe.response_mask, dtype=s.recipe.dtype,
                       step=step + 1)
 
 
 def make_optimizer(s: Setup):
-    cfg = s.recipe.train
+    cfg, steps = s.recipe.optim, s.recipe.schedule.steps
     params = list(s.student.parameters())
     # the fused kernel: one pass over each tensor, no temporaries the size of the model
     # (`python benchmarks/optimizer_step.py`: faster and lighter than the for-loop and foreach forms)
@@ -328,9 +328,9 @@ def make_optimizer(s: Setup):
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant" or cfg.steps <= cfg.warmup_steps:
+        if cfg.lr_schedule == "constant" or steps <= cfg.warmup_steps:
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
         return 1.0 - progress if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -349,8 +349,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None) 
     method = method_of(recipe)
     world = distributed.init(recipe.device)
     if distributed.active():
-        if method.trains and recipe.train.prompts_per_step < world.size:
-            raise UserError(f"train.prompts_per_step ({recipe.train.prompts_per_step}) is smaller than the "
+        if method.trains and recipe.rollout.prompts_per_step < world.size:
+            raise UserError(f"rollout.prompts_per_step ({recipe.rollout.prompts_per_step}) is smaller than the "
                             f"number of ranks ({world.size}): every rank needs at least one prompt per step")
         frozen = recipe.placement.frozen_device
         placement = recipe.placement.model_copy(update={"frozen_device": frozen and distributed.device_for(frozen)})
@@ -370,8 +370,8 @@ def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eva
             final = Path(method.combine(recipe))
         collectives.barrier()
         return final
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
+    if recipe.budget.threads:
+        torch.set_num_threads(recipe.budget.threads)
     s = setup(recipe, eval_tokens=getattr(on_eval, "max_tokens", 0))
     optimizer, scheduler = make_optimizer(s)
     checkpoints = checkpointer(s, optimizer, scheduler)
@@ -379,7 +379,7 @@ def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eva
     if start:
         s.sampler.sync_weights(s.student)
     log = MetricsLog(output_dir, start) if world.main else None
-    cfg = recipe.train
+    cfg = recipe.schedule
     task = progress.add_task(f"train ({method.name})", total=cfg.steps, completed=start) if progress else None
     in_a_row = 0  # consecutive skipped steps
     try:
@@ -392,9 +392,9 @@ def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eva
                     log.write(metrics)
                 raise TrainingDiverged(
                     f"stopped at step {done}: {in_a_row} steps in a row had a non-finite loss or gradient and were "
-                    f"skipped (train.max_consecutive_skips {cfg.max_consecutive_skips}); the weights are those of step "
-                    f"{done - in_a_row}; see {output_dir / 'metrics.jsonl'}, lower train.lr or keep "
-                    "train.importance_truncation on")
+                    f"skipped (schedule.max_consecutive_skips {cfg.max_consecutive_skips}); the weights are those of "
+                    f"step {done - in_a_row}; see {output_dir / 'metrics.jsonl'}, lower optim.lr or keep "
+                    "method.importance_truncation on")
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # every rank evaluates
                 metrics.update(s.decoding(lambda: on_eval(s.sampler, done) if on_eval else {}))
             if log:
@@ -413,8 +413,8 @@ def _train(recipe: Recipe, method: Method, world, resume: bool, progress, on_eva
 
 def checkpointer(s: Setup, optimizer, scheduler) -> Checkpointer:
     """What a checkpoint holds: everything a resumed run needs to continue as if it had not stopped."""
-    checkpoints = Checkpointer(Path(s.recipe.output_dir), every=s.recipe.train.checkpoint_every,
-                               keep=s.recipe.train.keep_checkpoints)
+    checkpoints = Checkpointer(Path(s.recipe.output_dir), every=s.recipe.schedule.checkpoint_every,
+                               keep=s.recipe.schedule.keep_checkpoints)
     checkpoints.register("model", parallel.ModelState(s.student))
     checkpoints.register("optimizer", parallel.OptimizerState(s.student, optimizer))
     checkpoints.register("scheduler", scheduler)

@@ -7,11 +7,11 @@ import pytest
 
 from merge_distill import objective
 from merge_distill.errors import UserError
-from merge_distill.methods import TrainingMethod, available_methods, method_of, register_method
-from merge_distill.recipe import load_recipe
 from merge_distill.frozen import ModelCache
+from merge_distill.methods import TrainingMethod, available_methods, method_of, register_method
 from merge_distill.scoring import response_logprobs
 from merge_distill.train import train
+from merge_distill.validate import load_recipe
 
 
 @register_method("toy_self_training")
@@ -30,7 +30,7 @@ class SelfTraining(TrainingMethod):
         return None
 
     def loss(self, run, rollouts, targets):
-        logprobs = response_logprobs(run.student, rollouts, temperature=run.recipe.train.temperature)
+        logprobs = response_logprobs(run.student, rollouts, temperature=run.recipe.rollout.temperature)
         return -objective.masked_mean(logprobs, rollouts.response_mask), logprobs.detach()
 
 
@@ -65,10 +65,10 @@ def test_an_unknown_method_lists_the_registered_ones(tiny_world, tmp_path, write
 @pytest.mark.parametrize("sets, expected", [
     ([], {"math": {"teacher", "reference"}, "code": {"teacher", "reference"}}),         # lam 1.25: T and R
     (["reward_scale=1.0"], {"math": {"teacher"}, "code": {"teacher"}}),                 # OPD: R cancels
-    (["reward_scale=1.0", "train.log_ratio_clip=2.0"],
+    (["reward_scale=1.0", "method.log_ratio_clip=2.0"],
      {"math": {"teacher", "reference"}, "code": {"teacher", "reference"}}),              # a clip keeps R
-    (["train.objective=dense", "experts.code.reward_scale=1.0"], {"math": {"teacher", "reference"}, "code": {"teacher"}}),
-    (["method=grpo", "train.rollouts_per_prompt=2"], {"math": set(), "code": set()}),   # graders, no models
+    (["method.objective=dense", "experts.code.reward_scale=1.0"], {"math": {"teacher", "reference"}, "code": {"teacher"}}),
+    (["method=grpo", "rollout.rollouts_per_prompt=2"], {"math": set(), "code": set()}),   # graders, no models
     (["method=sft"], {"math": {"teacher"}, "code": {"teacher"}}),
     (["method=merge"], {"math": {"teacher"}, "code": {"teacher"}}),
 ])
@@ -80,5 +80,5 @@ def test_each_method_names_the_frozen_models_it_loads(tiny_world, tmp_path, writ
 
 def test_objective_dense_is_only_for_gopd(tiny_world, tmp_path, write_recipe):
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
-    with pytest.raises(UserError, match="train.objective dense is not available for method sft"):
-        load_recipe(path, ["method=sft", "train.objective=dense"])
+    with pytest.raises(UserError, match="method.objective dense is not available for method sft"):
+        load_recipe(path, ["method=sft", "method.objective=dense"])

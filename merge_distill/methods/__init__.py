@@ -1,5 +1,5 @@
 """Training methods as a registry (`base.py` says what a method is). Built in: `gopd` (G-OPD / ExOPD, the
-sampled estimator, and `train.objective: dense`), `grpo`, `sft`, and the weight-space `expo` and `merge`."""
+sampled estimator, and `method.objective: dense`), `grpo`, `sft`, and the weight-space `expo` and `merge`."""
 
 from merge_distill.methods.base import (
     Method,

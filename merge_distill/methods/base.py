@@ -31,7 +31,7 @@ _REGISTRY: dict[tuple[str, str], type[Method]] = {}
 
 
 def register_method(name: str, *, objective: str = "sampled"):
-    """Class decorator: the method a recipe selects with `method: name` (and `train.objective: objective`)."""
+    """Class decorator: the method a recipe selects with `method: name` (and `method.objective: objective`)."""
 
     def add(cls: type[Method]) -> type[Method]:
         cls.name, cls.objective = name, objective
@@ -52,11 +52,11 @@ def get_method(name: str, objective: str = "sampled") -> Method:
     if name not in available_methods():
         raise ValueError(f"unknown method '{name}' (registered: {', '.join(available_methods())})")
     have = sorted(o for n, o in _REGISTRY if n == name)
-    raise ValueError(f"train.objective {objective} is not available for method {name} (it has: {', '.join(have)})")
+    raise ValueError(f"method.objective {objective} is not available for method {name} (it has: {', '.join(have)})")
 
 
 def method_of(recipe: Recipe) -> Method:
-    return get_method(recipe.method, recipe.train.objective)
+    return get_method(recipe.method.name, recipe.method.objective)
 
 
 class Method:

@@ -8,7 +8,7 @@ score the sampled tokens at the same tau. Each real token (EOS included) gets th
 (no discount, no baseline, no normalisation; `objective.gopd_advantages`), and the loss is the token mean
 over the global batch of `-min(pi_theta / pi_sampler, c) * A_t` (`objective.policy_gradient_loss`). lam = 1
 is on-policy distillation (reverse KL to T; R cancels and is not computed), lam > 1 extrapolates (ExOPD);
-the per-token optimum is pi* ∝ T^lam R^(1-lam). With `train.log_ratio_clip: c` the log-ratio log T - log R
+the per-token optimum is pi* ∝ T^lam R^(1-lam). With `method.log_ratio_clip: c` the log-ratio log T - log R
 is clipped to [-c, c] (then R is needed at lam = 1 too).
 """
 
@@ -23,7 +23,7 @@ from merge_distill.methods.base import TrainingMethod, register_method
 
 def needs_reference(recipe, expert) -> bool:
     """R enters the reward unless lam = 1 with an unclipped log-ratio (where it cancels exactly)."""
-    return recipe.scale_of(expert) != 1.0 or recipe.train.log_ratio_clip is not None
+    return recipe.scale_of(expert) != 1.0 or recipe.method.log_ratio_clip is not None
 
 
 class PolicyGradientMethod(TrainingMethod):
@@ -32,7 +32,7 @@ class PolicyGradientMethod(TrainingMethod):
     def loss(self, run, rollouts, targets):
         logprobs = run.policy(rollouts)
         loss = objective.policy_gradient_loss(logprobs, rollouts.sampler_logprobs, targets, rollouts.response_mask,
-                                              truncation=run.recipe.train.importance_truncation)
+                                              truncation=run.recipe.method.importance_truncation)
         return loss, logprobs.detach()
 
 
@@ -61,7 +61,7 @@ class GOPD(PolicyGradientMethod):
             lam = recipe.scale_of(expert)
             student_lp = old_logprobs[rows]
             teacher_lp = run.score(expert.teacher, sub)
-            clip = recipe.train.log_ratio_clip
+            clip = recipe.method.log_ratio_clip
             reference_lp = run.score(run.reference_path(expert), sub) if needs_reference(recipe, expert) else None
             if clip is None:
                 a = objective.gopd_advantages(student_lp, teacher_lp, reference_lp, lam)

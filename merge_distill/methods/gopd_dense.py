@@ -1,4 +1,4 @@
-"""Dense G-OPD (`method: gopd`, `train.objective: dense`): the exact objective over the whole vocabulary.
+"""Dense G-OPD (`method: gopd`, `method.objective: dense`): the exact objective over the whole vocabulary.
 
 Per visited response position, G-OPD's objective equals log Z - KL(pi || pi*) with
 
@@ -27,9 +27,9 @@ class DenseGOPD(TrainingMethod):
 
     def check(self, recipe):
         super().check(recipe)
-        if recipe.train.log_ratio_clip is not None:
-            raise ValueError("train.log_ratio_clip clips the sampled estimator's reward; it does not apply to "
-                             "train.objective dense")
+        if recipe.method.log_ratio_clip is not None:
+            raise ValueError("method.log_ratio_clip clips the sampled estimator's reward; it does not apply to "
+                             "method.objective dense")
 
     def frozen_models(self, recipe, expert):
         models = {"teacher": expert.teacher}
@@ -41,7 +41,7 @@ class DenseGOPD(TrainingMethod):
     def targets(self, run, batch, rollouts, metrics):
         """`[B, L, V]` log pi* at every response position, each domain's rows from its own teacher and reference."""
         recipe, frozen = run.recipe, run.frozen
-        tau = recipe.train.temperature  # the student's logits then converge to lam log T + (1 - lam) log R
+        tau = recipe.rollout.temperature  # the student's logits then converge to lam log T + (1 - lam) log R
         target = None
         for i, expert in enumerate(recipe.experts):
             rows = [r for r, p in enumerate(batch) if p.expert == i]
