@@ -14,8 +14,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from merge_distill.errors import UserError
-
 STUDENT = "student"  # `reference: student` = the student's initial weights
 
 # Where each key of the former `train:` section lives now (`seed` is top level).

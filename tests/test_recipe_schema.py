@@ -1,6 +1,6 @@
 """The recipe schema: the sections the former `train:` section was split into (each old key refused with its new
 place, from a file, from `--set` and from a compare variant), `method:` as a name or a section, the removed
-`backend.scoring`, and recipe.py as a schema that imports nothing of the package but its errors."""
+`backend.scoring`, and recipe.py as a schema that imports nothing of the package but (at most) its errors."""
 
 import ast
 from pathlib import Path
@@ -159,5 +159,5 @@ def test_recipe_py_imports_nothing_of_the_package_but_its_errors():
     tree = ast.parse((ROOT / "merge_distill" / "recipe.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert {m for m in imported if m.split(".")[0] == "merge_distill"} == {"merge_distill.errors"}
+    assert {m for m in imported if m.split(".")[0] == "merge_distill"} <= {"merge_distill.errors"}
     assert "yaml" not in imported  # loading a file is validate's
