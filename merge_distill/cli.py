@@ -86,9 +86,9 @@ def _resolved(recipe_path: Path, overrides: list[str], progress, evaluate: bool)
     builds the zoo members they name, the other ranks then find them). First, where any of them will grade by
     running code, its isolation is checked (one line, before anything is built or trained)."""
     from merge_distill import distributed
-    from merge_distill.run import check_isolation, variant_recipes
+    from merge_distill.run import check_isolation
     from merge_distill.toyworld.zoo import resolve
-    from merge_distill.validate import load_recipe
+    from merge_distill.validate import load_recipe, variant_recipes
 
     recipe = load_recipe(recipe_path, overrides)
     loaded = variant_recipes(recipe_path, overrides, recipe)

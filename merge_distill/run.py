@@ -133,21 +133,6 @@ def evaluate_recipe(recipe: Recipe, students: dict[str, str], out_dir: Path, *, 
     return result, paired_differences(recipe, result, suites, tuple(students))
 
 
-def variant_recipes(recipe_path: Path, overrides: list[str], recipe: Recipe) -> dict[str, Recipe]:
-    """The recipe itself as 'student', or each `compare:` variant under its own name and output folder."""
-    from merge_distill.validate import load_recipe
-
-    if not recipe.compare:
-        return {"student": recipe}
-    out = {}
-    for v in recipe.compare:
-        sets = [f"{k}={json.dumps(x)}" for k, x in v.set.items()]
-        r = load_recipe(recipe_path, overrides + sets + [f"output_dir={Path(recipe.output_dir) / 'variants' / v.name}",
-                                                         "compare=null", "compare_against=null"])
-        out[v.name] = r
-    return out
-
-
 def graders_to_run(recipe: Recipe, *, evaluate_after: bool) -> set[str]:
     """The graders a run of `recipe` uses: building the zoo members it names (GRPO experts), its own training
     when graders reward it (GRPO), and its periodic and final evaluation. Works before the zoo is built."""
@@ -190,7 +175,7 @@ def check_isolation(recipes, *, evaluate_after: bool) -> str | None:
 
 
 def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, evaluate_after: bool, progress):
-    """Train every variant (`variant_recipes`), evaluate them side by side, write the report. Recipes have plain
+    """Train every variant (`validate.variant_recipes`), evaluate them side by side, write the report. Recipes have plain
     paths (zoo recipes are resolved at the edge); returns (students, (result, paired, paths) or None, timings)."""
     import time
 

@@ -9,6 +9,7 @@ prompt files that exist, eval suites) and then reports every missing path at onc
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         return check_recipe(recipe)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
+
+
+def variant_recipes(recipe_path: Path, overrides: list[str], recipe: Recipe) -> dict[str, Recipe]:
+    """The recipe itself as 'student', or each `compare:` variant under its own name and output folder (the
+    recipe loaded again with the variant's `set:` as overrides)."""
+    if not recipe.compare:
+        return {"student": recipe}
+    out = {}
+    for v in recipe.compare:
+        sets = [f"{k}={json.dumps(x)}" for k, x in v.set.items()]
+        r = load_recipe(recipe_path, overrides + sets + [f"output_dir={Path(recipe.output_dir) / 'variants' / v.name}",
+                                                         "compare=null", "compare_against=null"])
+        out[v.name] = r
+    return out
 
 
 def check_recipe(recipe: Recipe) -> Recipe:
