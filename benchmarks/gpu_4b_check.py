@@ -111,9 +111,9 @@ def build(root: Path, config: Path, device: str, new_tokens: int) -> tuple[Path,
         "student": str(root / "student"), "reward_scale": 1.25,
         "experts": [{"name": d, "teacher": str(root / f"{d}_teacher"), "reference": "student",
                      "prompts": str(root / f"{d}.jsonl")} for d in PROMPTS],
-        "train": {"steps": 2, "prompts_per_step": 2, "max_new_tokens": new_tokens, "lr": 1e-5,
-                  "gradient_checkpointing": True, "max_tokens_per_micro_batch": longest + new_tokens,
-                  "checkpoint_every": 0},
+        "rollout": {"prompts_per_step": 2, "max_new_tokens": new_tokens}, "optim": {"lr": 1e-5},
+        "budget": {"gradient_checkpointing": True, "max_tokens_per_micro_batch": longest + new_tokens},
+        "schedule": {"steps": 2, "checkpoint_every": 0},
         "dtype": "bfloat16", "device": device, "output_dir": str(root / "run"),
     }
     path = root / "recipe.yaml"
@@ -145,7 +145,7 @@ def torchrun_check(root: Path, config: Path, device: str, *, layers: int, new_to
     cfg.save_pretrained(small)
     recipe_path, longest = build(root, small, device, new_tokens)
     recipe = yaml.safe_load(recipe_path.read_text())
-    recipe["train"].update(checkpoint_every=1, keep_checkpoints=2)
+    recipe["schedule"].update(checkpoint_every=1, keep_checkpoints=2)
     recipe.update(parallel="fsdp", dtype="bfloat16")
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
@@ -227,7 +227,7 @@ def main() -> None:
     import merge_distill.train as train_module
     from merge_distill.build import train_recipe
     from merge_distill.plan import device_memory, plan
-    from merge_distill.recipe import load_recipe
+    from merge_distill.validate import load_recipe
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

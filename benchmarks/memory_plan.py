@@ -139,8 +139,8 @@ def build(shape: Shape, root: Path, device: str) -> tuple[Path, int]:
                      "grader": "math"},
                     {"name": "code", "teacher": str(root / "teacher"), "prompts": str(root / "prompts.jsonl"),
                      "grader": "code"}],
-        "train": {"steps": 2, "prompts_per_step": shape.batch, "max_new_tokens": shape.new_tokens, "lr": 1e-4,
-                  "threads": 2, "micro_batch_size": shape.micro_batch},
+        "rollout": {"prompts_per_step": shape.batch, "max_new_tokens": shape.new_tokens}, "optim": {"lr": 1e-4},
+        "budget": {"threads": 2, "micro_batch_size": shape.micro_batch}, "schedule": {"steps": 2},
         "dtype": shape.dtype, "device": device, "output_dir": str(root / "run"),
     }
     path = root / "recipe.yaml"
@@ -167,8 +167,8 @@ def worker(recipe_path: str) -> None:
     """Train the recipe; print the peak memory in bytes as the last line."""
     import torch
 
-    from merge_distill.recipe import load_recipe
     from merge_distill.build import train_recipe
+    from merge_distill.validate import load_recipe
 
     import merge_distill.train as loop
 
@@ -203,7 +203,7 @@ def describe(s: Shape) -> str:
 def measure(shape: Shape, device: str) -> tuple[int, object]:
     """(measured peak bytes of a 2-step run in a fresh process, the plan of the same recipe)."""
     from merge_distill.plan import plan
-    from merge_distill.recipe import load_recipe
+    from merge_distill.validate import load_recipe
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe, longest = build(shape, Path(tmp), device)

@@ -79,7 +79,8 @@ def main() -> None:
         "student": str(d / "base"), "reward_scale": 1.25,
         "experts": [{"name": "math", "teacher": str(d / "math_expert"), "prompts": str(d / "math.jsonl")},
                     {"name": "code", "teacher": str(d / "code_expert"), "prompts": str(d / "code.jsonl")}],
-        "train": {"steps": 100, "prompts_per_step": a.batch, "max_new_tokens": a.new_tokens, "lr": 1e-4},
+        "rollout": {"prompts_per_step": a.batch, "max_new_tokens": a.new_tokens}, "optim": {"lr": 1e-4},
+        "schedule": {"steps": 100},
         "output_dir": tempfile.mkdtemp(prefix="md-profile-")})
 
     score_times: dict[str, float] = defaultdict(float)

@@ -17,7 +17,7 @@ at those lengths:
   pages there, as at a real EOS.
 
 Both get the same KV memory: `--kv-rows` rows at the longest prompt + `--max-new` (what a row may take when
-lengths are not known in advance; default 16 of the 64 rows), as a run's `train.max_rollout_tokens` gives them.
+lengths are not known in advance; default 16 of the 64 rows), as a run's `budget.max_rollout_tokens` gives them.
 The padded sampler then samples the rows in chunks of that many, each chunk until its longest row ends (what the
 trainer does); the paged engine gets that many tokens of cache, and admits rows while pages are free, so short
 rows make room for waiting ones. `--cache-tokens` sets the paged cache alone.
@@ -152,7 +152,7 @@ def main() -> None:
 
     def padded(model, prompts=prompts, length=length, seeds=seeds):
         eos = model.config.vocab_size - 1
-        for lo in range(0, len(prompts), kv_rows):  # the trainer's chunks under train.max_rollout_tokens
+        for lo in range(0, len(prompts), kv_rows):  # the trainer's chunks under budget.max_rollout_tokens
             hi = lo + kv_rows
             with torch.no_grad():
                 r = sample(forced_logits(model, length[lo:hi], eos), prompts[lo:hi], max_new_tokens=a.max_new,

@@ -2,11 +2,12 @@
 student sizes, teacher RL strengths and training steps.
 
     python benchmarks/strong_to_weak.py                                  # the shipped preset on zoo seeds 0, 1, 2
-    python benchmarks/strong_to_weak.py --set train.steps=100 --set train.eval_every=25     # the preset at 100 steps
+    python benchmarks/strong_to_weak.py \\
+        --set schedule.steps=100 --set schedule.eval_every=25            # the preset at 100 steps
     python benchmarks/strong_to_weak.py --seeds 0 --students small_base,mid_base \\
-        --set train.steps=100 --set train.eval_every=25                  # the student's size
+        --set schedule.steps=100 --set schedule.eval_every=25            # the student's size
     python benchmarks/strong_to_weak.py --seeds 0 --teachers large_math_expert@20 \\
-        --set train.steps=100 --set train.eval_every=25                  # the teacher's RL strength
+        --set schedule.steps=100 --set schedule.eval_every=25            # the teacher's RL strength
     python benchmarks/strong_to_weak.py --decompose --seeds 0 --students small_base,mid_base,base \\
         --teachers large_math_expert@20,large_math_expert   # what log T/R_student is made of (a minute)
 
@@ -14,7 +15,7 @@ Each cell is one `merge-distill run recipes/strong_to_weak.yaml` (its three arms
 side on the same held-out problems with the same per-(problem, sample) seeds) with the student, teacher and zoo
 seed set on the command line; runs resume (`--resume`), so an interrupted sweep picks up where it stopped.
 Its report.json gives the paired differences exopd - opd and exopd_corrected - opd (avg@k over the test split,
-standard errors paired per problem). With `train.eval_every`, every arm's student was also evaluated during
+standard errors paired per problem). With `schedule.eval_every`, every arm's student was also evaluated during
 training (one sample per problem, the same seeds in every arm): the script pairs the arms at each of those
 steps too, which is the step sweep. Prints one table and adds its cells to `<out>/strong_to_weak.json`.
 

@@ -104,8 +104,8 @@ def child_ours(w: Workload, d: Path, warmup: int, steps: int, floor_pairs: int, 
     recipe = Recipe.model_validate({
         "student": str(d / "student"), "reward_scale": 1.0,
         "experts": [{"name": "synthetic", "teacher": str(d / "teacher"), "prompts": str(d / "prompts.jsonl")}],
-        "train": {"steps": warmup + steps, "prompts_per_step": w.batch, "max_new_tokens": w.new_tokens,
-                  "temperature": 1.0, "lr": 1e-5, "seed": 0},
+        "rollout": {"prompts_per_step": w.batch, "max_new_tokens": w.new_tokens, "temperature": 1.0},
+        "optim": {"lr": 1e-5}, "schedule": {"steps": warmup + steps}, "seed": 0,
         "backend": {"rollout": rollout}, "output_dir": str(out_dir)})
     s = build_run(recipe)
     table = forced_lengths(d, s.tokenizer)

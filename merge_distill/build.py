@@ -54,14 +54,14 @@ def build_run(recipe: Recipe, *, sampler: Sampler | None = None, frozen: ModelCa
               graders: dict | None = None, eval_tokens: int = 0) -> Run:
     """The parts of a run of `recipe` on this rank. `eval_tokens`: the most prompt + response tokens a periodic
     evaluation request takes (it sizes a vLLM engine's `max_model_len`, with the longest training prompt +
-    `train.max_new_tokens`)."""
+    `rollout.max_new_tokens`)."""
     method = method_of(recipe)
     world = distributed.world()
-    if world.size > 1 and recipe.train.prompts_per_step < world.size:
-        raise UserError(f"train.prompts_per_step ({recipe.train.prompts_per_step}) is smaller than the number of "
+    if world.size > 1 and recipe.rollout.prompts_per_step < world.size:
+        raise UserError(f"rollout.prompts_per_step ({recipe.rollout.prompts_per_step}) is smaller than the number of "
                         f"ranks ({world.size}): every rank needs at least one prompt per step")
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
+    if recipe.budget.threads:
+        torch.set_num_threads(recipe.budget.threads)
     device = distributed.device_for(recipe.device)
     if method.graded and graders is None:  # a grader that runs code needs its isolation before any model loads
         from merge_distill.graders import sandbox_level
@@ -73,16 +73,16 @@ def build_run(recipe: Recipe, *, sampler: Sampler | None = None, frozen: ModelCa
         raise UserError(f"student '{recipe.student}': its tokenizer needs an eos_token and a pad_token")
     student, policy = load_student(recipe, device)
     pools = load_prompts(recipe, tokenizer)
-    mixer = DomainMixer(pools, [e.weight for e in recipe.experts], recipe.train.seed)
+    mixer = DomainMixer(pools, [e.weight for e in recipe.experts], recipe.seed)
     if sampler is None:
         longest = max((len(p.token_ids) for pool in pools for p in pool), default=0)
         sampler = make_sampler(recipe, student, device=device, wrapped=policy if parallel.is_sharded(policy) else None,
-                               max_model_len=max(longest + recipe.train.max_new_tokens, eval_tokens))
+                               max_model_len=max(longest + recipe.rollout.max_new_tokens, eval_tokens))
     if frozen is None:
         frozen_device = recipe.placement.frozen_device
         frozen = ModelCache(dtype=getattr(torch, recipe.dtype),  # frozen models are stored in the recipe's dtype
                             device=distributed.device_for(frozen_device) if frozen_device else device,
-                            offload=recipe.placement.offload, max_tokens=recipe.train.max_tokens_per_micro_batch,
+                            offload=recipe.placement.offload, max_tokens=recipe.budget.max_tokens_per_micro_batch,
                             shard=parallel.shard_frozen if recipe.placement.shard_frozen and distributed.active()
                             else None)
     if graders is None and method.graded:
@@ -123,7 +123,7 @@ def load_student(recipe: Recipe, device: str) -> tuple[torch.nn.Module, torch.nn
     rank 0's one copy (`models.load_sharded`); its shards live on the host with `placement.offload_optimizer`."""
 
     def checkpointed(student):
-        if recipe.train.gradient_checkpointing:
+        if recipe.budget.gradient_checkpointing:
             if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.24's name
                 student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
@@ -140,7 +140,7 @@ def load_student(recipe: Recipe, device: str) -> tuple[torch.nn.Module, torch.nn
 
 
 def make_optimizer(recipe: Recipe, student: torch.nn.Module):
-    cfg = recipe.train
+    cfg, steps = recipe.optim, recipe.schedule.steps
     params = list(student.parameters())
     # the fused kernel: one pass over each tensor, no temporaries the size of the model
     # (`python benchmarks/optimizer_step.py`: faster and lighter than the for-loop and foreach forms)
@@ -151,9 +151,9 @@ def make_optimizer(recipe: Recipe, student: torch.nn.Module):
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant" or cfg.steps <= cfg.warmup_steps:
+        if cfg.lr_schedule == "constant" or steps <= cfg.warmup_steps:
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        progress = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
         return 1.0 - progress if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -161,8 +161,8 @@ def make_optimizer(recipe: Recipe, student: torch.nn.Module):
 
 def checkpointer(run: Run) -> Checkpointer:
     """What a checkpoint holds: everything a resumed run needs to continue as if it had not stopped."""
-    checkpoints = Checkpointer(Path(run.recipe.output_dir), every=run.recipe.train.checkpoint_every,
-                               keep=run.recipe.train.keep_checkpoints)
+    checkpoints = Checkpointer(Path(run.recipe.output_dir), every=run.recipe.schedule.checkpoint_every,
+                               keep=run.recipe.schedule.keep_checkpoints)
     checkpoints.register("model", parallel.ModelState(run.student))
     checkpoints.register("optimizer", parallel.OptimizerState(run.student, run.optimizer))
     checkpoints.register("scheduler", run.scheduler)

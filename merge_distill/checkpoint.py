@@ -6,7 +6,7 @@
   rank writes its own shards (`__R_0.distcp`) and rank 0 the index (`.metadata`), so no rank gathers the model;
   loading reshards, so a checkpoint resumes on any number of ranks and in either layout (fsdp on 2 ranks -> one
   process -> ddp or fsdp again). Written to `.step-N.tmp` and renamed into place by rank 0 once every rank is
-  done, so a kill never leaves a half-written checkpoint; the newest `train.keep_checkpoints` are kept.
+  done, so a kill never leaves a half-written checkpoint; the newest `schedule.keep_checkpoints` are kept.
   `checksums.json` holds the sha256 of every file: each rank hashes the shards it wrote, rank 0 gathers them,
   so no rank reads another's shard. `--resume`: rank 0 takes the newest checkpoint whose files match their
   checksums (a warning names each damaged file it skipped) and broadcasts its choice, so every rank loads the

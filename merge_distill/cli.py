@@ -58,7 +58,8 @@ def _guard(fn):
         raise typer.Exit(130) from None
 
 
-Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key, e.g. --set train.steps=10")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set",
+                                                   help="override a recipe key, e.g. --set schedule.steps=10")]
 Isolation = Annotated[Optional[str], typer.Option(
     help="how model-written code is isolated: bubblewrap (the default; nothing runs where it is missing) or "
          "rlimits (your opt-out: no namespaces, programs can read your files and reach the network)")]
@@ -86,8 +87,8 @@ def _resolved(recipe_path: Path, overrides: list[str], progress, evaluate: bool)
     members they name, `extensions.build`; the other ranks then find them). First, where any of them will grade by
     running code, its isolation is checked (one line, before anything is built or trained)."""
     from merge_distill import distributed
-    from merge_distill.recipe import load_recipe
-    from merge_distill.run import check_isolation, variant_recipes
+    from merge_distill.run import check_isolation
+    from merge_distill.validate import load_recipe, variant_recipes
 
     recipe = load_recipe(recipe_path, overrides)
     variants = variant_recipes(recipe_path, overrides, recipe)
@@ -152,8 +153,7 @@ def validate(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overri
     """Check a recipe, every path in it, and model compatibility, without training."""
 
     def body():
-        from merge_distill.recipe import load_recipe
-        from merge_distill.validate import MissingInputs, static_checks, validate_recipe
+        from merge_distill.validate import MissingInputs, load_recipe, static_checks, validate_recipe
 
         loaded = load_recipe(recipe, overrides)
         try:
@@ -188,7 +188,7 @@ def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides:
 
         from merge_distill.plan import GiB, device_memory
         from merge_distill.plan import plan as make_plan
-        from merge_distill.recipe import load_recipe
+        from merge_distill.validate import load_recipe
 
         loaded = load_recipe(recipe, overrides)
         pending = extensions.unbuilt(loaded)

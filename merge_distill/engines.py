@@ -7,7 +7,7 @@ was drawn from; `sync_weights(model)` after each optimizer step; `decoding(fn)` 
 `close()`.
 
 Built in: `TransformersSampler` (padded, KV-cached batches; `RowChunks` keeps its KV cache within
-`train.max_rollout_tokens`), `PagedSampler` (continuous batching over a paged KV cache, `merge_distill.paged`),
+`budget.max_rollout_tokens`), `PagedSampler` (continuous batching over a paged KV cache, `merge_distill.paged`),
 and the vLLM sampler (`merge_distill.backends.vllm`, the `vllm` extra), chosen by a recipe's `backend.rollout`
 through `make_sampler`. Teachers and references score through `merge_distill.frozen.ModelCache`. To add an
 engine: a class with the protocol's members (copy `TransformersSampler`) and a `backend.rollout` value in
@@ -149,7 +149,7 @@ def make_sampler(recipe: Recipe, student: torch.nn.Module, *, device: str | None
     if recipe.backend.rollout == "transformers":
         return _within_budget(recipe, TransformersSampler(student, wrapped=wrapped))
     if recipe.backend.rollout == "paged":  # in the trainer's autocast, as the padded one
-        return PagedSampler(student, max_cache_tokens=recipe.train.max_rollout_tokens)
+        return PagedSampler(student, max_cache_tokens=recipe.budget.max_rollout_tokens)
     from merge_distill.backends.vllm import VLLMSampler, import_vllm
 
     import_vllm()  # the missing extra first
@@ -157,7 +157,7 @@ def make_sampler(recipe: Recipe, student: torch.nn.Module, *, device: str | None
         raise ValueError("backend.rollout vllm: make_sampler needs max_model_len (longest prompt + max_new_tokens)")
     b = recipe.backend
     return VLLMSampler(recipe.student, student, max_model_len=max_model_len, device=device or recipe.device,
-                       dtype=recipe.dtype, seed=recipe.train.seed, sleep_level=b.sleep_level,
+                       dtype=recipe.dtype, seed=recipe.seed, sleep_level=b.sleep_level,
                        gpu_memory_utilization=b.gpu_memory_utilization, max_num_seqs=b.max_num_seqs,
                        max_num_batched_tokens=b.max_num_batched_tokens, batch_invariant=b.batch_invariant)
 
@@ -166,10 +166,10 @@ def frozen_sampler(recipe: Recipe, model: torch.nn.Module) -> Sampler:
     """The engine that samples from a frozen model (e.g. SFT's teachers): paged when the student's rollouts are,
     else padded (a vLLM recipe's frozen samplers stay in transformers)."""
     if recipe.backend.rollout == "paged":
-        return PagedSampler(model, trainer_logprobs=False, max_cache_tokens=recipe.train.max_rollout_tokens)
+        return PagedSampler(model, trainer_logprobs=False, max_cache_tokens=recipe.budget.max_rollout_tokens)
     return _within_budget(recipe, TransformersSampler(model))
 
 
 def _within_budget(recipe: Recipe, engine: Sampler) -> Sampler:
-    budget = recipe.train.max_rollout_tokens
+    budget = recipe.budget.max_rollout_tokens
     return engine if budget is None else RowChunks(engine, budget)

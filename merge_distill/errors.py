@@ -6,4 +6,5 @@ class UserError(Exception):
 
 
 class TrainingDiverged(UserError):
-    """Training stopped: too many steps in a row had a non-finite loss or gradient (see `train.max_consecutive_skips`)."""
+    """Training stopped: too many steps in a row had a non-finite loss or gradient (see
+    `schedule.max_consecutive_skips`)."""

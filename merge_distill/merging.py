@@ -390,4 +390,4 @@ COMBINERS: dict[str, Callable] = {"expo": _expo, "merge": _merge}
 
 def write_merge(recipe) -> Path:
     """Write the recipe's weight-space merge (`method` one of COMBINERS) to `<output_dir>/final`; its path."""
-    return Path(COMBINERS[recipe.method](recipe, Path(recipe.output_dir) / "final"))
+    return Path(COMBINERS[recipe.method.name](recipe, Path(recipe.output_dir) / "final"))

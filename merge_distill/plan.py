@@ -221,10 +221,11 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device}: expected cuda or cpu")
     if not trains(recipe):
-        raise UserError(f"method {recipe.method} combines weights without training: no training memory to plan")
+        raise UserError(f"method {recipe.method.name} combines weights without training: no training memory to plan")
     notes: list[str] = []
     m, frozen = model_shapes(recipe, assume_config, notes)
-    cfg, c, chunk = recipe.train, BYTES[recipe.dtype], CHUNK_ELEMENTS_CUDA if device == "cuda" else CHUNK_ELEMENTS
+    cfg, budget = recipe.rollout, recipe.budget
+    c, chunk = BYTES[recipe.dtype], CHUNK_ELEMENTS_CUDA if device == "cuda" else CHUNK_ELEMENTS
     P, width, new = m.params(), prompt_tokens + cfg.max_new_tokens, cfg.max_new_tokens
     s = gpus if parallel == "fsdp" else 1  # shards of the student's weights, gradients and optimizer state
     rows = math.ceil(cfg.prompts_per_step / gpus) * cfg.rollouts_per_prompt
@@ -278,7 +279,7 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
                 del per_frozen[label]
                 label += ", memory-mapped: its embedding's rows as read"
                 per_frozen[label] = (sh.params() * c - embedding
-                                     + mapped_embedding_bytes(sh, c, cfg.steps * rows * width))
+                                     + mapped_embedding_bytes(sh, c, recipe.schedule.steps * rows * width))
     visiting, frozen_resident = [], []
     if recipe.placement.offload and device != "cpu" and per_frozen:
         visiting = [add("frozen model visiting from the host (offload)", max(per_frozen.values()))]
@@ -299,8 +300,8 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
 
     sample = [grads] + engine_sampling * (vllm_rollout and asleep)  # vLLM: the KV cache is inside
     if recipe.backend.rollout == "paged":  # merge_distill.paged: the engine computes in the weights' float32
-        tokens = rows * width if cfg.max_rollout_tokens is None else max(width, min(rows * width,
-                                                                                 cfg.max_rollout_tokens))
+        tokens = rows * width if budget.max_rollout_tokens is None else max(width, min(rows * width,
+                                                                                 budget.max_rollout_tokens))
         forward = max(rows, 256)  # tokens per forward (PagedConfig.max_batch_tokens)
         sample += [add(f"paged KV cache ({tokens:,} tokens, float32)",
                        tokens * m.layers * m.kv_heads * m.head_dim * 4 * 2),
@@ -309,7 +310,7 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
                    add("sampling logits and prefill chunk", rows * m.vocab * 16 + scoring_bytes(m, 4, 1, forward, 1,
                                                                                               chunk))]
     elif not vllm_rollout:
-        n = rows_within(cfg.max_rollout_tokens)
+        n = rows_within(budget.max_rollout_tokens)
         kv = n * width * m.layers * m.kv_heads * m.head_dim * ((4 if autocast else c) + c)
         sample += [add(f"KV cache ({_rows(n, width)})", kv), add("sampling logits and prefill",
                    n * m.vocab * 16 + scoring_bytes(m, c, n, prompt_tokens, 1, chunk))]
@@ -320,14 +321,14 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     resident += engine_asleep  # from here on the engine sleeps: what it keeps outside its pool
 
     share = max(e.weight for e in recipe.experts) / sum(e.weight for e in recipe.experts)
-    n = min(rows if vllm_rollout else math.ceil(rows * share), rows_within(cfg.max_tokens_per_micro_batch))
+    n = min(rows if vllm_rollout else math.ceil(rows * share), rows_within(budget.max_tokens_per_micro_batch))
     scorers = [sh for _, sh in frozen.values()] * bool(per_frozen) + [m] * vllm_rollout  # pi_old: the student
     score = [add(f"scoring working set ({_rows(n, width)})",
                  max(scoring_bytes(sh, c, n, width, new, chunk) for sh in scorers))] if scorers else []
     phases["score"] = resident + [grads] + visiting + score
 
-    mb = min(cfg.micro_batch_size or rows, rows_within(cfg.max_tokens_per_micro_batch), rows)
-    ckpt = cfg.gradient_checkpointing
+    mb = min(budget.micro_batch_size or rows, rows_within(budget.max_tokens_per_micro_batch), rows)
+    ckpt = budget.gradient_checkpointing
     stream = c if parallel == "fsdp" else 4  # fsdp computes in the recipe's dtype throughout, autocast does not
     act, head = update_bytes(m, c, mb, width, new, ckpt, chunk, stream)
     update = [add(f"activations ({_rows(mb, width)}{', checkpointed' if ckpt else ''}"
@@ -378,7 +379,7 @@ def suggestions(recipe, options: dict, rows: int, width: int) -> list[str]:
     after the other, until it fits ([] when nothing tried does)."""
     from merge_distill.methods import method_of
 
-    cfg, vllm = recipe.train, recipe.backend.rollout == "vllm"
+    budget, vllm = recipe.budget, recipe.backend.rollout == "vllm"
 
     def peak(changes) -> tuple[int, bool]:
         r, opts = recipe, dict(options, suggest=False)
@@ -395,11 +396,11 @@ def suggestions(recipe, options: dict, rows: int, width: int) -> list[str]:
     def tokens(key: str):  # the most rows that fit (a power of two, x width tokens), else one row
         def change(done):
             n = next((2**k for k in range(int(math.log2(rows)), 0, -1)
-                      if peak(done + [("train", {key: 2**k * width})])[1]), 1)
-            return f"train.{key}={n * width}", ("train", {key: n * width})
+                      if peak(done + [("budget", {key: 2**k * width})])[1]), 1)
+            return f"budget.{key}={n * width}", ("budget", {key: n * width})
         return change
 
-    fixed = {"train.gradient_checkpointing=true": (not cfg.gradient_checkpointing, "train",
+    fixed = {"budget.gradient_checkpointing=true": (not budget.gradient_checkpointing, "budget",
                                                    {"gradient_checkpointing": True}),
              "parallel=fsdp": (recipe.parallel == "ddp" and options["gpus"] > 1, "recipe", {"parallel": "fsdp"}),
              "placement.shard_frozen=true": (

@@ -1,28 +1,42 @@
 """Recipes: validated YAML describing a distillation run. One meaning per key; unknown keys are errors.
 
 Relative paths are relative to the current working directory. Sections and path schemes that extensions
-register (`merge_distill.extensions`, e.g. the toy world's `zoo:`) are resolved on the raw data when it loads.
+register (`merge_distill.extensions`, e.g. the toy world's `zoo:`) are resolved on the raw data when it loads
+(`validate.load_recipe`): the schema sees plain paths.
+
+This module is the schema alone: each section checks its own keys. Loading a file, `--set` overrides and the
+checks that span sections or ask a registry (the method's own) are `merge_distill.validate`'s.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
-
-from merge_distill import extensions
-from merge_distill.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 STUDENT = "student"  # `reference: student` = the student's initial weights
+
+# Where each key of the former `train:` section lives now (`seed` is top level).
+TRAIN_KEYS_MOVED = {
+    "objective": "method.objective", "importance_truncation": "method.importance_truncation",
+    "log_ratio_clip": "method.log_ratio_clip", "seed": "seed",
+    **{k: f"rollout.{k}" for k in ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "temperature")},
+    **{k: f"optim.{k}" for k in ("lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip")},
+    **{k: f"budget.{k}" for k in ("micro_batch_size", "max_tokens_per_micro_batch", "max_rollout_tokens",
+                                  "gradient_checkpointing", "threads")},
+    **{k: f"schedule.{k}" for k in ("steps", "eval_every", "checkpoint_every", "keep_checkpoints",
+                                    "max_consecutive_skips")},
+}
+SCORING_REMOVED = ("backend.scoring was removed: teachers and references always score through the trainer's "
+                   "chunked scorer; delete the line")
+
+
+def train_keys_moved(keys: list[str]) -> str:
+    """One line for recipe data that still has a `train:` section with these keys: where each went."""
+    moved = [f"train.{k} moved to {TRAIN_KEYS_MOVED[k]}" if k in TRAIN_KEYS_MOVED else f"train.{k} is an unknown key"
+             for k in keys]
+    return (f"{'; '.join(moved) or 'train: is not a section any more'} (the train: section was split into "
+            "method, optim, rollout, budget, schedule)")
 
 
 class Strict(BaseModel):
@@ -54,8 +68,24 @@ class Expert(Strict):
         return self.grader or self.name
 
 
-class Train(Strict):
-    steps: Annotated[int, Field(ge=0)] = 50
+class MethodSpec(Strict):
+    """What is trained and with which loss. `method: grpo` is short for `method: {name: grpo}`."""
+
+    name: str = Field(
+        "gopd", description="a registered method (`merge_distill.methods`): gopd: G-OPD/ExOPD; grpo: outcome-reward "
+                            "RL; sft: fine-tune on teacher samples; expo: weight extrapolation; merge: weight-space merging")
+    objective: Literal["sampled", "dense"] = Field(
+        "sampled", description="sampled: the paper's per-token estimator on the sampled tokens; dense: the exact "
+                               "reverse KL to normalised T^lam R^(1-lam) over the whole vocabulary at every "
+                               "response position (method gopd, small vocabularies)")
+    importance_truncation: Annotated[float, Field(gt=0)] | None = Field(5.0, description="truncate ratio pi_theta/pi_sampler at this value; null = off")
+    log_ratio_clip: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="clip the per-token log T/R to [-c, c] (to study the reward hacking seen at lam 1.5); off by default")
+
+
+class Rollout(Strict):
+    """The student's samples each step."""
+
     prompts_per_step: Annotated[int, Field(ge=1)] = 64
     rollouts_per_prompt: Annotated[int, Field(ge=1)] = 1
     max_new_tokens: Annotated[int, Field(ge=1)] = 256
@@ -64,18 +94,21 @@ class Train(Strict):
                          "references score the sampled tokens at the same tau (as the official G-OPD code does), so "
                          "the student's logits converge to lam * teacher + (1 - lam) * reference whatever tau is: "
                          "sampled at temperature 1 it is pi* = T^lam R^(1-lam) / Z. The paper used 1")
+
+
+class Optim(Strict):
+    """The student's optimizer (AdamW) and learning-rate schedule."""
+
     lr: Annotated[float, Field(gt=0)] = 1e-5
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
-    importance_truncation: Annotated[float, Field(gt=0)] | None = Field(5.0, description="truncate ratio pi_theta/pi_sampler at this value; null = off")
-    objective: Literal["sampled", "dense"] = Field(
-        "sampled", description="sampled: the paper's per-token estimator on the sampled tokens; dense: the exact "
-                               "reverse KL to normalised T^lam R^(1-lam) over the whole vocabulary at every "
-                               "response position (method gopd, small vocabularies)")
-    log_ratio_clip: Annotated[float, Field(gt=0)] | None = Field(
-        None, description="clip the per-token log T/R to [-c, c] (to study the reward hacking seen at lam 1.5); off by default")
+
+
+class Budget(Strict):
+    """Memory and compute limits: how one step's work is cut into passes, and the CPU threads it runs on."""
+
     micro_batch_size: Annotated[int, Field(ge=1)] | None = Field(None, description="sequences per forward/backward (gradient accumulation); default all")
     max_tokens_per_micro_batch: Annotated[int, Field(ge=1)] | None = Field(
         None, description="token budget of one forward: the update's micro-batches and frozen scoring take rows (by "
@@ -88,11 +121,16 @@ class Train(Strict):
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward pass (non-reentrant): "
                            "activation memory per token per layer falls ~20x for ~1/3 more update compute")
-    seed: int = 0
+    threads: Annotated[int, Field(ge=1)] | None = None
+
+
+class Schedule(Strict):
+    """How long the run trains and what it does on the way."""
+
+    steps: Annotated[int, Field(ge=0)] = 50
+    eval_every: Annotated[int, Field(ge=0)] = 0
     checkpoint_every: Annotated[int, Field(ge=0)] = Field(0, description="steps between checkpoints; 0 = only the final one")
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
-    eval_every: Annotated[int, Field(ge=0)] = 0
-    threads: Annotated[int, Field(ge=1)] | None = None
     max_consecutive_skips: Annotated[int, Field(ge=1)] = Field(
         3, description="a step whose loss or gradients are not finite is skipped (the weights, optimizer state and "
                        "checkpoints never see it; counted in metrics.jsonl); this many skips in a row stop the run")
@@ -131,6 +169,14 @@ class Variant(Strict):
     name: str
     set: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("set")
+    @classmethod
+    def _no_train_keys(cls, sets: dict[str, Any]) -> dict[str, Any]:
+        old = [k for k in sets if k.split(".")[0] == "train"]
+        if old:
+            raise ValueError(train_keys_moved([k.removeprefix("train.") for k in old if k != "train"]))
+        return sets
+
 
 class Merge(Strict):
     """Weight-space baselines (method expo or merge): no training, the experts' weights are combined."""
@@ -145,8 +191,8 @@ class Merge(Strict):
 class Backend(Strict):
     """Inference engines for the student's rollouts and the frozen scorers. "vllm" is the optional extra
     `pip install 'merge-distill[vllm]'` (CUDA only); the trainer gets its engines from
-    `merge_distill.engines.make_sampler(recipe, student)`. Teachers and
-    references always score through the trainer's own chunked scorer (`merge_distill.scoring`)."""
+    `merge_distill.engines.make_sampler(recipe, student)`. Teachers and references always score through the
+    trainer's own chunked scorer (`merge_distill.scoring`)."""
 
     rollout: Literal["transformers", "paged", "vllm"] = Field(
         "transformers", description="transformers: padded KV-cached batches (every row stays until the longest "
@@ -154,8 +200,6 @@ class Backend(Strict):
                                     "finished row frees its pages for a waiting one; the same responses from the "
                                     "same seeds; also used for evaluation and for sampling frozen teachers); "
                                     "vllm: the optional vLLM engine")
-    scoring: Literal["transformers"] = Field(
-        "transformers", description="teachers and references: the trainer's chunked scorer (the only one)")
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
         0.5, description="share of each GPU's memory the vLLM sampler takes while it samples (vLLM's own key): its "
                          "weights, activations and KV cache; the rest of the GPU must hold the trainer's sample "
@@ -181,16 +225,6 @@ class Backend(Strict):
                        "its weights and KV cache (it reloads the trainer's weights at each wake); 1 frees the KV "
                        "cache and offloads the weights to host memory; 0 keeps both on the GPU")
 
-    @field_validator("scoring", mode="before")
-    @classmethod
-    def _scoring_vllm_removed(cls, value):
-        if value == "vllm":
-            raise ValueError("backend.scoring vllm was removed: teachers and references score through the trainer's "
-                             "chunked scorer (extra vLLM engines held their own share of the GPU, and prompt "
-                             "log-probs materialise [tokens, vocab] logits vLLM's memory profiling leaves out); "
-                             "delete the line (docs/scale_out.md)")
-        return value
-
     @model_validator(mode="after")
     def _vllm_keys_need_vllm(self) -> "Backend":
         """The vLLM sampler's settings mean nothing to the transformers engines: set, they must not be ignored."""
@@ -202,13 +236,15 @@ class Backend(Strict):
 
 
 class Recipe(Strict):
-    method: str = Field(
-        "gopd", description="a registered method (`merge_distill.methods`): gopd: G-OPD/ExOPD; grpo: outcome-reward "
-                            "RL; sft: fine-tune on teacher samples; expo: weight extrapolation; merge: weight-space merging")
+    method: MethodSpec = Field(default_factory=MethodSpec)
     student: str
     reward_scale: Annotated[float, Field(ge=0)] = 1.25
     experts: list[Expert] = Field(min_length=1)
-    train: Train = Field(default_factory=Train)
+    seed: int = Field(0, description="the run's seed: the domain mixer's draws and each rollout's per-row seeds")
+    rollout: Rollout = Field(default_factory=Rollout)
+    optim: Optim = Field(default_factory=Optim)
+    budget: Budget = Field(default_factory=Budget)
+    schedule: Schedule = Field(default_factory=Schedule)
     eval: Eval | None = None
     merge: Merge = Field(default_factory=Merge)
     compare: list[Variant] | None = Field(None, description="run these variants of the recipe and evaluate them "
@@ -239,6 +275,22 @@ class Recipe(Strict):
                                   "resource limits alone (programs can read this user's files and reach the network). "
                                   "`--isolation` on the command line overrides it")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data):
+        """Keys of earlier versions, refused with where they went (one line, not a list of unknown keys)."""
+        if isinstance(data, dict) and "train" in data:
+            raise ValueError(train_keys_moved(list(data["train"]) if isinstance(data["train"], dict) else []))
+        if isinstance(data, dict) and isinstance(data.get("backend"), dict) and "scoring" in data["backend"]:
+            raise ValueError(SCORING_REMOVED)
+        return data
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_by_name(cls, value):
+        """`method: grpo` is `method: {name: grpo}`."""
+        return {"name": value} if isinstance(value, str) else value
+
     @field_validator("experts")
     @classmethod
     def _unique_names(cls, experts: list[Expert]) -> list[Expert]:
@@ -248,51 +300,6 @@ class Recipe(Strict):
                 raise ValueError(f"two experts are named '{e.name}'; each domain needs one expert")
             seen.add(e.name)
         return experts
-
-    @field_validator("method")
-    @classmethod
-    def _registered_method(cls, name: str) -> str:
-        from merge_distill.merging import COMBINERS
-        from merge_distill.methods import available_methods
-
-        if name not in available_methods() and name not in COMBINERS:
-            known = sorted([*available_methods(), *COMBINERS])
-            raise ValueError(f"unknown method '{name}' (registered: {', '.join(known)})")
-        return name
-
-    @model_validator(mode="after")
-    def _method_accepts_recipe(self) -> "Recipe":
-        """The method's own checks (e.g. GRPO's groups, teachers where they are needed)."""
-        from merge_distill.methods import method_of, trains
-
-        if trains(self):
-            method_of(self).check(self)
-        elif any(not e.teacher for e in self.experts):
-            raise ValueError(f"every expert needs a teacher: method {self.method} merges the teachers' weights")
-        return self
-
-    @model_validator(mode="after")
-    def _paged_without_fsdp(self) -> "Recipe":
-        if self.backend.rollout == "paged" and self.parallel == "fsdp":
-            raise ValueError("backend.rollout paged runs transformers' continuous batching, which does not take "
-                             "FSDP-sharded models (and its cache takes the weights' dtype, not fsdp's param_dtype); "
-                             "use parallel: ddp or backend.rollout: transformers")
-        return self
-
-    @model_validator(mode="after")
-    def _sharding_options(self) -> "Recipe":
-        if self.placement.shard_frozen:
-            from merge_distill.methods import method_of, trains
-
-            if trains(self) and not method_of(self).frozen_shardable:
-                raise ValueError(f"placement.shard_frozen: method {self.method} loads its frozen models into the "
-                                 "trainer whole (it samples from them or takes full distributions)")
-            if self.placement.offload:
-                raise ValueError("placement.shard_frozen does not combine with placement.offload")
-        if self.placement.offload_optimizer and (self.parallel != "fsdp" or not self.device.startswith("cuda")):
-            raise ValueError(f"placement.offload_optimizer moves fsdp's shards from the GPU to the host: it needs "
-                             f"parallel: fsdp and a cuda device (parallel is {self.parallel}, device {self.device})")
-        return self
 
     @model_validator(mode="after")
     def _compare_against_a_variant(self) -> "Recipe":
@@ -318,74 +325,7 @@ class Recipe(Strict):
         """What must not change when a run resumes."""
         return {
             "student": self.student,
-            "method": self.method,
+            "method": self.method.name,
             "experts": [{"name": e.name, "teacher": e.teacher, "reference": e.reference,
                          "reward_scale": self.scale_of(e)} for e in self.experts],
         }
-
-
-def _format_error(err: ValidationError, source: str) -> str:
-    parts = []
-    for e in err.errors()[:3]:
-        loc = ".".join(str(x) for x in e["loc"])
-        if e["type"] == "extra_forbidden":
-            parts.append(f"{loc}: unknown key")
-        elif e["type"] == "missing":
-            parts.append(f"{loc}: required key is missing")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg} (got {e.get('input')!r})" if loc else msg)
-    more = f" (+{len(err.errors()) - 3} more)" if len(err.errors()) > 3 else ""
-    return f"{source}: " + "; ".join(parts) + more
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise UserError(f"--set '{text}': expected KEY=VALUE, e.g. train.steps=10")
-    key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
-
-
-def apply_override(data: dict, path: list[str], value: Any, text: str) -> None:
-    """Set a dotted key in raw recipe data. `experts.math.reward_scale` picks the expert by name."""
-    node: Any = data
-    for i, part in enumerate(path):
-        last = i == len(path) - 1
-        if isinstance(node, list):
-            idx = next((j for j, x in enumerate(node) if isinstance(x, dict) and x.get("name") == part), None)
-            if idx is None and part.isdigit() and int(part) < len(node):
-                idx = int(part)
-            if idx is None:
-                raise UserError(f"--set '{text}': no list item named '{part}'")
-            if last:
-                node[idx] = value
-            else:
-                node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
-        else:
-            raise UserError(f"--set '{text}': '{part}' is not inside a section")
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe is a YAML mapping (student:, experts:, ...)")
-    for text in overrides or []:
-        apply_override(data, *parse_override(text), text)
-    data = extensions.resolve_recipe_data(data, str(path))
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        raise UserError(_format_error(e, str(path))) from None

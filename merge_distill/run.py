@@ -125,25 +125,10 @@ def evaluate_recipe(recipe: Recipe, students: dict[str, str], out_dir: Path, *, 
                               max_num_seqs=b.max_num_seqs, max_num_batched_tokens=b.max_num_batched_tokens,
                               batch_invariant=b.batch_invariant)
     result = evaluate(model_specs(recipe, students, suites), suites, samples=cfg.samples, temperature=cfg.temperature,
-                      max_new_tokens=cfg.max_new_tokens or recipe.train.max_new_tokens, seed=cfg.seed,
+                      max_new_tokens=cfg.max_new_tokens or recipe.rollout.max_new_tokens, seed=cfg.seed,
                       out_dir=out_dir, progress=progress, device=recipe.device, isolation=recipe.isolation,
                       sampler=recipe.backend.rollout, engine_options=engine_options)
     return result, paired_differences(recipe, result, suites, tuple(students))
-
-
-def variant_recipes(recipe_path: Path, overrides: list[str], recipe: Recipe) -> dict[str, Recipe]:
-    """The recipe itself as 'student', or each `compare:` variant under its own name and output folder."""
-    from merge_distill.recipe import load_recipe
-
-    if not recipe.compare:
-        return {"student": recipe}
-    out = {}
-    for v in recipe.compare:
-        sets = [f"{k}={json.dumps(x)}" for k, x in v.set.items()]
-        r = load_recipe(recipe_path, overrides + sets + [f"output_dir={Path(recipe.output_dir) / 'variants' / v.name}",
-                                                         "compare=null", "compare_against=null"])
-        out[v.name] = r
-    return out
 
 
 def graders_to_run(recipe: Recipe, *, evaluate_after: bool) -> set[str]:
@@ -157,7 +142,7 @@ def graders_to_run(recipe: Recipe, *, evaluate_after: bool) -> set[str]:
     names = extensions.graders_to_build(recipe)
     if trains(recipe) and method_of(recipe).graded:
         names |= {e.grader_name for e in recipe.experts}
-    if recipe.eval and (evaluate_after or recipe.train.eval_every):
+    if recipe.eval and (evaluate_after or recipe.schedule.eval_every):
         suites = recipe.eval.suites or [e.eval_suite for e in recipe.experts if e.eval_suite]
         names |= {g for g in map(suite_grader, suites) if g}
     return names
@@ -174,8 +159,8 @@ def check_isolation(recipes, *, evaluate_after: bool) -> str | None:
 
 
 def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, evaluate_after: bool, progress):
-    """Train every variant (`variant_recipes`), evaluate them side by side, write the report. Recipes have plain
-    paths, what they name built at the edge (`extensions.build`); returns (students, (result, paired, paths) or
+    """Train every variant (`validate.variant_recipes`), evaluate them side by side, write the report. Recipes have
+    plain paths, what they name built at the edge (`extensions.build`); returns (students, (result, paired, paths) or
     None, timings)."""
     import time
 
@@ -190,7 +175,7 @@ def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, eva
     students, evaluated = {}, None
     with holding(out):  # the whole run, training and evaluation: one live run per output_dir
         for name, r in variants.items():
-            on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.train.eval_every else None
+            on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.schedule.eval_every else None
             students[name] = str(train_recipe(r, resume=resume, progress=progress, on_eval=on_eval))
             if world.main:
                 training_curves_png(Path(r.output_dir) / "metrics.jsonl", Path(r.output_dir) / "training_curves.png", r)
@@ -256,7 +241,7 @@ def periodic_eval(recipe: Recipe, out_dir: Path):
     suites, tokenizer, cfg = eval_suites(recipe), load_tokenizer(recipe.student), recipe.eval
     sandbox_level([s.grader for s in suites], recipe.isolation)  # before training starts, not at its first eval
 
-    max_new_tokens = cfg.max_new_tokens or recipe.train.max_new_tokens
+    max_new_tokens = cfg.max_new_tokens or recipe.rollout.max_new_tokens
 
     def on_eval(sampler, step: int) -> dict:
         metrics = {}

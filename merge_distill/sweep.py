@@ -42,11 +42,13 @@ def sweep(recipe_path: Path, overrides: list[str], *, progress=None, log=print) 
     from merge_distill import extensions
     from merge_distill.evaluation.metrics import paired_difference
     from merge_distill.evaluation.runner import ModelSpec, evaluate
-    from merge_distill.recipe import load_recipe
     from merge_distill.run import check_isolation, eval_suites
     from merge_distill.build import train_recipe
+    from merge_distill.validate import check_override_key, load_recipe
 
     fixed, grid = parse_grid(overrides)
+    for key, values in grid.items():  # the grid's points load one at a time, after the baselines: check keys now
+        check_override_key(key.split("."), f"{key}={','.join(values)}")
     loaded = load_recipe(recipe_path, fixed)
     if loaded.eval is None:
         raise UserError(f"{recipe_path}: a sweep needs an eval: section")
@@ -56,7 +58,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, progress=None, log=print) 
     suites = eval_suites(base)
     cfg = base.eval
     common = dict(samples=cfg.samples, temperature=cfg.temperature, seed=cfg.seed,
-                  max_new_tokens=cfg.max_new_tokens or base.train.max_new_tokens, progress=progress,
+                  max_new_tokens=cfg.max_new_tokens or base.rollout.max_new_tokens, progress=progress,
                   isolation=base.isolation)
     teachers = [ModelSpec(e.name, e.teacher) for e in base.experts if e.teacher]
     reference = evaluate([ModelSpec("base", base.student), *teachers], suites, out_dir=root / "baselines", **common)
@@ -106,7 +108,7 @@ def mean_response_length(eval_dir: Path, model: str, suite: str) -> float:
 
 def plot(points: list[dict], baselines: list[dict], swept: list[str], out: Path) -> None:
     """Score (top) and mean response length (bottom) against the first swept key, one line per value of the
-    others (e.g. reward_scale with and without train.log_ratio_clip); baselines dashed."""
+    others (e.g. reward_scale with and without method.log_ratio_clip); baselines dashed."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -36,7 +36,7 @@ def train(run: Run, *, start: int = 0, progress=None, on_eval=None) -> Path:
     """Steps `start` to `schedule.steps` of `run` (every rank calls it: the ranks share each step's prompts), then
     the final export; its path. `on_eval(sampler, step)`: the periodic evaluation, which every rank takes part in.
     Rank 0 alone logs and shows progress (`merge_distill.distributed`)."""
-    recipe, cfg = run.recipe, run.recipe.train
+    recipe, cfg = run.recipe, run.recipe.schedule
     log = MetricsLog(Path(recipe.output_dir), start) if distributed.is_main() else None
     progress = progress if distributed.is_main() else None
     task = progress.add_task(f"train ({run.method.name})", total=cfg.steps, completed=start) if progress else None
@@ -51,9 +51,9 @@ def train(run: Run, *, start: int = 0, progress=None, on_eval=None) -> Path:
                     log.write(metrics)
                 raise TrainingDiverged(
                     f"stopped at step {done}: {in_a_row} steps in a row had a non-finite loss or gradient and were "
-                    f"skipped (train.max_consecutive_skips {cfg.max_consecutive_skips}); the weights are those of step "
-                    f"{done - in_a_row}; see {Path(recipe.output_dir) / 'metrics.jsonl'}, lower train.lr or keep "
-                    "train.importance_truncation on")
+                    f"skipped (schedule.max_consecutive_skips {cfg.max_consecutive_skips}); the weights are those of step "
+                    f"{done - in_a_row}; see {Path(recipe.output_dir) / 'metrics.jsonl'}, lower optim.lr or keep "
+                    "method.importance_truncation on")
             if on_eval and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 metrics.update(run.sampler.decoding(lambda: on_eval(run.sampler, done)))
             if log:
@@ -69,7 +69,7 @@ def train(run: Run, *, start: int = 0, progress=None, on_eval=None) -> Path:
 
 
 def train_step(run: Run, step: int) -> dict:
-    recipe, cfg, method = run.recipe, run.recipe.train, run.method
+    recipe, cfg, method = run.recipe, run.recipe.rollout, run.method
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     t0 = time.perf_counter()
@@ -78,7 +78,7 @@ def train_step(run: Run, step: int) -> dict:
     own = slice(*distributed.shard(len(prompts), world.rank, world.size))  # this rank's prompts, all their rollouts
     rows = [p for p in prompts[own] for _ in range(cfg.rollouts_per_prompt)]
     # global row r's randomness, wherever it is sampled
-    seeds = row_seeds(cfg.seed * 1_000_003 + step, len(rows), offset=own.start * cfg.rollouts_per_prompt)
+    seeds = row_seeds(recipe.seed * 1_000_003 + step, len(rows), offset=own.start * cfg.rollouts_per_prompt)
 
     batch = run.sample(rows, seeds)
     _sync(run)
@@ -175,7 +175,7 @@ class Run:
         return rows, concat_rollouts(parts, self.tokenizer.pad_token_id)
 
     def _sample(self, engine: Sampler, rows: list[Prompt], seeds: list[int]) -> Rollouts:
-        cfg = self.recipe.train
+        cfg = self.recipe.rollout
         return engine.sample([list(p.token_ids) for p in rows], max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, eos_token_id=eos_token_ids(self.tokenizer, self.student),
                              pad_token_id=self.tokenizer.pad_token_id, seeds=seeds)
@@ -191,18 +191,18 @@ class Run:
         if self.sampler.trainer_logprobs:
             return rollouts.sampler_logprobs
         with self.autocast():
-            return parallel.logprobs_in_passes(self.policy, rollouts, self.recipe.train.temperature,
-                                               self.recipe.train.max_tokens_per_micro_batch)
+            return parallel.logprobs_in_passes(self.policy, rollouts, self.recipe.rollout.temperature,
+                                               self.recipe.budget.max_tokens_per_micro_batch)
 
     # -------------------------------------------------------------------------------------------- score
     def score(self, batch: Batch) -> tuple[dict[str, torch.Tensor], float]:
         """(scores, seconds spent grading): each domain's rows under that domain's own frozen models, by role
         (`Method.frozen_models`; `[B, L]`, `[B, L, V]` for `Method.vocab`, 0 on other domains' rows), at the rollout
-        temperature (teachers and references score at the tau the student sampled at, see `Train.temperature`),
+        temperature (teachers and references score at the tau the student sampled at, see `Rollout.temperature`),
         and `reward` `[B]` from each domain's grader for a graded method. Every expert's models, in recipe order,
         on every rank, even with no rows here: a model sharded over the ranks takes part in every pass."""
         scores: dict[str, torch.Tensor] = {}
-        rollouts, tau = batch.rollouts, self.recipe.train.temperature
+        rollouts, tau = batch.rollouts, self.recipe.rollout.temperature
         for i, rows in batch.by_expert():
             expert = self.recipe.experts[i]
             for role, path in self.method.frozen_models(self.recipe, expert).items():
@@ -236,20 +236,20 @@ class Run:
     def update(self, batch: Batch, targets) -> tuple[float, list[torch.Tensor], torch.Tensor, bool]:
         """One optimizer step on the token mean of the method's loss over the global batch: (this rank's share of
         the loss, the importance ratios of its tokens, the gradient norm, whether the step was skipped)."""
-        cfg, rollouts = self.recipe.train, batch.rollouts
+        budget, rollouts = self.recipe.budget, batch.rollouts
         self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
         # the token mean over the global batch: every rank divides by the global count, gradients are summed
         total_tokens = int(collectives.all_reduce_sum(rollouts.lengths.sum()).clamp(min=1))
         loss_sum, ratios = 0.0, []
         # the same number of passes on every rank (a rank with fewer rows runs some that weigh nothing)
-        chunks = collectives.agreed_chunks(token_budget_chunks(row_lengths(rollouts), cfg.max_tokens_per_micro_batch,
-                                                            cfg.micro_batch_size))
+        chunks = collectives.agreed_chunks(token_budget_chunks(row_lengths(rollouts), budget.max_tokens_per_micro_batch,
+                                                            budget.micro_batch_size))
         for j, (rows, real) in enumerate(chunks):
             micro = batch.select(rows)
             with self.no_sync() if j < len(chunks) - 1 else contextlib.nullcontext():  # gradients sync in the last
                 with self.autocast():
-                    logprobs = self.policy(micro.rollouts, cfg.temperature, self.method.vocab)
+                    logprobs = self.policy(micro.rollouts, self.recipe.rollout.temperature, self.method.vocab)
                 loss = self.method.loss(logprobs, micro, select_rows(targets, rows), self.recipe)
                 loss = loss * (int(micro.rollouts.lengths.sum()) / total_tokens if real else 0.0)
                 # the global token mean is the sum of every rank's share (`parallel.gradient_scale`: DDP averages)
@@ -261,7 +261,7 @@ class Run:
                 ratios.append(torch.exp(logprobs.detach() - micro.rollouts.sampler_logprobs)[micro.mask])
         # every rank now holds the same summed gradients (or its shard of them), so all clip by the same global norm
         grad_norm = parallel.total_norm(torch.nn.utils.clip_grad_norm_(self.student.parameters(),
-                                                                       cfg.grad_clip or float("inf")))
+                                                                       self.recipe.optim.grad_clip or float("inf")))
         # a non-finite loss or gradient on any rank: no rank steps, so weights and optimizer state stay finite
         skipped = collectives.any_rank(not (math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))))
         if skipped:  # the step only moves the data on
@@ -304,7 +304,7 @@ def check_engine_weights(run: Run, step: int) -> float | None:
         return None
     from merge_distill.backends.vllm import check_sync
 
-    probe = run.sample_student([run.mixer.pools[0][0]], [run.recipe.train.seed])
+    probe = run.sample_student([run.mixer.pools[0][0]], [run.recipe.seed])
     return check_sync(probe.sampler_logprobs, run.old_logprobs(probe), probe.response_mask, dtype=run.recipe.dtype,
                       step=step + 1)
 

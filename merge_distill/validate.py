@@ -1,4 +1,5 @@
-"""`merge-distill validate`: every check a run makes before it spends compute, and nothing more.
+"""Loading a recipe (`load_recipe`: YAML, `--set` overrides, the schema, then `check_recipe`) and
+`merge-distill validate`: every check a run makes before it spends compute, and nothing more.
 
 When models or prompt files the recipe names are not there yet (a paper-scale recipe validated before the
 weights are fetched), it still checks everything that needs no weights (schema, graders, reward scales,
@@ -8,11 +9,17 @@ prompt files that exist, eval suites) and then reports every missing path at onc
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
+from typing import Any
 
+import yaml
+from pydantic import ValidationError
+
+from merge_distill import extensions
 from merge_distill.errors import UserError
 from merge_distill.io import RECORD_SUFFIXES
-from merge_distill.recipe import STUDENT, Recipe
+from merge_distill.recipe import STUDENT, Recipe, train_keys_moved
 
 
 class MissingInputs(UserError):
@@ -26,6 +33,144 @@ class MissingInputs(UserError):
         head = (f"{len(problems)} inputs of the recipe missing or unusable; fill them in (see the comments in "
                 "the recipe) and validate again:")
         super().__init__("\n".join([head, *("  " + p for p in problems)]))
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe at `path` with `--set` overrides applied, checked by the schema and by `check_recipe`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping (student:, experts:, ...)")
+    if isinstance(data.get("method"), str):  # `method: gopd` is `method: {name: gopd}`: `--set method.x=` reaches it
+        data["method"] = {"name": data["method"]}
+    for text in overrides or []:
+        apply_override(data, *parse_override(text), text)
+    data = extensions.resolve_recipe_data(data, str(path))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_error(e, str(path))) from None
+    try:
+        return check_recipe(recipe)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def variant_recipes(recipe_path: Path, overrides: list[str], recipe: Recipe) -> dict[str, Recipe]:
+    """The recipe itself as 'student', or each `compare:` variant under its own name and output folder (the
+    recipe loaded again with the variant's `set:` as overrides)."""
+    if not recipe.compare:
+        return {"student": recipe}
+    out = {}
+    for v in recipe.compare:
+        sets = [f"{k}={json.dumps(x)}" for k, x in v.set.items()]
+        r = load_recipe(recipe_path, overrides + sets + [f"output_dir={Path(recipe.output_dir) / 'variants' / v.name}",
+                                                         "compare=null", "compare_against=null"])
+        out[v.name] = r
+    return out
+
+
+def check_recipe(recipe: Recipe) -> Recipe:
+    """The checks that span sections or ask a registry, which the schema leaves out: the method is registered
+    and accepts the recipe (its own `check`: GRPO's groups, teachers where they are needed), and the rollout
+    engine and placement fit `parallel` and `device`. Raises UserError (one line, naming the key); returns
+    `recipe`. `load_recipe` calls it; code that builds a `Recipe` itself calls it where it needs these checks."""
+    from merge_distill.merging import COMBINERS
+    from merge_distill.methods import available_methods, method_of, trains
+
+    if not trains(recipe) and recipe.method.name not in COMBINERS:
+        raise UserError(f"method.name: unknown method '{recipe.method.name}' (registered: "
+                        f"{', '.join(sorted([*available_methods(), *COMBINERS]))})")
+    if not trains(recipe):  # a weight-space merge of the teachers (`merging.COMBINERS`)
+        missing = [f"experts.{i} ({e.name})" for i, e in enumerate(recipe.experts) if not e.teacher]
+        if missing:
+            raise UserError(f"{missing[0]}: teacher is required for method {recipe.method.name} (it merges the "
+                            "teachers' weights)")
+        return recipe
+    try:
+        method = method_of(recipe)
+        method.check(recipe)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if recipe.backend.rollout == "paged" and recipe.parallel == "fsdp":
+        raise UserError("backend.rollout paged runs transformers' continuous batching, which does not take "
+                        "FSDP-sharded models (and its cache takes the weights' dtype, not fsdp's param_dtype); "
+                        "use parallel: ddp or backend.rollout: transformers")
+    if recipe.placement.shard_frozen:
+        if not method.frozen_shardable:
+            raise UserError(f"placement.shard_frozen: method {recipe.method.name} loads its frozen models into the "
+                            "trainer whole (it samples from them or takes full distributions)")
+        if recipe.placement.offload:
+            raise UserError("placement.shard_frozen does not combine with placement.offload")
+    if recipe.placement.offload_optimizer and (recipe.parallel != "fsdp" or not recipe.device.startswith("cuda")):
+        raise UserError(f"placement.offload_optimizer moves fsdp's shards from the GPU to the host: it needs "
+                        f"parallel: fsdp and a cuda device (parallel is {recipe.parallel}, device {recipe.device})")
+    return recipe
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"--set '{text}': expected KEY=VALUE, e.g. schedule.steps=10")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def check_override_key(path: list[str], text: str) -> None:
+    """Refuse a `--set` key of the former `train:` section, saying where it went."""
+    if path[0] == "train":
+        raise UserError(f"--set '{text}': {train_keys_moved(path[1:2])}")
+
+
+def apply_override(data: dict, path: list[str], value: Any, text: str) -> None:
+    """Set a dotted key in raw recipe data. `experts.math.reward_scale` picks the expert by name;
+    `method=NAME` names the method and keeps the section's other keys (e.g. `method.objective`)."""
+    check_override_key(path, text)
+    if path == ["method"] and isinstance(value, str):
+        method = data.get("method")
+        data["method"] = {**(method if isinstance(method, dict) else {}), "name": value}
+        return
+    node: Any = data
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            idx = next((j for j, x in enumerate(node) if isinstance(x, dict) and x.get("name") == part), None)
+            if idx is None and part.isdigit() and int(part) < len(node):
+                idx = int(part)
+            if idx is None:
+                raise UserError(f"--set '{text}': no list item named '{part}'")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise UserError(f"--set '{text}': '{part}' is not inside a section")
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors()[:3]:
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unknown key")
+        elif e["type"] == "missing":
+            parts.append(f"{loc}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg} (got {e.get('input')!r})" if loc else msg)
+    more = f" (+{len(err.errors()) - 3} more)" if len(err.errors()) > 3 else ""
+    return f"{source}: " + "; ".join(parts) + more
 
 
 def _input_fields(recipe: Recipe) -> list[tuple[str, str, bool]]:

@@ -17,8 +17,8 @@ import transformers
 from safetensors.torch import load_file
 
 from merge_distill import distributed, parallel
-from merge_distill.recipe import load_recipe
 from merge_distill.build import build_run
+from merge_distill.validate import load_recipe
 
 read_whole = []
 _from_pretrained = transformers.AutoModelForCausalLM.from_pretrained

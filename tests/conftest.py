@@ -88,11 +88,23 @@ def _build_tiny_world(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def write_recipe():
-    """`write_recipe(path, world, output_dir, **train)`: a two-expert recipe over the tiny world, written to `path`."""
+    """`write_recipe(path, world, output_dir, **keys)`: a two-expert recipe over the tiny world, written to `path`.
+    `keys` are keys of the method, rollout, optim, budget and schedule sections by their own names (`steps=2`,
+    `lr=1e-3`, `micro_batch_size=3`), or `seed`."""
     return _write_recipe
 
 
-def _write_recipe(path: Path, world: Path, output_dir: Path, **train) -> Path:
+def _section_of(key: str) -> str | None:
+    """The recipe section that has `key` (None: top level)."""
+    from merge_distill.recipe import Recipe
+
+    sections = [s for s in ("method", "rollout", "optim", "budget", "schedule")
+                if key in Recipe.model_fields[s].annotation.model_fields]
+    assert sections or key in Recipe.model_fields, f"no recipe key {key}"
+    return sections[0] if sections else None
+
+
+def _write_recipe(path: Path, world: Path, output_dir: Path, **keys) -> Path:
     import yaml
 
     recipe = {
@@ -102,9 +114,14 @@ def _write_recipe(path: Path, world: Path, output_dir: Path, **train) -> Path:
             {"name": "math", "teacher": str(world / "math_teacher"), "prompts": str(world / "math.jsonl")},
             {"name": "code", "teacher": str(world / "code_teacher"), "prompts": str(world / "code.jsonl")},
         ],
-        "train": {"steps": 4, "prompts_per_step": 16, "max_new_tokens": 40, "lr": 3e-3, **train},
+        "rollout": {"prompts_per_step": 16, "max_new_tokens": 40},
+        "optim": {"lr": 3e-3},
+        "schedule": {"steps": 4},
         "output_dir": str(output_dir),
     }
+    for key, value in keys.items():
+        section = _section_of(key)
+        (recipe.setdefault(section, {}) if section else recipe)[key] = value
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 

@@ -46,23 +46,23 @@ def test_missing_recipe(tmp_path):
 
 
 def test_misspelt_key(recipe):
-    edit(recipe, lambda d: d.__setitem__("trian", d.pop("train")))
-    assert "trian: unknown key" in one_line_error(["validate", str(recipe)])
+    edit(recipe, lambda d: d.__setitem__("optmi", d.pop("optim")))
+    assert "optmi: unknown key" in one_line_error(["validate", str(recipe)])
 
 
 def test_misspelt_nested_key(recipe):
-    edit(recipe, lambda d: d["train"].__setitem__("stesp", 3))
-    assert "train.stesp: unknown key" in one_line_error(["validate", str(recipe)])
+    edit(recipe, lambda d: d["schedule"].__setitem__("stesp", 3))
+    assert "schedule.stesp: unknown key" in one_line_error(["validate", str(recipe)])
 
 
 def test_wrong_type(recipe):
-    edit(recipe, lambda d: d["train"].__setitem__("steps", "ten"))
+    edit(recipe, lambda d: d["schedule"].__setitem__("steps", "ten"))
     err = one_line_error(["validate", str(recipe)])
-    assert "train.steps" in err and "'ten'" in err
+    assert "schedule.steps" in err and "'ten'" in err
 
 
 def test_bad_override(recipe):
-    assert "train.steps" in one_line_error(["validate", str(recipe), "--set", "train.steps=-3"])
+    assert "schedule.steps" in one_line_error(["validate", str(recipe), "--set", "schedule.steps=-3"])
 
 
 def test_missing_teacher(recipe, tmp_path):
@@ -128,9 +128,9 @@ def test_real_process_prints_no_traceback(tmp_path):
 
 def test_grpo_with_one_rollout_per_prompt(recipe):
     """Group-normalised advantages of a group of one are all 0: such a run would train nothing."""
-    path = edit(recipe, lambda d: d.update(method="grpo") or d["train"].update(rollouts_per_prompt=1))
+    path = edit(recipe, lambda d: d.update(method="grpo") or d["rollout"].update(rollouts_per_prompt=1))
     err = one_line_error(["validate", str(path)])
-    assert "train.rollouts_per_prompt" in err and "GRPO" in err
+    assert "rollout.rollouts_per_prompt" in err and "GRPO" in err
     assert one_line_error(["run", str(path), "--no-eval"]) == err
 
 

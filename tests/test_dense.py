@@ -136,11 +136,11 @@ def _dense_gap(student_path, teacher_path, reference_path, prompts_file, lam, n=
 
 @pytest.mark.slow
 def test_dense_training_closes_the_gap_to_the_closed_form(tiny_world, tmp_path, write_recipe):
-    from merge_distill.recipe import load_recipe
     from merge_distill.build import train_recipe
+    from merge_distill.validate import load_recipe
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=12, lr=5e-3,
-                                      prompts_per_step=32), ["train.objective=dense"])
+                                      prompts_per_step=32), ["method.objective=dense"])
     final = train_recipe(recipe)
     for domain in ("math", "code"):
         args = (tiny_world / f"{domain}_teacher", tiny_world / "base", tiny_world / f"{domain}_test.jsonl", 1.25)
@@ -150,10 +150,10 @@ def test_dense_training_closes_the_gap_to_the_closed_form(tiny_world, tmp_path, 
 
 def test_dense_needs_gopd_and_no_clip(tiny_world, tmp_path, write_recipe):
     from merge_distill.errors import UserError
-    from merge_distill.recipe import load_recipe
+    from merge_distill.validate import load_recipe
 
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
     with pytest.raises(UserError, match="dense"):
-        load_recipe(path, ["train.objective=dense", "method=sft"])
+        load_recipe(path, ["method.objective=dense", "method=sft"])
     with pytest.raises(UserError, match="log_ratio_clip"):
-        load_recipe(path, ["train.objective=dense", "train.log_ratio_clip=1.0"])
+        load_recipe(path, ["method.objective=dense", "method.log_ratio_clip=1.0"])

@@ -27,8 +27,8 @@ from merge_distill.checkpoint import checkpoint_dirs, newest_intact, read_checkp
 from merge_distill.distributed import shard
 from merge_distill.step_metrics import Max, Min, Sum, reduce, row_mean, token_mean, values
 from merge_distill.errors import UserError
-from merge_distill.recipe import load_recipe
 from merge_distill.build import train_recipe
+from merge_distill.validate import load_recipe
 from launch import torchrun
 
 LR = 3e-3
@@ -37,7 +37,7 @@ STEPS = dict(steps=4, prompts_per_step=10, max_new_tokens=16, micro_batch_size=3
 ON_RANKS = str(Path(__file__).with_name("checkpoint_ranks.py"))  # programs run on the ranks by some tests
 # the fsdp run's settings (a resumed run repeats them): the student and the frozen models sharded, and a gathered
 # decoding section after every step (`eval_every`, no evaluation), which must leave every parameter sharded
-FSDP_SETS = ("--set", "parallel=fsdp", "--set", "placement.shard_frozen=true", "--set", "train.eval_every=1")
+FSDP_SETS = ("--set", "parallel=fsdp", "--set", "placement.shard_frozen=true", "--set", "schedule.eval_every=1")
 
 
 def assert_same_training(initial: Path, expected: Path, got: Path) -> None:
@@ -317,8 +317,8 @@ def test_ranks_with_unequal_responses_do_not_hang(layout, tmp_path, tiny_world, 
               # would pair mismatched collectives
               "experts": [{"name": name, "teacher": str(teacher), "prompts": str(tmp_path / f"{name}.jsonl")}
                           for name, teacher in (("short", tmp_path / "switch"), ("long", tiny_world / "math_teacher"))],
-              "train": {"steps": 2, "prompts_per_step": 4, "max_new_tokens": 24, "max_tokens_per_micro_batch": 80,
-                        "checkpoint_every": 1, "lr": 1e-3},
+              "rollout": {"prompts_per_step": 4, "max_new_tokens": 24}, "budget": {"max_tokens_per_micro_batch": 80},
+              "schedule": {"steps": 2, "checkpoint_every": 1}, "optim": {"lr": 1e-3},
               "output_dir": str(tmp_path / "run")}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     torchrun("run", str(tmp_path / "r.yaml"), "--no-eval", timeout=60)

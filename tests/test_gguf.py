@@ -50,7 +50,7 @@ def test_smollm2_gguf_as_student_teacher_and_reference_then_humaneval(smollm2_fi
         "student": str(gguf),
         "reward_scale": 1.25,  # != 1: the reference is scored too
         "experts": [{"name": "code", "teacher": str(teacher), "reference": str(gguf), "prompts": str(prompts)}],
-        "train": {"steps": 2, "prompts_per_step": 2, "max_new_tokens": 8, "lr": 1e-5},
+        "rollout": {"prompts_per_step": 2, "max_new_tokens": 8}, "optim": {"lr": 1e-5}, "schedule": {"steps": 2},
         "output_dir": str(tmp_path / "run"),
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -236,7 +236,7 @@ def test_eval_of_a_math_suite_needs_no_bwrap_and_records_no_level(no_bwrap, tiny
 
 
 def test_the_recipe_key_is_validated(tiny_world, tmp_path, write_recipe):
-    from merge_distill.recipe import load_recipe
+    from merge_distill.validate import load_recipe
 
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
     assert load_recipe(path).isolation == "bubblewrap"  # the default
@@ -251,8 +251,8 @@ def test_the_recipe_key_is_validated(tiny_world, tmp_path, write_recipe):
 
 
 def test_the_graders_a_run_uses(tiny_world, tmp_path, write_recipe):
-    from merge_distill.recipe import load_recipe
     from merge_distill.run import graders_to_run
+    from merge_distill.validate import load_recipe
 
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
     code_suite, math_suite = str(tiny_world / "code_test.jsonl"), str(tiny_world / "math_test.jsonl")
@@ -261,20 +261,20 @@ def test_the_graders_a_run_uses(tiny_world, tmp_path, write_recipe):
         return graders_to_run(load_recipe(path, list(sets)), evaluate_after=evaluate_after)
 
     assert graders() == set()  # gopd rewards with teachers; no eval section
-    assert graders("method=grpo", "train.rollouts_per_prompt=2") == {"math", "code"}  # GRPO rewards with graders
+    assert graders("method=grpo", "rollout.rollouts_per_prompt=2") == {"math", "code"}  # GRPO rewards with graders
     assert graders(f"eval.suites=[{math_suite}]") == {"math"}
     assert graders(f"eval.suites=[{math_suite}, {code_suite}]") == {"math", "code"}
     assert graders(f"eval.suites=[{code_suite}]", evaluate_after=False) == set()  # --no-eval
-    assert graders(f"eval.suites=[{code_suite}]", "train.eval_every=2", evaluate_after=False) == {"code"}  # periodic
+    assert graders(f"eval.suites=[{code_suite}]", "schedule.eval_every=2", evaluate_after=False) == {"code"}  # periodic
     # the smoke recipe, its zoo not built: building the code expert is GRPO on code, and the zoo-code suite is code
     smoke = load_recipe(ROOT / "recipes" / "smoke.yaml", [f"zoo.dir={tmp_path / 'zoo'}"])
     assert graders_to_run(smoke, evaluate_after=False) == {"math", "code"}
 
 
 @pytest.mark.parametrize("sets, args", [
-    (["method=grpo", "train.rollouts_per_prompt=2"], ["--no-eval"]),  # GRPO's code reward
+    (["method=grpo", "rollout.rollouts_per_prompt=2"], ["--no-eval"]),  # GRPO's code reward
     (["eval.suites=[CODE]", "eval.max_problems=2"], []),  # the final evaluation
-    (["eval.suites=[CODE]", "train.eval_every=1"], ["--no-eval"]),  # periodic evaluation
+    (["eval.suites=[CODE]", "schedule.eval_every=1"], ["--no-eval"]),  # periodic evaluation
 ], ids=["grpo", "final-eval", "periodic-eval"])
 def test_run_without_bwrap_refuses_before_training(no_bwrap, tiny_world, tmp_path, write_recipe, monkeypatch,
                                                     sets, args):

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 from transformers.models.qwen3 import modeling_qwen3
 
-from merge_distill.recipe import load_recipe
 from merge_distill.scoring import token_budget_chunks
 from merge_distill.build import train_recipe
+from merge_distill.validate import load_recipe
 
 LR = 3e-3
 STEPS = dict(steps=2, prompts_per_step=12, max_new_tokens=16, lr=LR)

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from merge_distill.io import read_jsonl
-from merge_distill.recipe import load_recipe
 from merge_distill.build import train_recipe
+from merge_distill.validate import load_recipe
 
 ALPHA, SCALE, DENSITY = 0.3, 0.7, 0.6  # density unlike ties' (0.2) and dare's (0.5) defaults
 
@@ -238,17 +238,17 @@ def test_grpo_raises_math_accuracy_on_the_smoke_zoo(tmp_path, one_torch_thread):
     on the zoo's held-out math problems (temperature 1, 16 samples each, the project's evaluation) rises by
     more than 3 paired standard errors."""
     from merge_distill.evaluation.runner import ModelSpec, evaluate
-    from merge_distill.recipe import Expert, Recipe, Train
     from merge_distill.toyworld.extension import zoo_suite
+    from merge_distill.recipe import Expert, Optim, Recipe, Rollout, Schedule
     from merge_distill.toyworld.zoo import Zoo
 
     zoo = Zoo("smoke", GRPO_SEED, str(tmp_path / "zoo"), log=lambda *_: None)
     zoo.ensure(["data"])
     base = math_base(zoo, tmp_path / "base")
-    recipe = Recipe(method="grpo", student=str(base), output_dir=str(tmp_path / "run"),
+    recipe = Recipe(method="grpo", student=str(base), output_dir=str(tmp_path / "run"), seed=GRPO_SEED,
                     experts=[Expert(name="math", prompts=str(zoo.path("data") / "math_train.jsonl"))],
-                    train=Train(steps=40, prompts_per_step=32, rollouts_per_prompt=8, max_new_tokens=40, lr=1e-4,
-                                seed=GRPO_SEED))
+                    rollout=Rollout(prompts_per_step=32, rollouts_per_prompt=8, max_new_tokens=40),
+                    optim=Optim(lr=1e-4), schedule=Schedule(steps=40))
     assert recipe.experts[0].grader_name == "math"
     final = train_recipe(recipe)
 

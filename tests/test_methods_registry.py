@@ -20,7 +20,7 @@ from merge_distill.errors import UserError
 from merge_distill.frozen import ModelCache
 from merge_distill.methods import Method, available_methods, get_method, method_of, register_method
 from merge_distill.methods import base as registry
-from merge_distill.recipe import load_recipe
+from merge_distill.validate import load_recipe
 from merge_distill.step_metrics import token_mean
 
 
@@ -191,10 +191,10 @@ def test_an_unknown_method_lists_the_registered_ones(tiny_world, tmp_path, write
 @pytest.mark.parametrize("sets, expected", [
     ([], {"math": {"teacher", "reference"}, "code": {"teacher", "reference"}}),         # lam 1.25: T and R
     (["reward_scale=1.0"], {"math": {"teacher"}, "code": {"teacher"}}),                 # OPD: R cancels
-    (["reward_scale=1.0", "train.log_ratio_clip=2.0"],
+    (["reward_scale=1.0", "method.log_ratio_clip=2.0"],
      {"math": {"teacher", "reference"}, "code": {"teacher", "reference"}}),              # a clip keeps R
-    (["train.objective=dense", "experts.code.reward_scale=1.0"], {"math": {"teacher", "reference"}, "code": {"teacher"}}),
-    (["method=grpo", "train.rollouts_per_prompt=2"], {"math": set(), "code": set()}),   # graders, no models
+    (["method.objective=dense", "experts.code.reward_scale=1.0"], {"math": {"teacher", "reference"}, "code": {"teacher"}}),
+    (["method=grpo", "rollout.rollouts_per_prompt=2"], {"math": set(), "code": set()}),   # graders, no models
     (["method=sft"], {"math": {"teacher"}, "code": {"teacher"}}),
     (["method=merge"], {"math": {"teacher"}, "code": {"teacher"}}),                    # a weight-space merge
 ])
@@ -207,8 +207,8 @@ def test_each_method_names_the_frozen_models_it_loads(tiny_world, tmp_path, writ
 
 def test_objective_dense_is_only_for_gopd(tiny_world, tmp_path, write_recipe):
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
-    with pytest.raises(UserError, match="train.objective dense is not available for method sft"):
-        load_recipe(path, ["method=sft", "train.objective=dense"])
+    with pytest.raises(UserError, match="method.objective dense is not available for method sft"):
+        load_recipe(path, ["method=sft", "method.objective=dense"])
 
 
 if __name__ == "__main__":  # on the ranks: this module's methods registered, then `merge-distill run ARGS`

@@ -180,11 +180,11 @@ def test_per_row_caps_greedy_and_what_it_leaves_alone(teacher):
 def test_recipe_picks_the_paged_engine(tiny_world, tmp_path, write_recipe):
     from merge_distill.engines import PagedSampler, make_sampler
     from merge_distill.errors import UserError
-    from merge_distill.recipe import load_recipe
+    from merge_distill.validate import load_recipe
 
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
     student = load_model(tiny_world / "base")
-    sampler = make_sampler(load_recipe(path, ["backend.rollout=paged", "train.max_rollout_tokens=512"]), student)
+    sampler = make_sampler(load_recipe(path, ["backend.rollout=paged", "budget.max_rollout_tokens=512"]), student)
     assert isinstance(sampler, PagedSampler) and sampler.trainer_logprobs
     assert sampler.config.max_cache_tokens == 512
     # it samples in the trainer's autocast, as the padded engine: its log-probs serve as pi_old in bfloat16 too
@@ -198,8 +198,8 @@ def test_recipe_picks_the_paged_engine(tiny_world, tmp_path, write_recipe):
 def test_training_through_the_paged_sampler_is_the_padded_run(tiny_world, tmp_path, write_recipe):
     """A short run with backend.rollout paged samples what the padded engine samples: the same response lengths
     every step, and weights equal up to float error; the sampler's log-probs serve as pi_old (ratio 1)."""
-    from merge_distill.recipe import load_recipe
     from merge_distill.build import train_recipe
+    from merge_distill.validate import load_recipe
 
     runs = {}
     for engine in ("transformers", "paged"):
@@ -240,7 +240,7 @@ def test_sft_samples_its_teachers_through_the_paged_engine(tiny_world, tmp_path,
     """Frozen teachers (bfloat16 here) sample through the recipe's engine: paged, with the padded samples."""
     from merge_distill import train as train_module
     from merge_distill.build import train_recipe
-    from merge_distill.recipe import load_recipe
+    from merge_distill.validate import load_recipe
 
     engines, losses = [], {}
     original = train_module.frozen_sampler

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 from merge_distill.cli import app
 from merge_distill.plan import GiB, plan
 from merge_distill.shapes import Shape, shipped_configs
-from merge_distill.recipe import load_recipe
+from merge_distill.validate import load_recipe
 
 runner = CliRunner()
 PAPER = ["recipes/qwen3_4b_math_code.yaml", "--assume-config", "qwen3-4b", "--gpus", "8", "--gpu-memory", "80"]
-DDP = [*PAPER, "--set", "parallel=ddp", "--set", "train.gradient_checkpointing=false"]
+DDP = [*PAPER, "--set", "parallel=ddp", "--set", "budget.gradient_checkpointing=false"]
 VERDICT = re.compile(r"peak per device: \d+\.\d GiB of \d+\.\d GiB: (fits|does not fit)")
 
 
@@ -57,7 +57,7 @@ def test_paper_recipe_fits_with_its_own_settings_and_no_weights():
 
 def test_paper_recipe_does_not_fit_under_ddp_without_checkpointing():
     data = plan_json("recipes/qwen3_4b_math_code.yaml", "--gpus", "8", "--gpu-memory", "80",
-                     "--set", "parallel=ddp", "--set", "train.gradient_checkpointing=false")
+                     "--set", "parallel=ddp", "--set", "budget.gradient_checkpointing=false")
     assert not data["fits"] and data["peak_bytes"] > data["budget_bytes"] == 80 * GiB
     assert data["suggestions"]  # settings that would make it fit
     # design.md: ~108 GiB of activations for one 16k sequence alone (195,880 B/token/layer x 36 layers) under
@@ -65,7 +65,7 @@ def test_paper_recipe_does_not_fit_under_ddp_without_checkpointing():
     ddp = plan_json(*DDP)
     act = next(v for k, v in ddp["components"].items() if k.startswith("activations"))
     assert 105 * GiB < act < 115 * GiB
-    one = plan_json(*PAPER, "--set", "train.gradient_checkpointing=false")
+    one = plan_json(*PAPER, "--set", "budget.gradient_checkpointing=false")
     act = next(v for k, v in one["components"].items() if k.startswith("activations"))
     assert 36 * 170_280 * 16_896 < act < 36 * 170_280 * 16_896 + 2 * GiB
     ckpt = plan_json(*PAPER)
@@ -232,7 +232,7 @@ def tiny(tmp_path):
         (tmp_path / name / "config.json").write_text(json.dumps(config))
     recipe = {"student": str(tmp_path / "student"), "reward_scale": 1.25,
               "experts": [{"name": "math", "teacher": str(tmp_path / "teacher"), "prompts": "x.jsonl"}],
-              "train": {"prompts_per_step": 8, "max_new_tokens": 100}, "output_dir": str(tmp_path / "run")}
+              "rollout": {"prompts_per_step": 8, "max_new_tokens": 100}, "output_dir": str(tmp_path / "run")}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     return tmp_path / "r.yaml", Shape.from_config(config)
 
@@ -256,16 +256,16 @@ def test_component_arithmetic(tiny):
     shared = plan(load_recipe(path, ["parallel=fsdp", "placement.shard_frozen=true"]), gpus=2, gpu_memory_bytes=GiB,
                   device="cuda", prompt_tokens=28)
     assert shared.components["frozen teacher math (float32)"] == 4 * P // 2  # over the 2 GPUs
-    capped = plan(load_recipe(path, ["train.max_rollout_tokens=256"]), gpus=2, gpu_memory_bytes=GiB, device="cuda",
+    capped = plan(load_recipe(path, ["budget.max_rollout_tokens=256"]), gpus=2, gpu_memory_bytes=GiB, device="cuda",
                   prompt_tokens=28)
     assert capped.components["KV cache (2 rows x 128 tokens)"] == 2 * 128 * 3 * 2 * 2 * 16 * 4
     # backend.rollout paged: the budget is the cache's capacity, in float32, plus sdpa's mask over the cache
-    paged = plan(load_recipe(path, ["backend.rollout=paged", "train.max_rollout_tokens=300"]), gpus=2,
+    paged = plan(load_recipe(path, ["backend.rollout=paged", "budget.max_rollout_tokens=300"]), gpus=2,
                  gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28).components
     assert paged["paged KV cache (300 tokens, float32)"] == 300 * 3 * 2 * 2 * 16 * 4
     assert paged["paged attention mask (256 x 556, float32)"] == 256 * 556 * 4
     assert not any(k.startswith("KV cache") for k in paged)
-    ckpt = plan(load_recipe(path, ["train.gradient_checkpointing=true"]), gpus=2, gpu_memory_bytes=GiB,
+    ckpt = plan(load_recipe(path, ["budget.gradient_checkpointing=true"]), gpus=2, gpu_memory_bytes=GiB,
                 device="cuda", prompt_tokens=28)
     a = next(v for k, v in c.items() if k.startswith("activations"))
     assert next(v for k, v in ckpt.components.items() if k.startswith("activations")) < a
@@ -316,7 +316,7 @@ def test_fsdp_bf16_activations_are_bf16_by_hand(tiny):
     (5 x 64 x 2 bytes fewer); per token besides: final norm 16 x 64, RoPE 8 x 16, 12, the MLP's gradient
     temporaries 2 x 2 x 128; and the 100 response tokens' hidden states in the stream's bytes."""
     path, _ = tiny
-    one_row = ["train.micro_batch_size=1", "dtype=bfloat16"]
+    one_row = ["budget.micro_batch_size=1", "dtype=bfloat16"]
     extras = 16 * 64 + 8 * 16 + 12 + 2 * 2 * 128
     fsdp = plan(load_recipe(path, [*one_row, "parallel=fsdp"]), gpus=2, gpu_memory_bytes=GiB, device="cuda",
                 prompt_tokens=28)
@@ -324,11 +324,11 @@ def test_fsdp_bf16_activations_are_bf16_by_hand(tiny):
     assert "activations (1 row x 128 tokens, bfloat16 residual stream)" in fsdp.components
     ddp = plan(load_recipe(path, one_row), gpus=2, gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28)
     assert _act(ddp) == 128 * (3 * 3_696 + extras) + 100 * 4 * 64  # autocast keeps the stream float32
-    ckpt = plan(load_recipe(path, [*one_row, "parallel=fsdp", "train.gradient_checkpointing=true"]), gpus=2,
+    ckpt = plan(load_recipe(path, [*one_row, "parallel=fsdp", "budget.gradient_checkpointing=true"]), gpus=2,
                 gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28)
     assert _act(ckpt) == 128 * (3 * 2 * 64 + 3_056 + extras) + 100 * 2 * 64  # each layer's bf16 input + one layer
     # float32: no cast anywhere, the same activations in either layout
-    fp32 = [plan(load_recipe(path, ["train.micro_batch_size=1", f"parallel={layout}"]), gpus=2, gpu_memory_bytes=GiB,
+    fp32 = [plan(load_recipe(path, ["budget.micro_batch_size=1", f"parallel={layout}"]), gpus=2, gpu_memory_bytes=GiB,
                  device="cuda", prompt_tokens=28) for layout in ("fsdp", "ddp")]
     assert _act(fp32[0]) == _act(fp32[1]) > _act(ddp)
 
@@ -392,7 +392,7 @@ def test_cpu_frozen_models_in_their_files_dtype_are_memory_mapped(tiny):
         config.update(vocab_size=131_072, tie_word_embeddings=False, dtype="float32")
         (path.parent / name / "config.json").write_text(json.dumps(config))
     shape = Shape.from_config(config)
-    one = ["train.steps=1", "train.prompts_per_step=2"]
+    one = ["schedule.steps=1", "rollout.prompts_per_step=2"]
     p = plan(load_recipe(path, one), gpu_memory_bytes=64 * GiB, device="cpu", prompt_tokens=28)
     label = "frozen teacher math, memory-mapped: its embedding's rows as read (float32)"
     embedding = 131_072 * 64 * 4  # 32 MiB: 512 windows; 2 rows x 128 tokens read

@@ -121,7 +121,8 @@ def test_a_recipe_runs_with_the_plugin_grader(units_plugin, units_recipe, tmp_pa
         "format": "prompt", "metric": "avg"}))
     recipe = yaml.safe_load(units_recipe.read_text())
     recipe["experts"][0]["eval_suite"] = str(tmp_path / "units_suite.yaml")
-    recipe["train"].update({"steps": 2, "prompts_per_step": 4, "max_new_tokens": 16})
+    recipe["schedule"].update({"steps": 2})
+    recipe["rollout"].update({"prompts_per_step": 4, "max_new_tokens": 16})
     recipe["eval"] = {"samples": 1, "baselines": False, "max_new_tokens": 16}
     units_recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
     result = subprocess.run([units_plugin, "-m", "merge_distill", "run", str(units_recipe)],

@@ -60,7 +60,7 @@ def test_smoke_recipe_end_to_end(tmp_path, isolation):
     # a lam sweep on the same zoo: one student per value, sweep.json with a point per value and suite, the plot
     sweep_dir = tmp_path / "sweep"
     proc = run_cli("sweep", str(ROOT / "recipes" / "smoke.yaml"), "--set", "reward_scale=1.0,1.5",
-                   "--set", "train.steps=2", "--set", f"output_dir={sweep_dir}", "--isolation", isolation, env=env)
+                   "--set", "schedule.steps=2", "--set", f"output_dir={sweep_dir}", "--isolation", isolation, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((sweep_dir / "sweep" / "sweep.json").read_text())
     assert data["swept"] == ["reward_scale"]

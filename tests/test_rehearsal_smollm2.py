@@ -67,7 +67,7 @@ def metrics(run: Path) -> list[dict]:
 def test_smollm2_on_two_fsdp_ranks_in_bf16_past_256_tokens_resumes_alone_and_exports_bf16(
         smollm2_files, long_answering_smollm2, tmp_path, monkeypatch):
     from merge_distill.build import train_recipe
-    from merge_distill.recipe import load_recipe
+    from merge_distill.validate import load_recipe
 
     _, _, teacher = smollm2_files
     (tmp_path / "count.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
@@ -77,8 +77,9 @@ def test_smollm2_on_two_fsdp_ranks_in_bf16_past_256_tokens_resumes_alone_and_exp
         "reward_scale": 1.25,
         "experts": [{"name": "code", "teacher": str(teacher), "reference": "student",
                      "prompts": str(tmp_path / "count.jsonl"), "eval_suite": "humaneval"}],
-        "train": {"steps": 2, "prompts_per_step": 2, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.5,
-                  "lr": 1e-5, "checkpoint_every": 1, "keep_checkpoints": 2},
+        "rollout": {"prompts_per_step": 2, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.5},
+        "optim": {"lr": 1e-5},
+        "schedule": {"steps": 2, "checkpoint_every": 1, "keep_checkpoints": 2},
         "eval": {"max_problems": 2, "samples": 1, "max_new_tokens": 24, "baselines": False},
         "dtype": "bfloat16", "parallel": "fsdp", "output_dir": str(run),
     }

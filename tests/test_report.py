@@ -210,7 +210,7 @@ def test_compare_against_pairs_each_variant_with_the_named_one(tmp_path):
 
 
 def test_sweep_plot_draws_one_line_per_value_of_the_other_keys(tmp_path):
-    """reward_scale x train.log_ratio_clip: score and length against lam, a line per clip value."""
+    """reward_scale x method.log_ratio_clip: score and length against lam, a line per clip value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,14 +218,14 @@ def test_sweep_plot_draws_one_line_per_value_of_the_other_keys(tmp_path):
 
     from merge_distill.sweep import plot
 
-    points = [{"reward_scale": lam, "train.log_ratio_clip": clip, "suite": "zoo-math", "k": 2, "metric": "avg",
+    points = [{"reward_scale": lam, "method.log_ratio_clip": clip, "suite": "zoo-math", "k": 2, "metric": "avg",
                "score": 0.5 + 0.1 * lam, "stderr": 0.01, "response_length": 30 + 10 * lam * (clip == "null")}
               for lam in (1.5, 1.0, 1.25) for clip in ("null", 0.5)]
     baselines = [{"model": "math", "suite": "zoo-math", "k": 2, "score": 0.7, "response_length": 33.0}]
     import matplotlib.axes
 
     with mock.patch.object(matplotlib.axes.Axes, "plot", autospec=True, side_effect=matplotlib.axes.Axes.plot) as p:
-        plot(points, baselines, ["reward_scale", "train.log_ratio_clip"], tmp_path / "sweep.png")
+        plot(points, baselines, ["reward_scale", "method.log_ratio_clip"], tmp_path / "sweep.png")
     lines = {c.kwargs["label"]: (list(c.args[1]), list(c.args[2])) for c in p.call_args_list if "label" in c.kwargs}
     assert lines == {"log_ratio_clip=null": ([1.0, 1.25, 1.5], [40.0, 42.5, 45.0]),
                      "log_ratio_clip=0.5": ([1.0, 1.25, 1.5], [30.0, 30.0, 30.0])}

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from merge_distill.checkpoint import CHECKSUMS, METADATA, checkpoint_dirs, damage, holding, newest_intact
 from merge_distill.errors import UserError
-from merge_distill.recipe import load_recipe
 from merge_distill.build import train_recipe
+from merge_distill.validate import load_recipe
 
 STEPS = dict(steps=3, prompts_per_step=4, max_new_tokens=8, checkpoint_every=1, keep_checkpoints=3)
 SHARD = "__0_0.distcp"  # the one shard file of a one-process checkpoint (DCP's name: rank 0's first file)
@@ -131,8 +131,8 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_one_before(finish
     recipe = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", **STEPS)
     script = ("import os, signal, sys\n"
               "from merge_distill import checkpoint\n"
-              "from merge_distill.recipe import load_recipe\n"
               "from merge_distill.build import train_recipe\n"
+              "from merge_distill.validate import load_recipe\n"
               "calls = []\n"
               "def write_checksums(folder, digests):\n"
               "    calls.append(folder)\n"

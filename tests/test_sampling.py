@@ -127,8 +127,9 @@ def test_training_and_evaluation_pass_every_eos_id_of_the_model(tiny_world, tmp_
             seen.append(tuple(kw["eos_token_id"]))
             return super().sample(prompts, **kw)
 
-    train = SimpleNamespace(max_rollout_tokens=None, max_new_tokens=4, temperature=1.0)
-    setup = SimpleNamespace(recipe=SimpleNamespace(train=train), tokenizer=tok, student=model)
+    recipe = SimpleNamespace(rollout=SimpleNamespace(max_new_tokens=4, temperature=1.0),
+                             budget=SimpleNamespace(max_rollout_tokens=None))
+    setup = SimpleNamespace(recipe=recipe, tokenizer=tok, student=model)
     batch = [SimpleNamespace(token_ids=(5, 6, 7)), SimpleNamespace(token_ids=(8,))]
     Run._sample(setup, Recording(model), batch, [1, 2])
     suite = load_suite(str(tiny_world / "math_test.jsonl"))

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from merge_distill.data import render_prompt
 from merge_distill.models import load_model, load_tokenizer
-from merge_distill.recipe import load_recipe
 from merge_distill.sampling import sample
 from merge_distill.scoring import response_logprobs
 from merge_distill.build import train_recipe
+from merge_distill.validate import load_recipe
 
 
 def reverse_kl(student_path, teacher_path, prompts_file, n=96, seed=0) -> float:
@@ -88,7 +88,7 @@ def test_log_ratio_clip_bounds_the_reward(tiny_world, tmp_path, monkeypatch, wri
 
     monkeypatch.setattr(gopd_method, "gopd_advantages_clipped", spy)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1, prompts_per_step=8),
-                         ["train.log_ratio_clip=0.05", "experts.code.reward_scale=1.0"])
+                         ["method.log_ratio_clip=0.05", "experts.code.reward_scale=1.0"])
     train_recipe(recipe)
     assert len(seen) == 2  # both domains, lam 1 included: a clipped log-ratio no longer cancels R
     assert all(v <= 0.05 + 1e-6 for v in seen)
@@ -164,7 +164,7 @@ def test_offloaded_frozen_models_give_the_same_run(tiny_world, tmp_path, write_r
 
 @pytest.mark.slow
 def test_periodic_evaluation_scores_the_live_student(tiny_world, tmp_path, write_recipe):
-    """train.eval_every: the run's own sampler generates for the held-out suite every N steps (not after the
+    """schedule.eval_every: the run's own sampler generates for the held-out suite every N steps (not after the
     last, which the final evaluation covers), and the score lands in metrics.jsonl."""
     import yaml
     from typer.testing import CliRunner

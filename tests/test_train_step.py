@@ -19,10 +19,10 @@ import pytest
 import torch
 from merge_distill.data import render_prompt
 from merge_distill.errors import TrainingDiverged
-from merge_distill.models import load_model, load_tokenizer
-from merge_distill.recipe import load_recipe
 from merge_distill.frozen import ModelCache
+from merge_distill.models import load_model, load_tokenizer
 from merge_distill.build import train_recipe
+from merge_distill.validate import load_recipe
 
 LAM = {"math": 1.25, "code": 1.5}
 
@@ -202,20 +202,21 @@ def test_consecutive_non_finite_steps_stop_the_run(tiny_world, tmp_path, monkeyp
 
 
 def test_progress_line_names_each_domains_metric():
-    from merge_distill.recipe import Recipe
     from merge_distill.methods import method_of
+    from merge_distill.recipe import MethodSpec, Recipe
     from merge_distill.train import describe
 
-    def describe_recipe(r, m):
+    def line(r, m):
         return describe(method_of(r), r, m)
 
     experts = [{"name": "math", "teacher": "t", "prompts": "p"}, {"name": "code_reverse", "teacher": "t", "prompts": "p"}]
     recipe = Recipe.model_validate({"student": "s", "output_dir": "o", "experts": experts})
-    line = describe_recipe(recipe, {"math/reverse_kl_teacher": 0.1234, "code_reverse/reverse_kl_teacher": 0.5, "loss": 1.0})
-    assert line == "train (gopd) math KL to teacher 0.123, code_reverse KL to teacher 0.500"
-    grpo = recipe.model_copy(update={"method": "grpo"})
-    assert describe_recipe(grpo, {"math/accuracy": 0.25}) == "train (grpo) math accuracy 0.250"
-    assert describe_recipe(recipe.model_copy(update={"method": "sft"}), {"loss": 2.0}) == "train (sft) loss 2.000"
+    assert line(recipe, {"math/reverse_kl_teacher": 0.1234, "code_reverse/reverse_kl_teacher": 0.5, "loss": 1.0}) == \
+        "train (gopd) math KL to teacher 0.123, code_reverse KL to teacher 0.500"
+    grpo = recipe.model_copy(update={"method": MethodSpec(name="grpo")})
+    assert line(grpo, {"math/accuracy": 0.25}) == "train (grpo) math accuracy 0.250"
+    sft = recipe.model_copy(update={"method": MethodSpec(name="sft")})
+    assert line(sft, {"loss": 2.0}) == "train (sft) loss 2.000"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -549,18 +549,20 @@ def test_missing_vllm_is_one_clear_line(monkeypatch):
         make_sampler(recipe, None)
 
 
-def test_scoring_through_vllm_is_refused_with_the_reason():
-    """Teachers and references score through the trainer's chunked scorer, whatever samples the student."""
-    with pytest.raises(Exception, match="backend.scoring vllm was removed: teachers and references score through "
-                                        "the trainer's chunked scorer"):
-        Recipe.model_validate({**RECIPE, "backend": {"rollout": "vllm", "scoring": "vllm"}})
+def test_backend_scoring_is_refused_with_the_reason():
+    """Teachers and references score through the trainer's chunked scorer, whatever samples the student: the key
+    that chose a scorer is gone, whatever its value."""
+    for value in ("vllm", "transformers"):
+        with pytest.raises(Exception, match="backend.scoring was removed: teachers and references always score "
+                                            "through the trainer's chunked scorer; delete the line"):
+            Recipe.model_validate({**RECIPE, "backend": {"rollout": "vllm", "scoring": value}})
 
 
 def test_backend_defaults_to_transformers():
     recipe = Recipe.model_validate(RECIPE)
-    assert (recipe.backend.rollout, recipe.backend.scoring, recipe.backend.gpu_memory_utilization) == ("transformers", "transformers", 0.5)
+    assert (recipe.backend.rollout, recipe.backend.gpu_memory_utilization) == ("transformers", 0.5)
     assert type(make_sampler(recipe, None)) is TransformersSampler  # the padded engine, not its paged subclass
-    budget = Recipe.model_validate({**RECIPE, "train": {"max_rollout_tokens": 512}})
+    budget = Recipe.model_validate({**RECIPE, "budget": {"max_rollout_tokens": 512}})
     assert type(make_sampler(budget, None)) is RowChunks and type(make_sampler(budget, None).engine) is TransformersSampler
     with pytest.raises(Exception, match="rollout"):
         Recipe.model_validate({**RECIPE, "backend": {"rollout": "sglang"}})
@@ -594,8 +596,8 @@ def test_trainer_samples_through_the_backend(monkeypatch, launcher_env, tiny_wor
     for scoring and the update. The student is not gathered for decoding (under fsdp it stays sharded while
     the engine samples). Frozen models score in the trainer, never in an engine."""
     from merge_distill.models import load_model, load_tokenizer
-    from merge_distill.recipe import load_recipe
     from merge_distill.build import load_prompts, train_recipe
+    from merge_distill.validate import load_recipe
 
     from merge_distill import parallel
 
@@ -662,8 +664,8 @@ def test_engine_noise_stays_out_of_the_reward(monkeypatch, launcher_env, tiny_wo
     the advantage's pi_old term is the trainer's recomputed log-prob; the engine's serves only in the
     importance weight pi_theta / pi_engine."""
     from merge_distill import objective
-    from merge_distill.recipe import load_recipe
     from merge_distill.build import train_recipe
+    from merge_distill.validate import load_recipe
 
     noise = 0.3
 
@@ -709,8 +711,8 @@ def test_the_sync_guard_stops_a_run_whose_engine_kept_stale_weights(monkeypatch,
     trainer scores it. An engine that takes every update (the fake loads exactly the trainer's weights) passes at a
     gap of float rounding; one whose `sync_weights` does nothing (sleep level 0: nothing else reloads it) stops the
     run at step 1, in one line."""
-    from merge_distill.recipe import load_recipe
     from merge_distill.build import train_recipe
+    from merge_distill.validate import load_recipe
 
     trainer_engines(monkeypatch)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,

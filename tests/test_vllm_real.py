@@ -192,7 +192,7 @@ def runs(tiny, tiny_world, tmp_path_factory, write_recipe):
     recipe["backend"] = {"rollout": "vllm", "check_sync_every": 1}
     recipe["eval"] = {"suites": [str(tiny_world / "math_test.jsonl")], "max_problems": 4, "max_new_tokens": 8}
     (root / "r.yaml").write_text(yaml.safe_dump(recipe))
-    first = _cli(["run", str(root / "r.yaml"), "--no-eval", "--set", "train.steps=2"])
+    first = _cli(["run", str(root / "r.yaml"), "--no-eval", "--set", "schedule.steps=2"])
     resumed = _cli(["run", str(root / "r.yaml"), "--no-eval", "--resume"])
     two = torchrun("run", str(root / "r.yaml"), "--no-eval", "--set", f"output_dir={root / 'two'}", timeout=300)
     return root, (first, resumed, two)

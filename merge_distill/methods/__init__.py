@@ -1,5 +1,5 @@
 """Training methods as a registry (`base.py` says what a method is). Built in: `gopd` (G-OPD / ExOPD, the
-sampled estimator, and `train.objective: dense`), `grpo` and `sft`. The weight-space baselines (`expo`, `merge`)
+sampled estimator, and `method.objective: dense`), `grpo` and `sft`. The weight-space baselines (`expo`, `merge`)
 train nothing and are not methods here: `merge_distill.merging.COMBINERS`."""
 
 from merge_distill.methods.base import Method, available_methods, get_method, method_of, register_method
@@ -8,7 +8,7 @@ from merge_distill.methods import gopd, gopd_dense, grpo, sft  # noqa: E402,F401
 
 def trains(recipe) -> bool:
     """Whether the recipe's method is a training method (else a weight-space merge, `merging.COMBINERS`)."""
-    return recipe.method in available_methods()
+    return recipe.method.name in available_methods()
 
 
 def frozen_models(recipe, expert) -> dict[str, str]:

@@ -36,7 +36,7 @@ _entry_points_loaded = False
 
 
 def register_method(name: str, *, objective: str = "sampled"):
-    """Class decorator: the method a recipe selects with `method: name` (and `train.objective: objective`). A name
+    """Class decorator: the method a recipe selects with `method: name` (and `method.objective: objective`). A name
     (and objective) already taken by another class is refused."""
 
     def add(cls: type[Method]) -> type[Method]:
@@ -77,11 +77,11 @@ def get_method(name: str, objective: str = "sampled") -> Method:
     if name not in available_methods():
         raise ValueError(f"unknown method '{name}' (registered: {', '.join(available_methods())})")
     have = sorted(o for n, o in _REGISTRY if n == name)
-    raise ValueError(f"train.objective {objective} is not available for method {name} (it has: {', '.join(have)})")
+    raise ValueError(f"method.objective {objective} is not available for method {name} (it has: {', '.join(have)})")
 
 
 def method_of(recipe: Recipe) -> Method:
-    return get_method(recipe.method, recipe.train.objective)
+    return get_method(recipe.method.name, recipe.method.objective)
 
 
 class Method:

@@ -8,7 +8,7 @@ score the sampled tokens at the same tau. Each real token (EOS included) gets th
 (no discount, no baseline, no normalisation; `objective.gopd_advantages`), and the loss is the token mean
 over the global batch of `-min(pi_theta / pi_sampler, c) * A_t` (`objective.policy_gradient_loss`). lam = 1
 is on-policy distillation (reverse KL to T; R cancels and is not computed), lam > 1 extrapolates (ExOPD);
-the per-token optimum is pi* ∝ T^lam R^(1-lam). With `train.log_ratio_clip: c` the log-ratio log T - log R
+the per-token optimum is pi* ∝ T^lam R^(1-lam). With `method.log_ratio_clip: c` the log-ratio log T - log R
 is clipped to [-c, c] (then R is needed at lam = 1 too).
 """
 
@@ -22,7 +22,7 @@ from merge_distill.step_metrics import token_mean
 
 def needs_reference(recipe, expert) -> bool:
     """R enters the reward unless lam = 1 with an unclipped log-ratio (where it cancels exactly)."""
-    return recipe.scale_of(expert) != 1.0 or recipe.train.log_ratio_clip is not None
+    return recipe.scale_of(expert) != 1.0 or recipe.method.log_ratio_clip is not None
 
 
 class PolicyGradientMethod(Method):
@@ -30,7 +30,7 @@ class PolicyGradientMethod(Method):
 
     def loss(self, logprobs, batch, targets, cfg):
         return objective.policy_gradient_loss(logprobs, batch.rollouts.sampler_logprobs, targets, batch.mask,
-                                              truncation=cfg.train.importance_truncation)
+                                              truncation=cfg.method.importance_truncation)
 
 
 @register_method("gopd")
@@ -54,7 +54,7 @@ class GOPD(PolicyGradientMethod):
             expert, mask = cfg.experts[i], batch.mask[rows]
             student, teacher = batch.old_logprobs[rows], scores["teacher"][rows]
             reference = scores["reference"][rows] if needs_reference(cfg, expert) else None
-            lam, clip = cfg.scale_of(expert), cfg.train.log_ratio_clip
+            lam, clip = cfg.scale_of(expert), cfg.method.log_ratio_clip
             a = (objective.gopd_advantages(student, teacher, reference, lam) if clip is None
                  else gopd_advantages_clipped(student, teacher, reference, lam, clip)) * mask
             adv[rows] = a

@@ -1,4 +1,4 @@
-"""Dense G-OPD (`method: gopd`, `train.objective: dense`): the exact objective over the whole vocabulary.
+"""Dense G-OPD (`method: gopd`, `method.objective: dense`): the exact objective over the whole vocabulary.
 
 Per visited response position, G-OPD's objective equals log Z - KL(pi || pi*) with
 
@@ -26,9 +26,9 @@ class DenseGOPD(Method):
 
     def check(self, recipe):
         super().check(recipe)
-        if recipe.train.log_ratio_clip is not None:
-            raise ValueError("train.log_ratio_clip clips the sampled estimator's reward; it does not apply to "
-                             "train.objective dense")
+        if recipe.method.log_ratio_clip is not None:
+            raise ValueError("method.log_ratio_clip clips the sampled estimator's reward; it does not apply to "
+                             "method.objective dense")
 
     def frozen_models(self, recipe, expert):
         models = {"teacher": expert.teacher}

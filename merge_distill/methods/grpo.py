@@ -1,6 +1,6 @@
 """GRPO (Shao et al. 2024, DeepSeekMath): outcome-reward RL, how the CPU zoo's experts are made.
 
-Each prompt gets `train.rollouts_per_prompt` >= 2 responses; the domain's grader scores each response 0/1
+Each prompt gets `rollout.rollouts_per_prompt` >= 2 responses; the domain's grader scores each response 0/1
 (`scores["reward"]`, in [0, 1]), and every token of response i in group g gets the group-normalised advantage
 
     A_i = (r_i - mean_g r) / (std_g r + eps)        [B] -> broadcast over the response's real tokens
@@ -25,8 +25,8 @@ class GRPO(PolicyGradientMethod):
     progress = ("accuracy", "accuracy")
 
     def check(self, recipe):
-        if recipe.train.rollouts_per_prompt < 2:
-            raise ValueError(f"train.rollouts_per_prompt is {recipe.train.rollouts_per_prompt}: GRPO normalises "
+        if recipe.rollout.rollouts_per_prompt < 2:
+            raise ValueError(f"rollout.rollouts_per_prompt is {recipe.rollout.rollouts_per_prompt}: GRPO normalises "
                              "rewards within each prompt's group of rollouts, so it needs at least 2 (one trains "
                              "nothing)")
 
@@ -34,5 +34,5 @@ class GRPO(PolicyGradientMethod):
         """`[B, L]`: each row's group-normalised 0/1 reward on its real tokens."""
         rewards = scores["reward"]
         metrics = {f"{cfg.experts[i].name}/accuracy": row_mean(rewards[rows]) for i, rows in batch.by_expert() if rows}
-        seq_adv = objective.grpo_advantages(rewards.to(batch.mask.device), cfg.train.rollouts_per_prompt)
+        seq_adv = objective.grpo_advantages(rewards.to(batch.mask.device), cfg.rollout.rollouts_per_prompt)
         return seq_adv[:, None] * batch.mask, metrics

@@ -215,8 +215,9 @@ class Zoo:
 
     def _expert(self, domain: str, base: str) -> None:
         from merge_distill.checkpoint import checkpoint_dirs, export_checkpoint
-        from merge_distill.recipe import Expert, Recipe, Train
         from merge_distill.build import train_recipe
+        from merge_distill.recipe import Expert, Optim, Recipe, Rollout, Schedule
+        from merge_distill.validate import check_recipe
 
         self._build(base)
         p = self.preset
@@ -225,13 +226,14 @@ class Zoo:
         shutil.rmtree(run_dir, ignore_errors=True)
         # the large expert keeps its run's quarter checkpoints: the same teacher at weaker RL strengths
         every = p.grpo_steps // 4 if base == "large_base" and p.grpo_steps >= 4 else 0
-        recipe = Recipe(
-            method="grpo", student=str(self.path(base)), output_dir=str(run_dir),
+        recipe = check_recipe(Recipe(
+            method="grpo", student=str(self.path(base)), output_dir=str(run_dir), seed=self.seed,
             experts=[Expert(name=domain, prompts=str(self.path("data") / f"{domain}_train.jsonl"))],
-            train=Train(steps=p.grpo_steps, prompts_per_step=p.grpo_prompts,
-                        rollouts_per_prompt=p.grpo_rollouts, max_new_tokens=p.max_new_tokens[domain],
-                        lr=p.grpo_lr, seed=self.seed, grad_clip=1.0, checkpoint_every=every, keep_checkpoints=4),
-            isolation=self.isolation)
+            rollout=Rollout(prompts_per_step=p.grpo_prompts, rollouts_per_prompt=p.grpo_rollouts,
+                            max_new_tokens=p.max_new_tokens[domain]),
+            optim=Optim(lr=p.grpo_lr, grad_clip=1.0),
+            schedule=Schedule(steps=p.grpo_steps, checkpoint_every=every, keep_checkpoints=4),
+            isolation=self.isolation))
         final = train_recipe(recipe, progress=self.progress)
         for step, folder in checkpoint_dirs(run_dir):
             if step < p.grpo_steps:
