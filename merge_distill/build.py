@@ -29,9 +29,8 @@ from merge_distill.train import Run, train
 
 def train_recipe(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None, **parts) -> Path:
     """Train (or resume) the recipe, or for a weight-space method write its merge (`merging.COMBINERS`); the final
-    model's path. Under `torchrun` every rank calls this (the process group is joined first: `distributed.init`).
-    `parts`: passed to `build_run`."""
-    distributed.init(recipe.device)
+    model's path. Under `torchrun` every rank calls this, in the process group the command joined
+    (`run.start`). `parts`: passed to `build_run`."""
     with holding(recipe.output_dir):  # one live run per output_dir
         check_manifest(recipe, resume)
         if not trains(recipe):

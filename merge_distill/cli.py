@@ -87,13 +87,12 @@ def _resolved(recipe_path: Path, overrides: list[str], progress, evaluate: bool)
     members they name, `extensions.build`; the other ranks then find them). First, where any of them will grade by
     running code, its isolation is checked (one line, before anything is built or trained)."""
     from merge_distill import distributed
-    from merge_distill.run import check_isolation
+    from merge_distill.run import start_recipes
     from merge_distill.validate import load_recipe, variant_recipes
 
     recipe = load_recipe(recipe_path, overrides)
     variants = variant_recipes(recipe_path, overrides, recipe)
-    check_isolation([recipe, *variants.values()], evaluate_after=evaluate)
-    distributed.init(recipe.device)
+    start_recipes([recipe, *variants.values()], evaluate_after=evaluate)
     with distributed.main_first():
         extensions.build(recipe, progress=progress, log=console.print)
         _convert_gguf_files(recipe)
@@ -260,6 +259,7 @@ def eval_cmd(
         from merge_distill.evaluation.runner import ModelSpec, evaluate
         from merge_distill.evaluation.suites import load_suite
         from merge_distill.models import check_model_dir
+        from merge_distill.run import start
         from merge_distill.sandbox import isolation_note
 
         level = _isolation(isolation) or "bubblewrap"
@@ -278,7 +278,7 @@ def eval_cmd(
         suites = [load_suite(s) for s in suite]
         if max_problems:
             suites = [replace(s, records=s.records[:max_problems]) for s in suites]
-        world = distributed.init(device)
+        world = start(device, [({s.grader for s in suites}, level)])
         console.quiet = console.quiet or not world.main
         with progress_bar() as progress:
             result = evaluate(specs, suites, samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,

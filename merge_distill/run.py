@@ -148,20 +148,29 @@ def graders_to_run(recipe: Recipe, *, evaluate_after: bool) -> set[str]:
     return names
 
 
-def check_isolation(recipes, *, evaluate_after: bool) -> str | None:
-    """Before a run builds, trains or evaluates anything: where any of its recipes (the recipe and its `compare:`
-    variants) grades by running code, that its `isolation` works here (``IsolationUnavailable``, one line,
-    where bubblewrap is asked for and missing). Returns the level code will run under, None when no code runs."""
+def start(device: str, gradings: list[tuple[set[str], str]]):
+    """The one place a command starts, before it builds, trains or evaluates anything: for each (graders, isolation)
+    it will grade with, where those graders run code, that the isolation works here (``IsolationUnavailable``, one
+    line, where bubblewrap is asked for and missing); then this process joins the launcher's process group (every
+    rank under torchrun; alone, nothing). Returns the `distributed.World`."""
+    from merge_distill import distributed
     from merge_distill.graders import sandbox_level
 
-    levels = [sandbox_level(graders_to_run(r, evaluate_after=evaluate_after), r.isolation) for r in recipes]
-    return next((lvl for lvl in levels if lvl), None)
+    for graders, isolation in gradings:
+        sandbox_level(graders, isolation)
+    return distributed.init(device)
+
+
+def start_recipes(recipes: list[Recipe], *, evaluate_after: bool):
+    """`start` for a recipe and its `compare:` variants (or a sweep's): every grader each of them will run
+    (`graders_to_run`), under its own `isolation`."""
+    return start(recipes[0].device, [(graders_to_run(r, evaluate_after=evaluate_after), r.isolation) for r in recipes])
 
 
 def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, evaluate_after: bool, progress):
-    """Train every variant (`validate.variant_recipes`), evaluate them side by side, write the report. Recipes have
-    plain paths, what they name built at the edge (`extensions.build`); returns (students, (result, paired, paths) or
-    None, timings)."""
+    """Train every variant (`validate.variant_recipes`), evaluate them side by side, write the report, after
+    `start_recipes`. Recipes have plain paths, what they name built at the edge (`extensions.build`); returns
+    (students, (result, paired, paths) or None, timings)."""
     import time
 
     from merge_distill import distributed
@@ -169,8 +178,7 @@ def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, eva
     from merge_distill.build import train_recipe
 
     t0 = time.perf_counter()
-    check_isolation([recipe, *variants.values()], evaluate_after=evaluate_after)  # before anything trains
-    world = distributed.init(recipe.device)  # under torchrun every rank trains and evaluates; rank 0 writes
+    world = distributed.world()  # under torchrun every rank trains and evaluates; rank 0 writes
     out = Path(recipe.output_dir)
     students, evaluated = {}, None
     with holding(out):  # the whole run, training and evaluation: one live run per output_dir

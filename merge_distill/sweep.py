@@ -42,7 +42,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, progress=None, log=print) 
     from merge_distill import extensions
     from merge_distill.evaluation.metrics import paired_difference
     from merge_distill.evaluation.runner import ModelSpec, evaluate
-    from merge_distill.run import check_isolation, eval_suites
+    from merge_distill.run import eval_suites, start_recipes
     from merge_distill.build import train_recipe
     from merge_distill.validate import check_override_key, load_recipe
 
@@ -52,7 +52,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, progress=None, log=print) 
     loaded = load_recipe(recipe_path, fixed)
     if loaded.eval is None:
         raise UserError(f"{recipe_path}: a sweep needs an eval: section")
-    check_isolation([loaded], evaluate_after=True)  # before the zoo is built or anything trains
+    start_recipes([loaded], evaluate_after=True)  # before the zoo is built or anything trains
     base = extensions.build(loaded, progress=progress, log=log)
     root = Path(base.output_dir) / "sweep"
     suites = eval_suites(base)

@@ -12,7 +12,7 @@ from merge_distill import extensions
 from merge_distill.errors import UserError
 from merge_distill.evaluation.suites import load_suite, suite_grader
 from merge_distill.extensions import PathScheme, Registry, Section, SuiteSource
-from merge_distill.recipe import load_recipe
+from merge_distill.validate import load_recipe
 from merge_distill.toyworld import extension as toyworld
 
 ROOT = Path(__file__).resolve().parents[1]
