@@ -126,3 +126,27 @@ def test_methods_are_functions_of_tensors():
         if name.startswith("merge_distill.methods"):
             other = {d for d in deps if not d.startswith("merge_distill.methods")} - METHOD_MAY_IMPORT
             assert not other, f"{name} imports {sorted(other)}"
+
+
+# docs/architecture.md's layers: a module imports only from its own layer or the ones before it
+LAYERS = {
+    1: ("errors", "io", "recipe", "objective", "step_metrics"),
+    2: ("sampling", "scoring", "fused", "dense", "data", "batch"),
+    3: ("methods",),
+    4: ("models", "distributed", "parallel", "frozen", "engines", "paged", "backends", "merging", "checkpoint",
+        "closed_form", "fetch_smollm2"),
+    5: ("train",),
+    6: ("build", "validate", "plan", "shapes", "evaluation", "graders", "sandbox", "run", "sweep", "extensions"),
+    7: ("cli", "__main__"),
+    8: ("toyworld",),
+}
+LAYER_OF = {top: n for n, tops in LAYERS.items() for top in tops}
+
+
+def test_each_module_imports_only_its_own_layer_or_the_ones_before():
+    graph = without_root(import_graph())
+    unplaced = sorted(m for m in graph if m != "merge_distill" and m.split(".")[1] not in LAYER_OF)
+    assert not unplaced, f"modules in no layer of docs/architecture.md: {unplaced}"
+    upward = [f"{m} -> {d}" for m, deps in graph.items() if m != "merge_distill" for d in deps
+              if LAYER_OF[d.split(".")[1]] > LAYER_OF[m.split(".")[1]]]
+    assert not upward, f"imports of a later layer: {upward}"
