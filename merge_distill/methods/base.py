@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
+from merge_distill import objective
+
 if TYPE_CHECKING:
     from merge_distill.batch import Batch
     from merge_distill.recipe import Expert, Recipe
@@ -122,3 +124,12 @@ class Method:
     def loss(self, logprobs: Tensor, batch: Batch, targets: Any, cfg: Recipe) -> Tensor:
         """The token-mean loss over the real tokens of `batch` (a micro-batch)."""
         raise NotImplementedError
+
+
+class PolicyGradientMethod(Method):
+    """Per-token advantages from `targets` (`[B, L]`), trained with the truncated importance-weighted
+    policy-gradient loss (`objective.policy_gradient_loss`): G-OPD's estimator and GRPO share it."""
+
+    def loss(self, logprobs: Tensor, batch: Batch, targets: Tensor, cfg: Recipe) -> Tensor:
+        return objective.policy_gradient_loss(logprobs, batch.rollouts.sampler_logprobs, targets, batch.mask,
+                                              truncation=cfg.method.importance_truncation)

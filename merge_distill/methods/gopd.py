@@ -16,21 +16,13 @@ from __future__ import annotations
 
 from merge_distill import objective
 from merge_distill.dense import gopd_advantages_clipped
-from merge_distill.methods.base import Method, register_method
+from merge_distill.methods.base import PolicyGradientMethod, register_method
 from merge_distill.step_metrics import token_mean
 
 
 def needs_reference(recipe, expert) -> bool:
     """R enters the reward unless lam = 1 with an unclipped log-ratio (where it cancels exactly)."""
     return recipe.scale_of(expert) != 1.0 or recipe.method.log_ratio_clip is not None
-
-
-class PolicyGradientMethod(Method):
-    """Per-token advantages from `targets`, the truncated importance-weighted policy-gradient loss."""
-
-    def loss(self, logprobs, batch, targets, cfg):
-        return objective.policy_gradient_loss(logprobs, batch.rollouts.sampler_logprobs, targets, batch.mask,
-                                              truncation=cfg.method.importance_truncation)
 
 
 @register_method("gopd")

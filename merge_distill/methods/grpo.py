@@ -12,8 +12,7 @@ G-OPD. No teachers, no frozen models.
 from __future__ import annotations
 
 from merge_distill import objective
-from merge_distill.methods.base import register_method
-from merge_distill.methods.gopd import PolicyGradientMethod
+from merge_distill.methods.base import PolicyGradientMethod, register_method
 from merge_distill.step_metrics import row_mean
 
 
