@@ -12,6 +12,7 @@ from pathlib import Path
 
 from merge_distill.errors import UserError
 from merge_distill.io import read_records
+from merge_distill.recipe import ReasoningGymSpec
 
 PROMPT_FIELDS = ("prompt", "problem", "question")
 
@@ -25,10 +26,32 @@ class Prompt:
 
 def load_records(source, *, what: str) -> list[dict]:
     """Records from a data file (read by `merge_distill.io.read_records`: .jsonl, .jsonl.gz, .json as a
-    JSON list, .parquet), or a `datasets` spec (an object with .dataset/.split)."""
+    JSON list, .parquet), a `reasoning-gym` task (`ReasoningGymSpec`), or a `datasets` spec (an object with
+    .dataset/.split)."""
+    if isinstance(source, ReasoningGymSpec):
+        return reasoning_gym_records(source, what=what)
     if not isinstance(source, (str, Path)):
         return _load_dataset(source, what=what)
     return read_records(source, what=what)
+
+
+def reasoning_gym_records(spec: ReasoningGymSpec, *, what: str) -> list[dict]:
+    """`spec.size` problems of a reasoning-gym task, drawn with `spec.seed` (the same seed, the same problems):
+    each a `prompt` (the task's question) and an `answer` (the task's own answer, the math grader's ground
+    truth), with a `task_id` naming task, seed and index."""
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise UserError(f"{what}: reasoning_gym sources need the reasoning-gym package "
+                        "(pip install 'merge-distill[reasoning-gym]')") from None
+    try:
+        dataset = reasoning_gym.create_dataset(spec.reasoning_gym, size=spec.size, seed=spec.seed, **spec.config)
+        entries = list(dataset)
+    except Exception as e:  # noqa: BLE001 - an unknown task or option, in the library's words
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{what}: reasoning_gym task '{spec.reasoning_gym}': {message}") from None
+    return [{"task_id": f"{spec.reasoning_gym}/{spec.seed}/{i}", "prompt": entry["question"],
+             "answer": str(entry["answer"])} for i, entry in enumerate(entries)]
 
 
 def _load_dataset(spec, *, what: str) -> list[dict]:

@@ -183,7 +183,7 @@ def _input_fields(recipe: Recipe) -> list[tuple[str, str, bool]]:
         for role, path in frozen_models(recipe, e).items():
             if path != STUDENT:
                 fields.append((f"experts.{i}.{role} ({e.name})", path, True))
-        if isinstance(e.prompts, str):  # a `datasets` spec is checked when it loads
+        if isinstance(e.prompts, str):  # a `datasets` or `reasoning_gym` spec is checked when it loads
             fields.append((f"experts.{i}.prompts ({e.name})", e.prompts, False))
     return fields
 
