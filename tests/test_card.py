@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from merge_distill.cli import app
-from merge_distill.evaluation.card import base_model, render_card, run_dirs, tags, trained
+from merge_distill.evaluation.card import base_model, record_run, render_card, run_dirs, tags, trained, write_card
 from merge_distill.provenance import provenance
 from merge_distill.recipe import Recipe
 from merge_distill.validate import load_recipe
@@ -53,7 +53,7 @@ def expected_paired(report: dict) -> list[tuple]:
              f"{100 * d['stderr']:.1f}", str(d["n_problems"])) for d in report["paired_differences"]]
 
 
-def assert_numbers_are_the_reports(card: str, report: dict) -> None:
+def assert_numbers_are_the_reports(card: str, report: dict, model: str = "student") -> None:
     """Every cell and paired row of the card is report.json's (at the precision report.md shows), nothing else;
     the model-index holds the model's scores exactly."""
     meta, body = split_card(card)
@@ -63,7 +63,7 @@ def assert_numbers_are_the_reports(card: str, report: dict) -> None:
     scores = {(r["dataset"]["name"], r["dataset"].get("config"), r["metrics"][0]["type"]): r["metrics"][0]["value"]
               for r in index["results"]}
     assert scores == {(r["suite"], r["subset"], f"{r['metric']}@{r['k']}"): r["score"]
-                      for r in report["rows"] if r["model"] == "student"}
+                      for r in report["rows"] if r["model"] == model}
 
 
 # ----------------------------------------------------------------------------------------- rendering, by hand
@@ -209,3 +209,15 @@ def test_the_card_command_finds_each_compare_variants_run(tmp_path):
     (tmp_path / "variants" / "eval").mkdir()  # a folder that is no run
     assert run_dirs(tmp_path) == [tmp_path / "variants" / "exopd", tmp_path / "variants" / "opd"]
     assert run_dirs(tmp_path / "variants" / "opd") == [tmp_path / "variants" / "opd"]
+
+
+def test_a_compare_variants_card_reads_the_report_of_the_whole_run(tmp_path):
+    """A `compare:` variant trains in `variants/NAME/` and is the report's model NAME; the report is the run's."""
+    renamed = {"rows": [{**r, "model": r["model"].replace("student", "exopd")} for r in REPORT["rows"]],
+               "paired_differences": [{**d, "a": "exopd"} for d in REPORT["paired_differences"]]}
+    (tmp_path / "report.json").write_text(json.dumps(renamed))
+    variant = Recipe(**{**RECIPE, "output_dir": str(tmp_path / "variants" / "exopd")})
+    (tmp_path / "variants" / "exopd" / "final").mkdir(parents=True)
+    record_run(variant, "exopd", None, tmp_path / "report.json")
+    assert json.loads((tmp_path / "variants" / "exopd" / "run.json").read_text())["report"] == "../../report.json"
+    assert_numbers_are_the_reports(write_card(tmp_path / "variants" / "exopd").read_text(), renamed, "exopd")
