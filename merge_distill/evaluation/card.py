@@ -100,7 +100,8 @@ def render_card(recipe_yaml: str, run: dict, metrics: list[dict], report: dict |
         if paired:
             parts += ["### Paired differences", "", *[f"- {d.format()}" for d in paired], ""]
     else:
-        parts += ["## Evaluation", "", "Not evaluated (the run had no `eval:` section or ran with `--no-eval`).", ""]
+        parts += ["## Evaluation", "", "No report: the run had no `eval:` section, ran with `--no-eval`, or is a "
+                  "point of a sweep (its scores are in the sweep's `sweep.json`).", ""]
     parts += ["## Reproduce", ""]
     if run.get("command"):
         parts += ["This run:", "", "```bash", shlex.join(run["command"]), "```", ""]
