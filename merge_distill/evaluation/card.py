@@ -27,7 +27,7 @@ import yaml
 
 from merge_distill.errors import UserError
 from merge_distill.evaluation.report import PairedDifference, caption, markdown_table
-from merge_distill.io import atomic_write_text
+from merge_distill.io import atomic_write_text, read_jsonl
 from merge_distill.provenance import provenance
 from merge_distill.recipe import STUDENT, DatasetSpec, Recipe
 
@@ -55,9 +55,7 @@ def write_card(run_dir: str | os.PathLike) -> Path:
     if not (run_dir / "final").is_dir():
         raise UserError(f"{run_dir}: no final/ model folder; the run has not finished")
     run = json.loads((run_dir / RUN_FILE).read_text())
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-        if metrics_path.is_file() else []
+    metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     report_path = run_dir / run["report"] if run.get("report") else None
     report = json.loads(report_path.read_text()) if report_path and report_path.is_file() else None
     path = run_dir / "final" / CARD
