@@ -221,3 +221,12 @@ def test_a_compare_variants_card_reads_the_report_of_the_whole_run(tmp_path):
     record_run(variant, "exopd", None, tmp_path / "report.json")
     assert json.loads((tmp_path / "variants" / "exopd" / "run.json").read_text())["report"] == "../../report.json"
     assert_numbers_are_the_reports(write_card(tmp_path / "variants" / "exopd").read_text(), renamed, "exopd")
+
+
+def test_a_weight_space_merge_has_a_card(tiny_world, tmp_path, write_recipe):
+    path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "merged")
+    result = CliRunner().invoke(app, ["run", str(path), "--set", "method=merge", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    meta, body = split_card((tmp_path / "merged" / "final" / "README.md").read_text())
+    assert meta["tags"][:3] == ["merge-distill", "distillation", "merge"]
+    assert "No training: a weight-space merge of the teachers (`merge`)." in body

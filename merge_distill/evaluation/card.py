@@ -28,6 +28,7 @@ import yaml
 from merge_distill.errors import UserError
 from merge_distill.evaluation.report import PairedDifference, caption, markdown_table
 from merge_distill.io import atomic_write_text, read_jsonl
+from merge_distill.merging import COMBINERS
 from merge_distill.provenance import provenance
 from merge_distill.recipe import STUDENT, DatasetSpec, Recipe
 
@@ -86,9 +87,8 @@ def render_card(recipe_yaml: str, run: dict, metrics: list[dict], report: dict |
     parts = [
         "---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
         f"# {Path(recipe.output_dir).name}", "",
-        f"`{recipe.student}` distilled from {len(recipe.experts)} domain experts by "
-        f"merge-distill (method `{recipe.method.name}`, {recipe.method.objective} objective); "
-        f"this folder is its `final/` model.", "",
+        f"`{recipe.student}` made into one model for {len(recipe.experts)} domains by merge-distill, method "
+        f"`{recipe.method.name}`; this folder is its `final/` model.", "",
         "## Experts", "", *experts_table(recipe), "",
         "## Training", "", *training_lines(recipe, metrics), "",
     ]
@@ -167,7 +167,7 @@ def trained(metrics: list[dict], experts: list[str]) -> dict:
 def training_lines(recipe: Recipe, metrics: list[dict]) -> list[str]:
     if not metrics:
         return [f"No training: a weight-space merge of the teachers (`{recipe.method.name}`)."
-                if recipe.method.name in ("expo", "merge") else "No steps logged (metrics.jsonl is missing)."]
+                if recipe.method.name in COMBINERS else "No steps logged (metrics.jsonl is missing)."]
     done = trained(metrics, [e.name for e in recipe.experts])
     r, o = recipe.rollout, recipe.optim
     per_expert = ", ".join(f"{e} {n:,}" for e, n in done["tokens"].items())
