@@ -311,7 +311,7 @@ def eval_cmd(
 @app.command()
 def card(run_dir: Annotated[Path, typer.Argument(help="a `merge-distill run` output_dir")]):
     """Rewrite a finished run's model card, final/README.md (each compare: variant's), from the run's files:
-    recipe.yaml, run.json, metrics.jsonl and report.json."""
+    resolved_recipe.yaml, run.json, metrics.jsonl and report.json."""
 
     def body():
         from merge_distill.evaluation.card import run_dirs, write_card

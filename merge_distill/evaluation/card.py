@@ -2,10 +2,10 @@
 metadata between `---` lines, then markdown), rendered from the run's own files alone, so `merge-distill card
 RUN_DIR` rewrites the same file:
 
-    recipe.yaml    the resolved recipe (every key, the paths the run used), written when training ends
-    run.json       the model's name in the report, the command, where its report.json is, the provenance
-    metrics.jsonl  one line per step (steps and response tokens trained; a weight-space merge has none)
-    report.json    the evaluation (`run.write_report`), where the run evaluated
+    resolved_recipe.yaml  the resolved recipe (every key, the paths the run used), written when training ends
+    run.json              the model's name in the report, the command, where its report.json is, the provenance
+    metrics.jsonl         one line per step (steps and response tokens trained; a weight-space merge has none)
+    report.json           the evaluation (`run.write_report`), where the run evaluated
 
 The metadata: `base_model` (the student's hub id, or its folder's name), `tags` (merge-distill, distillation, the
 method: g-opd, or exopd where an expert's lam > 1, and the expert names), `library_name`, `datasets` (the hub
@@ -32,14 +32,15 @@ from merge_distill.merging import COMBINERS
 from merge_distill.provenance import provenance
 from merge_distill.recipe import STUDENT, DatasetSpec, Recipe
 
-RECIPE_FILE, RUN_FILE, CARD = "recipe.yaml", "run.json", "README.md"
+RECIPE_FILE, RUN_FILE, CARD = "resolved_recipe.yaml", "run.json", "README.md"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def record_run(recipe: Recipe, model: str, command: list[str] | None, report: Path | None) -> None:
-    """Write `recipe.yaml` (the resolved recipe) and `run.json` (`model`: its name in the report; the `command`
-    that ran it; `report`: the report.json its evaluation goes to, relative to the output folder, or None; the
-    provenance) into the recipe's output folder: what its card is rendered from."""
+    """Write `resolved_recipe.yaml` (not `recipe.yaml`: a user's recipe may lie in its own output folder) and
+    `run.json` (`model`: its name in the report; the `command` that ran it; `report`: the report.json its
+    evaluation goes to, relative to the output folder, or None; the provenance) into the recipe's output folder:
+    what its card is rendered from."""
     out = Path(recipe.output_dir)
     atomic_write_text(out / RECIPE_FILE, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     run = {"model": model, "command": command, "report": os.path.relpath(report, out) if report else None,
@@ -80,7 +81,7 @@ def run_dirs(folder: str | os.PathLike) -> list[Path]:
 
 
 def render_card(recipe_yaml: str, run: dict, metrics: list[dict], report: dict | None) -> str:
-    """The card's text from the run's files (the text of recipe.yaml, run.json, metrics.jsonl's rows, report.json)."""
+    """The card's text from the run's files (the text of resolved_recipe.yaml, run.json, metrics.jsonl's rows, report.json)."""
     recipe = Recipe.model_validate(yaml.safe_load(recipe_yaml))
     model = run["model"]
     meta = card_metadata(recipe, model, report)
