@@ -185,21 +185,21 @@ def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, eva
     world = distributed.world()  # under torchrun every rank trains and evaluates; rank 0 writes
     out = Path(recipe.output_dir)
     students, evaluated = {}, None
-    report = out / "report.json" if evaluate_after and recipe.eval else None
     with holding(out):  # the whole run, training and evaluation: one live run per output_dir
         for name, r in variants.items():
             on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.schedule.eval_every else None
             students[name] = str(train_recipe(r, resume=resume, progress=progress, on_eval=on_eval))
             if world.main:
                 training_curves_png(Path(r.output_dir) / "metrics.jsonl", Path(r.output_dir) / "training_curves.png", r)
-                record_run(r, name, command, report)  # once trained: a run refused here keeps its old files
+                record_run(r, name, command, None)  # once trained: a run refused here keeps its old files
                 write_card(r.output_dir)
         timings = {"train_s": time.perf_counter() - t0}
-        if report:
+        if evaluate_after and recipe.eval:
             result, paired = evaluate_recipe(recipe, students, out / "eval", progress=progress if world.main else None)
             if world.main:
                 evaluated = (result, paired, write_report(recipe, result, paired, out))
-                for r in variants.values():
+                for name, r in variants.items():  # a report.json of an earlier run is named only now
+                    record_run(r, name, command, evaluated[2]["json"])
                     write_card(r.output_dir)
             timings["eval_s"] = time.perf_counter() - t0 - timings["train_s"]
         distributed.shutdown()

@@ -230,3 +230,27 @@ def test_a_weight_space_merge_has_a_card(tiny_world, tmp_path, write_recipe):
     meta, body = split_card((tmp_path / "merged" / "final" / "README.md").read_text())
     assert meta["tags"][:3] == ["merge-distill", "distillation", "merge"]
     assert "No training: a weight-space merge of the teachers (`merge`)." in body
+
+
+def test_a_card_names_no_report_until_this_runs_report_is_written(tiny_world, tmp_path, write_recipe, monkeypatch):
+    """An evaluation that fails after training leaves the card of the trained model, not one showing the
+    report.json an earlier run left in the folder."""
+    from merge_distill import run as pipeline
+    from merge_distill.errors import UserError
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=1, prompts_per_step=2,
+                        max_new_tokens=8)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["eval"] = {"suites": [str(tiny_world / "math_test.jsonl")], "max_problems": 2}
+    path.write_text(yaml.safe_dump(recipe))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.json").write_text(json.dumps(REPORT))  # an earlier run's
+
+    def failing(*args, **kwargs):
+        raise UserError("evaluation failed")
+
+    monkeypatch.setattr(pipeline, "evaluate_recipe", failing)
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 1 and "evaluation failed" in result.output
+    meta, body = split_card((tmp_path / "run" / "final" / "README.md").read_text())
+    assert "model-index" not in meta and "No report" in body
