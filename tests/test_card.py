@@ -185,6 +185,7 @@ def test_a_run_writes_a_hub_card_whose_numbers_are_its_reports(finished):
 def test_a_run_without_evaluation_has_a_card_too(finished):
     meta, body = split_card((finished / "plain" / "final" / "README.md").read_text())
     assert "model-index" not in meta and "No report" in body and "- steps: 1 of 1 (0 skipped)" in body
+    assert f"merge-distill run {finished / 'p.yaml'} --no-eval\n" in body
 
 
 def test_merge_distill_card_rewrites_the_same_file(finished):
