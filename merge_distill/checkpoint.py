@@ -19,6 +19,8 @@
 - `.lock`: held (flock) by the live run, with its pid; a second run in the same `output_dir` is refused.
 - `manifest.json`: what must not change when a run resumes (student, method, teachers, references, lam).
 - `metrics.jsonl` (and TensorBoard logs when installed): one line per step.
+- `resolved_recipe.yaml`, `run.json` and `final/README.md`: the resolved recipe, the command and provenance, and
+  the model card rendered from them (`merge_distill.evaluation.card`; written by `run.run_recipe` once training ends).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `merge-distill` command line: run, validate, plan, eval, grade, sweep, and the commands extensions
+"""The `merge-distill` command line: run, validate, plan, eval, card, grade, sweep, and the commands extensions
 mount (`merge_distill.extensions`: the toy world's `zoo build`)."""
 
 from __future__ import annotations
@@ -129,8 +129,11 @@ def run(recipe: Annotated[Path, typer.Argument(help="YAML recipe")], overrides: 
             t0 = time.perf_counter()
             resolved, variants = _resolved(recipe, _with_isolation(overrides, isolation), progress, evaluate)
             zoo_s = time.perf_counter() - t0
+            command = ["merge-distill", "run", str(recipe), *[a for s in overrides or [] for a in ("--set", s)],
+                       *["--resume"] * resume, *["--no-eval"] * (not evaluate),
+                       *(["--isolation", isolation] if isolation else [])]
             students, evaluated, t = pipeline.run_recipe(resolved, variants, resume=resume, evaluate_after=evaluate,
-                                                         progress=progress)
+                                                         progress=progress, command=command)
             t["zoo_s"] = zoo_s
         console.print(f"zoo {t['zoo_s']:.0f} s, training {t['train_s']:.0f} s; "
                       + ", ".join(f"{k}: {v}" for k, v in students.items()))
@@ -259,6 +262,7 @@ def eval_cmd(
         from merge_distill.evaluation.runner import ModelSpec, evaluate
         from merge_distill.evaluation.suites import load_suite
         from merge_distill.models import check_model_dir
+        from merge_distill.provenance import provenance
         from merge_distill.run import start
         from merge_distill.sandbox import isolation_note
 
@@ -292,13 +296,28 @@ def eval_cmd(
         paths = write_results(result.rows, out, {"paired_differences": [p.to_dict() for p in paired],
                                                  "sandbox_isolation": result.isolation,
                                                  "samples_per_second": round(result.samples_per_second, 1),
-                                                 "sampled_by_rank": result.sampled_by_rank})
+                                                 "sampled_by_rank": result.sampled_by_rank,
+                                                 "provenance": provenance()})
         console.print(rich_table(result.rows))
         if result.isolation:
             console.print(isolation_note(result.isolation), highlight=False)
         for p in paired:
             console.print("  " + p.format())
         console.print(f"{result.samples_per_second:.1f} samples/s; wrote {paths['md']}, {paths['json']}, {paths['png']}")
+
+    _guard(body)
+
+
+@app.command()
+def card(run_dir: Annotated[Path, typer.Argument(help="a `merge-distill run` output_dir")]):
+    """Rewrite a finished run's model card, final/README.md (each compare: variant's), from the run's files:
+    resolved_recipe.yaml, run.json, metrics.jsonl and report.json."""
+
+    def body():
+        from merge_distill.evaluation.card import run_dirs, write_card
+
+        for folder in run_dirs(run_dir):
+            console.print(f"wrote {write_card(folder)}", highlight=False)
 
     _guard(body)
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from merge_distill.errors import UserError
+from merge_distill.provenance import provenance
 from merge_distill.evaluation.report import PairedDifference, write_results
 from merge_distill.evaluation.runner import (
     EvalResult,
@@ -167,15 +168,18 @@ def start_recipes(recipes: list[Recipe], *, evaluate_after: bool):
     return start(recipes[0].device, [(graders_to_run(r, evaluate_after=evaluate_after), r.isolation) for r in recipes])
 
 
-def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, evaluate_after: bool, progress):
+def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, evaluate_after: bool, progress,
+               command: list[str] | None = None):
     """Train every variant (`validate.variant_recipes`), evaluate them side by side, write the report, after
-    `start_recipes`. Recipes have plain paths, what they name built at the edge (`extensions.build`); returns
-    (students, (result, paired, paths) or None, timings)."""
+    `start_recipes`. Recipes have plain paths, what they name built at the edge (`extensions.build`). Each trained
+    model gets its card (`evaluation.card`: `final/README.md`) when it is trained, rewritten after the report;
+    `command`: the command line it records. Returns (students, (result, paired, paths) or None, timings)."""
     import time
 
     from merge_distill import distributed
     from merge_distill.checkpoint import holding
     from merge_distill.build import train_recipe
+    from merge_distill.evaluation.card import record_run, write_card
 
     t0 = time.perf_counter()
     world = distributed.world()  # under torchrun every rank trains and evaluates; rank 0 writes
@@ -187,11 +191,16 @@ def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, eva
             students[name] = str(train_recipe(r, resume=resume, progress=progress, on_eval=on_eval))
             if world.main:
                 training_curves_png(Path(r.output_dir) / "metrics.jsonl", Path(r.output_dir) / "training_curves.png", r)
+                record_run(r, name, command, None)  # once trained: a run refused here keeps its old files
+                write_card(r.output_dir)
         timings = {"train_s": time.perf_counter() - t0}
         if evaluate_after and recipe.eval:
             result, paired = evaluate_recipe(recipe, students, out / "eval", progress=progress if world.main else None)
             if world.main:
                 evaluated = (result, paired, write_report(recipe, result, paired, out))
+                for name, r in variants.items():  # a report.json of an earlier run is named only now
+                    record_run(r, name, command, evaluated[2]["json"])
+                    write_card(r.output_dir)
             timings["eval_s"] = time.perf_counter() - t0 - timings["train_s"]
         distributed.shutdown()
     return students, evaluated, timings
@@ -234,7 +243,7 @@ def write_report(recipe: Recipe, result: EvalResult, paired: list[PairedDifferen
     extra = {"paired_differences": [p.to_dict() for p in paired], "sandbox_isolation": result.isolation,
              "reward_scales": {e.name: recipe.scale_of(e) for e in recipe.experts},
              "eval_samples_per_second": round(result.samples_per_second, 1),
-             "eval_sampled_by_rank": result.sampled_by_rank}
+             "eval_sampled_by_rank": result.sampled_by_rank, "provenance": provenance()}
     return write_results(result.rows, out_dir, extra, stem="report")
 
 

@@ -44,6 +44,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, progress=None, log=print) 
     from merge_distill.evaluation.runner import ModelSpec, evaluate
     from merge_distill.run import eval_suites, start_recipes
     from merge_distill.build import train_recipe
+    from merge_distill.evaluation.card import record_run, write_card
     from merge_distill.validate import check_override_key, load_recipe
 
     fixed, grid = parse_grid(overrides)
@@ -70,6 +71,8 @@ def sweep(recipe_path: Path, overrides: list[str], *, progress=None, log=print) 
         final = Path(recipe.output_dir) / "final"
         if not final.exists():
             final = train_recipe(recipe, resume=True, progress=progress)
+            record_run(recipe, name, None, None)  # its scores are sweep.json's
+            write_card(recipe.output_dir)
         result = evaluate([ModelSpec(name, str(final))], suites, out_dir=root / name / "eval", **common)
         for row in result.rows:
             if row.subset is None:

@@ -1,6 +1,8 @@
 # Set-up shared by scripts/quickstart.sh and scripts/test.sh (sourced, not run; `scripts/setup.sh --vllm` makes
 # the vLLM environment, scripts/setup_vllm.sh). Idempotent: the venv is made
-# once and reinstalled only when pyproject.toml changes; bubblewrap is installed through apt when this user can.
+# once and reinstalled only when pyproject.toml or constraints.txt changes; bubblewrap is installed through apt
+# when this user can. Every package gets the version of constraints.txt, the versions the test suite passed on
+# (written by scripts/constraints.py), so two installs from one commit are the same.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -20,12 +22,12 @@ fi
 
 venv="${MERGE_DISTILL_VENV:-.venv}"
 stamp="$venv/.merge-distill-installed"
-want="$(sha256sum pyproject.toml | cut -c1-16)"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q torch==2.13.0  # the CPU build first: a bare `torch` can pull a CUDA one
-  "$venv/bin/python" -m pip install -q -e ".[test]"
+  "$venv/bin/python" -m pip install -q -c constraints.txt torch==2.13.0  # the CPU build first: a bare `torch` can pull a CUDA one
+  "$venv/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
   echo "$want" > "$stamp"
 fi
 . "$venv/bin/activate"

@@ -130,7 +130,7 @@ def test_methods_are_functions_of_tensors():
 
 # docs/architecture.md's layers: a module imports only from its own layer or the ones before it
 LAYERS = {
-    1: ("errors", "io", "recipe", "objective", "step_metrics"),
+    1: ("errors", "io", "recipe", "objective", "step_metrics", "provenance"),
     2: ("sampling", "scoring", "fused", "dense", "data", "batch"),
     3: ("methods",),
     4: ("models", "distributed", "parallel", "frozen", "engines", "paged", "backends", "merging", "checkpoint",

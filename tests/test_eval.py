@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from merge_distill.cli import app
+from merge_distill.provenance import provenance
 
 runner = CliRunner()
 
@@ -27,6 +28,7 @@ def test_two_models_on_two_suites(tiny_world, tmp_path, isolation):
     at = next(i for i, line in enumerate(lines) if line.startswith(f"isolation: {isolation}"))
     assert "score ± stderr" in "".join(lines[at - 3: at]), result.output  # right after the table's caption
     assert json.loads((out / "results.json").read_text())["sandbox_isolation"] == isolation
+    assert json.loads((out / "results.json").read_text())["provenance"] == provenance()  # what scored them
     assert f"_isolation: {isolation}" in (out / "results.md").read_text()
     rows = json.loads((out / "results.json").read_text())["rows"]
     whole = [r for r in rows if r["subset"] is None]

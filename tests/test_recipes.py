@@ -68,6 +68,11 @@ def test_smoke_recipe_end_to_end(tmp_path, isolation):
     assert points == {(lam, s) for lam in (1.0, 1.5) for s in ("zoo-math", "zoo-code")}
     assert all(p["n_problems"] == 64 and p["response_length"] > 0 and 0 <= p["score"] <= 1 for p in data["points"])
     assert {b["model"] for b in data["baselines"]} == {"base", "math", "code"}
+    # every trained model has its card: the run's (with its evaluation) and each sweep point's
+    assert "model-index:" in (out / "final" / "README.md").read_text()
+    for lam in ("1.0", "1.5"):
+        card = (sweep_dir / "sweep" / f"reward_scale={lam}" / "final" / "README.md").read_text()
+        assert card.startswith("---\nbase_model: base\n") and f"| math | {'OPD' if lam == '1.0' else 'ExOPD'} |" in card
     # each point minus each baseline, paired on its suite: on the same problems the mean difference is the
     # difference of the scores
     base_score = {(b["model"], b["suite"]): b["score"] for b in data["baselines"] if b["k"] == 1 or b["metric"] == "avg"}

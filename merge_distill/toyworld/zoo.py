@@ -23,6 +23,7 @@ from pathlib import Path
 
 from merge_distill.errors import UserError
 from merge_distill.io import atomic_dir, atomic_write_json, cache_root, write_jsonl
+from merge_distill.provenance import provenance
 
 
 @dataclass(frozen=True)
@@ -168,10 +169,12 @@ class Zoo:
         return ["data"]
 
     def _record(self, member: str, seconds: float) -> None:
+        """zoo.json: the preset's `config` (what `check_built_by_preset` compares) and, per member, its build time
+        and the software and processor that built it (`provenance`: another CPU builds other weights)."""
         info_path = self.dir / "zoo.json"
         info = json.loads(info_path.read_text()) if info_path.exists() else {
             "preset": self.name, "seed": self.seed, "config": asdict(self.preset), "stages": {}}
-        info["stages"][member] = {"seconds": round(seconds, 1)}
+        info["stages"][member] = {"seconds": round(seconds, 1), "provenance": provenance()}
         atomic_write_json(info_path, info)
         self.log(f"zoo: built {member} in {seconds:.1f} s")
 
