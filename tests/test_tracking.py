@@ -215,3 +215,21 @@ def test_a_tracker_that_cannot_start_stops_the_run_unless_told(tiny_world, tmp_p
         "training without it (tracker_required: false)"]
     assert (final / "model.safetensors").exists()
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_only_rank_0_starts_trackers_and_every_rank_stops_with_it(tmp_path, monkeypatch):
+    """Another rank starts none (nothing written), and when rank 0's required tracker failed (`any_rank` says
+    so), that rank stops too with one line, instead of going on to wait for rank 0 in a collective."""
+    from merge_distill import distributed
+    from merge_distill.errors import UserError
+    from merge_distill.parallel import collectives
+    from merge_distill.recipe import Recipe
+    from merge_distill.tracking import open_trackers
+
+    recipe = Recipe(student="base", experts=[{"name": "math", "teacher": "t", "prompts": "p.jsonl"}],
+                    output_dir=str(tmp_path / "run"), report_to=["tensorboard"])
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    assert open_trackers(recipe).trackers == {} and not (tmp_path / "run").exists()
+    monkeypatch.setattr(collectives, "any_rank", lambda flag: True)  # rank 0's tracker did not start
+    with pytest.raises(UserError, match=r"^report_to: a tracker did not start on rank 0 \(tracker_required: false"):
+        open_trackers(recipe)
