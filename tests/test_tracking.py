@@ -89,14 +89,15 @@ def mlflow_client_and_run(run_dir: Path):
 
 @pytest.fixture(scope="module")
 def tracked_run(tiny_world, tmp_path_factory, write_recipe) -> Path:
-    """`merge-distill run` (a real process, as a user runs it) with all four trackers, 2 steps and a small final
-    evaluation with baselines (so report.json has rows and paired differences)."""
+    """`merge-distill run` (a real process, as a user runs it) with all four trackers, 2 steps, a periodic
+    evaluation after step 1 and a small final one with baselines (so report.json has rows and paired
+    differences)."""
     for module in ("torch.utils.tensorboard", "wandb", "trackio", "mlflow", "sqlalchemy", "alembic"):
         pytest.importorskip(module, reason="pip install 'merge-distill[trackers]'")
     tmp = tmp_path_factory.mktemp("tracked")
     run_dir = tmp / "run"
     path = write_recipe(tmp / "r.yaml", tiny_world, run_dir, steps=2, prompts_per_step=8, max_new_tokens=8,
-                        report_to=TRACKERS)
+                        eval_every=1, report_to=TRACKERS)
     recipe = yaml.safe_load(path.read_text())
     recipe["eval"] = {"suites": [str(tiny_world / "math_test.jsonl")], "max_problems": 4, "max_new_tokens": 8}
     path.write_text(yaml.safe_dump(recipe))
@@ -106,20 +107,25 @@ def tracked_run(tiny_world, tmp_path_factory, write_recipe) -> Path:
     return run_dir
 
 
+def logged_by_each(run_dir: Path, key: str) -> dict[str, dict[int, float]]:
+    """{tracker: {step: value}} of metric `key`, as each library reads back what it wrote."""
+    client, run = mlflow_client_and_run(run_dir)
+    return {"tensorboard": tensorboard_values(run_dir, key),
+            "wandb": {h["_step"]: h[key] for h in wandb_history(run_dir) if key in h},
+            "trackio": {r["step"]: r[key] for r in trackio_logs(run_dir) if key in r},
+            "mlflow": {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}}
+
+
 @pytest.mark.slow
 def test_each_tracker_holds_metrics_jsonl_step_by_step(tracked_run):
-    """`math/reward` and `code/reverse_kl_teacher` at steps 1 and 2, read back from what each library wrote, equal
-    metrics.jsonl's exactly (TensorBoard's in double precision)."""
+    """`math/reward` and `code/reverse_kl_teacher` at steps 1 and 2 and the periodic evaluation's score, read back
+    from what each library wrote, equal metrics.jsonl's exactly (TensorBoard's in double precision)."""
     lines = [json.loads(line) for line in (tracked_run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2]
-    client, run = mlflow_client_and_run(tracked_run)
-    for key in ("math/reward", "code/reverse_kl_teacher"):
-        want = {m["step"]: m[key] for m in lines}
-        assert len(set(want.values())) == 2, "steps 1 and 2 must differ for the steps to be told apart"
-        assert tensorboard_values(tracked_run, key) == want
-        assert {h["_step"]: h[key] for h in wandb_history(tracked_run) if key in h} == want
-        assert {r["step"]: r[key] for r in trackio_logs(tracked_run) if key in r} == want
-        assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)} == want
+    assert [m["step"] for m in lines] == [1, 2] and "eval/math_test" not in lines[1]  # evaluated after step 1
+    for key in ("math/reward", "code/reverse_kl_teacher", "eval/math_test"):
+        want = {m["step"]: m[key] for m in lines if key in m}
+        assert key == "eval/math_test" or len(set(want.values())) == 2, "steps 1 and 2 must be told apart"
+        assert logged_by_each(tracked_run, key) == {t: want for t in TRACKERS}
 
 
 @pytest.mark.slow
