@@ -50,8 +50,10 @@ def scalars(metrics: dict) -> dict[str, float]:
 
 def columns_and_data(rows: list[dict]) -> tuple[list[str], list[list]]:
     """Rows of dicts as (columns in first-seen order, one list per row); lists and dicts become JSON text."""
+    def cell(value):
+        return json.dumps(value) if isinstance(value, (list, dict)) else value
+
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    cell = lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v  # noqa: E731
     return columns, [[cell(r.get(c)) for c in columns] for r in rows]
 
 
