@@ -239,3 +239,18 @@ def test_only_rank_0_starts_trackers_and_every_rank_stops_with_it(tmp_path, monk
     monkeypatch.setattr(collectives, "any_rank", lambda flag: True)  # rank 0's tracker did not start
     with pytest.raises(UserError, match=r"^report_to: a tracker did not start on rank 0 \(tracker_required: false"):
         open_trackers(recipe)
+
+
+@pytest.mark.slow
+def test_two_ranks_write_one_tracker_run(tiny_world, tmp_path, write_recipe):
+    """Under torchrun, rank 0 alone starts the trackers: one TensorBoard event file, holding metrics.jsonl's
+    values (the metrics reduced over both ranks)."""
+    pytest.importorskip("torch.utils.tensorboard", reason="pip install 'merge-distill[tensorboard]'")
+    from launch import torchrun
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
+                        max_new_tokens=8, report_to=["tensorboard"])
+    torchrun("run", str(path), "--no-eval")
+    assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert tensorboard_values(tmp_path / "run", "math/reward") == {m["step"]: m["math/reward"] for m in lines}
