@@ -8,6 +8,7 @@ in instead (`sampler=`, `frozen=`, `graders=`), e.g. a test's own engine or a sp
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -24,13 +25,17 @@ from merge_distill.merging import write_merge
 from merge_distill.methods import frozen_models, method_of, trains
 from merge_distill.models import check_compatible, load_model, load_sharded, load_tokenizer, model_info
 from merge_distill.recipe import STUDENT, Recipe
+from merge_distill.tracking import open_trackers
 from merge_distill.train import Run, train
 
 
-def train_recipe(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None, **parts) -> Path:
+def train_recipe(recipe: Recipe, *, resume: bool = False, progress=None, on_eval=None, trackers=None,
+                 **parts) -> Path:
     """Train (or resume) the recipe, or for a weight-space method write its merge (`merging.COMBINERS`); the final
     model's path. Under `torchrun` every rank calls this, in the process group the command joined
-    (`run.start`). `parts`: passed to `build_run`."""
+    (`run.start`). `trackers`: the run's experiment trackers (`tracking.Trackers`), left open for the caller to
+    log its evaluation to; None: the recipe's `report_to`, opened here on rank 0 and closed after training.
+    `parts`: passed to `build_run`."""
     with holding(recipe.output_dir):  # one live run per output_dir
         check_manifest(recipe, resume)
         if not trains(recipe):
@@ -39,14 +44,15 @@ def train_recipe(recipe: Recipe, *, resume: bool = False, progress=None, on_eval
                 write_merge(recipe)
             collectives.barrier()
             return Path(recipe.output_dir) / "final"
-        run = build_run(recipe, eval_tokens=getattr(on_eval, "max_tokens", 0), **parts)
-        try:
+        with contextlib.ExitStack() as stack:
+            if trackers is None:  # before the models load: a tracker that must start and cannot stops the run here
+                trackers = stack.enter_context(open_trackers(recipe))
+            run = build_run(recipe, eval_tokens=getattr(on_eval, "max_tokens", 0), **parts)
+            stack.callback(run.close)
             start = run.checkpoints.resume() if resume else 0
             if start:
                 run.sampler.sync_weights(run.student)
-            return train(run, start=start, progress=progress, on_eval=on_eval)
-        finally:
-            run.close()
+            return train(run, start=start, progress=progress, on_eval=on_eval, trackers=trackers)
 
 
 def build_run(recipe: Recipe, *, sampler: Sampler | None = None, frozen: ModelCache | None = None,

@@ -18,7 +18,7 @@
   at a time, each cast before it is gathered (`save_final`).
 - `.lock`: held (flock) by the live run, with its pid; a second run in the same `output_dir` is refused.
 - `manifest.json`: what must not change when a run resumes (student, method, teachers, references, lam).
-- `metrics.jsonl` (and TensorBoard logs when installed): one line per step.
+- `metrics.jsonl`: one line per step (and the recipe's `report_to` trackers: `merge_distill.tracking`).
 - `resolved_recipe.yaml`, `run.json` and `final/README.md`: the resolved recipe, the command and provenance, and
   the model card rendered from them (`merge_distill.evaluation.card`; written by `run.run_recipe` once training ends).
 """
@@ -298,7 +298,8 @@ def check_manifest(recipe, resume: bool) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl (and TensorBoard when installed); on resume, lines past the checkpoint are dropped."""
+    """metrics.jsonl (experiment trackers are `merge_distill.tracking`'s); on resume, lines past the checkpoint are
+    dropped."""
 
     def __init__(self, output_dir: Path, start_step: int):
         self.path = output_dir / "metrics.jsonl"
@@ -307,22 +308,10 @@ class MetricsLog:
                     if line.strip() and json.loads(line).get("step", 0) <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-        except ImportError:
-            self.tb = None
 
     def write(self, metrics: dict) -> None:
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, metrics["step"])
 
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()

@@ -293,6 +293,14 @@ class Recipe(Strict):
                            "fully_shard), computing in `dtype` (MixedPrecisionPolicy). One process: no effect")
     placement: Placement = Field(default_factory=Placement)
     backend: Backend = Field(default_factory=Backend)
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        default_factory=list, description="experiment trackers that also get the recipe, each step's metrics and "
+                                          "the final evaluation tables and figures, each through its own library "
+                                          "(the extra of its name: pip install 'merge-distill[wandb]'); "
+                                          "metrics.jsonl is written whatever this is (merge_distill.tracking)")
+    tracker_required: bool = Field(
+        True, description="a report_to tracker that fails to start (package missing, no login) stops the run before "
+                          "training; false: one warning line and the run goes on without it")
     isolation: Literal["bubblewrap", "rlimits"] = Field(
         "bubblewrap", description="how model-written code is isolated wherever this run grades it: GRPO's rewards, "
                                   "periodic and final evaluation, building the zoo's experts. bubblewrap: namespaces "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from merge_distill.evaluation.runner import (
     score_rows,
 )
 from merge_distill.recipe import STUDENT, Recipe
+from merge_distill.tracking import log_report, open_trackers
 
 
 def eval_suites(recipe: Recipe):
@@ -184,24 +186,34 @@ def run_recipe(recipe: Recipe, variants: dict[str, Recipe], *, resume: bool, eva
     t0 = time.perf_counter()
     world = distributed.world()  # under torchrun every rank trains and evaluates; rank 0 writes
     out = Path(recipe.output_dir)
-    students, evaluated = {}, None
-    with holding(out):  # the whole run, training and evaluation: one live run per output_dir
+    students, evaluated, trackers = {}, None, []
+    # the whole run, training and evaluation: one live run per output_dir; each variant's trackers stay open
+    # until the report (which compares them all) is logged to each
+    with holding(out), contextlib.ExitStack() as stack:
         for name, r in variants.items():
             on_eval = periodic_eval(r, Path(r.output_dir)) if r.eval and r.schedule.eval_every else None
-            students[name] = str(train_recipe(r, resume=resume, progress=progress, on_eval=on_eval))
+            trackers.append(stack.enter_context(open_trackers(r)))
+            students[name] = str(train_recipe(r, resume=resume, progress=progress, on_eval=on_eval,
+                                              trackers=trackers[-1]))
             if world.main:
-                training_curves_png(Path(r.output_dir) / "metrics.jsonl", Path(r.output_dir) / "training_curves.png", r)
+                curves = Path(r.output_dir) / "training_curves.png"
+                training_curves_png(Path(r.output_dir) / "metrics.jsonl", curves, r)
+                trackers[-1].log_image("training_curves", curves)
                 record_run(r, name, command, None)  # once trained: a run refused here keeps its old files
                 write_card(r.output_dir)
         timings = {"train_s": time.perf_counter() - t0}
         if evaluate_after and recipe.eval:
             result, paired = evaluate_recipe(recipe, students, out / "eval", progress=progress if world.main else None)
             if world.main:
-                evaluated = (result, paired, write_report(recipe, result, paired, out))
+                paths = write_report(recipe, result, paired, out)
+                evaluated = (result, paired, paths)
                 for name, r in variants.items():  # a report.json of an earlier run is named only now
-                    record_run(r, name, command, evaluated[2]["json"])
+                    record_run(r, name, command, paths["json"])
                     write_card(r.output_dir)
+                for t in trackers:
+                    log_report(t, json.loads(paths["json"].read_text()), {"report": paths["png"]})
             timings["eval_s"] = time.perf_counter() - t0 - timings["train_s"]
+        stack.close()
         distributed.shutdown()
     return students, evaluated, timings
 

@@ -32,12 +32,21 @@ from merge_distill.scoring import row_lengths, token_budget_chunks
 from merge_distill.step_metrics import Max, Mean, Min, Sum, reduce, row_mean
 
 
-def train(run: Run, *, start: int = 0, progress=None, on_eval=None) -> Path:
+def train(run: Run, *, start: int = 0, progress=None, on_eval=None, trackers=None) -> Path:
     """Steps `start` to `schedule.steps` of `run` (every rank calls it: the ranks share each step's prompts), then
     the final export; its path. `on_eval(sampler, step)`: the periodic evaluation, which every rank takes part in.
-    Rank 0 alone logs and shows progress (`merge_distill.distributed`)."""
+    `trackers`: where each step's metrics also go, `log_metrics(step, metrics)` (`tracking.Trackers`, opened and
+    closed by the caller). Rank 0 alone logs and shows progress (`merge_distill.distributed`)."""
     recipe, cfg = run.recipe, run.recipe.schedule
     log = MetricsLog(Path(recipe.output_dir), start) if distributed.is_main() else None
+    trackers = trackers if distributed.is_main() else None
+
+    def record(metrics: dict) -> None:  # rank 0: metrics.jsonl, then the same line to the trackers
+        if log:
+            log.write(metrics)
+        if trackers:
+            trackers.log_metrics(metrics["step"], metrics)
+
     progress = progress if distributed.is_main() else None
     task = progress.add_task(f"train ({run.method.name})", total=cfg.steps, completed=start) if progress else None
     in_a_row = 0  # consecutive skipped steps
@@ -47,8 +56,7 @@ def train(run: Run, *, start: int = 0, progress=None, on_eval=None) -> Path:
             done = step + 1
             in_a_row = in_a_row + 1 if metrics["skipped"] else 0
             if in_a_row >= cfg.max_consecutive_skips:
-                if log:
-                    log.write(metrics)
+                record(metrics)
                 raise TrainingDiverged(
                     f"stopped at step {done}: {in_a_row} steps in a row had a non-finite loss or gradient and were "
                     f"skipped (schedule.max_consecutive_skips {cfg.max_consecutive_skips}); the weights are those of step "
@@ -56,8 +64,7 @@ def train(run: Run, *, start: int = 0, progress=None, on_eval=None) -> Path:
                     "method.importance_truncation on")
             if on_eval and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 metrics.update(run.sampler.decoding(lambda: on_eval(run.sampler, done)))
-            if log:
-                log.write(metrics)
+            record(metrics)
             run.checkpoints.step_done(done, cfg.steps)
             if progress:
                 progress.update(task, completed=done, description=describe(run.method, recipe, metrics))

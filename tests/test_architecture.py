@@ -136,7 +136,8 @@ LAYERS = {
     4: ("models", "distributed", "parallel", "frozen", "engines", "paged", "backends", "merging", "checkpoint",
         "closed_form", "fetch_smollm2"),
     5: ("train",),
-    6: ("build", "validate", "plan", "shapes", "evaluation", "graders", "sandbox", "run", "sweep", "extensions"),
+    6: ("build", "validate", "plan", "shapes", "evaluation", "graders", "sandbox", "run", "sweep", "extensions",
+        "tracking"),
     7: ("cli", "__main__"),
     8: ("toyworld",),
 }
