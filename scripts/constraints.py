@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-EXTRAS = ("test", "hf", "gguf", "tensorboard")
+EXTRAS = ("test", "hf", "gguf", "trackers", "benchmarks", "reasoning-gym")
 LEFT_OUT = {"merge-distill", "torch"}
 
 
