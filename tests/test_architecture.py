@@ -134,7 +134,7 @@ LAYERS = {
     2: ("sampling", "scoring", "fused", "dense", "data", "batch"),
     3: ("methods",),
     4: ("models", "distributed", "parallel", "frozen", "engines", "paged", "backends", "merging", "checkpoint",
-        "closed_form", "fetch_smollm2"),
+        "closed_form", "fetch"),
     5: ("train",),
     6: ("build", "validate", "plan", "shapes", "evaluation", "graders", "sandbox", "run", "sweep", "extensions",
         "tracking"),
