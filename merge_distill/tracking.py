@@ -95,7 +95,7 @@ class WandbTracker:
     def __init__(self, out: Path, name: str, config: dict):
         import wandb
 
-        self.wandb = wandb
+        self.library = wandb
         self.run = wandb.init(project=PROJECT, name=name, dir=str(out), config=config, reinit="create_new")
 
     def log_metrics(self, step, metrics):
@@ -103,36 +103,23 @@ class WandbTracker:
 
     def log_table(self, step, name, rows):
         columns, data = columns_and_data(rows)
-        self.run.log({name: self.wandb.Table(columns=columns, data=data)}, step=step)
+        self.run.log({name: self.library.Table(columns=columns, data=data)}, step=step)
 
     def log_image(self, step, name, path):
-        self.run.log({name: self.wandb.Image(str(path))}, step=step)
+        self.run.log({name: self.library.Image(str(path))}, step=step)
 
     def close(self):
         self.run.finish()
 
 
-class TrackioTracker:
+class TrackioTracker(WandbTracker):  # trackio's API is wandb's: the same calls on its own run
     """A trackio run in its local store: the recipe as its config, `trackio.Table`s, `trackio.Image`s."""
 
     def __init__(self, out: Path, name: str, config: dict):
         import trackio
 
-        self.trackio = trackio
+        self.library = trackio
         self.run = trackio.init(project=PROJECT, name=name, config=config, embed=False)
-
-    def log_metrics(self, step, metrics):
-        self.run.log(scalars(metrics), step=step)
-
-    def log_table(self, step, name, rows):
-        columns, data = columns_and_data(rows)
-        self.run.log({name: self.trackio.Table(columns=columns, data=data)}, step=step)
-
-    def log_image(self, step, name, path):
-        self.run.log({name: self.trackio.Image(str(path))}, step=step)
-
-    def close(self):
-        self.run.finish()
 
 
 class MlflowTracker:
