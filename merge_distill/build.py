@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from merge_distill import distributed, parallel
+from merge_distill import adapters, distributed, parallel
+from merge_distill.adapters import AdapterHost, check_adapter
 from merge_distill.parallel import collectives
 from merge_distill.checkpoint import Attributes, Checkpointer, check_manifest, holding
 from merge_distill.data import DomainMixer, Prompt, load_records, render_prompt, user_message
@@ -24,7 +25,7 @@ from merge_distill.frozen import ModelCache
 from merge_distill.merging import write_merge
 from merge_distill.methods import frozen_models, method_of, trains
 from merge_distill.models import check_compatible, load_model, load_sharded, load_tokenizer, model_info
-from merge_distill.recipe import STUDENT, Recipe
+from merge_distill.recipe import STUDENT, TEACHER_BASE, AdapterModel, Recipe
 from merge_distill.tracking import open_trackers
 from merge_distill.train import Run, train
 
@@ -73,10 +74,10 @@ def build_run(recipe: Recipe, *, sampler: Sampler | None = None, frozen: ModelCa
 
         sandbox_level([e.grader_name for e in recipe.experts], recipe.isolation)
     check_models(recipe)
-    tokenizer = load_tokenizer(recipe.student, what="student")
+    tokenizer = load_tokenizer(recipe.student.path, what="student")
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise UserError(f"student '{recipe.student}': its tokenizer needs an eos_token and a pad_token")
-    student, policy = load_student(recipe, device)
+        raise UserError(f"student '{recipe.student.path}': its tokenizer needs an eos_token and a pad_token")
+    student, policy, host = load_student(recipe, device)
     pools = load_prompts(recipe, tokenizer)
     mixer = DomainMixer(pools, [e.weight for e in recipe.experts], recipe.seed)
     if sampler is None:
@@ -90,6 +91,11 @@ def build_run(recipe: Recipe, *, sampler: Sampler | None = None, frozen: ModelCa
                             offload=recipe.placement.offload, max_tokens=recipe.budget.max_tokens_per_micro_batch,
                             shard=parallel.shard_frozen if recipe.placement.shard_frozen and distributed.active()
                             else None)
+    if host is not None:  # the LoRA student's base serves its reference and the adapter teachers of that base
+        frozen.host(recipe.student.path, host)
+    for e in recipe.experts:
+        if isinstance(e.teacher, AdapterModel) and trains(recipe):
+            frozen.hosts_adapters_of(e.teacher.base)
     if graders is None and method.graded:
         from merge_distill.graders import get_grader
 
@@ -103,11 +109,15 @@ def build_run(recipe: Recipe, *, sampler: Sampler | None = None, frozen: ModelCa
 
 def check_models(recipe: Recipe) -> None:
     """Every model the run loads exists, loads a tokenizer, and agrees with the student token for token."""
-    infos = {"student": model_info(recipe.student, what="student")}
+    infos = {"student": model_info(recipe.student.path, what="student")}
     for i, e in enumerate(recipe.experts):
-        for role, path in frozen_models(recipe, e).items():
-            if path != STUDENT:
-                infos[f"{role} of expert '{e.name}'"] = model_info(path, what=f"experts.{i}.{role} ({e.name})")
+        for role, ref in frozen_models(recipe, e).items():
+            what = f"experts.{i}.{role} ({e.name})"
+            if isinstance(ref, AdapterModel):
+                check_adapter(ref, what=what)  # its tokenizer and vocabulary are its base's
+                ref = ref.base
+            if ref not in (STUDENT, TEACHER_BASE):
+                infos[f"{role} of expert '{e.name}'"] = model_info(ref, what=what)
     check_compatible(infos, allow_chat_template_mismatch=recipe.allow_chat_template_mismatch)
 
 
@@ -122,10 +132,18 @@ def load_prompts(recipe: Recipe, tokenizer) -> list[list[Prompt]]:
     return pools
 
 
-def load_student(recipe: Recipe, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The student (float32 weights on `device`) and `ModelLogprobs(student)` in the recipe's layout
-    (`parallel.wrap_student`). Under fsdp it is built on the meta device on every rank, sharded, and filled from
-    rank 0's one copy (`models.load_sharded`); its shards live on the host with `placement.offload_optimizer`."""
+def load_student(recipe: Recipe, device: str) -> tuple[torch.nn.Module, torch.nn.Module, AdapterHost | None]:
+    """The student (float32 weights on `device`), `ModelLogprobs(student)` in the recipe's layout
+    (`parallel.wrap_student`), and for a LoRA student (`student.lora`) the `AdapterHost` its base serves from
+    (None otherwise, and under fsdp). Under fsdp it is built on the meta device on every rank, sharded, and filled
+    from rank 0's one copy (`models.load_sharded`); its shards live on the host with `placement.offload_optimizer`.
+
+    A LoRA student is its base with a fresh peft adapter in its layers (`adapters.add_lora`, drawn with the run's
+    seed): `student` is the base model object, whose adapter parameters alone require gradients."""
+    lora = recipe.student.lora
+
+    def with_lora(model):
+        return adapters.add_lora(model, lora, recipe.seed) if lora else model
 
     def checkpointed(student):
         if recipe.budget.gradient_checkpointing:
@@ -136,17 +154,22 @@ def load_student(recipe: Recipe, device: str) -> tuple[torch.nn.Module, torch.nn
         return student
 
     if recipe.parallel == "fsdp" and distributed.active():
-        wrapped = load_sharded(recipe.student, lambda m, _: parallel.wrap_student(checkpointed(m), recipe, device),
+        wrapped = load_sharded(recipe.student.path, lambda m, _: parallel.wrap_student(checkpointed(m), recipe, device),
                                what="student", trainable=True,
-                               device="cpu" if recipe.placement.offload_optimizer else device)
-        return parallel.root_of(wrapped).model, wrapped
-    student = checkpointed(load_model(recipe.student, what="student", dtype=torch.float32, trainable=True).to(device))
-    return student, parallel.wrap_student(student, recipe, device)
+                               device="cpu" if recipe.placement.offload_optimizer else device,
+                               transform=lambda m: with_lora(m).get_base_model() if lora else m)
+        return parallel.root_of(wrapped).model, wrapped, None
+    model = load_model(recipe.student.path, what="student", dtype=torch.float32, trainable=not lora).to(device)
+    peft_model = with_lora(model)
+    student = checkpointed(model)  # (with lora: the base model object, the adapter in its layers)
+    host = (adapters.AdapterHost(student, peft_model, trainable=adapters.STUDENT_ADAPTER,
+                                 dtype=getattr(torch, recipe.dtype)) if lora else None)
+    return student, parallel.wrap_student(student, recipe, device), host
 
 
 def make_optimizer(recipe: Recipe, student: torch.nn.Module):
     cfg, steps = recipe.optim, recipe.schedule.steps
-    params = list(student.parameters())
+    params = [p for p in student.parameters() if p.requires_grad]  # (a LoRA student: its adapter's alone)
     # the fused kernel: one pass over each tensor, no temporaries the size of the model
     # (`python benchmarks/optimizer_step.py`: faster and lighter than the for-loop and foreach forms)
     fused = all(p.device.type in ("cpu", "cuda") for p in params)

@@ -185,7 +185,8 @@ def export_checkpoint(folder: Path, base: str | os.PathLike, out: Path) -> None:
 
 def save_final(s, folder: Path) -> None:
     """The trained student as an HF folder in the recipe's `export_dtype` (default: its `dtype`), written
-    atomically by rank 0 (every rank calls). Each weight is cast on its rank, then gathered (under fsdp), then
+    atomically by rank 0 (every rank calls); a LoRA student's is its base with the adapter merged, and the adapter
+    alone in `adapter/` (`adapters.save_adapter_and_merged`). Each weight is cast on its rank, then gathered (under fsdp), then
     kept by rank 0 on the host: no float32 copy of the whole model is ever made besides the shards."""
     from transformers import AutoModelForCausalLM
 
@@ -195,11 +196,17 @@ def save_final(s, folder: Path) -> None:
     tied = {name for name, t in s.student.state_dict(keep_vars=True).items()
             if first.setdefault(id(t), name) != name}
     weights = {}
-    for name, tensor in parallel.full_tensors(s.student, dtype=dtype, device=s.device):
+    lora = s.recipe.student.lora is not None  # (merged in float32, then cast)
+    for name, tensor in parallel.full_tensors(s.student, dtype=torch.float32 if lora else dtype, device=s.device):
         if main and name not in tied:
             weights[name] = tensor.to("cpu")
     with atomic_dir(folder) if main else contextlib.nullcontext() as tmp:
-        if tmp is not None:
+        if tmp is not None and s.recipe.student.lora is not None:  # the adapter, and the base with it merged
+            from merge_distill.adapters import save_adapter_and_merged
+
+            save_adapter_and_merged(weights, tied, s.student.config, s.recipe.student.lora, s.recipe.student.path,
+                                    s.tokenizer, Path(tmp), dtype=dtype, generation_config=s.student.generation_config)
+        elif tmp is not None:
             with torch.device("meta"):  # a twin without storage takes the weights, so transformers writes the
                 twin = AutoModelForCausalLM.from_config(s.student.config, dtype=dtype)  # folder as any model's
             missing = twin.load_state_dict(weights, assign=True, strict=False).missing_keys

@@ -104,7 +104,7 @@ def _convert_gguf_files(recipe) -> None:
     rank 0 converts while the others wait, instead of every rank dequantising the same file at once."""
     from merge_distill.models import gguf_folder
 
-    paths = [recipe.student] + [p for e in recipe.experts for p in (e.teacher, e.reference) if p]
+    paths = [recipe.student.path] + [p for e in recipe.experts for p in (e.teacher, e.reference) if p]
     for path in dict.fromkeys(paths):
         if str(path).endswith(".gguf") and Path(path).is_file():
             gguf_folder(path, log=console.print)

@@ -156,7 +156,7 @@ def make_sampler(recipe: Recipe, student: torch.nn.Module, *, device: str | None
     if max_model_len is None:
         raise ValueError("backend.rollout vllm: make_sampler needs max_model_len (longest prompt + max_new_tokens)")
     b = recipe.backend
-    return VLLMSampler(recipe.student, student, max_model_len=max_model_len, device=device or recipe.device,
+    return VLLMSampler(recipe.student.path, student, max_model_len=max_model_len, device=device or recipe.device,
                        dtype=recipe.dtype, seed=recipe.seed, sleep_level=b.sleep_level,
                        gpu_memory_utilization=b.gpu_memory_utilization, max_num_seqs=b.max_num_seqs,
                        max_num_batched_tokens=b.max_num_batched_tokens, batch_invariant=b.batch_invariant)

@@ -144,7 +144,7 @@ _PATH_FIELDS = ("teacher", "reference", "prompts")
 
 def resolve_recipe_data(data: dict, source: str) -> dict:
     """Raw recipe data with the registered sections parsed and removed, `SCHEME:NAME` paths (student, each
-    expert's teacher, reference and prompts) made plain and each expert without an `eval_suite` given its
+    expert's teacher, reference and prompts, and the paths of a {path, lora} student or {base, adapter} teacher) made plain and each expert without an `eval_suite` given its
     section's default. Builds nothing. A scheme path whose section is missing is a one-line error."""
     reg = registry()
     parsed = {}
@@ -154,6 +154,8 @@ def resolve_recipe_data(data: dict, source: str) -> dict:
             parsed[name] = parse_section(name, raw, source=source)
 
     def plain(value):
+        if isinstance(value, dict):  # a student {path, lora} or an adapter model {base, adapter}
+            return {k: plain(v) if k in ("path", "base", "adapter") else v for k, v in value.items()}
         if not isinstance(value, str) or ":" not in value:
             return value
         scheme, rest = value.split(":", 1)

@@ -372,7 +372,7 @@ def merge_models(method: str, base_path: str | os.PathLike, expert_paths: Sequen
 
 
 def _expo(recipe, out: Path) -> Path:
-    return merge_models("expo", recipe.student, [e.teacher for e in recipe.experts], out, alpha=recipe.merge.alpha)
+    return merge_models("expo", recipe.student.path, [e.teacher for e in recipe.experts], out, alpha=recipe.merge.alpha)
 
 
 def _merge(recipe, out: Path) -> Path:
@@ -382,7 +382,7 @@ def _merge(recipe, out: Path) -> Path:
         params["density"] = m.density
     if m.technique == "dare":
         params["seed"] = m.seed
-    return merge_models(m.technique, recipe.student, [e.teacher for e in recipe.experts], out, **params)
+    return merge_models(m.technique, recipe.student.path, [e.teacher for e in recipe.experts], out, **params)
 
 
 COMBINERS: dict[str, Callable] = {"expo": _expo, "merge": _merge}

@@ -157,12 +157,14 @@ def empty_model(path: str | os.PathLike, *, what: str = "model", dtype: torch.dt
 
 
 def load_sharded(path: str | os.PathLike, shard, *, what: str = "model", dtype: torch.dtype = torch.float32,
-                 trainable: bool = False, device: str | torch.device = "cpu") -> torch.nn.Module:
+                 trainable: bool = False, device: str | torch.device = "cpu", transform=None) -> torch.nn.Module:
     """`shard(model, what)` of the model at `path` (e.g. `parallel.shard_frozen`), loaded so that only rank 0
     ever holds it whole (every rank calls). Each rank builds it on the meta device (`empty_model`) and shards it;
     rank 0 alone reads the files, into host memory; the shards then get storage on `device` and their values from
     rank 0's copy (`parallel.load_full_weights`: broadcast tensor by tensor, each rank keeping its shard), and the
-    buffers a state dict leaves out (rotary `inv_freq`) are rank 0's too. Rank 0 checks the scorer on its whole
+    buffers a state dict leaves out (rotary `inv_freq`) are rank 0's too. `transform(model)` (e.g. a LoRA
+    adapter injected: `adapters.add_lora`) is applied to rank 0's copy and to every rank's meta model before it is
+    sharded, so rank 0's values of its new weights reach every rank. Rank 0 checks the scorer on its whole
     copy (`scoring.check_reproduces_logits`), which the meta model cannot run, and every rank takes its verdict."""
     from merge_distill import parallel
     from merge_distill.parallel import collectives
@@ -173,6 +175,7 @@ def load_sharded(path: str | os.PathLike, shard, *, what: str = "model", dtype: 
     if main:  # a problem here is every rank's: the others wait for its verdict, then raise it too
         try:
             whole = load_model(path, what=what, dtype=dtype, trainable=trainable)
+            whole = transform(whole) if transform else whole
             backbone, head = _split(whole)
             if backbone is not None:
                 check_reproduces_logits(whole, backbone, head)
@@ -183,6 +186,7 @@ def load_sharded(path: str | os.PathLike, shard, *, what: str = "model", dtype: 
     if verdict is not None:
         raise UserError(verdict)
     model = empty_model(path, what=what, dtype=dtype, trainable=trainable)
+    model = transform(model) if transform else model
     setattr(model, _VERIFIED, True)
     wrapped = shard(model, what)
     parallel.materialize(wrapped, device, buffers, model)

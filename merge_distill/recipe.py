@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 STUDENT = "student"  # `reference: student` = the student's initial weights
+TEACHER_BASE = "teacher_base"  # `reference: teacher_base` = an adapter teacher's base (its pre-RL model)
 
 # Where each key of the former `train:` section lives now (`seed` is top level).
 TRAIN_KEYS_MOVED = {
@@ -76,10 +77,49 @@ PromptSource = Annotated[
 ]
 
 
+class Lora(Strict):
+    """A LoRA adapter to train, in peft's `LoraConfig` names: only the adapter trains (the base stays frozen)."""
+
+    r: Annotated[int, Field(ge=1)] = 16
+    lora_alpha: Annotated[float, Field(gt=0)] = 32.0
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: list[str] | str = Field(
+        "all-linear", description="module names (or a regex) the adapter wraps; 'all-linear': every linear layer "
+                                  "but the output head (peft's own spelling)")
+
+
+class StudentModel(Strict):
+    """The student: a model folder (or .gguf), trained whole, or with `lora:` through a LoRA adapter of it.
+    `student: PATH` is short for `student: {path: PATH}`."""
+
+    path: str
+    lora: Lora | None = Field(None, description="train a LoRA adapter of `path` instead of all its weights")
+
+
+class AdapterModel(Strict):
+    """A model held as a peft adapter (a folder with adapter_config.json) of a base model: the base with the
+    adapter on. Where the base is the student's, one copy of it serves the student, every such teacher and the
+    references (`merge_distill.adapters`)."""
+
+    base: str = Field(description="the base model folder (or .gguf) the adapter was trained on")
+    adapter: str = Field(description="the peft adapter folder")
+
+
+ModelRef = str | AdapterModel  # a model folder, or a base with an adapter
+
+
+def model_label(ref: ModelRef) -> str:
+    """A model reference in one string, for messages and tables."""
+    return ref if isinstance(ref, str) else f"{ref.base} + adapter {ref.adapter}"
+
+
 class Expert(Strict):
     name: str = Field(description="the domain, e.g. math; prompts of this domain are scored by this teacher only")
-    teacher: str | None = Field(None, description="the domain's expert; required by every method but grpo")
-    reference: str = Field(STUDENT, description="'student' (initial weights) or a model path, e.g. the teacher's pre-RL base (reward correction)")
+    teacher: str | AdapterModel | None = Field(
+        None, description="the domain's expert, a model path or {base, adapter}; required by every method but grpo")
+    reference: str = Field(STUDENT, description="'student' (initial weights), 'teacher_base' (an adapter teacher's base: "
+                                                "its pre-RL model) or a model path, e.g. the teacher's pre-RL base "
+                                                "(reward correction)")
     reward_scale: Annotated[float, Field(ge=0)] | None = Field(None, description="lam for this domain; defaults to the recipe's reward_scale")
     prompts: PromptSource
     weight: Annotated[float, Field(gt=0)] = Field(1.0, description="share of each batch (normalised over experts)")
@@ -91,6 +131,13 @@ class Expert(Strict):
     @property
     def grader_name(self) -> str:
         return self.grader or self.name
+
+    @model_validator(mode="after")
+    def _teacher_base_needs_an_adapter_teacher(self) -> "Expert":
+        if self.reference == TEACHER_BASE and not isinstance(self.teacher, AdapterModel):
+            raise ValueError(f"reference '{TEACHER_BASE}' means the base of an adapter teacher ({{base, adapter}}), "
+                             f"but expert '{self.name}''s teacher is {self.teacher!r}")
+        return self
 
 
 class MethodSpec(Strict):
@@ -262,7 +309,7 @@ class Backend(Strict):
 
 class Recipe(Strict):
     method: MethodSpec = Field(default_factory=MethodSpec)
-    student: str
+    student: StudentModel
     reward_scale: Annotated[float, Field(ge=0)] = 1.25
     experts: list[Expert] = Field(min_length=1)
     seed: int = Field(0, description="the run's seed: the domain mixer's draws and each rollout's per-row seeds")
@@ -324,6 +371,12 @@ class Recipe(Strict):
         """`method: grpo` is `method: {name: grpo}`."""
         return {"name": value} if isinstance(value, str) else value
 
+    @field_validator("student", mode="before")
+    @classmethod
+    def _student_by_path(cls, value):
+        """`student: PATH` is `student: {path: PATH}`."""
+        return {"path": value} if isinstance(value, str) else value
+
     @field_validator("experts")
     @classmethod
     def _unique_names(cls, experts: list[Expert]) -> list[Expert]:
@@ -345,20 +398,21 @@ class Recipe(Strict):
     def scale_of(self, expert: Expert) -> float:
         return self.reward_scale if expert.reward_scale is None else expert.reward_scale
 
-    def model_paths(self) -> list[str]:
-        paths = [self.student]
-        for e in self.experts:
-            if e.teacher:
-                paths.append(e.teacher)
-            if e.reference != STUDENT:
-                paths.append(e.reference)
-        return paths
+    def frozen_ref(self, expert: Expert, ref: ModelRef) -> ModelRef:
+        """The model a method's frozen role names (`Method.frozen_models`): `student` is the student's initial
+        model (its base with the adapter off, for a LoRA student), `teacher_base` the adapter teacher's base."""
+        if ref == STUDENT:
+            return self.student.path
+        if ref == TEACHER_BASE:
+            return expert.teacher.base
+        return ref
 
     def manifest(self) -> dict[str, Any]:
         """What must not change when a run resumes."""
         return {
-            "student": self.student,
+            "student": self.student.path if self.student.lora is None else self.student.model_dump(),
             "method": self.method.name,
-            "experts": [{"name": e.name, "teacher": e.teacher, "reference": e.reference,
+            "experts": [{"name": e.name, "teacher": e.teacher if not isinstance(e.teacher, AdapterModel)
+                         else e.teacher.model_dump(), "reference": e.reference,
                          "reward_scale": self.scale_of(e)} for e in self.experts],
         }

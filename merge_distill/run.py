@@ -44,7 +44,7 @@ def closed_form_spec(recipe: Recipe, suites) -> ModelSpec:
     for e in recipe.experts:
         for s in suites:
             if s.domain == e.name or s.name == e.eval_suite:
-                paths[s.name] = f"{PREFIX}lam={recipe.scale_of(e)},teacher={e.teacher},reference={recipe.student if e.reference == STUDENT else e.reference}"
+                paths[s.name] = f"{PREFIX}lam={recipe.scale_of(e)},teacher={e.teacher},reference={recipe.student.path if e.reference == STUDENT else e.reference}"
     first = next(iter(paths.values()))
     return ModelSpec("closed_form", first, suite_paths=paths, only_suites=tuple(paths))
 
@@ -60,7 +60,7 @@ def model_specs(recipe: Recipe, students: dict[str, str], suites) -> list[ModelS
     cfg = recipe.eval
     specs = []
     if cfg.baselines:
-        specs.append(ModelSpec("base", recipe.student))
+        specs.append(ModelSpec("base", recipe.student.path))
         seen = set()
         for e in recipe.experts:
             if e.teacher and e.teacher not in seen:
@@ -267,7 +267,7 @@ def periodic_eval(recipe: Recipe, out_dir: Path):
     from merge_distill.graders import sandbox_level
     from merge_distill.models import load_tokenizer
 
-    suites, tokenizer, cfg = eval_suites(recipe), load_tokenizer(recipe.student), recipe.eval
+    suites, tokenizer, cfg = eval_suites(recipe), load_tokenizer(recipe.student.path), recipe.eval
     sandbox_level([s.grader for s in suites], recipe.isolation)  # before training starts, not at its first eval
 
     max_new_tokens = cfg.max_new_tokens or recipe.rollout.max_new_tokens
@@ -275,7 +275,7 @@ def periodic_eval(recipe: Recipe, out_dir: Path):
     def on_eval(sampler, step: int) -> dict:
         metrics = {}
         for suite in suites:
-            graded = generate_and_grade(ModelSpec("student", recipe.student), suite, samples=1,
+            graded = generate_and_grade(ModelSpec("student", recipe.student.path), suite, samples=1,
                                         temperature=cfg.temperature, max_new_tokens=max_new_tokens,
                                         seed=cfg.seed, out_dir=out_dir / "evals" / f"step-{step}",
                                         sampler=sampler, tokenizer=tokenizer, isolation=recipe.isolation)

@@ -123,14 +123,14 @@ def model_shapes(recipe, assume: str | None = None,
     from merge_distill.methods import frozen_models
     from merge_distill.recipe import STUDENT
 
-    student = read_shape(recipe.student, what="student", assume=assume, notes=notes)
+    student = read_shape(recipe.student.path, what="student", assume=assume, notes=notes)
     frozen: dict[str, tuple[str, Shape]] = {}
     for i, e in enumerate(recipe.experts):
         for role, path in frozen_models(recipe, e).items():
-            where = recipe.student if path == STUDENT else path
+            where = recipe.student.path if path == STUDENT else path
             key = str(Path(where).resolve())  # as `frozen.ModelCache`: a checkpoint shared by experts loads once
             if key not in frozen:
                 label = f"{role} {e.name}" + (" (student's initial weights)" if path == STUDENT else "")
-                frozen[key] = (label, student if where == recipe.student else
+                frozen[key] = (label, student if where == recipe.student.path else
                                read_shape(where, what=f"experts.{i}.{role} ({e.name})", assume=assume, notes=notes))
     return student, frozen

@@ -62,7 +62,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, progress=None, log=print) 
                   max_new_tokens=cfg.max_new_tokens or base.rollout.max_new_tokens, progress=progress,
                   isolation=base.isolation)
     teachers = [ModelSpec(e.name, e.teacher) for e in base.experts if e.teacher]
-    reference = evaluate([ModelSpec("base", base.student), *teachers], suites, out_dir=root / "baselines", **common)
+    reference = evaluate([ModelSpec("base", base.student.path), *teachers], suites, out_dir=root / "baselines", **common)
     points = []
     for v in variants(grid):
         name = variant_name(v)

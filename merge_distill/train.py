@@ -26,7 +26,7 @@ from merge_distill.errors import TrainingDiverged
 from merge_distill.frozen import ModelCache
 from merge_distill.methods import Method
 from merge_distill.parallel import collectives
-from merge_distill.recipe import STUDENT, Recipe
+from merge_distill.recipe import Recipe
 from merge_distill.sampling import Rollouts, concat_rollouts, eos_token_ids, row_seeds
 from merge_distill.scoring import row_lengths, token_budget_chunks
 from merge_distill.step_metrics import Max, Mean, Min, Sum, reduce, row_mean
@@ -213,7 +213,7 @@ class Run:
         for i, rows in batch.by_expert():
             expert = self.recipe.experts[i]
             for role, path in self.method.frozen_models(self.recipe, expert).items():
-                path = self.recipe.student if path == STUDENT else path
+                path = self.recipe.frozen_ref(expert, path)
                 if not rows and not self.frozen.shard:
                     continue
                 sub = rollouts.select(rows)

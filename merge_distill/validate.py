@@ -178,7 +178,7 @@ def _input_fields(recipe: Recipe) -> list[tuple[str, str, bool]]:
     prompt file, in recipe order."""
     from merge_distill.methods import frozen_models
 
-    fields = [("student", recipe.student, True)]
+    fields = [("student", recipe.student.path, True)]
     for i, e in enumerate(recipe.experts):
         for role, path in frozen_models(recipe, e).items():
             if path != STUDENT:
@@ -242,7 +242,7 @@ def validate_recipe(recipe: Recipe) -> list[str]:
         raise MissingInputs(problems, _partial_checks(recipe, problems))
     check_models(recipe)
     lines = [f"models: student and {len(recipe.experts)} expert(s) share one vocabulary and chat template"]
-    tokenizer = load_tokenizer(recipe.student, what="student")
+    tokenizer = load_tokenizer(recipe.student.path, what="student")
     for i, e in enumerate(recipe.experts):
         what = f"experts.{i}.prompts ({e.name})"
         records = load_records(e.prompts, what=what)

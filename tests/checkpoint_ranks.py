@@ -49,7 +49,7 @@ def loading(recipe_path: str, teacher: str, out: str) -> None:
     frozen = s.frozen.get(teacher, what="teacher")
     report = {
         "read_whole": list(read_whole), "held": held, "whole": whole,
-        "student_matches_file": same_as_file(s.student, Path(recipe.student)),
+        "student_matches_file": same_as_file(s.student, Path(recipe.student.path)),
         "teacher_matches_file": same_as_file(parallel.root_of(frozen).model, Path(teacher)),
         "tied": s.student.lm_head.weight is s.student.model.embed_tokens.weight,
         "inv_freq": s.student.model.rotary_emb.inv_freq.tolist(),

@@ -133,7 +133,7 @@ LAYERS = {
     1: ("errors", "io", "recipe", "objective", "step_metrics", "provenance"),
     2: ("sampling", "scoring", "fused", "dense", "data", "batch"),
     3: ("methods",),
-    4: ("models", "distributed", "parallel", "frozen", "engines", "paged", "backends", "merging", "checkpoint",
+    4: ("models", "adapters", "distributed", "parallel", "frozen", "engines", "paged", "backends", "merging", "checkpoint",
         "closed_form", "fetch"),
     5: ("train",),
     6: ("build", "validate", "plan", "shapes", "evaluation", "graders", "sandbox", "run", "sweep", "extensions",

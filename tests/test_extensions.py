@@ -66,13 +66,13 @@ def _smoke(tmp_path, *sets):
 def test_a_zoo_recipe_loads_with_plain_paths_and_its_default_suites(tmp_path):
     zoo = tmp_path / "zoo"
     recipe = _smoke(tmp_path, "experts.code.eval_suite=humaneval", "experts.math.reference=zoo:mid_base")
-    assert recipe.student == str(zoo / "base")
+    assert recipe.student.path == str(zoo / "base")
     assert [(e.teacher, e.reference, e.prompts, e.eval_suite) for e in recipe.experts] == [
         (str(zoo / "math_expert"), str(zoo / "mid_base"), str(zoo / "data" / "math_train.jsonl"), "zoo-math"),
         (str(zoo / "code_expert"), "student", str(zoo / "data" / "code_train.jsonl"), "humaneval")]
     assert "zoo" not in type(recipe).model_fields  # the schema knows no zoo
     # the default folder: the cache's, by preset and seed
-    assert load_recipe(ROOT / "recipes" / "smoke.yaml", ["zoo.seed=3"]).student.endswith("zoo/smoke-seed3/base")
+    assert load_recipe(ROOT / "recipes" / "smoke.yaml", ["zoo.seed=3"]).student.path.endswith("zoo/smoke-seed3/base")
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -90,7 +90,7 @@ def test_a_bad_zoo_section_is_one_line_naming_its_key(tmp_path, sets, message):
 def test_a_recipe_without_zoo_paths_needs_no_section(tiny_world, tmp_path, write_recipe):
     path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
     recipe = load_recipe(path)
-    assert recipe.student == str(tiny_world / "base") and all(e.eval_suite is None for e in recipe.experts)
+    assert recipe.student.path == str(tiny_world / "base") and all(e.eval_suite is None for e in recipe.experts)
     assert extensions.unbuilt(recipe) is None and extensions.graders_to_build(recipe) == set()
 
 

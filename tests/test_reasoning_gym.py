@@ -99,7 +99,7 @@ def test_a_recipe_trains_on_the_generated_prompts(tiny_world, tmp_path, write_re
     data["experts"][0]["prompts"] = {"reasoning_gym": "gsm_symbolic", "size": 6, "seed": 5}
     path.write_text(yaml.safe_dump(data))
     recipe = load_recipe(path)
-    tokenizer = load_tokenizer(recipe.student)
+    tokenizer = load_tokenizer(recipe.student.path)
     pools = load_prompts(recipe, tokenizer)
     assert [p.record for p in pools[0]] == gsm_symbolic(6, 5)
     assert all(p.expert == 0 for p in pools[0])

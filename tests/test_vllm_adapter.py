@@ -611,8 +611,8 @@ def test_trainer_samples_through_the_backend(monkeypatch, launcher_env, tiny_wor
                          ["backend.rollout=vllm", "experts.code.reward_scale=1.0", "backend.check_sync_every=0"])
     train_recipe(recipe)
     (llm,) = engines  # the student's sampler, and no engine for a frozen model
-    longest = max(len(p.token_ids) for pool in load_prompts(recipe, load_tokenizer(recipe.student)) for p in pool)
-    assert llm.kwargs["model"] == recipe.student and llm.kwargs["max_model_len"] == longest + 6
+    longest = max(len(p.token_ids) for pool in load_prompts(recipe, load_tokenizer(recipe.student.path)) for p in pool)
+    assert llm.kwargs["model"] == recipe.student.path and llm.kwargs["max_model_len"] == longest + 6
     step = [*WAKE, "generate", "sleep(2)"]
     assert labels(llm) == ["sleep(2)", *step, *step, "shutdown"]  # shut down after training (it made the group)
     assert [d["rows"] for what, d in llm.calls if what == "generate"] == [4, 4]

@@ -88,7 +88,7 @@ def render_card(recipe_yaml: str, run: dict, metrics: list[dict], report: dict |
     parts = [
         "---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
         f"# {Path(recipe.output_dir).name}", "",
-        f"`{recipe.student}` made into one model for {len(recipe.experts)} domains by merge-distill, method "
+        f"`{recipe.student.path}` made into one model for {len(recipe.experts)} domains by merge-distill, method "
         f"`{recipe.method.name}`; this folder is its `final/` model.", "",
         "## Experts", "", *experts_table(recipe), "",
         "## Training", "", *training_lines(recipe, metrics), "",
@@ -114,7 +114,7 @@ def render_card(recipe_yaml: str, run: dict, metrics: list[dict], report: dict |
 
 def card_metadata(recipe: Recipe, model: str, report: dict | None) -> dict:
     """The card's YAML metadata (the Hub's keys)."""
-    meta = {"base_model": base_model(recipe.student), "tags": tags(recipe), "library_name": "transformers",
+    meta = {"base_model": base_model(recipe.student.path), "tags": tags(recipe), "library_name": "transformers",
             "pipeline_tag": "text-generation"}
     datasets = list(dict.fromkeys(e.prompts.dataset for e in recipe.experts if isinstance(e.prompts, DatasetSpec)))
     if datasets:

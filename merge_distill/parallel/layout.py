@@ -82,7 +82,7 @@ def wrap_student(student: torch.nn.Module, recipe, device: str) -> torch.nn.Modu
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
     dtype = getattr(torch, recipe.dtype)
-    root = sharded(student, f"student '{recipe.student}'",
+    root = sharded(student, f"student '{recipe.student.path}'",
                    mp_policy=MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
                                                   reduce_dtype=torch.float32),
                    offload_policy=CPUOffloadPolicy(pin_memory=device.type == "cuda") if recipe.placement.offload_optimizer

@@ -39,16 +39,19 @@ def full_tensors(model: torch.nn.Module, *, dtype: torch.dtype | None = None, de
 
 
 class ModelState(Stateful):
-    """The model's weights by parameter name, each rank's shards (DTensors under fsdp, whole tensors otherwise)."""
+    """The model's trained weights by parameter name, each rank's shards (DTensors under fsdp, whole tensors
+    otherwise). Frozen parameters (a LoRA student's base) are left out: they are the base's, read from its folder
+    when the run resumes."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.options = StateDictOptions(ignore_frozen_params=True)
 
     def state_dict(self) -> dict:
-        return get_model_state_dict(self.model)
+        return get_model_state_dict(self.model, options=self.options)
 
     def load_state_dict(self, state: dict) -> None:
-        set_model_state_dict(self.model, state)
+        set_model_state_dict(self.model, state, options=self.options)
 
 
 class OptimizerState(Stateful):

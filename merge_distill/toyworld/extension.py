@@ -111,7 +111,9 @@ class ZooBuilder:
 
     @staticmethod
     def _needed(recipe) -> dict[Path, tuple[Zoo, list[str]]]:
-        paths = [recipe.student] + [p for e in recipe.experts for p in (e.teacher, e.reference, e.prompts)]
+        paths = [recipe.student.path] + [p for e in recipe.experts for p in (e.teacher, e.reference, e.prompts)]
+        paths += [p for e in recipe.experts if not isinstance(e.teacher, (str, type(None)))
+                  for p in (e.teacher.base, e.teacher.adapter)]
         out: dict[Path, tuple[Zoo, list[str]]] = {}
         for p in paths:
             if isinstance(p, str) and p in _members:
