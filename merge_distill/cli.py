@@ -103,8 +103,10 @@ def _convert_gguf_files(recipe) -> None:
     """Convert the recipe's .gguf models once, before any rank loads them (`models.gguf_folder`): under torchrun
     rank 0 converts while the others wait, instead of every rank dequantising the same file at once."""
     from merge_distill.models import gguf_folder
+    from merge_distill.recipe import AdapterModel
 
-    paths = [recipe.student.path] + [p for e in recipe.experts for p in (e.teacher, e.reference) if p]
+    refs = [e.teacher.base if isinstance(e.teacher, AdapterModel) else e.teacher for e in recipe.experts]
+    paths = [recipe.student.path, *refs, *(e.reference for e in recipe.experts)]
     for path in dict.fromkeys(paths):
         if str(path).endswith(".gguf") and Path(path).is_file():
             gguf_folder(path, log=console.print)

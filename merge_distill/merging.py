@@ -371,8 +371,16 @@ def merge_models(method: str, base_path: str | os.PathLike, expert_paths: Sequen
 #          `merge.scale`, `merge.density`, `merge.seed`)
 
 
+def _teachers(recipe) -> list[str]:
+    """Each expert's teacher as a whole-model folder: an adapter expert merged into its base first
+    (`adapters.model_folder`, peft's `merge_and_unload`), so task vectors are whole-weight differences as in MergeKit."""
+    from merge_distill.adapters import model_folder
+
+    return [model_folder(e.teacher, what=f"experts.{i}.teacher ({e.name})") for i, e in enumerate(recipe.experts)]
+
+
 def _expo(recipe, out: Path) -> Path:
-    return merge_models("expo", recipe.student.path, [e.teacher for e in recipe.experts], out, alpha=recipe.merge.alpha)
+    return merge_models("expo", recipe.student.path, _teachers(recipe), out, alpha=recipe.merge.alpha)
 
 
 def _merge(recipe, out: Path) -> Path:
@@ -382,7 +390,7 @@ def _merge(recipe, out: Path) -> Path:
         params["density"] = m.density
     if m.technique == "dare":
         params["seed"] = m.seed
-    return merge_models(m.technique, recipe.student.path, [e.teacher for e in recipe.experts], out, **params)
+    return merge_models(m.technique, recipe.student.path, _teachers(recipe), out, **params)
 
 
 COMBINERS: dict[str, Callable] = {"expo": _expo, "merge": _merge}

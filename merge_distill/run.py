@@ -17,7 +17,8 @@ from merge_distill.evaluation.runner import (
     longest_request,
     score_rows,
 )
-from merge_distill.recipe import STUDENT, Recipe
+from merge_distill.adapters import model_folder
+from merge_distill.recipe import STUDENT, Recipe, model_label
 from merge_distill.tracking import log_report, open_trackers
 
 
@@ -44,7 +45,8 @@ def closed_form_spec(recipe: Recipe, suites) -> ModelSpec:
     for e in recipe.experts:
         for s in suites:
             if s.domain == e.name or s.name == e.eval_suite:
-                paths[s.name] = f"{PREFIX}lam={recipe.scale_of(e)},teacher={e.teacher},reference={recipe.student.path if e.reference == STUDENT else e.reference}"
+                teacher, reference = (model_folder(recipe.frozen_ref(e, ref)) for ref in (e.teacher, e.reference))
+                paths[s.name] = f"{PREFIX}lam={recipe.scale_of(e)},teacher={teacher},reference={reference}"
     first = next(iter(paths.values()))
     return ModelSpec("closed_form", first, suite_paths=paths, only_suites=tuple(paths))
 
@@ -62,14 +64,15 @@ def model_specs(recipe: Recipe, students: dict[str, str], suites) -> list[ModelS
     if cfg.baselines:
         specs.append(ModelSpec("base", recipe.student.path))
         seen = set()
-        for e in recipe.experts:
-            if e.teacher and e.teacher not in seen:
-                seen.add(e.teacher)
-                specs.append(ModelSpec(e.name, e.teacher))
+        for i, e in enumerate(recipe.experts):
+            if e.teacher and model_label(e.teacher) not in seen:
+                seen.add(model_label(e.teacher))
+                teacher = model_folder(e.teacher, what=f"experts.{i}.teacher ({e.name})")  # (adapters: merged)
+                specs.append(ModelSpec(e.name, teacher))
                 # the sharpened teacher only on its own domain: how much of a gain is mere sharpening?
                 own = tuple(s.name for s in suites if s.domain == e.name or s.name == e.eval_suite)
                 for t in cfg.teacher_temperatures:
-                    specs.append(ModelSpec(at(e.name, t), e.teacher, temperature=t, only_suites=own))
+                    specs.append(ModelSpec(at(e.name, t), teacher, temperature=t, only_suites=own))
     if cfg.closed_form:
         specs.append(closed_form_spec(recipe, suites))
     for name, path in students.items():

@@ -9,6 +9,7 @@ import itertools
 import json
 from pathlib import Path
 
+from merge_distill.adapters import model_folder
 from merge_distill.errors import UserError
 from merge_distill.io import atomic_write_json
 
@@ -61,7 +62,7 @@ def sweep(recipe_path: Path, overrides: list[str], *, progress=None, log=print) 
     common = dict(samples=cfg.samples, temperature=cfg.temperature, seed=cfg.seed,
                   max_new_tokens=cfg.max_new_tokens or base.rollout.max_new_tokens, progress=progress,
                   isolation=base.isolation)
-    teachers = [ModelSpec(e.name, e.teacher) for e in base.experts if e.teacher]
+    teachers = [ModelSpec(e.name, model_folder(e.teacher)) for e in base.experts if e.teacher]
     reference = evaluate([ModelSpec("base", base.student.path), *teachers], suites, out_dir=root / "baselines", **common)
     points = []
     for v in variants(grid):

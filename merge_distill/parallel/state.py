@@ -45,10 +45,14 @@ class ModelState(Stateful):
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.options = StateDictOptions(ignore_frozen_params=True)
+        # every name of each trained parameter (a tied weight has two; a frozen one tied to nothing trained is out)
+        self.trained = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+        frozen = any(not p.requires_grad for p in model.parameters())
+        self.options = StateDictOptions(ignore_frozen_params=True, strict=not frozen)
 
     def state_dict(self) -> dict:
-        return get_model_state_dict(self.model, options=self.options)
+        state = get_model_state_dict(self.model, options=self.options)
+        return state if self.options.strict else {k: v for k, v in state.items() if k in self.trained}
 
     def load_state_dict(self, state: dict) -> None:
         set_model_state_dict(self.model, state, options=self.options)
