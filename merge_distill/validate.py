@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from merge_distill import extensions
 from merge_distill.errors import UserError
 from merge_distill.io import RECORD_SUFFIXES
-from merge_distill.recipe import STUDENT, Recipe, train_keys_moved
+from merge_distill.recipe import STUDENT, TEACHER_BASE, AdapterModel, Recipe, train_keys_moved
 
 
 class MissingInputs(UserError):
@@ -181,7 +181,10 @@ def _input_fields(recipe: Recipe) -> list[tuple[str, str, bool]]:
     fields = [("student", recipe.student.path, True)]
     for i, e in enumerate(recipe.experts):
         for role, path in frozen_models(recipe, e).items():
-            if path != STUDENT:
+            if isinstance(path, AdapterModel):  # its base a model, its adapter a peft folder (checked when it loads)
+                fields += [(f"experts.{i}.{role}.base ({e.name})", path.base, True),
+                           (f"experts.{i}.{role}.adapter ({e.name})", path.adapter, False)]
+            elif path not in (STUDENT, TEACHER_BASE):
                 fields.append((f"experts.{i}.{role} ({e.name})", path, True))
         if isinstance(e.prompts, str):  # a `datasets` or `reasoning_gym` spec is checked when it loads
             fields.append((f"experts.{i}.prompts ({e.name})", e.prompts, False))
@@ -248,7 +251,7 @@ def validate_recipe(recipe: Recipe) -> list[str]:
         records = load_records(e.prompts, what=what)
         template = None if e.prompt_template == "{prompt}" else e.prompt_template
         ids = render_prompt(tokenizer, user_message(records[0], template, what=what), e.system_prompt)
-        ref = "student's initial weights" if e.reference == STUDENT else e.reference
+        ref = {STUDENT: "student's initial weights", TEACHER_BASE: "the teacher's base"}.get(e.reference, e.reference)
         lines.append(f"expert {e.name}: {len(records)} prompts (first is {len(ids)} tokens), "
                      f"reward_scale {recipe.scale_of(e)}, reference {ref}, grader {e.grader_name}")
     lines += static_checks(recipe)

@@ -30,7 +30,7 @@ from merge_distill.evaluation.report import PairedDifference, caption, markdown_
 from merge_distill.io import atomic_write_text, read_jsonl
 from merge_distill.merging import COMBINERS
 from merge_distill.provenance import provenance
-from merge_distill.recipe import STUDENT, DatasetSpec, Recipe
+from merge_distill.recipe import STUDENT, TEACHER_BASE, DatasetSpec, Recipe
 
 RECIPE_FILE, RUN_FILE, CARD = "resolved_recipe.yaml", "run.json", "README.md"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -89,7 +89,7 @@ def render_card(recipe_yaml: str, run: dict, metrics: list[dict], report: dict |
         "---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
         f"# {Path(recipe.output_dir).name}", "",
         f"`{recipe.student.path}` made into one model for {len(recipe.experts)} domains by merge-distill, method "
-        f"`{recipe.method.name}`; this folder is its `final/` model.", "",
+        f"`{recipe.method.name}`; this folder is its `final/` model." + lora_line(recipe), "",
         "## Experts", "", *experts_table(recipe), "",
         "## Training", "", *training_lines(recipe, metrics), "",
     ]
@@ -135,7 +135,17 @@ def tags(recipe: Recipe) -> list[str]:
         methods = ["g-opd"] + ["exopd"] * any(recipe.scale_of(e) > 1 for e in recipe.experts)
     else:
         methods = [recipe.method.name]
-    return ["merge-distill", "distillation", *methods, *(e.name for e in recipe.experts)]
+    return ["merge-distill", "distillation", *methods, *["lora"] * (recipe.student.lora is not None),
+            *(e.name for e in recipe.experts)]
+
+
+def lora_line(recipe: Recipe) -> str:
+    """For a LoRA student: what was trained and where the adapter is."""
+    lora = recipe.student.lora
+    if lora is None:
+        return ""
+    return (f" Only a LoRA adapter was trained (r {lora.r}, alpha {lora.lora_alpha:g}, on {lora.target_modules}); "
+            "this folder holds it merged into the student's base, and the adapter alone (peft) in `adapter/`.")
 
 
 def method_label(recipe: Recipe, lam: float) -> str:
@@ -149,9 +159,12 @@ def experts_table(recipe: Recipe) -> list[str]:
     lines = ["| expert | method | reward scale (lam) | teacher | reference | prompts |", "|---|---|---:|---|---|---|"]
     for e in recipe.experts:
         lam = recipe.scale_of(e)
-        reference = "the student's initial weights" if e.reference == STUDENT else f"`{e.reference}`"
+        reference = {STUDENT: "the student's initial weights",
+                     TEACHER_BASE: "the teacher's base (adapters off)"}.get(e.reference, f"`{e.reference}`")
         prompts = e.prompts.dataset if isinstance(e.prompts, DatasetSpec) else e.prompts
-        lines.append(f"| {e.name} | {method_label(recipe, lam)} | {lam:g} | `{e.teacher}` | {reference} | `{prompts}` |")
+        teacher = f"`{e.teacher}`" if isinstance(e.teacher, str) or e.teacher is None else \
+            f"`{e.teacher.base}` + adapter `{e.teacher.adapter}`"
+        lines.append(f"| {e.name} | {method_label(recipe, lam)} | {lam:g} | {teacher} | {reference} | `{prompts}` |")
     return lines
 
 

@@ -29,7 +29,7 @@ from merge_distill import objective
 
 if TYPE_CHECKING:
     from merge_distill.batch import Batch
-    from merge_distill.recipe import Expert, Recipe
+    from merge_distill.recipe import Expert, ModelRef, Recipe
 
 Tensor = torch.Tensor
 ENTRY_POINT_GROUP = "merge_distill.methods"
@@ -111,9 +111,10 @@ class Method:
                 if not e.teacher:
                     raise ValueError(f"experts.{i} ({e.name}): teacher is required for method {self.name}")
 
-    def frozen_models(self, recipe: Recipe, expert: Expert) -> dict[str, str]:
-        """Role ('teacher', 'reference') -> model path of every frozen model that scores `expert`'s rows (the keys
-        of `scores`). A reference equal to `student` (its initial weights) is named so and not loaded again."""
+    def frozen_models(self, recipe: Recipe, expert: Expert) -> dict[str, ModelRef]:
+        """Role ('teacher', 'reference') -> the model (a path, or a base with an adapter) of every frozen model that
+        scores `expert`'s rows (the keys of `scores`). A reference `student` (its initial weights) or `teacher_base`
+        is named so; the trainer resolves it (`Recipe.frozen_ref`) and does not load it again."""
         return {"teacher": expert.teacher} if self.needs_teachers else {}
 
     def targets(self, batch: Batch, scores: dict[str, Tensor], cfg: Recipe) -> tuple[Any, dict]:
