@@ -157,7 +157,7 @@ def make_sampler(recipe: Recipe, student: torch.nn.Module, *, device: str | None
     if max_model_len is None:
         raise ValueError("backend.rollout vllm: make_sampler needs max_model_len (longest prompt + max_new_tokens)")
     b, lora = recipe.backend, recipe.student.lora
-    engine, adapter = (LoRAVLLMSampler, {"lora": lora}) if lora else (VLLMSampler, {})  # a LoRA student syncs its adapter
+    engine, adapter = (LoRAVLLMSampler, {"lora": lora}) if lora else (VLLMSampler, {})  # LoRA: the adapter syncs
     return engine(recipe.student.path, student, max_model_len=max_model_len, device=device or recipe.device,
                   dtype=recipe.dtype, seed=recipe.seed, sleep_level=b.sleep_level,
                   gpu_memory_utilization=b.gpu_memory_utilization, max_num_seqs=b.max_num_seqs,

