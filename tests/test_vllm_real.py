@@ -315,20 +315,31 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_lora_student_trains_through_vllm_with_the_sync_guard_at_every_step(tiny, tiny_world, tmp_path, write_recipe):
+@pytest.mark.slow
+def test_a_lora_student_trains_through_vllm_and_two_fsdp_ranks_train_what_one_process_does(tiny, tiny_world, tmp_path,
+                                                                                         write_recipe):
     """`student: {path, lora}` with `backend.rollout: vllm`: the run's engine is a LoRA engine over the student's base,
     every step's probe passes the sync guard (the adapter the engine samples with is the trainer's after each update),
-    and only the adapter trains (its final/adapter is a peft folder)."""
+    and the final folder holds the adapter. On two fsdp ranks (each engine taking the adapter gathered from the
+    shards) the metrics are one process's."""
     import yaml
 
-    path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run", steps=2, prompts_per_step=4,
+    from launch import torchrun
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "one", steps=2, prompts_per_step=4,
                         max_new_tokens=8)
     recipe = yaml.safe_load(path.read_text())
     recipe["student"] = {"path": str(tiny[0]), "lora": LORA}
     recipe["backend"] = {"rollout": "vllm", "check_sync_every": 1}
     path.write_text(yaml.safe_dump(recipe))
-    done = _cli(["run", str(path), "--no-eval"])
-    rows = metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == [1, 2] and all(r["sync_gap"] < TOLERANCE for r in rows)
-    assert (tmp_path / "run" / "final" / "adapter" / "adapter_config.json").is_file()
-    assert "Traceback" not in done.stderr
+    outputs = [_cli(["run", str(path), "--no-eval"]),
+               torchrun("run", str(path), "--no-eval", "--set", f"output_dir={tmp_path / 'two'}", "--set",
+                        "parallel=fsdp", timeout=300)]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [1, 2] and [r["step"] for r in two] == [1, 2]
+    assert all(r["sync_gap"] < TOLERANCE for r in one + two)
+    for a, b in zip(one, two):
+        for key in ("math/reward", "code/reward", "response_length", "loss"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    assert (tmp_path / "one" / "final" / "adapter" / "adapter_config.json").is_file()
+    assert not any("Traceback" in o.stderr for o in outputs)
