@@ -475,9 +475,9 @@ class LoRAVLLMSampler(VLLMSampler):
     vLLM refuses, when the first request loads it, an adapter its LoRA layers cannot take (e.g. DoRA, biases)."""
 
     def __init__(self, path: str, student: torch.nn.Module, *, lora: Lora, **kwargs):
-        self._folders = Path(tempfile.mkdtemp(prefix="merge-distill-adapter-"))
         self._base_lost = False  # a level-2 sleep discarded the engine's base weights
         super().__init__(path, student, **lora_engine_args(lora), **kwargs)
+        self._folders = Path(tempfile.mkdtemp(prefix="merge-distill-adapter-"))  # each version's folder; `close` ends it
         self._stale = True  # the engine has the base alone: the first wake loads the adapter
 
     def close(self) -> None:
