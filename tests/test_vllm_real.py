@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -183,7 +184,8 @@ def lora_student(tiny):
                 p.copy_(0.3 * torch.randn(p.shape, generator=generator))
     sampler = vb.LoRAVLLMSampler(str(folder), student.train(), lora=Lora(**LORA), max_model_len=160, device="cpu",
                                  dtype="float32", seed=0)
-    return student, peft_model, sampler
+    yield student, peft_model, sampler
+    shutil.rmtree(sampler._folders)  # its adapter folders (`close` would remove them with the engine)
 
 
 def _base_gap(sampler, student, peft_model, tok) -> float:
