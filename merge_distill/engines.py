@@ -145,21 +145,23 @@ def make_sampler(recipe: Recipe, student: torch.nn.Module, *, device: str | None
     """The student's rollout engine per `recipe.backend.rollout`, on `device` (this rank's; default the recipe's).
     The trainer calls `sample(..., seeds=...)` with one seed per row (`merge_distill.sampling.row_seeds`) and
     `sync_weights(student)` after every update. `wrapped`: the trainer's data-parallel module around `student`.
-    vLLM needs `max_model_len`: the most prompt + response tokens one request of the run takes."""
+    vLLM needs `max_model_len`: the most prompt + response tokens one request of the run takes; for a LoRA student
+    (`student.lora`) its engine holds the base and runs the student's adapter (`backends.vllm.LoRAVLLMSampler`)."""
     if recipe.backend.rollout == "transformers":
         return _within_budget(recipe, TransformersSampler(student, wrapped=wrapped))
     if recipe.backend.rollout == "paged":  # in the trainer's autocast, as the padded one
         return PagedSampler(student, max_cache_tokens=recipe.budget.max_rollout_tokens)
-    from merge_distill.backends.vllm import VLLMSampler, import_vllm
+    from merge_distill.backends.vllm import LoRAVLLMSampler, VLLMSampler, import_vllm
 
     import_vllm()  # the missing extra first
     if max_model_len is None:
         raise ValueError("backend.rollout vllm: make_sampler needs max_model_len (longest prompt + max_new_tokens)")
-    b = recipe.backend
-    return VLLMSampler(recipe.student.path, student, max_model_len=max_model_len, device=device or recipe.device,
-                       dtype=recipe.dtype, seed=recipe.seed, sleep_level=b.sleep_level,
-                       gpu_memory_utilization=b.gpu_memory_utilization, max_num_seqs=b.max_num_seqs,
-                       max_num_batched_tokens=b.max_num_batched_tokens, batch_invariant=b.batch_invariant)
+    b, lora = recipe.backend, recipe.student.lora
+    engine, adapter = (LoRAVLLMSampler, {"lora": lora}) if lora else (VLLMSampler, {})  # LoRA: the adapter syncs
+    return engine(recipe.student.path, student, max_model_len=max_model_len, device=device or recipe.device,
+                  dtype=recipe.dtype, seed=recipe.seed, sleep_level=b.sleep_level,
+                  gpu_memory_utilization=b.gpu_memory_utilization, max_num_seqs=b.max_num_seqs,
+                  max_num_batched_tokens=b.max_num_batched_tokens, batch_invariant=b.batch_invariant, **adapter)
 
 
 def frozen_sampler(recipe: Recipe, model: torch.nn.Module) -> Sampler:

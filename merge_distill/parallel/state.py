@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -24,14 +26,17 @@ from torch.distributed.checkpoint.stateful import Stateful
 from merge_distill import distributed
 
 
-def full_tensors(model: torch.nn.Module, *, dtype: torch.dtype | None = None, device=None):
-    """(name, whole tensor) of each of the model's weights, one at a time, e.g. to stream them into a rollout
-    engine: nothing is gathered or copied before it is asked for, so at most the tensors the consumer still
-    holds exist besides the model. Each is first cast to `dtype` (floating point ones; under fsdp the shard, so
-    the gather moves that dtype's bytes) and moved to `device` (shards offloaded to the host are gathered on the
-    GPU). Under fsdp each is gathered (`full_tensor()`) as it is consumed, so every rank must consume all of
-    them, in order."""
+def full_tensors(model: torch.nn.Module, *, dtype: torch.dtype | None = None, device=None,
+                 names: Container[str] | None = None):
+    """(name, whole tensor) of each of the model's weights (of those in `names`, when given), one at a time, e.g.
+    to stream them into a rollout engine: nothing is gathered or copied before it is asked for, so at most the
+    tensors the consumer still holds exist besides the model. Each is first cast to `dtype` (floating point ones;
+    under fsdp the shard, so the gather moves that dtype's bytes) and moved to `device` (shards offloaded to the
+    host are gathered on the GPU). Under fsdp each is gathered (`full_tensor()`) as it is consumed, so every rank
+    must consume all of them, in order."""
     for name, tensor in model.state_dict().items():
+        if names is not None and name not in names:
+            continue
         tensor = tensor.detach()
         if (dtype is not None and tensor.is_floating_point()) or device is not None:
             tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
