@@ -3,21 +3,29 @@
 Bytes per device; P = student parameters; s = shards (the GPU count under `fsdp`, else 1); c = bytes of the
 recipe's dtype; rows = the rank's share of a step; T = longest prompt + max_new_tokens (every response is
 assumed to run to max_new_tokens). The phases of a step do not coexist; the peak is the largest of:
+(A: a LoRA student's adapter parameters, `shapes.Adapter`: r x (in + out) of each linear it wraps; what it
+changes is said at each phase below.)
 
 - start-up (cuda): the student read whole in float32 on each rank before it is sharded (`meta_init`: each
   rank's share); with `shard_frozen`, the largest frozen model whole beside its shard at its first scoring.
 - every phase: on cuda the CUDA context and, with several GPUs, NCCL's buffers (`CUDA_CONTEXT`, `nccl_bytes`;
   figures from PyTorch's and NCCL's issues, not measured: no GPU has checked them yet); student weights 4P/s
-  (float32 master) and AdamW m, v 8P/s; each frozen model the method loads
-  (`Method.frozen_models`; a reference that is the student's initial weights is one more copy) in c bytes
-  (offloaded: the largest, while it scores; on another device: none; `shard_frozen`: over the GPUs); each vLLM engine
+  (float32 master) and AdamW m, v 8P/s (LoRA: the base 4P/s frozen in float32, the adapter 4A/s and AdamW 8A/s);
+  each frozen model the method loads, once per path as `frozen.ModelCache` loads it (`Method.frozen_models`; a
+  reference that is a full student's initial weights is one more copy) in c bytes (offloaded: the largest, with
+  its adapters, while it scores; on another device: none; `shard_frozen`: over the GPUs); adapter experts
+  (`teacher: {base, adapter}`) of one base share one copy of it, each adapter beside it in float32 (peft loads
+  adapters so); the LoRA student's own base serves its reference and the adapter experts of that base (its
+  adapters loaded into the student: `frozen.ModelCache.host`), which then cost their adapters alone (not under
+  fsdp over several ranks, where `build.load_student` hosts nothing yet: `student_hosts`); each vLLM engine
   `gpu_memory_utilization` x the device (asleep after sampling: its CUDA graphs, `VLLM_OUTSIDE_POOL`, stay);
   on CPU the process's baseline (Python, torch, tokenizer), and a frozen model stored in the recipe's dtype is
   memory-mapped: its untied embedding resident only at the rows the run looks up (`mapped_embedding_bytes`).
-- sample: gradients 4P/s (kept from the last update until the next zero_grad); the KV cache of one sampling
+- sample: gradients 4P/s (LoRA: 4A/s; kept from the last update until the next zero_grad); the KV cache of one sampling
   call, rows (or `max_rollout_tokens` // T) x T x layers x kv_heads x head_dim x (K + V bytes; under autocast
   K is float32: the q/k norms and RoPE promote it); the step's logits; the autocast copies of the linear
-  weights (ddp below float32; the cache fills in no-grad forwards too) or every module unsharded (fsdp).
+  weights (ddp below float32; the cache fills in no-grad forwards too; it caches only weights that train, so a
+  LoRA student's frozen base is cast a layer at a time) or every module unsharded (fsdp).
 - score: gradients; one forward without grad over the rows scored at once (an expert's rows, all rows for
   pi_old when vLLM sampled; at most `max_tokens_per_micro_batch` // T): a layer's working set, the mask, the
   response hidden states, a chunk of logits (`fused.CHUNK_ELEMENTS`).
@@ -26,11 +34,15 @@ assumed to run to max_new_tokens). The phases of a step do not coexist; the peak
   each layer's input, 4 x hidden under autocast, c x hidden under fsdp, and one layer recomputed), the head's
   logit chunk and float32 weight gradient, autocast copies (one layer's when checkpointed) or, under fsdp, two
   layers and the root unsharded with their float32 gradients; gradients only when several micro-batches
-  accumulate (zero_grad drops them first).
+  accumulate (zero_grad drops them first). A LoRA student's layers save what `lora_layer_bytes` says (calibrated
+  exactly too), its frozen head has no weight gradient, its frozen base's autocast copies are saved for the
+  backward instead of cached (the same bytes), under fsdp only the adapter has gradients; on CPU the outputs
+  peft's forward frees between saved tensors stay in the heap (`CPU_LORA_SLACK`, measured).
 - backward end: gradients and the embedding's dense float32 gradient beside the head's (tied: autograd sums
-  the two into a third before accumulating).
-- all-reduce (ddp, gpus > 1): DDP's gradient buckets, a flat float32 copy of every gradient.
-- save (cpu): the safetensors serialisation of the weights (a bytes copy, 4P).
+  the two into a third before accumulating); LoRA: gradients alone.
+- all-reduce (ddp, gpus > 1): DDP's gradient buckets, a flat float32 copy of every gradient (4P; LoRA 4A).
+- save (cpu): the safetensors serialisation of the weights (a bytes copy, 4P); a LoRA student's checkpoints
+  hold its adapter, its final/ the merged model in `export_dtype` (and its cast copy below float32).
 
 On CUDA the peak is the device memory the process holds: what torch allocates (`max_memory_allocated`), a
 fragmentation margin of `FRAGMENTATION` x the largest phase's allocations on every phase, the CUDA context,
@@ -50,12 +62,15 @@ from pathlib import Path
 
 from merge_distill.errors import UserError
 from merge_distill.fused import CHUNK_ELEMENTS, CHUNK_ELEMENTS_CUDA
-from merge_distill.shapes import Shape, model_shapes
+from merge_distill.recipe import AdapterModel
+from merge_distill.shapes import FOUR_NORMS, QK_NORM, Adapter, Shape, model_shapes
 
 GiB = 2**30
 CPU_BASELINE = 350 * 2**20  # Python, torch, transformers, a model class and the trainer, imported (measured)
 CPU_PER_VOCAB = 360         # a loaded fast tokenizer, bytes per vocabulary entry (measured: 52 MiB at 151,936)
 CPU_HEAP_SLACK = 0.2        # x the activations: resident after a forward is 1.06-1.33x the saved tensors
+CPU_LORA_SLACK = 1.5        # x a LoRA student's wrapped linears' float32 outputs over its layers: what peft's
+                            # forward frees between the saved tensors (base output, B's, scaled) stays resident
 FAULT_AROUND = 64 * 2**10   # Linux's fault_around_bytes: a read of a memory-mapped file maps this much around it
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -154,20 +169,38 @@ def layer_bytes(m: Shape, c: int, width: int, stream: int) -> int:
     return m.layer_bytes(c, width) - (4 - stream) * 5 * m.hidden
 
 
+def lora_layer_bytes(m: Shape, c: int, width: int, stream: int, layer_ranks: int) -> int:
+    """`layer_bytes` of a LoRA student's decoder layer: its base frozen, an adapter on every linear ('all-linear';
+    `layer_ranks`: the sum of r over the layer's wrapped linears). A frozen norm weight's product saves not its
+    normalised input (the two norms' in `stream` bytes, Qwen3's q/k norms' in c); each adapter saves its A's
+    output (r, in c bytes); under autocast (c < 4, a float32 stream) peft casts o_proj's c-byte input to the
+    adapter's float32 and autocast back, a copy its A saves (q in c bytes). Exact on transformers 5.24's Qwen3 and
+    Llama layers with peft 0.21 in float32, under autocast and in pure c bytes (tests/test_plan.py)."""
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    norms = (4 if m.model_type in FOUR_NORMS else 2) * stream * m.hidden
+    qk_norms = c * (q + kv) if m.model_type in QK_NORM else 0
+    recast = c * q if c < 4 and stream == 4 else 0
+    return layer_bytes(m, c, width, stream) - norms - qk_norms + recast + c * layer_ranks
+
+
 def update_bytes(m: Shape, c: int, rows: int, width: int, response: int, ckpt: bool, chunk: int,
-                 stream: int = 4) -> tuple[int, int]:
+                 stream: int = 4, lora: Adapter | None = None) -> tuple[int, int]:
     """(activations, output head) of one micro-batch's forward and backward. Activations: every layer's saved
-    tensors (`layer_bytes`; checkpointed, each layer's input in `stream` bytes and one layer recomputed), the
-    final norm and RoPE tables, the bool mask, the response hidden states kept for the head, and the backward's
-    gradient temporaries. `stream`: bytes of the residual stream (4, or c under fsdp: `layer_bytes`). Head: its
-    float32 weight gradient, a chunk of logits, and with c < 4 the weight's c-byte cast and the chunk gradient's
-    product before its float32 copy."""
+    tensors (`layer_bytes`, or a LoRA student's `lora_layer_bytes`; checkpointed, each layer's input in `stream`
+    bytes and one layer recomputed), the final norm and RoPE tables, the bool mask, the response hidden states
+    kept for the head, and the backward's gradient temporaries. `stream`: bytes of the residual stream (4, or c
+    under fsdp: `layer_bytes`). Head: its float32 weight gradient, a chunk of logits, and with c < 4 the
+    weight's c-byte cast and the chunk gradient's product before its float32 copy; a LoRA student's head is
+    frozen: a chunk of logits and the weight's cast, no gradient."""
     tokens, pad = rows * width, width if rows > 1 else 0
-    one = layer_bytes(m, c, pad, stream)
+    one = (layer_bytes(m, c, pad, stream) if lora is None
+           else lora_layer_bytes(m, c, pad, stream, lora.layer_ranks))
     layers = m.layers * stream * m.hidden + one if ckpt else m.layers * one
     per_token = layers + 16 * m.hidden + 8 * m.head_dim + 12 + 2 * c * m.intermediate
     act = tokens * per_token + rows * response * stream * m.hidden + rows * pad * pad
     vh, n = m.vocab * m.hidden, min(rows * response, max(1, chunk // m.vocab)) * m.vocab
+    if lora is not None:  # no weight gradient: the forward's chunk (and the weight's cast) is the most
+        return act, 8 * n if c == 4 else c * vh + (8 + c) * n
     if c == 4:  # forward: logits and logsumexp's temporary; backward: the weight gradient and one chunk
         return act, max(8 * n, 4 * vh + 4 * n)
     # + the weight's cast; backward: the product dz^T h in c bytes and its float32 copy beside the gradient
@@ -190,6 +223,25 @@ def mapped_embedding_bytes(m: Shape, c: int, lookups: int) -> int:
     total = m.vocab * m.hidden * c
     windows = max(1, total // FAULT_AROUND)
     return int(min(total, total * (1 - (1 - 1 / windows) ** lookups)))
+
+
+def frozen_bytes(m: Shape, folder: str, dtype: str, device: str, lookups: int) -> tuple[str, int]:
+    """(label suffix, bytes) of a model held frozen in `dtype`: whole; on CPU, where its files are already in that
+    dtype, transformers memory-maps them and an untied input embedding is resident only where rows were looked
+    up (`lookups`, at most every token of the run's rows: `mapped_embedding_bytes`)."""
+    c = BYTES[dtype]
+    if device != "cpu" or m.tied or stored_dtype(folder) != dtype:
+        return "", m.params() * c
+    embedding = m.vocab * m.hidden * c
+    return (", memory-mapped: its embedding's rows as read",
+            m.params() * c - embedding + mapped_embedding_bytes(m, c, lookups))
+
+
+def student_hosts(recipe, parallel: str, gpus: int) -> bool:
+    """Whether the LoRA student's base serves the frozen models of that base (its reference, adapter teachers of
+    it) with no frozen copy, as `build.load_student` hosts it: one process or ddp; not under fsdp over several
+    ranks (its host is None there)."""
+    return recipe.student.lora is not None and not (parallel == "fsdp" and gpus > 1)
 
 
 def nccl_bytes(communicators: int = NCCL_COMMUNICATORS) -> int:
@@ -223,12 +275,18 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     if not trains(recipe):
         raise UserError(f"method {recipe.method.name} combines weights without training: no training memory to plan")
     notes: list[str] = []
-    m, frozen = model_shapes(recipe, assume_config, notes)
+    lora = recipe.student.lora
+    hosts = student_hosts(recipe, parallel, gpus)
+    m, frozen = model_shapes(recipe, assume_config, notes, student_hosts=hosts)
     cfg, budget = recipe.rollout, recipe.budget
     c, chunk = BYTES[recipe.dtype], CHUNK_ELEMENTS_CUDA if device == "cuda" else CHUNK_ELEMENTS
     P, width, new = m.params(), prompt_tokens + cfg.max_new_tokens, cfg.max_new_tokens
+    adapter = Adapter.of(m, lora.r, lora.target_modules) if lora else None
+    T = adapter.params if lora else P  # parameters that train: a LoRA student's adapter alone
+    S = P + T if lora else P  # the student's parameters (a LoRA student's: its base's and its adapter's)
     s = gpus if parallel == "fsdp" else 1  # shards of the student's weights, gradients and optimizer state
     rows = math.ceil(cfg.prompts_per_step / gpus) * cfg.rollouts_per_prompt
+    lookups = recipe.schedule.steps * rows * width  # token ids the run's embeddings look up, at most
     comp: dict[str, int] = {}
     outside_allocator: set[str] = set()  # what the fragmentation margin is not a fraction of
 
@@ -252,6 +310,12 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
                              "here)", nccl_bytes(), allocator=False))
     if parallel == "fsdp" and recipe.placement.offload_optimizer and device != "cpu":  # shards on the host
         student, grads = [], add("gradients (fp32): on the host (offload_optimizer)", 0)
+    elif lora:  # the base frozen in float32 (memory-mapped on CPU like a frozen model), the adapter trains
+        label, base = frozen_bytes(m, recipe.student.path, "float32", device, lookups)
+        student = [add(f"student base weights (fp32, frozen{label})", base / s),
+                   add(f"LoRA adapter (fp32 master; r {lora.r}, {T:,} parameters)", 4 * T / s),
+                   add("AdamW m + v (fp32)", 8 * T / s)]
+        grads = add("gradients (fp32)", 4 * T / s)
     else:
         student = [add("student weights (fp32 master)", 4 * P / s), add("AdamW m + v (fp32)", 8 * P / s)]
         grads = add("gradients (fp32)", 4 * P / s)
@@ -270,30 +334,34 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     resident = fixed + student + engine_all
     here = (recipe.placement.frozen_device or device).split(":")[0] == device or device == "cpu"
     shards = gpus if recipe.placement.shard_frozen else 1  # each frozen model sharded over the ranks
-    per_frozen = {label: sh.params() * c / shards for label, sh in frozen.values()} if here else {}
-    if device == "cpu":  # transformers memory-maps a checkpoint already in the recipe's dtype: an untied input
-        # embedding is resident only where rows were looked up (at most every token of the run's rows)
-        for folder, (label, sh) in frozen.items():
-            if not sh.tied and stored_dtype(folder) == recipe.dtype:
-                embedding = sh.vocab * sh.hidden * c
-                del per_frozen[label]
-                label += ", memory-mapped: its embedding's rows as read"
-                per_frozen[label] = (sh.params() * c - embedding
-                                     + mapped_embedding_bytes(sh, c, recipe.schedule.steps * rows * width))
-    visiting, frozen_resident = [], []
-    if recipe.placement.offload and device != "cpu" and per_frozen:
-        visiting = [add("frozen model visiting from the host (offload)", max(per_frozen.values()))]
-    elif per_frozen:
-        frozen_resident = [add(f"frozen {label} ({recipe.dtype})", b) for label, b in per_frozen.items()]
+    copies_of = [f for f in frozen.values() if not f.hosted]  # frozen copies of their own (hosted: the student's)
+    adapter_bases = [e.teacher.base for e in recipe.experts if isinstance(e.teacher, AdapterModel)]
+    if shards > 1 and adapter_bases:  # as `frozen.ModelCache.hosts_adapters_of` refuses them
+        raise UserError(f"placement.shard_frozen: adapter experts of base '{adapter_bases[0]}' cannot be scored "
+                        "sharded over the ranks yet: load them whole")
+    groups = []  # each frozen copy with the adapters loaded into it: {component: bytes}, visiting together
+    for f in copies_of if here else []:  # the recipe's dtype, adapters float32 (peft loads them so)
+        label, base = frozen_bytes(f.shape, f.path, recipe.dtype, device, lookups)
+        groups.append({f"frozen {f.label}{label} ({recipe.dtype})": base / shards}
+                      | {f"frozen adapter of {name} (fp32)": 4 * a.params for name, a in f.adapters.values()})
+    # the LoRA student's base serves these with its own weights, wherever the frozen models are placed
+    in_student = {f"frozen adapter of {name} (fp32, loaded into the student)": 4 * a.params
+                  for f in frozen.values() if f.hosted for name, a in f.adapters.values()}
+    visiting, frozen_resident = [], [add(label, b) for label, b in in_student.items()]
+    if recipe.placement.offload and device != "cpu" and groups:
+        visiting = [add("frozen model visiting from the host (offload)", max(sum(g.values()) for g in groups))]
+    else:
+        frozen_resident += [add(label, b) for g in groups for label, b in g.items()]
     resident += frozen_resident
     autocast, copies = c < 4 and parallel == "ddp", m.layers * m.layer_linear_params() * c
     phases: dict[str, list[str]] = {}
 
     if device == "cuda":  # models are read whole on each rank, then sharded (meta_init: each rank its share)
         share = " (meta device: this rank's share)" if meta_init else " before sharding"
-        phases["start-up"] = fixed + [add(f"start-up: the student (fp32){share}", 4 * P / (s if meta_init else 1))]
-        if frozen_resident and shards > 1:  # a frozen model loads whole at its first scoring, then shards
-            whole = max(sh.params() for _, sh in frozen.values()) * c
+        phases["start-up"] = fixed + [add(f"start-up: the student (fp32){share}",
+                                          4 * S / (s if meta_init else 1))]
+        if groups and not visiting and shards > 1:  # a frozen model loads whole at its first scoring, then shards
+            whole = max(f.shape.params() for f in copies_of) * c
             phases["frozen model loading"] = (fixed + student[:1] + engine_all + engine_asleep + frozen_resident + [
                 add(f"start-up: the largest frozen model ({recipe.dtype}){share}, beside its shard",
                     whole / shards if meta_init else whole * (1 - 1 / shards))])
@@ -314,15 +382,18 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
         kv = n * width * m.layers * m.kv_heads * m.head_dim * ((4 if autocast else c) + c)
         sample += [add(f"KV cache ({_rows(n, width)})", kv), add("sampling logits and prefill",
                    n * m.vocab * 16 + scoring_bytes(m, c, n, prompt_tokens, 1, chunk))]
-        if autocast or parallel == "fsdp":
+        if autocast and lora:  # autocast caches casts of weights that train: a frozen base's are cast per use
+            sample.append(add(f"{recipe.dtype} autocast copies of one layer (frozen base: not cached)",
+                              copies / m.layers))
+        elif autocast or parallel == "fsdp":
             sample.append(add(f"{recipe.dtype} autocast copies of the weights", copies) if autocast
-                          else add(f"fsdp: every module unsharded ({recipe.dtype})", P * c))
+                          else add(f"fsdp: every module unsharded ({recipe.dtype})", S * c))
     phases["sample"] = resident + sample
     resident += engine_asleep  # from here on the engine sleeps: what it keeps outside its pool
 
     share = max(e.weight for e in recipe.experts) / sum(e.weight for e in recipe.experts)
     n = min(rows if vllm_rollout else math.ceil(rows * share), rows_within(budget.max_tokens_per_micro_batch))
-    scorers = [sh for _, sh in frozen.values()] * bool(per_frozen) + [m] * vllm_rollout  # pi_old: the student
+    scorers = [f.shape for f in frozen.values() if f.hosted or here] + [m] * vllm_rollout  # pi_old: the student
     score = [add(f"scoring working set ({_rows(n, width)})",
                  max(scoring_bytes(sh, c, n, width, new, chunk) for sh in scorers))] if scorers else []
     phases["score"] = resident + [grads] + visiting + score
@@ -330,25 +401,33 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
     mb = min(budget.micro_batch_size or rows, rows_within(budget.max_tokens_per_micro_batch), rows)
     ckpt = budget.gradient_checkpointing
     stream = c if parallel == "fsdp" else 4  # fsdp computes in the recipe's dtype throughout, autocast does not
-    act, head = update_bytes(m, c, mb, width, new, ckpt, chunk, stream)
+    act, head = update_bytes(m, c, mb, width, new, ckpt, chunk, stream, adapter)
     update = [add(f"activations ({_rows(mb, width)}{', checkpointed' if ckpt else ''}"
                   f"{f', {recipe.dtype} residual stream' if stream < 4 else ''})", act),
               add("output head: logit chunk and gradient", head)] + [grads] * (mb < rows)
     if device == "cpu":  # glibc's heap keeps freed blocks; with several micro-batches (of other widths, which
-        # do not fit the freed blocks) also the previous one's (measured: benchmarks/memory_plan.py)
-        update.append(add("heap slack (glibc)", act * (CPU_HEAP_SLACK + (mb < rows))))
+        # do not fit the freed blocks) also the previous one's (measured: benchmarks/memory_plan.py); a LoRA
+        # student's adapters free a [tokens, out] float32 output or two per wrapped linear between saved tensors
+        freed = CPU_LORA_SLACK * mb * width * m.layers * adapter.layer_outputs * 4 if lora else 0
+        update.append(add("heap slack (glibc)", act * (CPU_HEAP_SLACK + (mb < rows)) + freed * (1 + (mb < rows))))
     if autocast:
         update.append(add(f"{recipe.dtype} autocast copies of one layer (recomputed)", copies / m.layers) if ckpt
                       else add(f"{recipe.dtype} autocast copies of the weights", copies))
-    elif parallel == "fsdp":
+    elif parallel == "fsdp":  # a LoRA student: its adapter's gradients alone
+        in_layer = T // m.layers if lora else 0  # one layer's adapter
+        unsharded = 2 * (m.layer_params() + in_layer) + m.root_params()
         update.append(add("fsdp: unsharded layers and root, their fp32 gradients",
-                          (2 * m.layer_params() + m.root_params()) * (c + 4)))
+                          unsharded * c + (2 * in_layer if lora else unsharded) * 4))
     phases["update"] = resident + visiting + update
-    phases["backward end"] = resident + visiting + [grads, add("embedding and head gradients, before accumulation",
-                                                                (8 if m.tied else 4) * m.vocab * m.hidden)]
+    phases["backward end"] = resident + visiting + [grads] + ([] if lora else [add(
+        "embedding and head gradients, before accumulation", (8 if m.tied else 4) * m.vocab * m.hidden)])
     if parallel == "ddp" and gpus > 1:
-        phases["all-reduce"] = resident + [grads, add("all-reduce buffer (flat fp32 gradients)", 4 * P)]
-    if device == "cpu" and checkpoints:
+        phases["all-reduce"] = resident + [grads, add("all-reduce buffer (flat fp32 gradients)", 4 * T)]
+    if device == "cpu" and checkpoints and lora:  # checkpoints hold the adapter; final/ the merged model, cast
+        e = BYTES[recipe.export_dtype or recipe.dtype]
+        phases["save"] = resident + [grads, add("final/: the merged model's serialisation (safetensors)",
+                                                P * e * (2 if e < 4 else 1))]
+    elif device == "cpu" and checkpoints:
         phases["save"] = resident + [grads, add("checkpoint serialisation (safetensors)", 4 * P)]
     if device == "cuda":  # the caching allocator's fragmentation, over what it allocates at its peak
         allocated = max(sum(comp[x] for x in names if x not in outside_allocator) for names in phases.values())
@@ -357,6 +436,16 @@ def plan(recipe, *, gpus: int = 1, gpu_memory_bytes: int, device: str | None = N
         phases = {phase: names + [margin] for phase, names in phases.items()}
 
     result = Plan(device, parallel, gpus, int(gpu_memory_bytes), comp, phases, notes=notes)
+    if lora:
+        result.notes.append(f"LoRA student: its base's {P:,} parameters frozen in float32, an adapter of {T:,} "
+                            f"(r {lora.r} on {lora.target_modules}) trains: gradients and AdamW state for those alone")
+    for f in frozen.values():
+        if f.hosted:
+            result.notes.append(f"{', '.join(f.serves)}: the LoRA student's own base (adapters switched on and off), "
+                                "no frozen copy")
+        elif lora and Path(f.path).resolve() == Path(recipe.student.path).resolve():
+            result.notes.append(f"{', '.join(f.serves)}: one frozen copy of the student's base (under fsdp over "
+                                "several ranks the LoRA student serves no frozen model yet: build.load_student)")
     if not here:
         result.notes.append(f"frozen models on {recipe.placement.frozen_device}: not counted on {device}")
     if vllm_rollout:
@@ -405,7 +494,8 @@ def suggestions(recipe, options: dict, rows: int, width: int) -> list[str]:
              "parallel=fsdp": (recipe.parallel == "ddp" and options["gpus"] > 1, "recipe", {"parallel": "fsdp"}),
              "placement.shard_frozen=true": (
                  not recipe.placement.shard_frozen and options["gpus"] > 1 and method_of(recipe).frozen_shardable
-                 and not recipe.placement.offload, "placement",
+                 and not recipe.placement.offload and not any(isinstance(e.teacher, AdapterModel)
+                                                              for e in recipe.experts), "placement",
                  {"shard_frozen": True}),
              "parallel=fsdp + placement.offload_optimizer=true": (
                  not recipe.placement.offload_optimizer and options["gpus"] > 1 and (options["device"] or recipe.device)

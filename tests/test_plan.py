@@ -147,13 +147,20 @@ def test_shipped_qwen3_configs():
 # ------------------------------------------------------------------------------------------ activations
 
 
-def _saved_bytes(config, rows: int, width: int, pad: int, dtype, pure: bool = False) -> int:
+def _saved_bytes(config, rows: int, width: int, pad: int, dtype, pure: bool = False, lora: int = 0) -> int:
     """Bytes of the tensors autograd saves in a forward (parameters and autocast's weight copies excluded);
-    `pure`: the model itself in dtype, no autocast (fsdp's MixedPrecisionPolicy computes so)."""
+    `pure`: the model itself in dtype, no autocast (fsdp's MixedPrecisionPolicy computes so); `lora`: r of a
+    peft adapter on every linear, the base frozen (a LoRA student)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).train()
+    if lora:
+        import peft
+
+        model.requires_grad_(False)
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=lora, target_modules="all-linear"))
+        model = model.get_base_model().train()
     if pure:
         model, dtype = model.to(dtype), torch.float32  # float32: no autocast below
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -208,6 +215,27 @@ def test_fsdp_layer_bytes_match_the_saved_tensors_in_bf16(name, hidden, heads, r
     shape = Shape.from_config(configs[0].to_dict())
     assert two - one == rows * width * layer_bytes(shape, 2, width if pad else 0, stream=2)
     assert layer_bytes(shape, 2, 0, stream=2) == shape.layer_bytes(2) - 10 * hidden  # 5 tensors x 2 bytes fewer
+
+
+@pytest.mark.parametrize("name", ["Qwen3Config", "LlamaConfig"])
+@pytest.mark.parametrize("dtype,pure", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("rows,pad", [(1, 0), (2, 5)])
+@pytest.mark.parametrize("r", [4, 8])
+def test_lora_layer_bytes_match_the_saved_tensors(name, dtype, pure, rows, pad, r):
+    """A LoRA student's decoder layer (base frozen, r on all-linear): in float32, under autocast and in pure bf16
+    (fsdp), `plan.lora_layer_bytes` is exactly what autograd saves per token."""
+    import transformers
+
+    from merge_distill.plan import lora_layer_bytes
+
+    width = 37
+    configs = [getattr(transformers, name)(vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=n,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16) for n in (1, 2)]
+    one, two = (_saved_bytes(c, rows, width, pad, dtype, pure=pure, lora=r) for c in configs)
+    shape = Shape.from_config(configs[0].to_dict())
+    c = 4 if dtype == torch.float32 else 2
+    stream = c if pure else 4
+    assert two - one == rows * width * lora_layer_bytes(shape, c, width if pad else 0, stream, 7 * r)
 
 
 def test_qwen3_4b_layer_bytes_match_design_md():
@@ -452,3 +480,202 @@ def test_validate_shows_the_verdict(tiny_world, tmp_path, write_recipe):
     assert result.exit_code == 0, result.output
     line = next(x for x in result.stdout.splitlines() if x.startswith("memory plan"))
     assert VERDICT.search(line) and line.endswith(": fits")
+
+
+# ------------------------------------------------------------------------- LoRA students, adapter experts
+
+
+TINY2 = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("targets,by_hand", [
+    # per layer: q 4 x (64 + 64), k and v 4 x (64 + 32), o 4 x (64 + 64), gate, up, down 4 x (64 + 96); 2 layers
+    ("all-linear", 2 * (512 + 384 + 384 + 512 + 3 * 640)),
+    (["q_proj", "v_proj"], 2 * (512 + 384)),
+    (r".*\.mlp\..*_proj", 2 * 3 * 640),
+    (["down_proj", "lm_head"], 2 * 640 + 4 * (64 + 320)),  # the head only when named
+])
+def test_lora_parameter_count_by_hand(targets, by_hand):
+    """A 2-layer tiny Qwen3 (hidden 64, q 64, k and v 32, intermediate 96) with r 4: counted by hand, and as peft
+    counts the adapter it injects."""
+    import peft
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from merge_distill.shapes import lora_params
+
+    config = Qwen3Config(**TINY2)
+    assert lora_params(Shape.from_config(config.to_dict()), 4, targets) == by_hand
+    model = peft.get_peft_model(AutoModelForCausalLM.from_config(config),
+                                peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=targets))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == by_hand
+
+
+def test_adapter_folder_counts(tmp_path):
+    """An adapter folder: its safetensors header's tensors (rank_pattern: q_proj at r 8, what its config's r
+    alone would miss), else its config's r and target_modules (peft saves all-linear resolved to full names);
+    missing, the LoRA student's spec, in a note; no adapter_config.json, one line."""
+    import peft
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from merge_distill.errors import UserError
+    from merge_distill.recipe import Lora
+    from merge_distill.shapes import read_adapter
+
+    config = Qwen3Config(**TINY2)
+    shape = Shape.from_config(config.to_dict())
+    model = peft.get_peft_model(AutoModelForCausalLM.from_config(config), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 8}))
+    model.save_pretrained(tmp_path / "adapter")
+    assert read_adapter(str(tmp_path / "adapter"), shape, what="x").params == 2 * (8 * 128 + 4 * 96) == 2816
+    (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
+    assert read_adapter(str(tmp_path / "adapter"), shape, what="x").params == 2 * (4 * 128 + 4 * 96)
+    peft.get_peft_model(AutoModelForCausalLM.from_config(config), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=2, target_modules="all-linear")).save_pretrained(tmp_path / "all")
+    (tmp_path / "all" / "adapter_model.safetensors").unlink()
+    assert read_adapter(str(tmp_path / "all"), shape, what="x").params == 2 * (512 + 384 + 384 + 512 + 3 * 640) // 2
+    notes = []
+    missing = read_adapter(str(tmp_path / "nowhere"), shape, what="x", assume=Lora(r=4, target_modules=["q_proj"]),
+                           notes=notes)
+    assert missing.params == 2 * 512 and notes == [f"{tmp_path / 'nowhere'} not found: planned as a LoRA adapter of "
+                                                   "r 4 on ['q_proj'] (the student's lora:)"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="experts.0.teacher: .*empty is not a peft adapter"):
+        read_adapter(str(tmp_path / "empty"), shape, what="experts.0.teacher")
+
+
+def _adapter(folder, r: int, targets: list[str]):
+    """An adapter folder as the plan reads it: adapter_config.json alone."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "target_modules": targets}))
+    return str(folder)
+
+
+@pytest.fixture
+def shared(tiny):
+    """The tiny recipe with a LoRA student (r 4, all-linear: 3 layers x 4 x (128 + 96 + 96 + 128 + 3 x 192) =
+    12,288 parameters), two experts, and adapter folders of r 8 on q_proj, v_proj (3 x 8 x (128 + 96) = 5,376)."""
+    path, shape = tiny
+    root = path.parent
+    data = yaml.safe_load(path.read_text())
+    data["student"] = {"path": data["student"], "lora": {"r": 4}}
+    data["experts"].append({**data["experts"][0], "name": "code"})
+    adapters = [_adapter(root / f"{name}-adapter", 8, ["q_proj", "v_proj"]) for name in ("math", "code")]
+    path.write_text(yaml.safe_dump(data))
+    return path, shape, adapters
+
+
+def _with(path, **experts) -> str:
+    """The recipe at `path` with these keys set on every expert (callables: of the expert's index), saved beside."""
+    data = yaml.safe_load(path.read_text())
+    for i, e in enumerate(data["experts"]):
+        e.update({k: v(i) if callable(v) else v for k, v in experts.items()})
+    out = path.parent / f"r{len(list(path.parent.glob('r*.yaml')))}.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return str(out)
+
+
+ADAPTER_PARAMS, STUDENT_ADAPTER_PARAMS = 5_376, 12_288
+
+
+def test_lora_student_components_by_hand(shared):
+    """A LoRA student: its base's P parameters frozen in float32, the adapter's 12,288 in float32 with gradients
+    and AdamW's two moments for those alone, the all-reduce over them; no embedding or head gradient."""
+    path, shape, _ = shared
+    P, A = shape.params(), STUDENT_ADAPTER_PARAMS
+    c = plan(load_recipe(path), gpus=2, gpu_memory_bytes=GiB, device="cuda", prompt_tokens=28).components
+    assert c["student base weights (fp32, frozen)"] == 4 * P
+    assert c["LoRA adapter (fp32 master; r 4, 12,288 parameters)"] == 4 * A
+    assert c["gradients (fp32)"] == 4 * A and c["AdamW m + v (fp32)"] == 8 * A
+    assert c["all-reduce buffer (flat fp32 gradients)"] == 4 * A
+    assert not any(k.startswith("embedding and head gradients") for k in c)
+    assert c["start-up: the student (fp32) before sharding"] == 4 * (P + A)
+    fsdp = plan(load_recipe(path, ["parallel=fsdp"]), gpus=2, gpu_memory_bytes=GiB, device="cuda",
+                prompt_tokens=28).components
+    assert fsdp["student base weights (fp32, frozen)"] == 4 * P // 2 and fsdp["AdamW m + v (fp32)"] == 4 * A
+    # the head is frozen: a chunk of logits (4 rows x 100 response tokens x 1000) and logsumexp's, no gradient
+    assert c["output head: logit chunk and gradient"] == 8 * 400 * 1000
+
+
+def test_adapter_teacher_of_the_students_base_is_not_a_whole_model(shared):
+    """Adapter teachers of the LoRA student's own base and `reference: student` / `teacher_base`: the student's
+    base serves them all, so they cost their adapters' float32 weights and nothing else, in every phase."""
+    path, shape, adapters = shared
+    student = str(path.parent / "student")
+    for reference in ("student", "teacher_base"):
+        two = ["rollout.rollouts_per_prompt=2"]  # (as grpo needs, below)
+        recipe = load_recipe(_with(path, teacher=lambda i: {"base": student, "adapter": adapters[i]},
+                                   reference=reference), two)
+        p = plan(recipe, gpu_memory_bytes=64 * GiB, device="cpu", prompt_tokens=28)
+        frozen = {k: v for k, v in p.components.items() if k.startswith("frozen")}
+        assert frozen == {"frozen adapter of teacher math (fp32, loaded into the student)": 4 * ADAPTER_PARAMS,
+                          "frozen adapter of teacher code (fp32, loaded into the student)": 4 * ADAPTER_PARAMS}
+        alone = plan(load_recipe(_with(path, teacher=None), [*two, "method=grpo"]), gpu_memory_bytes=64 * GiB,
+                     device="cpu", prompt_tokens=28)
+        assert p.phase_bytes()["update"] == alone.phase_bytes()["update"] + 8 * ADAPTER_PARAMS  # grpo: no frozen model
+        assert any("no frozen copy" in note for note in p.notes)
+
+
+def test_shared_base_is_smaller_by_exactly_the_teacher_bases_and_reference(shared):
+    """The same LoRA student and experts, bf16: full-model teachers (two folders) and a reference of its own
+    folder (a copy of the base's config) against adapter teachers of the student's base and `teacher_base`: every
+    phase is smaller by exactly two teachers and a reference (3 x 2P) less the two adapters (4 bytes each)."""
+    path, shape, adapters = shared
+    root, student = path.parent, str(path.parent / "student")
+    for name in ("teacher2", "base-copy"):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text((root / "teacher" / "config.json").read_text())
+    full = _with(path, teacher=lambda i: str(root / ("teacher", "teacher2")[i]), reference=str(root / "base-copy"))
+    lora = _with(path, teacher=lambda i: {"base": student, "adapter": adapters[i]}, reference="teacher_base")
+    sizes = [plan(load_recipe(r, ["dtype=bfloat16"]), gpu_memory_bytes=64 * GiB, device="cpu",
+                  prompt_tokens=28).phase_bytes() for r in (full, lora)]
+    assert set(sizes[0]) == set(sizes[1]) == {"sample", "score", "update", "backward end", "save"}
+    for phase in sizes[0]:
+        assert sizes[0][phase] - sizes[1][phase] == 3 * 2 * shape.params() - 2 * 4 * ADAPTER_PARAMS, phase
+
+
+def test_adapter_teachers_of_another_base_share_one_copy(shared):
+    """Adapter teachers of a base that is not the student's: one copy of it in the recipe's dtype, their
+    adapters in float32; the reference `teacher_base` is that copy too. Under fsdp over several GPUs the LoRA
+    student's base serves nothing yet (`build.load_student`): its adapter teachers get one copy of it."""
+    path, shape, adapters = shared
+    root = path.parent
+    other = _with(path, teacher=lambda i: {"base": str(root / "teacher"), "adapter": adapters[i]},
+                  reference="teacher_base")
+    c = plan(load_recipe(other, ["dtype=bfloat16"]), gpus=2, gpu_memory_bytes=GiB, device="cuda",
+             prompt_tokens=28).components
+    assert {k: v for k, v in c.items() if k.startswith("frozen")} == {
+        "frozen base of teacher math, reference math, teacher code, reference code (bfloat16)": 2 * shape.params(),
+        "frozen adapter of teacher math (fp32)": 4 * ADAPTER_PARAMS,
+        "frozen adapter of teacher code (fp32)": 4 * ADAPTER_PARAMS}
+    own = _with(path, teacher=lambda i: {"base": str(root / "student"), "adapter": adapters[i]})
+    fsdp = plan(load_recipe(own, ["dtype=bfloat16", "parallel=fsdp"]), gpus=2, gpu_memory_bytes=GiB, device="cuda",
+                prompt_tokens=28)
+    assert sum(v for k, v in fsdp.components.items() if k.startswith("frozen")) == (2 * shape.params()
+                                                                                  + 2 * 4 * ADAPTER_PARAMS)
+    from merge_distill.errors import UserError
+
+    with pytest.raises(UserError, match="placement.shard_frozen: adapter experts of base .*teacher"):
+        plan(load_recipe(other, ["parallel=fsdp", "placement.shard_frozen=true"]), gpus=2, gpu_memory_bytes=GiB,
+             device="cuda", prompt_tokens=28)
+
+
+LORA_PAPER = ["recipes/qwen3_4b_math_code_lora.yaml", "--gpus", "8", "--gpu-memory", "80"]
+
+
+def test_paper_lora_recipe_saves_against_the_full_one():
+    """The 4B recipe with a LoRA student (r 32, all-linear: 66,060,288 parameters) and adapter experts of its
+    base, no checkpoint present: under the shipped fsdp the teachers and references share one bf16 copy of the
+    base (the student's shards do not serve them yet) and nothing of the base trains; under ddp the student's
+    own base serves them all."""
+    full, lora = plan_json(*PAPER), plan_json(*LORA_PAPER)
+    assert lora["fits"] and lora["peak_bytes"] < full["peak_bytes"] - 20 * GiB
+    c = lora["components"]
+    base = "frozen base of teacher math, reference math, teacher code, reference code (bfloat16)"
+    assert c[base] == 4_022_468_096 * 2
+    assert c["LoRA adapter (fp32 master; r 32, 66,060,288 parameters)"] == 4 * 66_060_288 / 8
+    assert c["frozen adapter of teacher math (fp32)"] == 4 * 66_060_288  # planned as the student's lora:, in a note
+    ddp = plan_json(*LORA_PAPER, "--set", "parallel=ddp")["components"]
+    assert [k for k in ddp if k.startswith("frozen")] == ["frozen adapter of teacher math (fp32, loaded into the "
+                                                          "student)", "frozen adapter of teacher code (fp32, loaded "
+                                                          "into the student)"]
