@@ -21,6 +21,15 @@ MISSING = {
         "experts.1.teacher (code): checkpoints/qwen3-4b-code-rl not found",
         "experts.1.prompts (code): data/eurus_code_25k.jsonl not found",
     ],
+    "qwen3_4b_math_code_lora.yaml": [
+        "student: checkpoints/qwen3-4b not found",
+        "experts.0.teacher.base (math): checkpoints/qwen3-4b not found",
+        "experts.0.teacher.adapter (math): checkpoints/qwen3-4b-math-lora not found",
+        "experts.0.prompts (math): data/deepmath_25k.jsonl not found",
+        "experts.1.teacher.base (code): checkpoints/qwen3-4b not found",
+        "experts.1.teacher.adapter (code): checkpoints/qwen3-4b-code-lora not found",
+        "experts.1.prompts (code): data/eurus_code_25k.jsonl not found",
+    ],
     "qwen3_strong_to_weak.yaml": [
         "student: checkpoints/qwen3-1.7b not found",
         "experts.0.teacher (math): checkpoints/qwen3-4b-math-rl not found",
