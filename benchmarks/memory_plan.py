@@ -1,8 +1,8 @@
 """Planned against measured peak memory of real training runs (`merge_distill.plan` vs the process), over a
 grid of shapes: layers, width, vocabulary (tied or not), rows, prompt and response lengths, micro-batches,
-bf16, OPD (no reference).
+bf16, OPD (no reference), and one base shared by a LoRA student, two adapter experts and the reference.
 
-    python benchmarks/memory_plan.py                  # 13 shapes, ~30-40 minutes on 2 cores shared with others
+    python benchmarks/memory_plan.py                  # 16 shapes, ~35-45 minutes on 2 cores shared with others
     python benchmarks/memory_plan.py --shapes issue-24,tied
     python benchmarks/memory_plan.py --device cuda    # the process's peak device memory against the CUDA plan
 
@@ -24,6 +24,22 @@ jobs), planned / measured peak resident memory:
     bf16-opd      | 5x512/1408 v32k 8x64+64 bf16 opd      |        1443 |         1554 | 0.929 | update
     bf16-long     | 4x384/1024 v8k 8x128+192 bf16         |        1011 |         1109 | 0.912 | update
     worst ratio: 0.885 (layers-2); max error 11.5% (tolerance 15%)
+
+and (2026-12-07, those three alone: `--shapes v32k,shared-base`, then `--shapes shared-long,shared-base`, 5
+minutes each; shared-base measured 1144 MiB in the first, ratio 0.943):
+
+    v32k          | 5x512/1408 v32k 8x64+64               |        1674 |         1767 | 0.947 | update
+    shared-base   | 5x512/1408 v32k 8x64+64 lora16        |        1079 |         1124 | 0.961 | update
+    shared-long   | 4x384/1024 v8k 8x160+256 lora16       |        1363 |         1398 | 0.975 | update
+
+A shared base (`lora`: r) is a LoRA student of the student folder (r on all-linear, lora_alpha 2r) and two
+experts each a peft adapter of that folder (`save_adapters`: r on all-linear, random A and B), their
+references the base (`teacher_base` for one, `student` for the other): the student's one base serves them all,
+so of the v32k run's frozen teacher and reference, gradients, AdamW state and embedding gradients only the
+adapters' float32 weights and state are left (643 MiB less measured, 595 planned). Its update holds more heap
+slack than a full student's (peft's forward frees a base output, B's output and its scaled copy per wrapped
+linear between saved tensors): `plan.CPU_LORA_SLACK`, fitted on shared-base, shared-long and a 2-layer shape
+(808 planned against 852 measured).
 
 The plan is under on every shape by 4-12%: what the process's heap keeps of the first update (glibc does not
 return freed blocks from the middle of its heap) is still resident when the next step samples and scores, and
@@ -52,6 +68,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +95,7 @@ class Shape:
     dtype: str = "float32"
     micro_batch: int | None = None
     reward_scale: float = 1.25
+    lora: int | None = None  # r: a LoRA student and two adapter experts (r, all-linear) of its own base
 
 
 def _shape(name: str, **kw) -> Shape:
@@ -103,6 +121,10 @@ SHAPES = {s.name: s for s in [
     _shape("bf16-opd", vocab=32_000, dtype="bfloat16", reward_scale=1.0),
     _shape("bf16-long", vocab=8192, hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024, prompt=128,
            new_tokens=192, dtype="bfloat16"),
+    _shape("v32k", vocab=32_000),  # shared-base's run with whole models: a student, a teacher and the reference
+    _shape("shared-base", vocab=32_000, lora=16),  # one base: the LoRA student, two adapter teachers, the reference
+    _shape("shared-long", vocab=8192, hidden=384, layers=4, heads=6, kv_heads=2, intermediate=1024, prompt=160,
+           new_tokens=256, lora=16),
 ]}
 
 
@@ -119,7 +141,7 @@ def build(shape: Shape, root: Path, device: str) -> tuple[Path, int]:
     from merge_distill.models import save_model
 
     tok = make_tokenizer(shape.vocab)
-    for name, seed in (("student", 0), ("teacher", 1)):
+    for name, seed in (("student", 0), ("teacher", 1))[:2 - bool(shape.lora)]:
         config = Qwen3Config(vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
                              num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
                              head_dim=shape.hidden // shape.heads, intermediate_size=shape.intermediate,
@@ -128,6 +150,10 @@ def build(shape: Shape, root: Path, device: str) -> tuple[Path, int]:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             save_model(Qwen3ForCausalLM(config), tok, root / name)
+    teachers = [str(root / "teacher")] * 2
+    if shape.lora:
+        teachers = [{"base": str(root / "student"), "adapter": str(adapter)}
+                    for adapter in save_adapters(root / "student", shape.lora, [root / "math", root / "code"])]
     rng = random.Random(0)
     words = shape.vocab - 8
     texts = [" ".join(f"t{rng.randrange(words)}" for _ in range(shape.prompt - 5)) for _ in range(4 * shape.batch)]
@@ -135,19 +161,40 @@ def build(shape: Shape, root: Path, device: str) -> tuple[Path, int]:
     longest = max(len(render_prompt(tok, t, None)) for t in texts)
     recipe = {
         "student": str(root / "student"), "reward_scale": shape.reward_scale,
-        "experts": [{"name": "math", "teacher": str(root / "teacher"), "prompts": str(root / "prompts.jsonl"),
-                     "grader": "math"},
-                    {"name": "code", "teacher": str(root / "teacher"), "prompts": str(root / "prompts.jsonl"),
-                     "grader": "code"}],
+        "experts": [{"name": "math", "teacher": teachers[0], "prompts": str(root / "prompts.jsonl"), "grader": "math"},
+                    {"name": "code", "teacher": teachers[1], "prompts": str(root / "prompts.jsonl"), "grader": "code"}],
         "rollout": {"prompts_per_step": shape.batch, "max_new_tokens": shape.new_tokens}, "optim": {"lr": 1e-4},
         "budget": {"threads": 2, "micro_batch_size": shape.micro_batch}, "schedule": {"steps": 2},
         "dtype": shape.dtype, "device": device, "output_dir": str(root / "run"),
     }
+    if shape.lora:  # the math reference spelled as the adapter teacher's base, the code one as the student's
+        recipe["student"] = {"path": recipe["student"], "lora": {"r": shape.lora, "lora_alpha": 2 * shape.lora}}
+        recipe["experts"][0]["reference"] = "teacher_base"
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     for weights in root.rglob("*.safetensors"):
         evict(weights)
     return path, longest
+
+
+def save_adapters(base: Path, r: int, folders: list[Path]) -> list[Path]:
+    """A peft LoRA adapter of `base` (r, all-linear) in each folder, each with its own random A and B (B is not
+    zero: each expert differs from the base and from the other)."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for seed, folder in enumerate(folders):
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers 5 an old name
+            torch.manual_seed(10 + seed)
+            model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                        peft.LoraConfig(task_type="CAUSAL_LM", r=r, target_modules="all-linear"))
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.02)
+            model.save_pretrained(folder)
+    return folders
 
 
 def evict(path: Path) -> None:
@@ -197,7 +244,8 @@ def describe(s: Shape) -> str:
     """The shape in one column: layers x hidden / intermediate, vocabulary (t: tied), rows x prompt + new tokens."""
     return (f"{s.layers}x{s.hidden}/{s.intermediate} v{s.vocab // 1000}k{'t' if s.tied else ''} "
             f"{s.batch}x{s.prompt}+{s.new_tokens}" + (f" mb{s.micro_batch}" if s.micro_batch else "")
-            + (" bf16" if s.dtype == "bfloat16" else "") + (" opd" if s.reward_scale == 1.0 else ""))
+            + (" bf16" if s.dtype == "bfloat16" else "") + (" opd" if s.reward_scale == 1.0 else "")
+            + (f" lora{s.lora}" if s.lora else ""))
 
 
 def measure(shape: Shape, device: str) -> tuple[int, object]:

@@ -679,3 +679,30 @@ def test_paper_lora_recipe_saves_against_the_full_one():
     assert [k for k in ddp if k.startswith("frozen")] == ["frozen adapter of teacher math (fp32, loaded into the "
                                                           "student)", "frozen adapter of teacher code (fp32, loaded "
                                                           "into the student)"]
+
+
+def test_memory_plan_benchmark_builds_a_shared_base(tmp_path):
+    """benchmarks/memory_plan.py's shared-base case, at a tiny size: a LoRA student of the base folder, two adapter
+    experts of that folder with their own weights (r on all-linear, peft's files), references the base: the plan
+    counts the two adapters loaded into the student and no frozen model."""
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import memory_plan
+
+    shape = memory_plan._shape("tiny-shared", vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=96,
+                               batch=2, new_tokens=4, prompt=8, lora=4)
+    path, longest = memory_plan.build(shape, tmp_path, "cpu")
+    recipe = load_recipe(path)
+    assert [e.reference for e in recipe.experts] == ["teacher_base", "student"]
+    math, code = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("math", "code"))
+    assert not torch.equal(math[next(k for k in math if "lora_B" in k)], code[next(k for k in code if "lora_B" in k)])
+    per_layer = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + 3 * (64 + 96))
+    assert sum(t.numel() for t in math.values()) == 2 * per_layer
+    c = plan(recipe, gpu_memory_bytes=64 * GiB, device="cpu", prompt_tokens=longest, checkpoints=False).components
+    assert {k: v for k, v in c.items() if k.startswith("frozen")} == {
+        "frozen adapter of teacher math (fp32, loaded into the student)": 4 * 2 * per_layer,
+        "frozen adapter of teacher code (fp32, loaded into the student)": 4 * 2 * per_layer}
