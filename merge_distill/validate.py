@@ -173,35 +173,39 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts) + more
 
 
-def _input_fields(recipe: Recipe) -> list[tuple[str, str, bool]]:
-    """(field, path, is_model) of every model a run loads (as `train.check_models` decides) and every
-    prompt file, in recipe order."""
+def _input_fields(recipe: Recipe) -> list[tuple[str, str, str]]:
+    """(field, path, kind) of every model a run loads (as `train.check_models` decides) and every prompt file,
+    in recipe order; kind: 'model', 'adapter' (a peft folder) or 'records' (a prompt file)."""
     from merge_distill.methods import frozen_models
 
-    fields = [("student", recipe.student.path, True)]
+    fields = [("student", recipe.student.path, "model")]
     for i, e in enumerate(recipe.experts):
         for role, path in frozen_models(recipe, e).items():
-            if isinstance(path, AdapterModel):  # its base a model, its adapter a peft folder (checked when it loads)
-                fields += [(f"experts.{i}.{role}.base ({e.name})", path.base, True),
-                           (f"experts.{i}.{role}.adapter ({e.name})", path.adapter, False)]
+            if isinstance(path, AdapterModel):  # its base a model, its adapter a peft folder
+                fields += [(f"experts.{i}.{role}.base ({e.name})", path.base, "model"),
+                           (f"experts.{i}.{role}.adapter ({e.name})", path.adapter, "adapter")]
             elif path not in (STUDENT, TEACHER_BASE):
-                fields.append((f"experts.{i}.{role} ({e.name})", path, True))
+                fields.append((f"experts.{i}.{role} ({e.name})", path, "model"))
         if isinstance(e.prompts, str):  # a `datasets` or `reasoning_gym` spec is checked when it loads
-            fields.append((f"experts.{i}.prompts ({e.name})", e.prompts, False))
+            fields.append((f"experts.{i}.prompts ({e.name})", e.prompts, "records"))
     return fields
 
 
 def missing_paths(recipe: Recipe) -> list[str]:
-    """One line per model folder or prompt file that does not exist (`zoo:` paths resolved when the recipe loaded)."""
+    """One line per model folder, adapter folder or prompt file that does not exist (`zoo:` paths resolved when
+    the recipe loaded)."""
+    from merge_distill.adapters import ADAPTER_CONFIG, is_adapter_dir
     from merge_distill.models import is_model_dir
 
     problems = []
-    for field, path, is_model in _input_fields(recipe):
+    for field, path, kind in _input_fields(recipe):
         if not Path(path).exists():
             problems.append(f"{field}: {path} not found")
-        elif is_model and not is_model_dir(path):
+        elif kind == "model" and not is_model_dir(path):
             problems.append(f"{field}: {path} is not a model folder (no config.json) or a .gguf file")
-        elif not is_model and not Path(path).is_file():
+        elif kind == "adapter" and not is_adapter_dir(path):
+            problems.append(f"{field}: {path} is not a peft adapter (no {ADAPTER_CONFIG})")
+        elif kind == "records" and not Path(path).is_file():
             problems.append(f"{field}: {path} is not a file (expected {', '.join(RECORD_SUFFIXES)})")
     return problems
 

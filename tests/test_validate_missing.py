@@ -79,6 +79,18 @@ def test_inputs_that_exist_are_checked_and_not_listed(tmp_path, monkeypatch):
     assert len(missing) == 4 and "no grader named 'nope'" in missing[3]
 
 
+def test_adapter_folders_are_checked_as_adapters(tmp_path, monkeypatch):
+    """An adapter expert's folder is a peft adapter (adapter_config.json), not a prompt file: one that is passes,
+    one that is not is listed as such."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints" / "qwen3-4b-math-lora").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "qwen3-4b-math-lora" / "adapter_config.json").write_text('{"r": 32}')
+    (tmp_path / "checkpoints" / "qwen3-4b-code-lora").mkdir()
+    _, missing = validate(ROOT / "recipes" / "qwen3_4b_math_code_lora.yaml")
+    assert [x for x in missing if ".adapter " in x] == [
+        "experts.1.teacher.adapter (code): checkpoints/qwen3-4b-code-lora is not a peft adapter (no adapter_config.json)"]
+
+
 def test_only_the_missing_teacher_is_listed(tiny_world, tmp_path, write_recipe):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_world, tmp_path / "run")
     data = yaml.safe_load(recipe.read_text())
