@@ -6,6 +6,7 @@ or an adapter folder's `adapter_config.json` (its safetensors header when presen
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -127,14 +128,7 @@ def safetensors_params(path: Path) -> int:
     """Elements of every tensor in a safetensors file, from its header alone (8 bytes of length, then JSON)."""
     with open(path, "rb") as f:
         header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    return sum(_product(t["shape"]) for name, t in header.items() if name != "__metadata__")
-
-
-def _product(dims: list[int]) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
+    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
 
 
 def read_adapter(path: str, base: Shape, *, what: str, assume=None, notes: list[str] | None = None) -> Adapter:
