@@ -177,6 +177,8 @@ def save_adapter_and_merged(weights: dict[str, torch.Tensor], tied: set[str], co
         twin = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     twin = add_lora(twin, spec, seed=0)  # shapes only: the weights come from `weights`
     inner = twin.get_base_model()
+    # the merge adds into the wrapped layers' weights: copies of those, never the live student's own tensors
+    weights = {k: v.clone() if ".base_layer." in k else v for k, v in weights.items()}
     missing = inner.load_state_dict(weights, assign=True, strict=False).missing_keys
     assert set(missing) <= tied, f"no weights for {sorted(set(missing) - tied)}"
     inner.tie_weights()

@@ -194,6 +194,21 @@ def test_a_step_changes_the_students_adapter_alone(tmp_path, tiny_world, adapter
     assert teachers and all(".expert" in n and not after[n].requires_grad for n in teachers)
 
 
+def test_saving_the_final_folder_leaves_the_live_student_as_it_was(tmp_path, tiny_world, adapters):
+    """The merge that writes final/ works on copies: the student in memory keeps its base and adapter."""
+    from merge_distill.checkpoint import save_final
+
+    run, _ = lora_run(tmp_path, tiny_world, adapters)
+    before = {n: p.detach().clone() for n, p in run.student.named_parameters()}
+    save_final(run, tmp_path / "final")
+    assert all(torch.equal(p, before[n]) for n, p in run.student.named_parameters())
+    merged = load_file(tmp_path / "final" / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj."
+    a, b = before[q + "lora_A.default.weight"], before[q + "lora_B.default.weight"]
+    torch.testing.assert_close(merged[q + "weight"], before[q + "base_layer.weight"] + (8 / 4) * b @ a,
+                               rtol=0, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_world, adapters, tmp_path_factory):
     """A LoRA student distilled 4 steps (checkpoints at 2 and 4)."""
