@@ -5,6 +5,9 @@ Stages, each cached as a folder written atomically (a folder that exists is comp
     data/            train/test task records per domain (disjoint by problem)
     base/            tiny Qwen3 pretrained (SFT) on a corpus where a share of the answers is wrong
     <domain>_expert/ GRPO from base with the domain grader's 0/1 reward
+    <domain>_adapter/ the same GRPO through a LoRA adapter of base (r `adapter_r`, alpha `adapter_alpha`): a peft
+                     adapter folder (the run's final/adapter, its base recorded as base/), built when a recipe
+                     asks (`teacher: {base: zoo:base, adapter: zoo:math_adapter}`); base/ is shared, not copied
     large_base/, large_math_expert/, small_base/, mid_base/   strong-to-weak members (built when a recipe asks)
     large_math_expert@N/  the large expert's GRPO after N of its steps (a quarter, half, three quarters): the
                           teacher's RL strength, saved by the same run that builds large_math_expert
@@ -50,6 +53,12 @@ class ZooPreset:
     grpo_prompts: int = 32
     grpo_rollouts: int = 8
     grpo_lr: float = 2e-5
+    # adapter experts (`<domain>_adapter`): the same GRPO (prompts, rollouts, reward) training a LoRA adapter of
+    # base on every linear layer but the head; a LoRA wants a larger step than the whole model's
+    adapter_r: int = 8
+    adapter_alpha: float = 16.0
+    adapter_lr: float = 1e-3
+    adapter_steps: int = 80
     max_new_tokens: dict = field(default_factory=lambda: {"math": 40, "code": 48, "units": 40})
     # strong-to-weak members
     large_size: ModelSize = ModelSize(hidden=160, layers=4, heads=4)
@@ -72,7 +81,8 @@ PRESETS: dict[str, ZooPreset] = {
     # seconds, for tests and install checks; one head of 32 dimensions, the smallest vLLM's CPU attention runs
     "smoke": ZooPreset(n_train=600, n_test=64, size=ModelSize(hidden=32, layers=1, heads=1), pretrain_steps=60,
                        pretrain_batch=32, pretrain_lr=5e-3, grpo_steps=3, grpo_prompts=8, grpo_rollouts=4,
-                       grpo_lr=1e-4, large_size=ModelSize(hidden=48, layers=1, heads=2),
+                       grpo_lr=1e-4, adapter_r=4, adapter_alpha=8.0, adapter_lr=1e-3, adapter_steps=3,
+                       large_size=ModelSize(hidden=48, layers=1, heads=2),
                        small_size=ModelSize(hidden=16, layers=1, heads=2),
                        mid_size=ModelSize(hidden=24, layers=1, heads=2)),
 }
@@ -131,8 +141,15 @@ class Zoo:
         """The graders that building the named members (as `ensure`) would run: each unbuilt expert is a GRPO
         run rewarded by its domain's grader."""
         experts = {m.split("@")[0] for m in self._wanted(members)}  # `X@N` is saved by X's build
-        return {m.removeprefix("large_").removesuffix("_expert") for m in experts
-                if m.endswith("_expert") and not self.path(m).exists()}
+        return {self._domain_of(m) for m in experts if self._domain_of(m) and not self.path(m).exists()}
+
+    @staticmethod
+    def _domain_of(member: str) -> str | None:
+        """The domain whose GRPO builds `member` (`math_expert`, `large_math_expert`, `math_adapter`), or None."""
+        for suffix in ("_expert", "_adapter"):
+            if member.endswith(suffix):
+                return member.removeprefix("large_").removesuffix(suffix)
+        return None
 
     # ---------------------------------------------------------------------------------- stages
     def _build(self, member: str) -> None:
@@ -145,6 +162,7 @@ class Zoo:
         for d in self.preset.domains:
             builders[f"{d}_expert"] = lambda d=d: self._expert(d, "base")
             builders[f"large_{d}_expert"] = lambda d=d: self._expert(d, "large_base")
+            builders[f"{d}_adapter"] = lambda d=d: self._expert(d, "base", adapter=True)
         if "@" in member and member.split("@")[0] in builders:  # saved by its expert's build
             self._build(member.split("@")[0])
             if not self.path(member).exists():
@@ -164,7 +182,7 @@ class Zoo:
     def _dependencies(member: str) -> list[str]:
         if member == "data":
             return []
-        if member.endswith("_expert"):
+        if member.endswith(("_expert", "_adapter")):
             return ["large_base" if member.startswith("large_") else "base"]
         return ["data"]
 
@@ -216,32 +234,37 @@ class Zoo:
                              lr=p.pretrain_lr, seed=self.seed, on_step=on_step)
         save_model(model, tokenizer, self.path(name))
 
-    def _expert(self, domain: str, base: str) -> None:
+    def _expert(self, domain: str, base: str, adapter: bool = False) -> None:
+        """GRPO of `base` on the domain's train prompts with its grader's 0/1 reward: the whole model
+        (`<domain>_expert`, `large_<domain>_expert`), or with `adapter` a LoRA adapter of it (`<domain>_adapter`: the
+        member is the run's final/adapter folder). The member keeps the run's metrics as grpo_metrics.jsonl."""
         from merge_distill.checkpoint import checkpoint_dirs, export_checkpoint
         from merge_distill.build import train_recipe
-        from merge_distill.recipe import Expert, Optim, Recipe, Rollout, Schedule
+        from merge_distill.recipe import Expert, Lora, Optim, Recipe, Rollout, Schedule, StudentModel
         from merge_distill.validate import check_recipe
 
         self._build(base)
         p = self.preset
-        name = f"{domain}_expert" if base == "base" else f"large_{domain}_expert"
+        name = f"{domain}_adapter" if adapter else f"{domain}_expert" if base == "base" else f"large_{domain}_expert"
         run_dir = self.dir / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         # the large expert keeps its run's quarter checkpoints: the same teacher at weaker RL strengths
         every = p.grpo_steps // 4 if base == "large_base" and p.grpo_steps >= 4 else 0
+        lora = Lora(r=p.adapter_r, lora_alpha=p.adapter_alpha) if adapter else None
         recipe = check_recipe(Recipe(
-            method="grpo", student=str(self.path(base)), output_dir=str(run_dir), seed=self.seed,
-            experts=[Expert(name=domain, prompts=str(self.path("data") / f"{domain}_train.jsonl"))],
+            method="grpo", student=StudentModel(path=str(self.path(base)), lora=lora), output_dir=str(run_dir),
+            seed=self.seed, experts=[Expert(name=domain, prompts=str(self.path("data") / f"{domain}_train.jsonl"))],
             rollout=Rollout(prompts_per_step=p.grpo_prompts, rollouts_per_prompt=p.grpo_rollouts,
                             max_new_tokens=p.max_new_tokens[domain]),
-            optim=Optim(lr=p.grpo_lr, grad_clip=1.0),
-            schedule=Schedule(steps=p.grpo_steps, checkpoint_every=every, keep_checkpoints=4),
+            optim=Optim(lr=p.adapter_lr if adapter else p.grpo_lr, grad_clip=1.0),
+            schedule=Schedule(steps=p.adapter_steps if adapter else p.grpo_steps, checkpoint_every=every,
+                              keep_checkpoints=4),
             isolation=self.isolation))
         final = train_recipe(recipe, progress=self.progress)
         for step, folder in checkpoint_dirs(run_dir):
             if step < p.grpo_steps:
                 export_checkpoint(folder, self.path(base), self.path(f"{name}@{step}"))
         with atomic_dir(self.path(name)) as tmp:
-            shutil.copytree(final, tmp, dirs_exist_ok=True)
-        shutil.copy(run_dir / "metrics.jsonl", self.path(name) / "grpo_metrics.jsonl")
+            shutil.copytree(final / "adapter" if adapter else final, tmp, dirs_exist_ok=True)
+            shutil.copy(run_dir / "metrics.jsonl", tmp / "grpo_metrics.jsonl")
         shutil.rmtree(run_dir, ignore_errors=True)
