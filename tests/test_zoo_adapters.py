@@ -4,6 +4,7 @@ pretraining, two 3-step GRPO runs, a 1-step distillation; slow, as 30 s and more
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_a_lora_recipe_of_the_adapter_experts_trains_and_evaluates(adapter_zoo, 
     """A tiny LoRA student distilled from both adapter experts (the recipe's paths `zoo:` members, the zoo found
     built): it trains its adapter, and its evaluation scores each adapter teacher as its merged model."""
     from merge_distill.build import train_recipe
-    from merge_distill.run import model_specs
+    from merge_distill.run import closed_form_spec, model_specs
     from merge_distill.validate import load_recipe
 
     monkeypatch.setenv("MERGE_DISTILL_CACHE", str(tmp_path / "cache"))  # the merged teachers' cache
@@ -104,6 +105,11 @@ output_dir: {tmp_path / 'run'}
         assert merged.parent == tmp_path / "cache" / "merged" and merged.name.startswith(f"{domain}_adapter-")
         assert json.loads((merged / "merged_from.json").read_text())["adapter"] == str(adapter_zoo.path(f"{domain}_adapter"))
         assert specs[f"{domain}@greedy"].path == str(merged)
+    # the closed form decodes from the merged teacher and the reference it names (`teacher_base`: the adapter's base)
+    recipe.experts[0].reference = "teacher_base"
+    closed = closed_form_spec(recipe, [SimpleNamespace(name="zoo-math", domain="math")]).suite_paths["zoo-math"]
+    assert closed == (f"closed-form:lam={recipe.scale_of(recipe.experts[0])},teacher={specs['math'].path},"
+                      f"reference={adapter_zoo.path('base')}")
 
 
 def test_the_shipped_lora_recipe_loads_with_adapter_teachers_of_its_students_base(tmp_path, monkeypatch):
