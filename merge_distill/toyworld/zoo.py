@@ -81,7 +81,7 @@ PRESETS: dict[str, ZooPreset] = {
     # seconds, for tests and install checks; one head of 32 dimensions, the smallest vLLM's CPU attention runs
     "smoke": ZooPreset(n_train=600, n_test=64, size=ModelSize(hidden=32, layers=1, heads=1), pretrain_steps=60,
                        pretrain_batch=32, pretrain_lr=5e-3, grpo_steps=3, grpo_prompts=8, grpo_rollouts=4,
-                       grpo_lr=1e-4, adapter_r=4, adapter_alpha=8.0, adapter_lr=1e-3, adapter_steps=3,
+                       grpo_lr=1e-4, adapter_r=4, adapter_alpha=8.0, adapter_lr=1e-3, adapter_steps=2,
                        large_size=ModelSize(hidden=48, layers=1, heads=2),
                        small_size=ModelSize(hidden=16, layers=1, heads=2),
                        mid_size=ModelSize(hidden=24, layers=1, heads=2)),
@@ -251,18 +251,18 @@ class Zoo:
         # the large expert keeps its run's quarter checkpoints: the same teacher at weaker RL strengths
         every = p.grpo_steps // 4 if base == "large_base" and p.grpo_steps >= 4 else 0
         lora = Lora(r=p.adapter_r, lora_alpha=p.adapter_alpha) if adapter else None
+        steps = p.adapter_steps if adapter else p.grpo_steps
         recipe = check_recipe(Recipe(
             method="grpo", student=StudentModel(path=str(self.path(base)), lora=lora), output_dir=str(run_dir),
             seed=self.seed, experts=[Expert(name=domain, prompts=str(self.path("data") / f"{domain}_train.jsonl"))],
             rollout=Rollout(prompts_per_step=p.grpo_prompts, rollouts_per_prompt=p.grpo_rollouts,
                             max_new_tokens=p.max_new_tokens[domain]),
             optim=Optim(lr=p.adapter_lr if adapter else p.grpo_lr, grad_clip=1.0),
-            schedule=Schedule(steps=p.adapter_steps if adapter else p.grpo_steps, checkpoint_every=every,
-                              keep_checkpoints=4),
+            schedule=Schedule(steps=steps, checkpoint_every=every, keep_checkpoints=4),
             isolation=self.isolation))
         final = train_recipe(recipe, progress=self.progress)
         for step, folder in checkpoint_dirs(run_dir):
-            if step < p.grpo_steps:
+            if step < steps:  # (the last is the member itself)
                 export_checkpoint(folder, self.path(base), self.path(f"{name}@{step}"))
         with atomic_dir(self.path(name)) as tmp:
             shutil.copytree(final / "adapter" if adapter else final, tmp, dirs_exist_ok=True)
