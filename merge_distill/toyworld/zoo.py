@@ -54,7 +54,8 @@ class ZooPreset:
     grpo_rollouts: int = 8
     grpo_lr: float = 2e-5
     # adapter experts (`<domain>_adapter`): the same GRPO (prompts, rollouts, reward) training a LoRA adapter of
-    # base on every linear layer but the head; a LoRA wants a larger step than the whole model's
+    # base on every linear layer but the head. A LoRA wants a larger step than the whole model's: 50x grpo_lr, chosen
+    # on the math GRPO's training reward (seed 0, steps 31-40: 3e-4 0.70, 1e-3 0.81, 3e-3 0.79; from 0.56 at step 1)
     adapter_r: int = 8
     adapter_alpha: float = 16.0
     adapter_lr: float = 1e-3
