@@ -1,6 +1,6 @@
 """The zoo's adapter experts (`<domain>_adapter`: GRPO through a LoRA adapter of the zoo's base) and a recipe
-that distills them into a LoRA student of the same base, on the smoke zoo (about 10 s of CPU: its base's
-pretraining, two 3-step GRPO runs, a 1-step distillation; slow, as 30 s and more on a shared machine)."""
+that distills them into a LoRA student of the same base, on the smoke zoo (8 s on 2 cores: its base's
+pretraining, two 2-step GRPO runs, a 1-step distillation)."""
 
 import json
 from pathlib import Path
@@ -26,7 +26,6 @@ def adapter_zoo(tmp_path_factory):
     return zoo
 
 
-@pytest.mark.slow
 def test_adapter_members_are_peft_adapters_of_the_zoos_own_base(adapter_zoo):
     """Each adapter member is the GRPO run's peft adapter (not its merged model), of the preset's rank and alpha,
     recorded against the zoo's `base` (one pretraining: no base of its own), with its run's reward curve."""
@@ -49,7 +48,6 @@ def test_adapter_members_are_peft_adapters_of_the_zoos_own_base(adapter_zoo):
     assert zoo.graders_to_build(["math_adapter", "code_adapter"]) == set()  # built: cached
 
 
-@pytest.mark.slow
 def test_the_math_adapter_is_its_grpo_run_on_the_base(adapter_zoo):
     """GRPO moved the math adapter (the smoke base gets some math reward; B starts at zero), and the base with
     it on, as peft loads it, is another model than the base: the member is a trained adapter of that base."""
@@ -69,7 +67,6 @@ def test_the_math_adapter_is_its_grpo_run_on_the_base(adapter_zoo):
     assert not torch.allclose(plain, expert)
 
 
-@pytest.mark.slow
 def test_a_lora_recipe_of_the_adapter_experts_trains_and_evaluates(adapter_zoo, tmp_path, monkeypatch):
     """A tiny LoRA student distilled from both adapter experts (the recipe's paths `zoo:` members, the zoo found
     built): it trains its adapter, and its evaluation scores each adapter teacher as its merged model."""
