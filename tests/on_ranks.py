@@ -45,7 +45,8 @@ def bf16_long_rows(out: Path) -> None:
     training backward and an optimizer step on the same rows. Rank 0 writes the gathered log-probs and the
     lengths each rank counted."""
     world = distributed.init("cpu")
-    recipe = SimpleNamespace(device="cpu", parallel="fsdp", dtype="bfloat16", student="random two-layer Qwen3",
+    recipe = SimpleNamespace(device="cpu", parallel="fsdp", dtype="bfloat16",
+                             student=SimpleNamespace(path="random two-layer Qwen3"),
                              placement=SimpleNamespace(offload_optimizer=False))
     wrapped = layout.wrap_student(long_model(), recipe, "cpu")
     rollouts = long_rollouts()
@@ -74,7 +75,8 @@ def offload_step(out: Path) -> None:
     mine = rollouts.select(list(range(*distributed.shard(len(LONG_LENGTHS), world.rank, world.size))))
     results = {}
     for offload in (False, True):
-        recipe = SimpleNamespace(device="cpu", parallel="fsdp", dtype="float32", student="random two-layer Qwen3",
+        recipe = SimpleNamespace(device="cpu", parallel="fsdp", dtype="float32",
+                                 student=SimpleNamespace(path="random two-layer Qwen3"),
                                  placement=SimpleNamespace(offload_optimizer=offload))
         model = long_model()
         wrapped = layout.wrap_student(model, recipe, "cpu")

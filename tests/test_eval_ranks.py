@@ -165,9 +165,9 @@ def test_a_vllm_recipe_evaluates_each_model_in_a_vllm_engine(monkeypatch, launch
     from test_vllm_adapter import FakeLLM
 
     class StopsSeen(FakeLLM):
-        def generate(self, prompts, params, use_tqdm=True):
+        def generate(self, prompts, params, use_tqdm=True, lora_request=None):
             self.stops = {tuple(p.stop_token_ids) for p in params}
-            return super().generate(prompts, params, use_tqdm)
+            return super().generate(prompts, params, use_tqdm, lora_request=lora_request)
 
     engines = trainer_engines(monkeypatch, StopsSeen)
     student = shutil.copytree(tiny_world / "base", tmp_path / "student")
