@@ -143,6 +143,19 @@ def _probe_gap(sampler, model, tok) -> float:
     return vb.check_sync(r.sampler_logprobs, response_logprobs(model, r), r.response_mask, dtype="float32", step=1)
 
 
+def _step_caught_stale_then_synced(sampler, model, params, lr, tok) -> None:
+    """One AdamW step on `params` of the trainer's `model`: the engine's probe is then caught stale (the update has
+    not reached it), and after `sync_weights` it is the trainer's again."""
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    ids = torch.tensor([prompts_of(tok)[0] * 2])
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    with pytest.raises(UserError, match="its weights are not the trainer's"):
+        _probe_gap(sampler, model, tok)
+    sampler.sync_weights(model)
+    assert _probe_gap(sampler, model, tok) < TOLERANCE
+
+
 def test_weights_sync_after_an_optimizer_step_and_a_stale_engine_is_caught(tiny):
     """After an AdamW step on the trainer's copy and `sync_weights`, the engine's log-probs of a probe are the
     trainer's (`check_sync`, the run's guard); before the sync the same probe shows the engine's stale weights."""
@@ -150,14 +163,7 @@ def test_weights_sync_after_an_optimizer_step_and_a_stale_engine_is_caught(tiny)
     trainer = copy.deepcopy(model).train()
     sampler = engine(folder, trainer)
     assert _probe_gap(sampler, trainer, tok) < TOLERANCE
-    optimizer = torch.optim.AdamW(trainer.parameters(), lr=1e-2)
-    ids = torch.tensor([prompts_of(tok)[0] * 2])
-    trainer(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    with pytest.raises(UserError, match="its weights are not the trainer's"):
-        _probe_gap(sampler, trainer, tok)  # stale: the update has not reached the engine
-    sampler.sync_weights(trainer)
-    assert _probe_gap(sampler, trainer, tok) < TOLERANCE
+    _step_caught_stale_then_synced(sampler, trainer, trainer.parameters(), 1e-2, tok)
 
 
 # ----------------------------------------------------------------- a LoRA student: the base in vLLM, the adapter synced
@@ -212,14 +218,7 @@ def test_a_lora_student_samples_with_its_adapter_and_syncs_only_the_adapter(tiny
     assert _base_gap(sampler, student, peft_model, tok) > 100 * TOLERANCE  # the adapter is in the engine's log-probs
     trainable = [p for p in student.parameters() if p.requires_grad]
     assert trainable and all(p.requires_grad for n, p in student.named_parameters() if "lora_" in n)
-    optimizer = torch.optim.AdamW(trainable, lr=3e-2)
-    ids = torch.tensor([prompts_of(tok)[0] * 2])
-    student(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    with pytest.raises(UserError, match="its weights are not the trainer's"):
-        _probe_gap(sampler, student, tok)  # stale: the engine still runs the first adapter
-    sampler.sync_weights(student)
-    assert _probe_gap(sampler, student, tok) < TOLERANCE
+    _step_caught_stale_then_synced(sampler, student, trainable, 3e-2, tok)  # (stale: still the first adapter)
     assert sent == []  # the base never left the trainer
     assert sampler.lora_request.lora_int_id == 2 and sampler.llm.llm_engine.list_loras() == {2}
     folder = Path(sampler.lora_request.lora_path)
